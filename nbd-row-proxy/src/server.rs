@@ -1,0 +1,118 @@
+//! Listeners, connection tasks and graceful shutdown.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::export::Catalog;
+
+/// How long in-flight requests may take to finish after SIGTERM.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the server listens.
+#[derive(Debug, Clone)]
+pub struct Listen {
+    /// Unix socket path.
+    pub socket: PathBuf,
+    /// Optional TCP address.
+    pub tcp: Option<String>,
+}
+
+/// Binds a Unix socket, replacing a stale socket file but never a live one.
+fn bind_unix(path: &Path) -> Result<UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("{} is in use by another server", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))
+}
+
+/// Serves the catalog until SIGTERM or SIGINT, then drains connections and flushes.
+pub async fn run(catalog: Catalog, listen: Listen) -> Result<()> {
+    let unix = bind_unix(&listen.socket)?;
+    let tcp = match &listen.tcp {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?),
+        None => None,
+    };
+    tracing::info!(
+        socket = %listen.socket.display(),
+        tcp = listen.tcp.as_deref().unwrap_or("-"),
+        exports = ?catalog.all().iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+        size = catalog.all()[0].image.size(),
+        "serving"
+    );
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut conns = JoinSet::new();
+    let mut next_id = 0u64;
+    loop {
+        let accepted = tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break }
+            _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break }
+            Some(done) = conns.join_next(), if !conns.is_empty() => {
+                if let Err(e) = done { tracing::error!(error = %e, "connection task failed"); }
+                continue;
+            }
+            c = unix.accept() => c.map(|(s, _)| { let (r, w) = s.into_split(); (Box::new(r) as Reader, Box::new(w) as Writer, "unix".to_string()) }),
+            c = accept_tcp(tcp.as_ref()) => c.map(|(s, addr)| {
+                let _ = s.set_nodelay(true);
+                let (r, w) = s.into_split();
+                (Box::new(r) as Reader, Box::new(w) as Writer, addr.to_string())
+            }),
+        };
+        let (reader, writer, kind) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        next_id += 1;
+        let peer = format!("{kind}#{next_id}");
+        let (catalog, rx) = (catalog.clone(), shutdown_rx.clone());
+        conns.spawn(async move {
+            if let Err(e) = crate::connection::serve(reader, writer, catalog, peer.clone(), rx).await {
+                tracing::warn!(%peer, "connection ended: {e:#}");
+            }
+        });
+    }
+    drop(unix);
+    drop(tcp);
+    let _ = std::fs::remove_file(&listen.socket);
+    let _ = shutdown_tx.send(true);
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("connections still busy after {DRAIN_TIMEOUT:?}; closing them");
+    }
+    for export in catalog.all() {
+        let image = Arc::clone(&export.image);
+        tokio::task::spawn_blocking(move || image.flush())
+            .await?
+            .with_context(|| format!("flushing {}", export.image.path().display()))?;
+    }
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+type Reader = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+type Writer = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
+
+async fn accept_tcp(l: Option<&TcpListener>) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    match l {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,230 @@
+//! The transmission phase without I/O: checking a request against the session and executing it
+//! against the image, producing the complete reply bytes.
+
+use std::io;
+
+use nbd_proto::consts::*;
+use nbd_proto::transmission::{
+    encode_block_status, encode_error, encode_offset_data_prefix, encode_offset_hole, encode_simple_reply,
+    BlockStatusExtent, OFFSET_DATA_PREFIX_LEN,
+};
+use nbd_proto::{Command, Request};
+
+use crate::export::MAX_PAYLOAD;
+use crate::negotiation::{Session, BASE_ALLOCATION_ID};
+
+/// A request refused before touching the image: errno and a short reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    /// NBD error value.
+    pub errno: u32,
+    /// Short message for structured error chunks and logs.
+    pub reason: &'static str,
+}
+
+const fn refuse(errno: u32, reason: &'static str) -> Refusal {
+    Refusal { errno, reason }
+}
+
+/// Reads at least this large look for holes to send as `OFFSET_HOLE` chunks.
+const HOLE_CHECK_MIN: u32 = 64 * 1024;
+/// Most extents in one `BLOCK_STATUS` reply.
+const MAX_STATUS_EXTENTS: usize = 2048;
+/// Requests up to this size without FUA run on the connection's task; larger or slower ones
+/// (flush, FUA, zeroing, trim) run on the blocking pool so other requests keep flowing.
+const INLINE_MAX: u32 = 1 << 20;
+
+/// Checks a request against the session; `Err` is the error to reply with. The caller still
+/// consumes a refused WRITE's payload.
+pub fn validate(session: &Session, req: &Request) -> Result<(), Refusal> {
+    let known = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_DF | NBD_CMD_FLAG_REQ_ONE | NBD_CMD_FLAG_FAST_ZERO;
+    if req.flags & !known != 0 {
+        return Err(refuse(NBD_EINVAL, "unknown command flags"));
+    }
+    let allowed = match req.command {
+        Command::Read => NBD_CMD_FLAG_DF,
+        Command::Write | Command::Trim => NBD_CMD_FLAG_FUA,
+        Command::WriteZeroes => NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO,
+        Command::BlockStatus => NBD_CMD_FLAG_REQ_ONE,
+        Command::Flush | Command::Cache | Command::Disc => 0,
+        Command::Resize | Command::Unknown(_) => return Err(refuse(NBD_EINVAL, "unknown command")),
+    };
+    if req.flags & !allowed != 0 {
+        return Err(refuse(NBD_EINVAL, "flag not valid for this command"));
+    }
+    if req.flags & NBD_CMD_FLAG_DF != 0 && !session.structured {
+        return Err(refuse(NBD_EINVAL, "DF needs structured replies"));
+    }
+    let export = &session.export;
+    let writes = matches!(req.command, Command::Write | Command::Trim | Command::WriteZeroes);
+    if writes && export.read_only {
+        return Err(refuse(NBD_EPERM, "export is read-only"));
+    }
+    if matches!(req.command, Command::Flush | Command::Disc) {
+        return Ok(());
+    }
+    if req.command == Command::BlockStatus && !session.base_allocation {
+        return Err(refuse(NBD_EINVAL, "no metadata context negotiated"));
+    }
+    if matches!(req.command, Command::Read | Command::Write) && req.length > MAX_PAYLOAD {
+        return Err(refuse(NBD_EINVAL, "payload larger than 32 MiB"));
+    }
+    if req.length == 0 {
+        return Err(refuse(NBD_EINVAL, "zero-length request"));
+    }
+    let align = session.alignment as u64;
+    if req.offset % align != 0 || req.length as u64 % align != 0 {
+        return Err(refuse(NBD_EINVAL, "request not aligned to the minimum block size"));
+    }
+    let end = req.offset.checked_add(req.length as u64);
+    if end.is_none_or(|end| end > export.image.size()) {
+        return Err(if writes {
+            refuse(NBD_ENOSPC, "write beyond the end of the export")
+        } else {
+            refuse(NBD_EINVAL, "request beyond the end of the export")
+        });
+    }
+    Ok(())
+}
+
+/// Whether a validated request is cheap enough to run on the connection's own task.
+pub fn runs_inline(req: &Request) -> bool {
+    match req.command {
+        Command::Read | Command::Write => req.length <= INLINE_MAX && req.flags & NBD_CMD_FLAG_FUA == 0,
+        Command::BlockStatus => true,
+        _ => false,
+    }
+}
+
+/// The reply to a refused or failed request.
+pub fn error_reply(session: &Session, cookie: u64, errno: u32, message: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    if session.structured {
+        encode_error(cookie, NBD_REPLY_FLAG_DONE, errno, message, &mut out);
+    } else {
+        encode_simple_reply(cookie, errno, &mut out);
+    }
+    out
+}
+
+/// Maps an I/O error to the NBD error value the spec allows.
+pub fn errno_of(e: &io::Error) -> u32 {
+    match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => NBD_EPERM,
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => NBD_ENOSPC,
+        Some(libc::ENOMEM) => NBD_ENOMEM,
+        Some(libc::EINVAL) => NBD_EINVAL,
+        Some(libc::EOVERFLOW) => NBD_EOVERFLOW,
+        Some(libc::ENOTSUP) => NBD_ENOTSUP,
+        _ => NBD_EIO,
+    }
+}
+
+/// Executes a validated request (with its payload for WRITE) and returns the reply bytes.
+pub fn execute(session: &Session, req: &Request, payload: Option<Vec<u8>>) -> Vec<u8> {
+    let image = &session.export.image;
+    let (offset, length) = (req.offset, req.length as u64);
+    let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
+    let result = match req.command {
+        Command::Read => return read_reply(session, req),
+        Command::BlockStatus => return block_status_reply(session, req),
+        Command::Write => image.write_at(payload.as_deref().unwrap_or_default(), offset, fua),
+        Command::Flush => image.flush(),
+        Command::Trim => image.trim(offset, length).and_then(|_| if fua { image.flush() } else { Ok(()) }),
+        Command::WriteZeroes => {
+            let may_punch = req.flags & NBD_CMD_FLAG_NO_HOLE == 0;
+            let fast_only = req.flags & NBD_CMD_FLAG_FAST_ZERO != 0;
+            image
+                .write_zeroes(offset, length, may_punch, fast_only)
+                .and_then(|_| if fua { image.flush() } else { Ok(()) })
+        }
+        Command::Cache => image.cache(offset, length),
+        Command::Disc | Command::Resize | Command::Unknown(_) => Ok(()),
+    };
+    match result {
+        Ok(()) => {
+            let mut out = Vec::with_capacity(16);
+            encode_simple_reply(req.cookie, 0, &mut out);
+            out
+        }
+        Err(e) => {
+            tracing::warn!(command = ?req.command, offset, length, error = %e, "request failed");
+            error_reply(session, req.cookie, errno_of(&e), &e.to_string())
+        }
+    }
+}
+
+fn read_reply(session: &Session, req: &Request) -> Vec<u8> {
+    let image = &session.export.image;
+    let len = req.length as usize;
+    if !session.structured {
+        let mut out = Vec::with_capacity(16 + len);
+        encode_simple_reply(req.cookie, 0, &mut out);
+        out.resize(16 + len, 0);
+        return match image.read_at(&mut out[16..], req.offset) {
+            Ok(()) => out,
+            Err(e) => error_reply(session, req.cookie, errno_of(&e), &e.to_string()),
+        };
+    }
+    // Large reads look for holes: a hole costs 32 bytes on the wire instead of its length.
+    if req.length >= HOLE_CHECK_MIN {
+        if let Ok(extents) = image.extents(req.offset, req.length as u64, 16) {
+            let covers = extents.iter().map(|e| e.length).sum::<u64>() == req.length as u64;
+            let has_hole = extents.iter().any(|e| e.hole);
+            let single_chunk_only = req.flags & NBD_CMD_FLAG_DF != 0;
+            if covers && has_hole && (extents.len() == 1 || !single_chunk_only) {
+                return fragmented_read(session, req, &extents);
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(OFFSET_DATA_PREFIX_LEN + len);
+    encode_offset_data_prefix(req.cookie, NBD_REPLY_FLAG_DONE, req.offset, req.length, &mut out);
+    out.resize(OFFSET_DATA_PREFIX_LEN + len, 0);
+    match image.read_at(&mut out[OFFSET_DATA_PREFIX_LEN..], req.offset) {
+        Ok(()) => out,
+        Err(e) => error_reply(session, req.cookie, errno_of(&e), &e.to_string()),
+    }
+}
+
+fn fragmented_read(session: &Session, req: &Request, extents: &[crate::image::Extent]) -> Vec<u8> {
+    let image = &session.export.image;
+    let mut out = Vec::new();
+    let mut pos = req.offset;
+    for (i, e) in extents.iter().enumerate() {
+        let flags = if i + 1 == extents.len() { NBD_REPLY_FLAG_DONE } else { 0 };
+        let len = e.length as u32;
+        if e.hole {
+            encode_offset_hole(req.cookie, flags, pos, len, &mut out);
+        } else {
+            encode_offset_data_prefix(req.cookie, flags, pos, len, &mut out);
+            let start = out.len();
+            out.resize(start + len as usize, 0);
+            if let Err(e) = image.read_at(&mut out[start..], pos) {
+                return error_reply(session, req.cookie, errno_of(&e), &e.to_string());
+            }
+        }
+        pos += e.length;
+    }
+    out
+}
+
+fn block_status_reply(session: &Session, req: &Request) -> Vec<u8> {
+    let image = &session.export.image;
+    let req_one = req.flags & NBD_CMD_FLAG_REQ_ONE != 0;
+    let max = if req_one { 1 } else { MAX_STATUS_EXTENTS };
+    match image.extents(req.offset, req.length as u64, max) {
+        Ok(extents) => {
+            let extents: Vec<BlockStatusExtent> = extents
+                .iter()
+                .map(|e| BlockStatusExtent {
+                    length: e.length as u32,
+                    flags: if e.hole { NBD_STATE_HOLE | NBD_STATE_ZERO } else { 0 },
+                })
+                .collect();
+            let mut out = Vec::with_capacity(32 + 8 * extents.len());
+            encode_block_status(req.cookie, NBD_REPLY_FLAG_DONE, BASE_ALLOCATION_ID, &extents, &mut out);
+            out
+        }
+        Err(e) => error_reply(session, req.cookie, errno_of(&e), &e.to_string()),
+    }
+}
