@@ -49,6 +49,12 @@ impl Image {
         &self.path
     }
 
+    /// Bytes the file occupies on disk (less than its size when sparse).
+    pub fn allocated_bytes(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.file.metadata()?.blocks() * 512)
+    }
+
     /// Fills `buf` from `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)

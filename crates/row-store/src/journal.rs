@@ -1,0 +1,249 @@
+//! The mapping journal: an append-only file that makes the ROW mapping survive a crash.
+//!
+//! Layout: a 64-byte header (magic, version, block size, image size, header CRC), then
+//! fixed-size records, each with its own CRC. A record is appended only after the data it
+//! describes is durable, and the journal is synced before a FLUSH is acknowledged. A torn last
+//! record (the process died while appending) fails its CRC and is cut off on replay.
+
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::StoreError;
+
+const MAGIC: &[u8; 8] = b"NBDROWJ1";
+const VERSION: u32 = 1;
+const HEADER_LEN: u64 = 64;
+const RECORD_LEN: usize = 17;
+
+/// What a journal record says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Record {
+    /// Blocks `start..start + count` now live in the reserved file.
+    Map {
+        /// First block.
+        start: u64,
+        /// Number of blocks.
+        count: u32,
+    },
+    /// Blocks `start..start + count` were merged back into the image.
+    Unmap {
+        /// First block.
+        start: u64,
+        /// Number of blocks.
+        count: u32,
+    },
+    /// The merge back into the image has begun: the store is leaving ROW mode.
+    MergeBegin,
+}
+
+impl Record {
+    fn encode(&self) -> [u8; RECORD_LEN] {
+        let (kind, start, count) = match *self {
+            Record::Map { start, count } => (1u8, start, count),
+            Record::Unmap { start, count } => (2, start, count),
+            Record::MergeBegin => (3, 0, 0),
+        };
+        let mut out = [0u8; RECORD_LEN];
+        out[0] = kind;
+        out[1..9].copy_from_slice(&start.to_le_bytes());
+        out[9..13].copy_from_slice(&count.to_le_bytes());
+        let crc = crc32fast::hash(&out[..13]);
+        out[13..].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    fn decode(buf: &[u8; RECORD_LEN]) -> Option<Self> {
+        if crc32fast::hash(&buf[..13]).to_le_bytes() != buf[13..] {
+            return None;
+        }
+        let start = u64::from_le_bytes(buf[1..9].try_into().unwrap());
+        let count = u32::from_le_bytes(buf[9..13].try_into().unwrap());
+        match buf[0] {
+            1 => Some(Record::Map { start, count }),
+            2 => Some(Record::Unmap { start, count }),
+            3 => Some(Record::MergeBegin),
+            _ => None,
+        }
+    }
+}
+
+/// What replaying a journal recovers.
+#[derive(Debug, Default)]
+pub struct Replayed {
+    /// Blocks mapped to the reserved file.
+    pub mapped: BTreeSet<u64>,
+    /// Whether a merge had begun.
+    pub merging: bool,
+}
+
+/// An open journal.
+#[derive(Debug)]
+pub struct Journal {
+    file: File,
+    path: PathBuf,
+    len: u64,
+}
+
+impl Journal {
+    /// Creates a new journal (replacing any file at `path`) and makes it durable.
+    pub fn create(path: &Path, block_size: u32, image_size: u64) -> Result<Self, StoreError> {
+        let io = |e| StoreError::Io { what: "creating journal", path: path.to_owned(), source: e };
+        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).map_err(io)?;
+        let mut header = [0u8; HEADER_LEN as usize];
+        header[..8].copy_from_slice(MAGIC);
+        header[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        header[12..16].copy_from_slice(&block_size.to_le_bytes());
+        header[16..24].copy_from_slice(&image_size.to_le_bytes());
+        let crc = crc32fast::hash(&header[..60]);
+        header[60..].copy_from_slice(&crc.to_le_bytes());
+        file.write_all(&header).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        sync_parent(path).map_err(io)?;
+        Ok(Self { file, path: path.to_owned(), len: HEADER_LEN })
+    }
+
+    /// Opens an existing journal, checks it belongs to this image, and replays it. A torn tail
+    /// is cut off so later appends follow the last whole record.
+    pub fn open(path: &Path, block_size: u32, image_size: u64) -> Result<(Self, Replayed), StoreError> {
+        let io = |e| StoreError::Io { what: "reading journal", path: path.to_owned(), source: e };
+        let mut file = OpenOptions::new().read(true).write(true).open(path).map_err(io)?;
+        let mut header = [0u8; HEADER_LEN as usize];
+        file.read_exact(&mut header).map_err(|_| StoreError::BadJournal {
+            path: path.to_owned(),
+            why: "header is incomplete".into(),
+        })?;
+        let bad = |why: String| StoreError::BadJournal { path: path.to_owned(), why };
+        if &header[..8] != MAGIC || crc32fast::hash(&header[..60]).to_le_bytes() != header[60..] {
+            return Err(bad("not a journal of this program, or its header is corrupt".into()));
+        }
+        let version = u32::from_le_bytes(header[8..12].try_into().unwrap());
+        let bs = u32::from_le_bytes(header[12..16].try_into().unwrap());
+        let size = u64::from_le_bytes(header[16..24].try_into().unwrap());
+        if version != VERSION {
+            return Err(bad(format!("version {version}, expected {VERSION}")));
+        }
+        if bs != block_size || size != image_size {
+            return Err(bad(format!(
+                "written for a {size}-byte image with {bs}-byte blocks, but the image has {image_size} bytes and blocks of {block_size}"
+            )));
+        }
+        let mut rest = Vec::new();
+        file.read_to_end(&mut rest).map_err(io)?;
+        let mut replayed = Replayed::default();
+        let mut good = 0usize;
+        for chunk in rest.chunks_exact(RECORD_LEN) {
+            let Some(record) = Record::decode(chunk.try_into().unwrap()) else { break };
+            match record {
+                Record::Map { start, count } => replayed.mapped.extend(start..start + count as u64),
+                Record::Unmap { start, count } => {
+                    for b in start..start + count as u64 {
+                        replayed.mapped.remove(&b);
+                    }
+                }
+                Record::MergeBegin => replayed.merging = true,
+            }
+            good += RECORD_LEN;
+        }
+        let len = HEADER_LEN + good as u64;
+        if len != HEADER_LEN + rest.len() as u64 {
+            tracing::warn!(path = %path.display(), dropped = rest.len() - good, "journal has a torn tail; cutting it off");
+            file.set_len(len).map_err(io)?;
+            file.sync_all().map_err(io)?;
+        }
+        Ok((Self { file, path: path.to_owned(), len }, replayed))
+    }
+
+    /// Appends records and syncs them.
+    pub fn append(&mut self, records: &[Record]) -> io::Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut buf = Vec::with_capacity(records.len() * RECORD_LEN);
+        for r in records {
+            buf.extend_from_slice(&r.encode());
+        }
+        self.file.write_all_at(&buf, self.len)?;
+        self.file.sync_data()?;
+        self.len += buf.len() as u64;
+        Ok(())
+    }
+
+    /// The journal's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes in the journal.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+/// Coalesces sorted, deduplicated blocks into runs of records.
+pub fn runs(blocks: &[u64], make: impl Fn(u64, u32) -> Record) -> Vec<Record> {
+    let mut out = Vec::new();
+    let mut iter = blocks.iter().copied();
+    let Some(mut start) = iter.next() else { return out };
+    let mut count = 1u32;
+    for b in iter {
+        if b == start + count as u64 && count < u32::MAX {
+            count += 1;
+        } else {
+            out.push(make(start, count));
+            start = b;
+            count = 1;
+        }
+    }
+    out.push(make(start, count));
+    out
+}
+
+/// Makes a directory entry change (create, delete) durable.
+pub fn sync_parent(path: &Path) -> io::Result<()> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    File::open(parent)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_applies_records_in_order_and_cuts_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let mut j = Journal::create(&path, 4096, 1 << 20).unwrap();
+        j.append(&runs(&[1, 2, 3, 7, 9, 10], |start, count| Record::Map { start, count })).unwrap();
+        j.append(&[Record::MergeBegin, Record::Unmap { start: 2, count: 2 }]).unwrap();
+        let good_len = j.len();
+        drop(j);
+        // A torn record: half of one appended.
+        let f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all_at(&Record::Unmap { start: 9, count: 1 }.encode()[..9], good_len).unwrap();
+        let (j, r) = Journal::open(&path, 4096, 1 << 20).unwrap();
+        assert_eq!(r.mapped.into_iter().collect::<Vec<_>>(), vec![1, 7, 9, 10]);
+        assert!(r.merging);
+        assert_eq!(j.len(), good_len);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), good_len);
+    }
+
+    #[test]
+    fn journal_of_another_image_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        Journal::create(&path, 4096, 1 << 20).unwrap();
+        assert!(matches!(Journal::open(&path, 4096, 2 << 20), Err(StoreError::BadJournal { .. })));
+        std::fs::write(&path, b"garbage").unwrap();
+        assert!(matches!(Journal::open(&path, 4096, 1 << 20), Err(StoreError::BadJournal { .. })));
+    }
+
+    #[test]
+    fn runs_coalesce() {
+        let r = runs(&[0, 1, 2, 5], |start, count| Record::Map { start, count });
+        assert_eq!(r, vec![Record::Map { start: 0, count: 3 }, Record::Map { start: 5, count: 1 }]);
+        assert!(runs(&[], |start, count| Record::Map { start, count }).is_empty());
+    }
+}
