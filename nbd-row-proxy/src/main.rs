@@ -2,7 +2,6 @@
 
 mod connection;
 mod export;
-mod image;
 mod negotiation;
 mod server;
 mod transmission;
@@ -13,8 +12,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use crate::export::{Catalog, Export};
-use crate::image::Image;
+use row_store::{Disk, DiskOptions};
+
+use crate::export::Catalog;
 
 #[derive(Debug, Parser)]
 #[command(name = "nbd-row-proxy", version, about = "NBD server for live migration of a VM with its local disk")]
@@ -46,6 +46,9 @@ struct ServeArgs {
     /// Refuse writes.
     #[arg(long)]
     read_only: bool,
+    /// Reserved file that receives writes while ROW is on (default: IMAGE.row).
+    #[arg(long)]
+    reserved: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -71,11 +74,10 @@ fn run(cli: Cli) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Cmd::Serve(args) => {
-            let image = Image::open(&args.image, args.read_only)
-                .with_context(|| format!("opening image {}", args.image.display()))?;
-            let description = format!("{} ({} bytes)", args.image.display(), image.size());
-            let export = Export { name: args.export, description, image: Arc::new(image), read_only: args.read_only };
-            let catalog = Catalog::new(vec![Arc::new(export)]);
+            let options = DiskOptions { reserved: args.reserved, read_only: args.read_only };
+            let disk = Disk::open(&args.image, options)
+                .with_context(|| format!("opening disk {}", args.image.display()))?;
+            let catalog = Catalog::new(args.export, Arc::new(disk), args.read_only);
             let listen = server::Listen { socket: args.socket, tcp: args.tcp };
             runtime.block_on(server::run(catalog, listen))
         }

@@ -65,8 +65,7 @@ impl Negotiation {
         match option {
             ClientOption::ExportName(name) => match self.catalog.find(&name) {
                 Some(export) => {
-                    let export = export.clone();
-                    ExportNameReply { size: export.image.size(), transmission_flags: export.transmission_flags() }
+                    ExportNameReply { size: export.size(), transmission_flags: export.transmission_flags() }
                         .encode(self.no_zeroes, &mut out);
                     let session = self.session(export, false);
                     Step::Transmission(out, session)
@@ -120,7 +119,7 @@ impl Negotiation {
     }
 
     fn session(&self, export: Arc<Export>, block_size_requested: bool) -> Session {
-        let base_allocation = matches!(&self.meta, Some((name, true)) if self.catalog.find(name).is_some_and(|e| Arc::ptr_eq(e, &export)));
+        let base_allocation = matches!(&self.meta, Some((name, true)) if self.catalog.find(name).is_some_and(|e| e.name == export.name));
         Session {
             alignment: if block_size_requested { export.min_block_size() } else { 1 },
             export,
@@ -130,13 +129,13 @@ impl Negotiation {
     }
 
     fn info_or_go(&mut self, code: u32, req: InfoRequest, mut out: Vec<u8>) -> Step {
-        let Some(export) = self.catalog.find(&req.export).cloned() else {
+        let Some(export) = self.catalog.find(&req.export) else {
             OptionReply::error(code, NBD_REP_ERR_UNKNOWN, format!("no export named {:?}", req.export))
                 .encode(&mut out);
             return Step::Continue(out);
         };
         let info = |info| OptionReply { option: code, kind: OptionReplyKind::Info(info) };
-        info(InfoReply::Export { size: export.image.size(), transmission_flags: export.transmission_flags() })
+        info(InfoReply::Export { size: export.size(), transmission_flags: export.transmission_flags() })
             .encode(&mut out);
         let mut block_size_requested = false;
         for item in &req.requests {
@@ -204,9 +203,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.raw");
         File::create(&path).unwrap().set_len(1 << 20).unwrap();
-        let image = Arc::new(crate::image::Image::open(&path, false).unwrap());
-        let export = Arc::new(Export { name: "vm1".into(), description: "test".into(), image, read_only: false });
-        (dir, Catalog::new(vec![export]))
+        let disk = Arc::new(row_store::Disk::open(&path, row_store::DiskOptions::default()).unwrap());
+        (dir, Catalog::new("vm1".into(), disk, false))
     }
 
     fn replies(mut bytes: &[u8]) -> Vec<OptionReply> {

@@ -45,8 +45,9 @@ pub async fn run(catalog: Catalog, listen: Listen) -> Result<()> {
     tracing::info!(
         socket = %listen.socket.display(),
         tcp = listen.tcp.as_deref().unwrap_or("-"),
-        exports = ?catalog.all().iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
-        size = catalog.all()[0].image.size(),
+        export = %catalog.live().name,
+        size = catalog.live().size(),
+        mode = catalog.live().disk.mode().as_str(),
         "serving"
     );
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -97,12 +98,10 @@ pub async fn run(catalog: Catalog, listen: Listen) -> Result<()> {
     if drained.is_err() {
         tracing::warn!("connections still busy after {DRAIN_TIMEOUT:?}; closing them");
     }
-    for export in catalog.all() {
-        let image = Arc::clone(&export.image);
-        tokio::task::spawn_blocking(move || image.flush())
-            .await?
-            .with_context(|| format!("flushing {}", export.image.path().display()))?;
-    }
+    let disk = Arc::clone(&catalog.live().disk);
+    tokio::task::spawn_blocking(move || disk.flush())
+        .await?
+        .with_context(|| format!("flushing {}", catalog.live().disk.image_path().display()))?;
     tracing::info!("stopped cleanly");
     Ok(())
 }

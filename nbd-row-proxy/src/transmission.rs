@@ -77,7 +77,7 @@ pub fn validate(session: &Session, req: &Request) -> Result<(), Refusal> {
         return Err(refuse(NBD_EINVAL, "request not aligned to the minimum block size"));
     }
     let end = req.offset.checked_add(req.length as u64);
-    if end.is_none_or(|end| end > export.image.size()) {
+    if end.is_none_or(|end| end > export.size()) {
         return Err(if writes {
             refuse(NBD_ENOSPC, "write beyond the end of the export")
         } else {
@@ -122,23 +122,21 @@ pub fn errno_of(e: &io::Error) -> u32 {
 
 /// Executes a validated request (with its payload for WRITE) and returns the reply bytes.
 pub fn execute(session: &Session, req: &Request, payload: Option<Vec<u8>>) -> Vec<u8> {
-    let image = &session.export.image;
+    let export = &session.export;
     let (offset, length) = (req.offset, req.length as u64);
     let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
     let result = match req.command {
         Command::Read => return read_reply(session, req),
         Command::BlockStatus => return block_status_reply(session, req),
-        Command::Write => image.write_at(payload.as_deref().unwrap_or_default(), offset, fua),
-        Command::Flush => image.flush(),
-        Command::Trim => image.trim(offset, length).and_then(|_| if fua { image.flush() } else { Ok(()) }),
+        Command::Write => export.write_at(payload.as_deref().unwrap_or_default(), offset, fua),
+        Command::Flush => export.flush(),
+        Command::Trim => export.trim(offset, length, fua),
         Command::WriteZeroes => {
             let may_punch = req.flags & NBD_CMD_FLAG_NO_HOLE == 0;
             let fast_only = req.flags & NBD_CMD_FLAG_FAST_ZERO != 0;
-            image
-                .write_zeroes(offset, length, may_punch, fast_only)
-                .and_then(|_| if fua { image.flush() } else { Ok(()) })
+            export.write_zeroes(offset, length, may_punch, fast_only, fua)
         }
-        Command::Cache => image.cache(offset, length),
+        Command::Cache => export.cache(offset, length),
         Command::Disc | Command::Resize | Command::Unknown(_) => Ok(()),
     };
     match result {
@@ -155,20 +153,20 @@ pub fn execute(session: &Session, req: &Request, payload: Option<Vec<u8>>) -> Ve
 }
 
 fn read_reply(session: &Session, req: &Request) -> Vec<u8> {
-    let image = &session.export.image;
+    let export = &session.export;
     let len = req.length as usize;
     if !session.structured {
         let mut out = Vec::with_capacity(16 + len);
         encode_simple_reply(req.cookie, 0, &mut out);
         out.resize(16 + len, 0);
-        return match image.read_at(&mut out[16..], req.offset) {
+        return match export.read_at(&mut out[16..], req.offset) {
             Ok(()) => out,
             Err(e) => error_reply(session, req.cookie, errno_of(&e), &e.to_string()),
         };
     }
     // Large reads look for holes: a hole costs 32 bytes on the wire instead of its length.
     if req.length >= HOLE_CHECK_MIN {
-        if let Ok(extents) = image.extents(req.offset, req.length as u64, 16) {
+        if let Ok(extents) = export.extents(req.offset, req.length as u64, 16) {
             let covers = extents.iter().map(|e| e.length).sum::<u64>() == req.length as u64;
             let has_hole = extents.iter().any(|e| e.hole);
             let single_chunk_only = req.flags & NBD_CMD_FLAG_DF != 0;
@@ -180,14 +178,14 @@ fn read_reply(session: &Session, req: &Request) -> Vec<u8> {
     let mut out = Vec::with_capacity(OFFSET_DATA_PREFIX_LEN + len);
     encode_offset_data_prefix(req.cookie, NBD_REPLY_FLAG_DONE, req.offset, req.length, &mut out);
     out.resize(OFFSET_DATA_PREFIX_LEN + len, 0);
-    match image.read_at(&mut out[OFFSET_DATA_PREFIX_LEN..], req.offset) {
+    match export.read_at(&mut out[OFFSET_DATA_PREFIX_LEN..], req.offset) {
         Ok(()) => out,
         Err(e) => error_reply(session, req.cookie, errno_of(&e), &e.to_string()),
     }
 }
 
-fn fragmented_read(session: &Session, req: &Request, extents: &[crate::image::Extent]) -> Vec<u8> {
-    let image = &session.export.image;
+fn fragmented_read(session: &Session, req: &Request, extents: &[row_store::Extent]) -> Vec<u8> {
+    let export = &session.export;
     let mut out = Vec::new();
     let mut pos = req.offset;
     for (i, e) in extents.iter().enumerate() {
@@ -199,7 +197,7 @@ fn fragmented_read(session: &Session, req: &Request, extents: &[crate::image::Ex
             encode_offset_data_prefix(req.cookie, flags, pos, len, &mut out);
             let start = out.len();
             out.resize(start + len as usize, 0);
-            if let Err(e) = image.read_at(&mut out[start..], pos) {
+            if let Err(e) = export.read_at(&mut out[start..], pos) {
                 return error_reply(session, req.cookie, errno_of(&e), &e.to_string());
             }
         }
@@ -209,10 +207,10 @@ fn fragmented_read(session: &Session, req: &Request, extents: &[crate::image::Ex
 }
 
 fn block_status_reply(session: &Session, req: &Request) -> Vec<u8> {
-    let image = &session.export.image;
+    let export = &session.export;
     let req_one = req.flags & NBD_CMD_FLAG_REQ_ONE != 0;
     let max = if req_one { 1 } else { MAX_STATUS_EXTENTS };
-    match image.extents(req.offset, req.length as u64, max) {
+    match export.extents(req.offset, req.length as u64, max) {
         Ok(extents) => {
             let extents: Vec<BlockStatusExtent> = extents
                 .iter()
