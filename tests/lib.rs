@@ -67,6 +67,16 @@ pub fn wait_for_path(path: &Path, timeout: Duration) {
     }
 }
 
+/// Waits until a Unix socket accepts connections (a stale socket file left by a killed
+/// process does not count).
+pub fn wait_for_socket(path: &Path, timeout: Duration) {
+    let start = Instant::now();
+    while UnixStream::connect(path).is_err() {
+        assert!(start.elapsed() < timeout, "{} did not accept connections within {timeout:?}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Sends a signal to a process by pid.
 pub fn signal(pid: u32, sig: libc::c_int) {
     // SAFETY: kill(2) with a pid we started.
@@ -150,7 +160,7 @@ impl Server {
         cmd.arg("serve").arg("--image").arg(image).arg("--socket").arg(&socket).args(extra);
         cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
         let proc = Proc::spawn("nbd-row-proxy", &mut cmd, &dir.join("server.log"));
-        wait_for_path(&socket, Duration::from_secs(10));
+        wait_for_socket(&socket, Duration::from_secs(10));
         Self { proc, socket }
     }
 
@@ -365,4 +375,38 @@ pub fn start_guest(drive_uri: &str, cmd: &str, log: &Path) -> Proc {
         .args(["-append", &format!("console=ttyS0 panic=-1 quiet guest.cmd={cmd}")])
         .args(["-drive", &format!("file={drive_uri},format=raw,if=virtio,cache=none")]);
     Proc::spawn("qemu", &mut qemu, log)
+}
+
+/// A blocking client for a control socket (the proxy's or QEMU's QMP), for tests.
+pub struct ControlClient {
+    rt: tokio::runtime::Runtime,
+    client: qmp_proto::Client,
+}
+
+impl ControlClient {
+    /// Connects and negotiates capabilities.
+    pub fn connect(path: &Path) -> Self {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let client = rt
+            .block_on(qmp_proto::Client::connect(path, Duration::from_secs(10)))
+            .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", path.display()));
+        Self { rt, client }
+    }
+
+    /// Runs a command; `Err` carries the error reply's description.
+    pub fn execute(&mut self, command: &str, arguments: serde_json::Value) -> Result<serde_json::Value, String> {
+        self.rt
+            .block_on(self.client.execute(command, arguments, Duration::from_secs(120)))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Runs a command that must succeed.
+    pub fn ok(&mut self, command: &str, arguments: serde_json::Value) -> serde_json::Value {
+        self.execute(command, arguments).unwrap_or_else(|e| panic!("{command} failed: {e}"))
+    }
+
+    /// Waits for the next event.
+    pub fn next_event(&mut self, timeout: Duration) -> Option<qmp_proto::Event> {
+        self.rt.block_on(self.client.next_event(timeout)).unwrap()
+    }
 }

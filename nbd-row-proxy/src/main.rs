@@ -1,6 +1,7 @@
 //! `nbd-row-proxy`: an NBD server that sits between QEMU and a disk image.
 
 mod connection;
+mod control;
 mod export;
 mod negotiation;
 mod server;
@@ -49,6 +50,12 @@ struct ServeArgs {
     /// Reserved file that receives writes while ROW is on (default: IMAGE.row).
     #[arg(long)]
     reserved: Option<PathBuf>,
+    /// Control socket (QMP-shaped JSON, mode 0600) for row-start, row-stop, query-status, ...
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Blocks written at least this many times count as hot (high-frequency).
+    #[arg(long, default_value_t = 2)]
+    hot_threshold: u32,
 }
 
 fn main() -> std::process::ExitCode {
@@ -78,8 +85,16 @@ fn run(cli: Cli) -> Result<()> {
             let disk = Disk::open(&args.image, options)
                 .with_context(|| format!("opening disk {}", args.image.display()))?;
             let catalog = Catalog::new(args.export, Arc::new(disk), args.read_only);
-            let listen = server::Listen { socket: args.socket, tcp: args.tcp };
-            runtime.block_on(server::run(catalog, listen))
+            let listen = server::Listen {
+                socket: args.socket,
+                tcp: args.tcp,
+                control: args.control,
+                hot_threshold: args.hot_threshold,
+            };
+            let result = runtime.block_on(server::run(catalog, listen));
+            // A merge still running on the blocking pool is resumable: do not wait for it.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+            result
         }
     }
 }

@@ -7,21 +7,28 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::watch;
+use qmp_proto::{Greeting, Version};
+use row_store::Mode;
+use tokio::sync::{broadcast, watch};
 use tokio::task::JoinSet;
 
+use crate::control::Control;
 use crate::export::Catalog;
 
 /// How long in-flight requests may take to finish after SIGTERM.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Where the server listens.
+/// Where the server listens and how it is controlled.
 #[derive(Debug, Clone)]
 pub struct Listen {
     /// Unix socket path.
     pub socket: PathBuf,
     /// Optional TCP address.
     pub tcp: Option<String>,
+    /// Optional control socket path.
+    pub control: Option<PathBuf>,
+    /// Default write-count threshold of the hot/cold split.
+    pub hot_threshold: u32,
 }
 
 /// Binds a Unix socket, replacing a stale socket file but never a live one.
@@ -53,6 +60,25 @@ pub async fn run(catalog: Catalog, listen: Listen) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (events, _) = broadcast::channel(1024);
+    let disk = Arc::clone(&catalog.live().disk);
+    let control = Control::new(disk.clone(), catalog.live().name.clone(), listen.hot_threshold, events.clone());
+    let mut control_task = None;
+    if let Some(path) = &listen.control {
+        let listener = qmp_proto::bind_control_socket(path).with_context(|| format!("binding control socket {}", path.display()))?;
+        let greeting = Greeting::new(
+            Version { major: 0, minor: 1, micro: 0 },
+            concat!("nbd-row-proxy ", env!("CARGO_PKG_VERSION")),
+        );
+        let handler: Arc<dyn qmp_proto::Handler> = control.clone();
+        control_task = Some(tokio::spawn(qmp_proto::serve(listener, greeting, handler, events.clone(), shutdown_rx.clone())));
+        tracing::info!(control = %path.display(), "control socket ready");
+    }
+    if disk.mode() == Mode::Merging {
+        tracing::info!("resuming the merge interrupted by the last exit");
+        let control = control.clone();
+        tokio::task::spawn_blocking(move || control.start_merge()).await?.map_err(|e| anyhow::anyhow!("{}", e.desc))?;
+    }
     let mut conns = JoinSet::new();
     let mut next_id = 0u64;
     loop {
@@ -91,6 +117,12 @@ pub async fn run(catalog: Catalog, listen: Listen) -> Result<()> {
     drop(tcp);
     let _ = std::fs::remove_file(&listen.socket);
     let _ = shutdown_tx.send(true);
+    if let Some(task) = control_task {
+        let _ = task.await;
+        if let Some(path) = &listen.control {
+            let _ = std::fs::remove_file(path);
+        }
+    }
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         while conns.join_next().await.is_some() {}
     })
@@ -98,7 +130,6 @@ pub async fn run(catalog: Catalog, listen: Listen) -> Result<()> {
     if drained.is_err() {
         tracing::warn!("connections still busy after {DRAIN_TIMEOUT:?}; closing them");
     }
-    let disk = Arc::clone(&catalog.live().disk);
     tokio::task::spawn_blocking(move || disk.flush())
         .await?
         .with_context(|| format!("flushing {}", catalog.live().disk.image_path().display()))?;

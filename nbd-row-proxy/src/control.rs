@@ -1,0 +1,183 @@
+//! The control socket: QMP-shaped commands that switch the disk between modes and report on it.
+//!
+//! Commands: `query-status`, `row-start`, `row-stop`, `query-row`. Events: `ROW_STARTED`,
+//! `ROW_MERGE_STARTED`, `ROW_MERGE_PROGRESS` (at most every 500 ms), `ROW_STOPPED`.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use qmp_proto::{parse_arguments, CommandError, Event, Handler, HandlerFuture};
+use row_store::{Disk, Mode, BLOCK_SIZE};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tokio::sync::broadcast;
+
+/// State the control commands act on.
+pub struct Control {
+    disk: Arc<Disk>,
+    export: String,
+    hot_threshold: u32,
+    events: broadcast::Sender<Event>,
+    /// The running merge, so `row-stop` twice waits for the same one.
+    merge: Mutex<Option<MergeOutcome>>,
+    /// Handle to ourselves for background tasks started from `&self` command handlers.
+    me: Weak<Control>,
+}
+
+/// Outcome of a merge: `None` while it runs.
+type MergeOutcome = tokio::sync::watch::Receiver<Option<Result<(), String>>>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RowStopArgs {
+    /// Wait for the merge to finish before replying (default true).
+    #[serde(default = "yes")]
+    wait: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct QueryRowArgs {
+    hot_threshold: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoArgs {}
+
+fn yes() -> bool {
+    true
+}
+
+fn generic(e: impl std::fmt::Display) -> CommandError {
+    CommandError::generic(e.to_string())
+}
+
+impl Control {
+    /// A controller for `disk`, exported as `export`.
+    pub fn new(disk: Arc<Disk>, export: String, hot_threshold: u32, events: broadcast::Sender<Event>) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self { disk, export, hot_threshold, events, merge: Mutex::new(None), me: me.clone() })
+    }
+
+    fn emit(&self, name: &str, data: Value) {
+        let _ = self.events.send(Event::now(name, data));
+    }
+
+    fn query_status(&self) -> Value {
+        let s = self.disk.status();
+        json!({
+            "mode": s.mode.as_str(),
+            "export": self.export,
+            "image": self.disk.image_path(),
+            "image-size": self.disk.size(),
+            "read-only": self.disk.read_only(),
+            "reserved": (s.mode != Mode::Direct).then(|| self.disk.reserved_path()),
+            "reserved-bytes": s.reserved_bytes,
+            "reserved-allocated": s.reserved_allocated,
+            "block-size": BLOCK_SIZE,
+        })
+    }
+
+    fn query_row(&self, threshold: u32) -> Value {
+        let s = self.disk.status();
+        let (hot, cold) = self.disk.hot_cold(threshold);
+        json!({
+            "mode": s.mode.as_str(),
+            "blocks-updated": s.blocks_updated,
+            "hot-blocks": hot.len(),
+            "cold-blocks": cold.len(),
+            "hot-threshold": threshold,
+            "generation": s.generation,
+            "reserved-bytes": s.reserved_bytes,
+            "block-size": BLOCK_SIZE,
+        })
+    }
+
+    async fn row_start(&self) -> Result<Value, CommandError> {
+        let disk = self.disk.clone();
+        tokio::task::spawn_blocking(move || disk.row_start()).await.map_err(generic)?.map_err(generic)?;
+        let epoch = self.disk.status().epoch;
+        self.emit("ROW_STARTED", json!({ "epoch": epoch, "base-export": format!("{}@base", self.export) }));
+        Ok(json!({}))
+    }
+
+    /// Starts the merge (or joins the one running) and returns a receiver for its outcome.
+    pub fn start_merge(self: &Arc<Self>) -> Result<MergeOutcome, CommandError> {
+        let mut slot = self.merge.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(rx) = slot.as_ref().filter(|rx| rx.borrow().is_none()) {
+            return Ok(rx.clone());
+        }
+        self.disk.begin_merge().map_err(generic)?;
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        *slot = Some(rx.clone());
+        let this = self.clone();
+        let blocks = self.disk.status().blocks_updated;
+        self.emit("ROW_MERGE_STARTED", json!({ "blocks": blocks }));
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let mut last = Instant::now();
+            let result = this.disk.merge(None, |p| {
+                if last.elapsed() >= Duration::from_millis(500) {
+                    last = Instant::now();
+                    this.emit("ROW_MERGE_PROGRESS", json!({ "merged-blocks": p.merged_blocks, "remaining-blocks": p.remaining_blocks }));
+                }
+            });
+            let outcome = match result {
+                Ok(_) => {
+                    let secs = started.elapsed().as_secs_f64();
+                    this.emit("ROW_STOPPED", json!({ "merged-blocks": blocks, "seconds": secs }));
+                    tracing::info!(blocks, seconds = secs, "merge complete");
+                    Ok(())
+                }
+                Err(e) => {
+                    tracing::error!("merge failed: {e}");
+                    this.emit("ROW_MERGE_FAILED", json!({ "error": e.to_string() }));
+                    Err(e.to_string())
+                }
+            };
+            let _ = tx.send(Some(outcome));
+        });
+        Ok(rx)
+    }
+
+    async fn row_stop(self: &Arc<Self>, args: RowStopArgs) -> Result<Value, CommandError> {
+        let blocks = self.disk.status().blocks_updated;
+        let this = self.clone();
+        let mut rx = tokio::task::spawn_blocking(move || this.start_merge()).await.map_err(generic)??;
+        if args.wait {
+            let started = Instant::now();
+            let outcome = rx.wait_for(|o| o.is_some()).await.map_err(generic)?.clone();
+            outcome.expect("waited for Some").map_err(generic)?;
+            return Ok(json!({ "merged-blocks": blocks, "seconds": started.elapsed().as_secs_f64() }));
+        }
+        Ok(json!({ "merged-blocks": 0 }))
+    }
+}
+
+impl Handler for Control {
+    fn handle<'a>(&'a self, command: &'a str, arguments: Map<String, Value>) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            match command {
+                "query-status" => {
+                    parse_arguments::<NoArgs>(arguments)?;
+                    Ok(self.query_status())
+                }
+                "query-row" => {
+                    let args: QueryRowArgs = parse_arguments(arguments)?;
+                    Ok(self.query_row(args.hot_threshold.unwrap_or(self.hot_threshold)))
+                }
+                "row-start" => {
+                    parse_arguments::<NoArgs>(arguments)?;
+                    self.row_start().await
+                }
+                "row-stop" => {
+                    let args: RowStopArgs = parse_arguments(arguments)?;
+                    let this = self.me.upgrade().ok_or_else(|| generic("shutting down"))?;
+                    this.row_stop(args).await
+                }
+                other => Err(CommandError::command_not_found(other)),
+            }
+        })
+    }
+}
+
