@@ -71,9 +71,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         let buffered = (self.buf.len() - self.pos).min(len);
         dst.extend_from_slice(&self.buf[self.pos..self.pos + buffered]);
         self.pos += buffered;
-        let start = dst.len();
-        dst.resize(start + len - buffered, 0);
-        self.inner.read_exact(&mut dst[start..]).await?;
+        // Read straight into the spare capacity: no zero-fill of a buffer about to be overwritten.
+        let target = dst.len() + len - buffered;
+        dst.reserve(len - buffered);
+        while dst.len() < target {
+            let want = (target - dst.len()) as u64;
+            if (&mut self.inner).take(want).read_buf(dst).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
         Ok(())
     }
 

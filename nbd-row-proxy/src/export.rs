@@ -75,11 +75,11 @@ impl Export {
         }
     }
 
-    /// Reads at `offset`.
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    /// Appends `len` bytes at `offset` to `out`.
+    pub fn read_append(&self, out: &mut Vec<u8>, len: usize, offset: u64) -> io::Result<()> {
         match self.view {
-            View::Live => self.disk.read_at(buf, offset),
-            View::Base { epoch } => self.disk.read_base_at(buf, offset, epoch),
+            View::Live => self.disk.read_append(out, len, offset),
+            View::Base { epoch } => self.disk.read_base_append(out, len, offset, epoch),
         }
     }
 

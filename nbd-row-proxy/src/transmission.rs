@@ -158,8 +158,7 @@ fn read_reply(session: &Session, req: &Request) -> Vec<u8> {
     if !session.structured {
         let mut out = Vec::with_capacity(16 + len);
         encode_simple_reply(req.cookie, 0, &mut out);
-        out.resize(16 + len, 0);
-        return match export.read_at(&mut out[16..], req.offset) {
+        return match export.read_append(&mut out, len, req.offset) {
             Ok(()) => out,
             Err(e) => error_reply(session, req.cookie, errno_of(&e), &e.to_string()),
         };
@@ -177,8 +176,7 @@ fn read_reply(session: &Session, req: &Request) -> Vec<u8> {
     }
     let mut out = Vec::with_capacity(OFFSET_DATA_PREFIX_LEN + len);
     encode_offset_data_prefix(req.cookie, NBD_REPLY_FLAG_DONE, req.offset, req.length, &mut out);
-    out.resize(OFFSET_DATA_PREFIX_LEN + len, 0);
-    match export.read_at(&mut out[OFFSET_DATA_PREFIX_LEN..], req.offset) {
+    match export.read_append(&mut out, len, req.offset) {
         Ok(()) => out,
         Err(e) => error_reply(session, req.cookie, errno_of(&e), &e.to_string()),
     }
@@ -195,9 +193,7 @@ fn fragmented_read(session: &Session, req: &Request, extents: &[row_store::Exten
             encode_offset_hole(req.cookie, flags, pos, len, &mut out);
         } else {
             encode_offset_data_prefix(req.cookie, flags, pos, len, &mut out);
-            let start = out.len();
-            out.resize(start + len as usize, 0);
-            if let Err(e) = export.read_at(&mut out[start..], pos) {
+            if let Err(e) = export.read_append(&mut out, len as usize, pos) {
                 return error_reply(session, req.cookie, errno_of(&e), &e.to_string());
             }
         }

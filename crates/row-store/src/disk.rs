@@ -220,6 +220,24 @@ impl Disk {
         }
     }
 
+    /// Appends `len` bytes of the disk at `offset` to `out` (no zero-fill; for reply buffers).
+    pub fn read_append(&self, out: &mut Vec<u8>, len: usize, offset: u64) -> io::Result<()> {
+        let g = self.gate();
+        let reserved = match (&g.reserved, g.mode) {
+            (Some(reserved), Mode::Row | Mode::Merging) if len > 0 => reserved,
+            _ => return self.image.read_append(out, len, offset),
+        };
+        let (fb, lb) = self.block_range(offset, len as u64);
+        let mapped = lock(&self.table).mapped_in(fb..=lb);
+        if mapped.is_empty() {
+            return self.image.read_append(out, len, offset);
+        }
+        self.for_segments(offset, len as u64, &mapped, |start, end, is_mapped| {
+            let file = if is_mapped { &**reserved } else { &*self.image };
+            file.read_append(out, (end - start) as usize, start)
+        })
+    }
+
     fn merged_read(&self, reserved: &Image, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let (fb, lb) = self.block_range(offset, buf.len() as u64);
         let mapped = lock(&self.table).mapped_in(fb..=lb);
@@ -516,6 +534,15 @@ impl Disk {
             return Err(io::Error::new(io::ErrorKind::Other, "the frozen base is gone: ROW mode ended"));
         }
         self.image.read_at(buf, offset)
+    }
+
+    /// [`Disk::read_base_at`] appending to a vector, like [`Disk::read_append`].
+    pub fn read_base_append(&self, out: &mut Vec<u8>, len: usize, offset: u64, epoch: u64) -> io::Result<()> {
+        let g = self.gate();
+        if g.mode != Mode::Row || g.epoch != epoch {
+            return Err(io::Error::new(io::ErrorKind::Other, "the frozen base is gone: ROW mode ended"));
+        }
+        self.image.read_append(out, len, offset)
     }
 
     /// Extents of the frozen base while ROW is on.

@@ -60,6 +60,40 @@ impl Image {
         self.file.read_exact_at(buf, offset)
     }
 
+    /// Appends `len` bytes read at `offset` to `out`, without zero-filling the new space first
+    /// (a measurable cost at gigabytes per second).
+    pub fn read_append(&self, out: &mut Vec<u8>, len: usize, offset: u64) -> io::Result<()> {
+        out.reserve(len);
+        let mut done = 0usize;
+        while done < len {
+            let spare = out.spare_capacity_mut();
+            // SAFETY: the kernel writes at most `len - done` bytes into the spare capacity, which
+            // `reserve` made at least that large; only the bytes it reports written are exposed.
+            let n = unsafe {
+                libc::pread(
+                    self.file.as_raw_fd(),
+                    spare.as_mut_ptr().cast(),
+                    len - done,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the file"));
+            }
+            // SAFETY: `n` bytes after the old length were just written by pread.
+            unsafe { out.set_len(out.len() + n as usize) };
+            done += n as usize;
+        }
+        Ok(())
+    }
+
     /// Writes `buf` at `offset`; with `fua` the data is durable when this returns.
     pub fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         if fua {
