@@ -410,3 +410,47 @@ impl ControlClient {
         self.rt.block_on(self.client.next_event(timeout)).unwrap()
     }
 }
+
+/// Starts a TCG guest like [`start_guest`], running `guest.cmd=CMD` with `guest.args=ARGS`
+/// (joined with commas; the guest's /init splits them back into argv).
+pub fn start_guest_with_args(drive_uri: &str, cmd: &str, args: &[&str], log: &Path) -> Proc {
+    require_tool("qemu-system-x86_64");
+    for a in args {
+        assert!(!a.is_empty() && !a.contains([',', ' ', '"']), "guest argument {a:?} cannot be passed in guest.args");
+    }
+    let (kernel, initrd) = guest_image();
+    let mut append = format!("console=ttyS0 panic=-1 quiet guest.cmd={cmd}");
+    if !args.is_empty() {
+        append.push_str(&format!(" guest.args={}", args.join(",")));
+    }
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-accel", "tcg", "-m", "256", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", &append])
+        .args(["-drive", &format!("file={drive_uri},format=raw,if=virtio,cache=none")]);
+    Proc::spawn("qemu", &mut qemu, log)
+}
+
+/// Waits until the log of `proc` contains `needle` and returns the log; panics (with the log)
+/// when `timeout` passes or the process exits first.
+pub fn wait_for_log(proc: &mut Proc, needle: &str, timeout: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let text = proc.log_text();
+        if text.contains(needle) {
+            return text;
+        }
+        if let Some(status) = proc.child.try_wait().unwrap() {
+            let text = proc.log_text();
+            if text.contains(needle) {
+                return text;
+            }
+            panic!("{} exited with {status} before printing {needle:?}; log:\n{text}", proc.name);
+        }
+        assert!(start.elapsed() < timeout, "{} did not print {needle:?} within {timeout:?}; log:\n{text}", proc.name);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
