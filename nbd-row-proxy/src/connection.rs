@@ -12,10 +12,12 @@ use nbd_proto::{ClientFlags, Command, Greeting, ProtocolError, RawOption, Reques
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
-use crate::export::Catalog;
+use crate::export::{Access, Catalog};
 use crate::negotiation::{Negotiation, Session, Step};
 use crate::transmission::{error_reply, execute, runs_inline, validate};
 
+/// How long a read on a disk still being migrated here waits for the commit.
+const COMMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 /// Replies queued for the writer; bounds memory when a client stops reading.
 const REPLY_QUEUE: usize = 256;
 /// Most replies gathered into one vectored write.
@@ -217,6 +219,32 @@ async fn transmission<R: AsyncRead + Unpin>(
             Command::Disc => return Ok(()),
             Command::Read => stats.bytes_read += req.length as u64,
             _ => {}
+        }
+        if *session.export.access.borrow() == Access::Incoming {
+            if matches!(req.command, Command::Write | Command::Trim | Command::WriteZeroes) {
+                let reply = error_reply(session, req.cookie, NBD_EPERM, "the disk is still being migrated to this host");
+                if tx.send(reply).await.is_err() {
+                    return Ok(());
+                }
+                continue;
+            }
+            // Reads wait for the commit, without holding up the rest of the connection.
+            let (session, tx) = (session.clone(), tx.clone());
+            tokio::spawn(async move {
+                let mut access = session.export.access.clone();
+                let opened =
+                    matches!(tokio::time::timeout(COMMIT_WAIT, access.wait_for(|a| *a == Access::Open)).await, Ok(Ok(_)));
+                let reply = if opened {
+                    let s = session.clone();
+                    tokio::task::spawn_blocking(move || execute(&s, &req, payload)).await.unwrap_or_else(|_| {
+                        error_reply(&session, req.cookie, NBD_EIO, "internal error")
+                    })
+                } else {
+                    error_reply(&session, req.cookie, NBD_EIO, "timed out waiting for the incoming migration to commit")
+                };
+                let _ = tx.send(reply).await;
+            });
+            continue;
         }
         if runs_inline(&req) {
             if tx.send(execute(session, &req, payload)).await.is_err() {

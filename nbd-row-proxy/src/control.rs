@@ -1,12 +1,20 @@
 //! The control socket: QMP-shaped commands that switch the disk between modes and report on it.
 //!
-//! Commands: `query-status`, `row-start`, `row-stop`, `query-row`. Events: `ROW_STARTED`,
-//! `ROW_MERGE_STARTED`, `ROW_MERGE_PROGRESS` (at most every 500 ms), `ROW_STOPPED`.
+//! Commands: `query-status`, `row-start`, `row-stop`, `query-row`, and for migration
+//! `migrate-start`, `query-migrate`, `migrate-finish`, `migrate-cancel`, `migrate-complete`.
+//! Events: `ROW_STARTED`, `ROW_MERGE_STARTED`, `ROW_MERGE_PROGRESS` (at most every 500 ms),
+//! `ROW_STOPPED`, `MIGRATION_STATE`, `MIGRATION_ROUND_STARTED`, `MIGRATION_ROUND_COMPLETED`,
+//! `MIGRATION_FAILED`, and on a destination `MIGRATION_INCOMING`.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use migration_stream::{Key, Strategy};
 use qmp_proto::{parse_arguments, CommandError, Event, Handler, HandlerFuture};
+use tokio::sync::watch;
+
+use crate::export::Access;
+use crate::migration::source::{MigrateArgs, Migration, Rollback};
 use row_store::{Disk, Mode, BLOCK_SIZE};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -22,6 +30,12 @@ pub struct Control {
     merge: Mutex<Option<MergeOutcome>>,
     /// Handle to ourselves for background tasks started from `&self` command handlers.
     me: Weak<Control>,
+    /// Pre-shared key for migration sessions, if one was given.
+    key: Option<Arc<Key>>,
+    /// The current or last outgoing migration.
+    migration: tokio::sync::Mutex<Option<Arc<Migration>>>,
+    /// Whether the disk is open or still arriving by migration.
+    access: watch::Receiver<Access>,
 }
 
 /// Outcome of a merge: `None` while it runs.
@@ -55,8 +69,25 @@ fn generic(e: impl std::fmt::Display) -> CommandError {
 
 impl Control {
     /// A controller for `disk`, exported as `export`.
-    pub fn new(disk: Arc<Disk>, export: String, hot_threshold: u32, events: broadcast::Sender<Event>) -> Arc<Self> {
-        Arc::new_cyclic(|me| Self { disk, export, hot_threshold, events, merge: Mutex::new(None), me: me.clone() })
+    pub fn new(
+        disk: Arc<Disk>,
+        export: String,
+        hot_threshold: u32,
+        events: broadcast::Sender<Event>,
+        key: Option<Arc<Key>>,
+        access: watch::Receiver<Access>,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            disk,
+            export,
+            hot_threshold,
+            events,
+            merge: Mutex::new(None),
+            me: me.clone(),
+            key,
+            migration: tokio::sync::Mutex::new(None),
+            access,
+        })
     }
 
     fn emit(&self, name: &str, data: Value) {
@@ -75,6 +106,8 @@ impl Control {
             "reserved-bytes": s.reserved_bytes,
             "reserved-allocated": s.reserved_allocated,
             "block-size": BLOCK_SIZE,
+            "incoming": *self.access.borrow() == Access::Incoming,
+            "writes-refused": self.disk.writes_refused(),
         })
     }
 
@@ -154,6 +187,81 @@ impl Control {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct MigrateStartArgs {
+    uri: String,
+    #[serde(default = "default_strategy")]
+    strategy: String,
+    rounds: Option<u32>,
+    hot_threshold: Option<u32>,
+    max_bandwidth: Option<u64>,
+    #[serde(default = "yes")]
+    compress: bool,
+}
+
+fn default_strategy() -> String {
+    "row".into()
+}
+
+impl Control {
+    async fn migrate_start(&self, args: MigrateStartArgs) -> Result<Value, CommandError> {
+        let key = self.key.clone().ok_or_else(|| generic("no --auth-key-file was given to this server"))?;
+        let strategy: Strategy = args.strategy.parse().map_err(generic)?;
+        let mut slot = self.migration.lock().await;
+        if let Some(m) = slot.as_ref().filter(|m| !m.is_over()) {
+            return Err(generic(format!("a migration is already {}", serde_json::to_value(m.status().phase).unwrap_or_default())));
+        }
+        if *self.access.borrow() == Access::Incoming {
+            return Err(generic("this disk is still arriving by migration"));
+        }
+        // A merge left by a cancelled or failed migration must end first.
+        if self.disk.mode() == Mode::Merging {
+            let this = self.me.upgrade().ok_or_else(|| generic("shutting down"))?;
+            let mut rx = tokio::task::spawn_blocking(move || this.start_merge()).await.map_err(generic)??;
+            let outcome = rx.wait_for(|o| o.is_some()).await.map_err(generic)?.clone();
+            outcome.expect("waited for Some").map_err(generic)?;
+        }
+        if strategy == Strategy::Bitmap && self.disk.mode() != Mode::Direct {
+            return Err(generic("the bitmap strategy needs the disk in direct mode (ROW is on)"));
+        }
+        let default_rounds = 3;
+        let margs = MigrateArgs {
+            uri: args.uri,
+            strategy,
+            rounds: args.rounds.unwrap_or(default_rounds).max(2),
+            hot_threshold: args.hot_threshold.unwrap_or(self.hot_threshold),
+            max_bandwidth: args.max_bandwidth,
+            compress: args.compress,
+        };
+        let me = self.me.clone();
+        let rollback: Rollback = Box::new(move |strategy| {
+            let Some(this) = me.upgrade() else { return };
+            match strategy {
+                Strategy::Row => {
+                    if matches!(this.disk.mode(), Mode::Row | Mode::Merging) {
+                        if let Err(e) = this.start_merge() {
+                            tracing::error!("merging the overlay back failed to start: {}", e.desc);
+                        }
+                    }
+                }
+                Strategy::Bitmap => {
+                    let _ = this.disk.set_tracking(false);
+                }
+            }
+        });
+        let migration = Migration::start(self.disk.clone(), margs, key, self.events.clone(), rollback)
+            .await
+            .map_err(|e| generic(format!("{e:#}")))?;
+        *slot = Some(migration);
+        Ok(json!({}))
+    }
+
+    async fn current_migration(&self) -> Result<Arc<Migration>, CommandError> {
+        self.migration.lock().await.clone().ok_or_else(|| generic("no migration has been started"))
+    }
+}
+
 impl Handler for Control {
     fn handle<'a>(&'a self, command: &'a str, arguments: Map<String, Value>) -> HandlerFuture<'a> {
         Box::pin(async move {
@@ -174,6 +282,28 @@ impl Handler for Control {
                     let args: RowStopArgs = parse_arguments(arguments)?;
                     let this = self.me.upgrade().ok_or_else(|| generic("shutting down"))?;
                     this.row_stop(args).await
+                }
+                "migrate-start" => self.migrate_start(parse_arguments(arguments)?).await,
+                "query-migrate" => {
+                    parse_arguments::<NoArgs>(arguments)?;
+                    match self.migration.lock().await.as_ref() {
+                        Some(m) => Ok(m.status().to_json()),
+                        None => Ok(json!({ "phase": "none" })),
+                    }
+                }
+                "migrate-finish" => {
+                    parse_arguments::<NoArgs>(arguments)?;
+                    self.current_migration().await?.finish().await.map_err(generic)
+                }
+                "migrate-cancel" => {
+                    parse_arguments::<NoArgs>(arguments)?;
+                    self.current_migration().await?.cancel().await.map_err(generic)?;
+                    Ok(json!({}))
+                }
+                "migrate-complete" => {
+                    parse_arguments::<NoArgs>(arguments)?;
+                    self.current_migration().await?.complete().await.map_err(generic)?;
+                    Ok(json!({}))
                 }
                 other => Err(CommandError::command_not_found(other)),
             }

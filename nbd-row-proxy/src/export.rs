@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use nbd_proto::consts::*;
 use row_store::{Disk, Extent, Mode};
+use tokio::sync::watch;
 
 /// Smallest request granularity advertised (and enforced for clients that asked for it).
 pub const MIN_BLOCK_SIZE: u32 = 512;
@@ -17,6 +18,15 @@ pub const PREFERRED_BLOCK_SIZE: u32 = 4096;
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 /// Suffix of the frozen-base export's name.
 pub const BASE_SUFFIX: &str = "@base";
+
+/// Whether the disk may be used yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Ordinary service.
+    Open,
+    /// A migration to this host has not committed yet: reads wait, writes are refused.
+    Incoming,
+}
 
 /// Which view of the disk an export shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +53,8 @@ pub struct Export {
     pub view: View,
     /// Whether writes are refused.
     pub read_only: bool,
+    /// Whether the disk may be used yet (see [`Access`]).
+    pub access: watch::Receiver<Access>,
 }
 
 fn base_gone() -> io::Error {
@@ -133,21 +145,21 @@ impl Export {
 pub struct Catalog {
     name: String,
     disk: Arc<Disk>,
-    read_only: bool,
     live: Arc<Export>,
 }
 
 impl Catalog {
     /// A catalog for one disk exported as `name`.
-    pub fn new(name: String, disk: Arc<Disk>, read_only: bool) -> Self {
+    pub fn new(name: String, disk: Arc<Disk>, read_only: bool, access: watch::Receiver<Access>) -> Self {
         let live = Arc::new(Export {
             name: name.clone(),
             description: format!("{} ({} bytes)", disk.image_path().display(), disk.size()),
             disk: disk.clone(),
             view: View::Live,
             read_only,
+            access,
         });
-        Self { name, disk, read_only, live }
+        Self { name, disk, live }
     }
 
     /// The live export.
@@ -165,6 +177,7 @@ impl Catalog {
                 disk: self.disk.clone(),
                 view: View::Base { epoch: status.epoch },
                 read_only: true,
+                access: self.live.access.clone(),
             })
         })
     }
@@ -182,7 +195,6 @@ impl Catalog {
 
     /// Every export available now, live first.
     pub fn all(&self) -> Vec<Arc<Export>> {
-        let _ = self.read_only;
         std::iter::once(self.live.clone()).chain(self.base()).collect()
     }
 }

@@ -3,6 +3,7 @@
 mod connection;
 mod control;
 mod export;
+mod migration;
 mod negotiation;
 mod server;
 mod transmission;
@@ -15,7 +16,7 @@ use clap::{Parser, Subcommand};
 
 use row_store::{Disk, DiskOptions};
 
-use crate::export::Catalog;
+use crate::export::{Access, Catalog};
 
 #[derive(Debug, Parser)]
 #[command(name = "nbd-row-proxy", version, about = "NBD server for live migration of a VM with its local disk")]
@@ -28,6 +29,18 @@ struct Cli {
 enum Cmd {
     /// Serve a raw image over NBD.
     Serve(ServeArgs),
+    /// Receive a disk by migration, serving it over NBD from the start (reads wait for the
+    /// commit); afterwards an ordinary `serve` of the image.
+    Receive(ReceiveArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ReceiveArgs {
+    /// TCP address to accept the migration on, e.g. 0.0.0.0:10810.
+    #[arg(long)]
+    listen: String,
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -56,6 +69,9 @@ struct ServeArgs {
     /// Blocks written at least this many times count as hot (high-frequency).
     #[arg(long, default_value_t = 2)]
     hot_threshold: u32,
+    /// Pre-shared key (a file, mode 0600, at least 16 bytes) that authenticates migrations.
+    #[arg(long)]
+    auth_key_file: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -79,19 +95,31 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    match cli.command {
-        Cmd::Serve(args) => {
+    let (args, incoming) = match cli.command {
+        Cmd::Serve(args) => (args, None),
+        Cmd::Receive(r) => (r.serve, Some(r.listen)),
+    };
+    {
+        {
             let options = DiskOptions { reserved: args.reserved, read_only: args.read_only };
             let disk = Disk::open(&args.image, options)
                 .with_context(|| format!("opening disk {}", args.image.display()))?;
-            let catalog = Catalog::new(args.export, Arc::new(disk), args.read_only);
+            let key = match &args.auth_key_file {
+                Some(path) => Some(Arc::new(migration_stream::Key::from_file(path).with_context(|| format!("reading key {}", path.display()))?)),
+                None => None,
+            };
+            let initial = if incoming.is_some() { Access::Incoming } else { Access::Open };
+            let (access, access_rx) = tokio::sync::watch::channel(initial);
+            let catalog = Catalog::new(args.export, Arc::new(disk), args.read_only, access_rx);
             let listen = server::Listen {
                 socket: args.socket,
                 tcp: args.tcp,
                 control: args.control,
                 hot_threshold: args.hot_threshold,
+                key,
+                incoming,
             };
-            let result = runtime.block_on(server::run(catalog, listen));
+            let result = runtime.block_on(server::run(catalog, listen, access));
             // A merge still running on the blocking pool is resumable: do not wait for it.
             runtime.shutdown_timeout(std::time::Duration::from_secs(2));
             result

@@ -204,7 +204,8 @@ mod tests {
         let path = dir.path().join("d.raw");
         File::create(&path).unwrap().set_len(1 << 20).unwrap();
         let disk = Arc::new(row_store::Disk::open(&path, row_store::DiskOptions::default()).unwrap());
-        (dir, Catalog::new("vm1".into(), disk, false))
+        let (_tx, access) = tokio::sync::watch::channel(crate::export::Access::Open);
+        (dir, Catalog::new("vm1".into(), disk, false, access))
     }
 
     fn replies(mut bytes: &[u8]) -> Vec<OptionReply> {

@@ -13,7 +13,8 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinSet;
 
 use crate::control::Control;
-use crate::export::Catalog;
+use crate::export::{Access, Catalog};
+use migration_stream::Key;
 
 /// How long in-flight requests may take to finish after SIGTERM.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -29,6 +30,10 @@ pub struct Listen {
     pub control: Option<PathBuf>,
     /// Default write-count threshold of the hot/cold split.
     pub hot_threshold: u32,
+    /// Pre-shared key for migration sessions.
+    pub key: Option<Arc<Key>>,
+    /// `receive`: accept an incoming migration on this TCP address.
+    pub incoming: Option<String>,
 }
 
 /// Binds a Unix socket, replacing a stale socket file but never a live one.
@@ -43,7 +48,7 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
 }
 
 /// Serves the catalog until SIGTERM or SIGINT, then drains connections and flushes.
-pub async fn run(catalog: Catalog, listen: Listen) -> Result<()> {
+pub async fn run(catalog: Catalog, listen: Listen, access: watch::Sender<Access>) -> Result<()> {
     let unix = bind_unix(&listen.socket)?;
     let tcp = match &listen.tcp {
         Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?),
@@ -62,7 +67,20 @@ pub async fn run(catalog: Catalog, listen: Listen) -> Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (events, _) = broadcast::channel(1024);
     let disk = Arc::clone(&catalog.live().disk);
-    let control = Control::new(disk.clone(), catalog.live().name.clone(), listen.hot_threshold, events.clone());
+    let control = Control::new(
+        disk.clone(),
+        catalog.live().name.clone(),
+        listen.hot_threshold,
+        events.clone(),
+        listen.key.clone(),
+        access.subscribe(),
+    );
+    if let Some(addr) = &listen.incoming {
+        let key = listen.key.clone().context("receive needs --auth-key-file")?;
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding migration listener {addr}"))?;
+        tracing::info!(listen = %addr, "waiting for an incoming migration");
+        tokio::spawn(crate::migration::dest::receive(disk.clone(), listener, key, access.clone(), events.clone(), shutdown_rx.clone()));
+    }
     let mut control_task = None;
     if let Some(path) = &listen.control {
         let listener = qmp_proto::bind_control_socket(path).with_context(|| format!("binding control socket {}", path.display()))?;

@@ -116,7 +116,10 @@ pub fn errno_of(e: &io::Error) -> u32 {
         Some(libc::EINVAL) => NBD_EINVAL,
         Some(libc::EOVERFLOW) => NBD_EOVERFLOW,
         Some(libc::ENOTSUP) => NBD_ENOTSUP,
-        _ => NBD_EIO,
+        Some(_) => NBD_EIO,
+        // Errors made by the store itself (not by a syscall) carry only a kind.
+        None if e.kind() == io::ErrorKind::PermissionDenied => NBD_EPERM,
+        None => NBD_EIO,
     }
 }
 

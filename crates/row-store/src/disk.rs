@@ -80,6 +80,14 @@ struct Overlay {
     mode: Mode,
     reserved: Option<Arc<Image>>,
     epoch: u64,
+    /// Why writes are refused right now (the disk was handed to another host), if they are.
+    writes_refused: Option<&'static str>,
+    /// Direct-mode dirty tracking (the bitmap migration strategy) is on.
+    tracking: bool,
+}
+
+fn refused(why: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, why)
 }
 
 /// A disk image with an optional redirect-on-write overlay.
@@ -154,7 +162,13 @@ impl Disk {
             reserved_path,
             journal_path,
             read_only: opts.read_only,
-            gate: RwLock::new(Overlay { mode, reserved, epoch: u64::from(mode != Mode::Direct) }),
+            gate: RwLock::new(Overlay {
+                mode,
+                reserved,
+                epoch: u64::from(mode != Mode::Direct),
+                writes_refused: None,
+                tracking: false,
+            }),
             table: Mutex::new(table),
             journal: Mutex::new(journal),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -295,6 +309,9 @@ impl Disk {
             return Ok(());
         }
         let g = self.gate();
+        if let Some(why) = g.writes_refused {
+            return Err(refused(why));
+        }
         match (&g.reserved, g.mode) {
             (Some(reserved), Mode::Row) => {
                 self.row_write(reserved, buf, offset)?;
@@ -312,7 +329,19 @@ impl Disk {
                 }
                 Ok(())
             }
-            _ => self.image.write_at(buf, offset, fua),
+            _ => {
+                self.image.write_at(buf, offset, fua)?;
+                self.track(&g, offset, buf.len() as u64);
+                Ok(())
+            }
+        }
+    }
+
+    /// Records a direct-mode write for dirty tracking.
+    fn track(&self, g: &Overlay, offset: u64, len: u64) {
+        if g.tracking && len > 0 {
+            let (fb, lb) = self.block_range(offset, len);
+            lock(&self.table).record_write(fb..=lb);
         }
     }
 
@@ -380,6 +409,9 @@ impl Disk {
             return Ok(());
         }
         let g = self.gate();
+        if let Some(why) = g.writes_refused {
+            return Err(refused(why));
+        }
         match (&g.reserved, g.mode) {
             (Some(reserved), Mode::Row) => {
                 self.row_zero(reserved, offset, len, may_punch, fast_only)?;
@@ -397,6 +429,7 @@ impl Disk {
             }
             _ => {
                 self.image.write_zeroes(offset, len, may_punch, fast_only)?;
+                self.track(&g, offset, len);
                 if fua {
                     self.image.flush()?;
                 }
@@ -435,6 +468,9 @@ impl Disk {
             return Ok(());
         }
         let g = self.gate();
+        if let Some(why) = g.writes_refused {
+            return Err(refused(why));
+        }
         match (&g.reserved, g.mode) {
             (Some(_), Mode::Row | Mode::Merging) => {
                 drop(g);
@@ -442,6 +478,7 @@ impl Disk {
             }
             _ => {
                 self.image.trim(offset, len)?;
+                self.track(&g, offset, len);
                 if fua {
                     self.image.flush()?;
                 }
@@ -671,6 +708,42 @@ impl Disk {
     pub fn row_stop(&self, progress: impl FnMut(MergeProgress)) -> Result<(), StoreError> {
         self.begin_merge()?;
         self.merge(None, progress).map(|_| ())
+    }
+
+    /// Refuses (with `EPERM` and the reason) or allows writes. Returns once no write is in
+    /// flight, so a caller that refuses writes knows the disk no longer changes.
+    pub fn set_writes_refused(&self, why: Option<&'static str>) {
+        self.gate.write().unwrap_or_else(|e| e.into_inner()).writes_refused = why;
+    }
+
+    /// Why writes are refused, if they are.
+    pub fn writes_refused(&self) -> Option<&'static str> {
+        self.gate().writes_refused
+    }
+
+    /// Turns direct-mode dirty tracking on (fresh statistics) or off. With it on, every write
+    /// records its blocks' generation and count, as a dirty bitmap would; the bitmap migration
+    /// strategy uses it.
+    pub fn set_tracking(&self, on: bool) -> Result<(), StoreError> {
+        let mut g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        if on && g.mode != Mode::Direct {
+            return Err(StoreError::Mode(format!("dirty tracking needs direct mode, not {}", g.mode.as_str())));
+        }
+        if g.mode == Mode::Direct {
+            *lock(&self.table) = if on { Table::tracker() } else { Table::default() };
+        }
+        g.tracking = on;
+        Ok(())
+    }
+
+    /// Replaces the image's content: truncates it to `size` bytes of zeroes (a sparse file).
+    /// Used by a migration destination before the first round; only in direct mode.
+    pub fn reset_image(&self) -> Result<(), StoreError> {
+        let g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        if g.mode != Mode::Direct {
+            return Err(StoreError::Mode(format!("cannot reset an image in {} mode", g.mode.as_str())));
+        }
+        self.image.reset().map_err(io("resetting image", self.image.path()))
     }
 
     /// Mode and overlay counters.

@@ -49,6 +49,13 @@ impl Image {
         &self.path
     }
 
+    /// Drops all content: the file becomes `size` bytes of hole. Not for block devices.
+    pub fn reset(&self) -> io::Result<()> {
+        self.file.set_len(0)?;
+        self.file.set_len(self.size)?;
+        self.file.sync_all()
+    }
+
     /// Bytes the file occupies on disk (less than its size when sparse).
     pub fn allocated_bytes(&self) -> io::Result<u64> {
         use std::os::unix::fs::MetadataExt;

@@ -25,9 +25,16 @@ pub struct Table {
     generation: u64,
     pending_map: Vec<u64>,
     pending_unmap: Vec<u64>,
+    /// A dirty tracker: nothing is journaled, so nothing is kept for it.
+    untracked: bool,
 }
 
 impl Table {
+    /// A table that only counts writes (dirty tracking in direct mode), with no journal.
+    pub fn tracker() -> Self {
+        Self { untracked: true, ..Self::default() }
+    }
+
     /// A table recovered from the journal: statistics restart at one write, generation 0.
     pub fn recovered(mapped: impl IntoIterator<Item = u64>) -> Self {
         let blocks = mapped.into_iter().map(|b| (b, BlockStat { writes: 1, generation: 0 })).collect();
@@ -56,7 +63,9 @@ impl Table {
         let generation = self.generation;
         for b in range {
             let stat = self.blocks.entry(b).or_insert_with(|| {
-                self.pending_map.push(b);
+                if !self.untracked {
+                    self.pending_map.push(b);
+                }
                 BlockStat::default()
             });
             stat.writes = stat.writes.saturating_add(1);
