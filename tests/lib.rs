@@ -155,9 +155,14 @@ pub struct Server {
 impl Server {
     /// Starts `nbd-row-proxy serve --image IMAGE --socket DIR/nbd.sock EXTRA...`.
     pub fn start(dir: &Path, image: &Path, extra: &[&str]) -> Self {
+        Self::start_with(dir, "serve", image, extra)
+    }
+
+    /// Like [`Server::start`] with another subcommand (`receive`).
+    pub fn start_with(dir: &Path, subcommand: &str, image: &Path, extra: &[&str]) -> Self {
         let socket = dir.join("nbd.sock");
         let mut cmd = Command::new(bin("nbd-row-proxy"));
-        cmd.arg("serve").arg("--image").arg(image).arg("--socket").arg(&socket).args(extra);
+        cmd.arg(subcommand).arg("--image").arg(image).arg("--socket").arg(&socket).args(extra);
         cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
         let proc = Proc::spawn("nbd-row-proxy", &mut cmd, &dir.join("server.log"));
         wait_for_socket(&socket, Duration::from_secs(10));

@@ -225,11 +225,16 @@ impl Control {
         if strategy == Strategy::Bitmap && self.disk.mode() != Mode::Direct {
             return Err(generic("the bitmap strategy needs the disk in direct mode (ROW is on)"));
         }
-        let default_rounds = 3;
+        // Pre-copy rounds before the final one: the paper's ROW does two (base, cold updates);
+        // its block-bitmap baseline three (the whole disk, then twice what was dirtied).
+        let default_rounds = match strategy {
+            Strategy::Row => 2,
+            Strategy::Bitmap => 3,
+        };
         let margs = MigrateArgs {
             uri: args.uri,
             strategy,
-            rounds: args.rounds.unwrap_or(default_rounds).max(2),
+            rounds: args.rounds.unwrap_or(default_rounds).max(1),
             hot_threshold: args.hot_threshold.unwrap_or(self.hot_threshold),
             max_bandwidth: args.max_bandwidth,
             compress: args.compress,

@@ -101,7 +101,11 @@ fn run(cli: Cli) -> Result<()> {
     };
     {
         {
-            let options = DiskOptions { reserved: args.reserved, read_only: args.read_only };
+            let options = DiskOptions {
+                reserved: args.reserved,
+                read_only: args.read_only,
+                discard_overlay: incoming.is_some(),
+            };
             let disk = Disk::open(&args.image, options)
                 .with_context(|| format!("opening disk {}", args.image.display()))?;
             let key = match &args.auth_key_file {

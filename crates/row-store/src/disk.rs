@@ -47,6 +47,9 @@ pub struct DiskOptions {
     pub reserved: Option<PathBuf>,
     /// Open the image read-only (ROW cannot start then).
     pub read_only: bool,
+    /// Delete an overlay left by an earlier run instead of recovering it. A migration
+    /// destination overwrites the whole image, so an old overlay is obsolete there.
+    pub discard_overlay: bool,
 }
 
 /// A snapshot of the overlay for `query-status` / `query-row`.
@@ -125,6 +128,17 @@ impl Disk {
         let reserved_path = opts.reserved.clone().unwrap_or_else(|| suffixed(image_path, ".row"));
         let journal_path = suffixed(&reserved_path, ".map");
         let size = image.size();
+        if opts.discard_overlay && journal_path.exists() {
+            tracing::warn!(journal = %journal_path.display(), "discarding an old ROW overlay: this image is about to be overwritten");
+            for path in [&journal_path, &reserved_path] {
+                match std::fs::remove_file(path) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(StoreError::Io { what: "removing old overlay", path: path.clone(), source: e })
+                    }
+                    _ => {}
+                }
+            }
+        }
         let (mode, reserved, table, journal) = if journal_path.exists() {
             let (journal, replayed) = Journal::open(&journal_path, BLOCK_SIZE as u32, size)?;
             if opts.read_only {

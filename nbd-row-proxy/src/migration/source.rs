@@ -40,7 +40,7 @@ pub struct MigrateArgs {
     pub uri: String,
     /// Which method.
     pub strategy: Strategy,
-    /// Pre-copy rounds before the final one (bitmap: default 3 in total with the final).
+    /// Pre-copy rounds before the final one, round 1 included (row: at least 2).
     pub rounds: u32,
     /// Blocks written at least this often are hot (row only).
     pub hot_threshold: u32,
@@ -357,8 +357,8 @@ impl Migration {
         let precopy = async {
             self.round_base(disk, &mut plan, args, out).await?;
             let extra = match args.strategy {
-                Strategy::Row => args.rounds.saturating_sub(2).max(1),
-                Strategy::Bitmap => args.rounds.saturating_sub(2),
+                Strategy::Row => args.rounds.saturating_sub(1).max(1),
+                Strategy::Bitmap => args.rounds.saturating_sub(1),
             };
             for _ in 0..extra {
                 self.round_update(disk, &mut plan, args, out).await?;
