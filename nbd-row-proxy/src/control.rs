@@ -59,6 +59,23 @@ struct QueryRowArgs {
 #[serde(deny_unknown_fields)]
 struct NoArgs {}
 
+/// Digest of the disk as the guest sees it: SHA-256 over its bytes, so two hosts can check
+/// they hold the same disk before a switchover.
+fn disk_digest(disk: &Disk) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    let mut buf = Vec::with_capacity(4 << 20);
+    let mut pos = 0u64;
+    while pos < disk.size() {
+        let n = (disk.size() - pos).min(4 << 20) as usize;
+        buf.clear();
+        disk.read_append(&mut buf, n, pos)?;
+        hasher.update(&buf);
+        pos += n as u64;
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
 fn yes() -> bool {
     true
 }
@@ -287,6 +304,13 @@ impl Handler for Control {
                     let args: RowStopArgs = parse_arguments(arguments)?;
                     let this = self.me.upgrade().ok_or_else(|| generic("shutting down"))?;
                     this.row_stop(args).await
+                }
+                "query-digest" => {
+                    parse_arguments::<NoArgs>(arguments)?;
+                    let disk = self.disk.clone();
+                    let started = Instant::now();
+                    let digest = tokio::task::spawn_blocking(move || disk_digest(&disk)).await.map_err(generic)?.map_err(generic)?;
+                    Ok(json!({ "sha256": digest, "size": self.disk.size(), "seconds": started.elapsed().as_secs_f64() }))
                 }
                 "migrate-start" => self.migrate_start(parse_arguments(arguments)?).await,
                 "query-migrate" => {
