@@ -459,3 +459,237 @@ pub fn wait_for_log(proc: &mut Proc, needle: &str, timeout: Duration) -> String 
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The harness shared by the migration tests: two proxies (a `serve` source and a `receive`
+/// destination) with control sockets, a writer that keeps writing through NBD while it models
+/// the disk, and helpers to wait for phases and read a whole disk back.
+pub mod migration {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::thread::JoinHandle;
+    use std::time::{Duration, Instant};
+
+    use nbd_proto::Command as Cmd;
+    use serde_json::{json, Value};
+
+    use super::*;
+
+    /// Disk size used by the migration tests.
+    pub const SIZE: usize = 32 << 20;
+    /// The proxy's block size.
+    pub const BS: usize = 4096;
+
+    /// One proxy with its control socket.
+    pub struct Host {
+        /// The process and its NBD socket.
+        pub server: Server,
+        /// Its control socket.
+        pub control: PathBuf,
+        /// Its image.
+        pub image: PathBuf,
+    }
+
+    impl Host {
+        /// A new control connection.
+        pub fn ctl(&self) -> ControlClient {
+            ControlClient::connect(&self.control)
+        }
+    }
+
+    /// Writes `DIR/key` with mode 0600.
+    pub fn key_file(dir: &Path, content: &str) -> PathBuf {
+        let path = dir.join("key");
+        std::fs::write(&path, content).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    }
+
+    /// A loopback TCP port that was free a moment ago.
+    pub fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    /// `nbd-row-proxy serve` of `image` in `dir` with a control socket and a key.
+    pub fn source(dir: &Path, image: &Path, key: &Path) -> Host {
+        let control = dir.join("control.sock");
+        let server =
+            Server::start(dir, image, &["--control", control.to_str().unwrap(), "--auth-key-file", key.to_str().unwrap()]);
+        wait_for_socket(&control, Duration::from_secs(10));
+        Host { server, control, image: image.to_path_buf() }
+    }
+
+    /// `nbd-row-proxy receive` into `image`, listening on 127.0.0.1:`port`.
+    pub fn destination(dir: &Path, image: &Path, key: &Path, port: u16) -> Host {
+        let control = dir.join("control.sock");
+        let listen = format!("127.0.0.1:{port}");
+        let server = Server::start_with(
+            dir,
+            "receive",
+            image,
+            &["--control", control.to_str().unwrap(), "--auth-key-file", key.to_str().unwrap(), "--listen", &listen],
+        );
+        wait_for_socket(&control, Duration::from_secs(10));
+        Host { server, control, image: image.to_path_buf() }
+    }
+
+    /// A fresh directory with a source image: random data with a hole in the middle.
+    pub fn source_image(dir: &Path, seed: u64) -> (PathBuf, Vec<u8>) {
+        let image = dir.join("disk.raw");
+        let mut data = random_bytes(seed, SIZE);
+        data[8 << 20..12 << 20].fill(0);
+        std::fs::write(&image, &data).unwrap();
+        // Punch the zero range so the base has a real hole.
+        punch_hole(&image, 8 << 20, 4 << 20);
+        (image, data)
+    }
+
+    /// Deallocates a range of a file.
+    pub fn punch_hole(path: &Path, offset: u64, len: u64) {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        // SAFETY: fallocate on a file we own.
+        let r = unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        assert_eq!(r, 0, "punching a hole in {}: {}", path.display(), std::io::Error::last_os_error());
+    }
+
+    /// A writer that keeps writing through NBD and remembers what the disk must hold.
+    pub struct Writer {
+        stop: Arc<AtomicBool>,
+        handle: JoinHandle<(Vec<u8>, u64)>,
+    }
+
+    /// Hot-set share of writes (percent), and how many hot blocks.
+    pub const HOT_SHARE: u64 = 85;
+    const HOT_BLOCKS: u64 = 64;
+
+    impl Writer {
+        /// Starts writing to `socket` at about `rate` requests per second (0 = flat out): 4 KiB
+        /// writes mostly to a small hot set, the rest uniform, some partial blocks, trims and zeroes.
+        pub fn start(socket: &Path, model: Vec<u8>, seed: u64, rate: u64) -> Self {
+            Self::start_with(socket, model, seed, rate, HOT_SHARE)
+        }
+
+        /// Like [`Writer::start`] with `hot_share` percent of the writes to the hot set
+        /// (0: uniform over the disk, so nearly every write hits a block not written before).
+        pub fn start_with(socket: &Path, model: Vec<u8>, seed: u64, rate: u64, hot_share: u64) -> Self {
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            let socket = socket.to_path_buf();
+            let handle = std::thread::spawn(move || {
+                let mut c = RawClient::connect(&socket, "", true).unwrap();
+                let mut model = model;
+                let mut x = seed | 1;
+                let mut next = move |n: u64| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x % n
+                };
+                let blocks = (SIZE / BS) as u64;
+                let started = Instant::now();
+                let mut n = 0u64;
+                while !flag.load(Ordering::Relaxed) {
+                    if rate > 0 {
+                        let due = started + Duration::from_secs_f64(n as f64 / rate as f64);
+                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
+                    let block = if next(100) < hot_share { 1000 + next(HOT_BLOCKS) * 7 } else { next(blocks) };
+                    let off = block as usize * BS;
+                    let r = next(100);
+                    let reply = if r < 80 {
+                        let data = random_bytes(next(u64::MAX), BS);
+                        let reply = c.call(request(Cmd::Write, n, off as u64, BS as u32), &data).unwrap();
+                        model[off..off + BS].copy_from_slice(&data);
+                        reply
+                    } else if r < 90 {
+                        let sector = next(7) as usize;
+                        let len = 512 * (1 + next(7 - sector as u64) as usize);
+                        let data = random_bytes(next(u64::MAX), len);
+                        let start = off + sector * 512;
+                        let reply = c.call(request(Cmd::Write, n, start as u64, len as u32), &data).unwrap();
+                        model[start..start + len].copy_from_slice(&data);
+                        reply
+                    } else if r < 95 {
+                        let len = (2 * BS).min(SIZE - off);
+                        let reply = c.call(request(Cmd::WriteZeroes, n, off as u64, len as u32), &[]).unwrap();
+                        model[off..off + len].fill(0);
+                        reply
+                    } else {
+                        let reply = c.call(request(Cmd::Trim, n, off as u64, BS as u32), &[]).unwrap();
+                        // A trim may leave the old data or zeroes: learn which.
+                        let back = c.call(request(Cmd::Read, n, off as u64, BS as u32), &[]).unwrap();
+                        model[off..off + BS].copy_from_slice(&back.data);
+                        reply
+                    };
+                    assert_eq!(reply.error, 0, "write {n} failed");
+                    n += 1;
+                }
+                (model, n)
+            });
+            Self { stop, handle }
+        }
+
+        /// Stops (as a VM pausing does) and returns the expected disk and the request count.
+        pub fn stop(self) -> (Vec<u8>, u64) {
+            self.stop.store(true, Ordering::Relaxed);
+            self.handle.join().unwrap()
+        }
+    }
+
+    /// Polls `query-migrate` until the phase is `want`; panics on `failed` or after `timeout`.
+    pub fn wait_phase(ctl: &mut ControlClient, want: &str, timeout: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            let status = ctl.ok("query-migrate", json!({}));
+            if status["phase"] == want {
+                return status;
+            }
+            assert!(status["phase"] != "failed", "migration failed: {status}");
+            assert!(start.elapsed() < timeout, "phase {want} not reached within {timeout:?}: {status}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The whole disk read through the server's NBD socket.
+    pub fn read_all(server: &Server) -> Vec<u8> {
+        let mut c = RawClient::connect(&server.socket, "", true).unwrap();
+        let mut out = Vec::with_capacity(SIZE);
+        for (i, off) in (0..SIZE).step_by(4 << 20).enumerate() {
+            let r = c.call(request(Cmd::Read, i as u64, off as u64, 4 << 20), &[]).unwrap();
+            assert_eq!(r.error, 0);
+            out.extend_from_slice(&r.data);
+        }
+        out
+    }
+
+    /// Migrates with a writer running during the rounds; returns the final status and the
+    /// disk as the writer left it.
+    pub fn migrate_under_load(src: &Host, dst_port: u16, strategy: &str, start_model: Vec<u8>, seed: u64) -> (Value, Vec<u8>) {
+        let writer = Writer::start(&src.server.socket, start_model, seed, 1500);
+        std::thread::sleep(Duration::from_millis(300));
+        let mut ctl = src.ctl();
+        ctl.ok(
+            "migrate-start",
+            json!({"uri": format!("tcp:127.0.0.1:{dst_port}"), "strategy": strategy, "max-bandwidth": 40 << 20}),
+        );
+        wait_phase(&mut ctl, "ready", Duration::from_secs(120));
+        // Keep writing a little while pre-copy is done, as a VM would until it pauses.
+        std::thread::sleep(Duration::from_millis(300));
+        let (model, writes) = writer.stop();
+        assert!(writes > 200, "the writer should have been busy during the rounds ({writes} writes)");
+        let finished = ctl.ok("migrate-finish", json!({}));
+        assert_eq!(finished["phase"], "completed", "{finished}");
+        (finished, model)
+    }
+}
