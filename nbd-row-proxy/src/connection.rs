@@ -16,8 +16,6 @@ use crate::export::{Access, Catalog};
 use crate::negotiation::{Negotiation, Session, Step};
 use crate::transmission::{error_reply, execute, runs_inline, validate};
 
-/// How long a read on a disk still being migrated here waits for the commit.
-const COMMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 /// Replies queued for the writer; bounds memory when a client stops reading.
 const REPLY_QUEUE: usize = 256;
 /// Most replies gathered into one vectored write.
@@ -220,7 +218,10 @@ async fn transmission<R: AsyncRead + Unpin>(
             Command::Read => stats.bytes_read += req.length as u64,
             _ => {}
         }
-        if *session.export.access.borrow() == Access::Incoming {
+        // FLUSH and CACHE have nothing to wait for (QEMU flushes when it inactivates the
+        // drives of an incoming VM, before any migration has arrived).
+        let waits = !matches!(req.command, Command::Flush | Command::Cache);
+        if waits && *session.export.access.borrow() == Access::Incoming {
             if matches!(req.command, Command::Write | Command::Trim | Command::WriteZeroes) {
                 let reply = error_reply(session, req.cookie, NBD_EPERM, "the disk is still being migrated to this host");
                 if tx.send(reply).await.is_err() {
@@ -233,14 +234,14 @@ async fn transmission<R: AsyncRead + Unpin>(
             tokio::spawn(async move {
                 let mut access = session.export.access.clone();
                 let opened =
-                    matches!(tokio::time::timeout(COMMIT_WAIT, access.wait_for(|a| *a == Access::Open)).await, Ok(Ok(_)));
+                    matches!(tokio::time::timeout(session.export.read_wait, access.wait_for(|a| *a == Access::Open)).await, Ok(Ok(_)));
                 let reply = if opened {
                     let s = session.clone();
                     tokio::task::spawn_blocking(move || execute(&s, &req, payload)).await.unwrap_or_else(|_| {
                         error_reply(&session, req.cookie, NBD_EIO, "internal error")
                     })
                 } else {
-                    error_reply(&session, req.cookie, NBD_EIO, "timed out waiting for the incoming migration to commit")
+                    error_reply(&session, req.cookie, NBD_EIO, "the disk has not been migrated here yet")
                 };
                 let _ = tx.send(reply).await;
             });

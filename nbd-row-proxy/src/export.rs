@@ -55,6 +55,8 @@ pub struct Export {
     pub read_only: bool,
     /// Whether the disk may be used yet (see [`Access`]).
     pub access: watch::Receiver<Access>,
+    /// How long a read waits for an incoming migration to commit before it fails.
+    pub read_wait: std::time::Duration,
 }
 
 fn base_gone() -> io::Error {
@@ -150,7 +152,13 @@ pub struct Catalog {
 
 impl Catalog {
     /// A catalog for one disk exported as `name`.
-    pub fn new(name: String, disk: Arc<Disk>, read_only: bool, access: watch::Receiver<Access>) -> Self {
+    pub fn new(
+        name: String,
+        disk: Arc<Disk>,
+        read_only: bool,
+        access: watch::Receiver<Access>,
+        read_wait: std::time::Duration,
+    ) -> Self {
         let live = Arc::new(Export {
             name: name.clone(),
             description: format!("{} ({} bytes)", disk.image_path().display(), disk.size()),
@@ -158,6 +166,7 @@ impl Catalog {
             view: View::Live,
             read_only,
             access,
+            read_wait,
         });
         Self { name, disk, live }
     }
@@ -178,6 +187,7 @@ impl Catalog {
                 view: View::Base { epoch: status.epoch },
                 read_only: true,
                 access: self.live.access.clone(),
+                read_wait: self.live.read_wait,
             })
         })
     }

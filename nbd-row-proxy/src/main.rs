@@ -39,6 +39,11 @@ struct ReceiveArgs {
     /// TCP address to accept the migration on, e.g. 0.0.0.0:10810.
     #[arg(long)]
     listen: String,
+    /// How long an NBD read waits for the migration to commit before failing with EIO.
+    /// Keep it short: QEMU reads sector 0 synchronously while it sets up a virtio disk, and
+    /// its monitor is stuck for as long as that read waits.
+    #[arg(long, default_value = "2", value_name = "SECONDS")]
+    read_wait: f64,
     #[command(flatten)]
     serve: ServeArgs,
 }
@@ -95,9 +100,9 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let (args, incoming) = match cli.command {
-        Cmd::Serve(args) => (args, None),
-        Cmd::Receive(r) => (r.serve, Some(r.listen)),
+    let (args, incoming, read_wait) = match cli.command {
+        Cmd::Serve(args) => (args, None, 0.0),
+        Cmd::Receive(r) => (r.serve, Some(r.listen), r.read_wait),
     };
     {
         {
@@ -114,7 +119,8 @@ fn run(cli: Cli) -> Result<()> {
             };
             let initial = if incoming.is_some() { Access::Incoming } else { Access::Open };
             let (access, access_rx) = tokio::sync::watch::channel(initial);
-            let catalog = Catalog::new(args.export, Arc::new(disk), args.read_only, access_rx);
+            let read_wait = std::time::Duration::try_from_secs_f64(read_wait).context("--read-wait")?;
+            let catalog = Catalog::new(args.export, Arc::new(disk), args.read_only, access_rx, read_wait);
             let listen = server::Listen {
                 socket: args.socket,
                 tcp: args.tcp,

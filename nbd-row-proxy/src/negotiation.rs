@@ -205,7 +205,7 @@ mod tests {
         File::create(&path).unwrap().set_len(1 << 20).unwrap();
         let disk = Arc::new(row_store::Disk::open(&path, row_store::DiskOptions::default()).unwrap());
         let (_tx, access) = tokio::sync::watch::channel(crate::export::Access::Open);
-        (dir, Catalog::new("vm1".into(), disk, false, access))
+        (dir, Catalog::new("vm1".into(), disk, false, access, std::time::Duration::ZERO))
     }
 
     fn replies(mut bytes: &[u8]) -> Vec<OptionReply> {

@@ -133,6 +133,7 @@ async fn receive_frames(
     let d = disk.clone();
     tokio::task::spawn_blocking(move || d.reset_image()).await??;
     let mut committed = false;
+    let mut background_sync: Option<tokio::task::JoinHandle<std::io::Result<()>>> = None;
     let size = disk.size();
     loop {
         let Some(msg) = reader.next().await? else {
@@ -161,8 +162,21 @@ async fn receive_frames(
                 tracing::info!(round, ?kind, "round arriving");
                 emit("MIGRATION_INCOMING", json!({ "state": "receiving", "round": round }));
             }
-            Message::RoundEnd { .. } if !committed => {}
+            Message::RoundEnd { .. } if !committed => {
+                // Write back what this round brought while the next one is on its way, so the
+                // commit (which the paused VM waits for) only has the final round left to sync.
+                if background_sync.as_ref().is_none_or(|h| h.is_finished()) {
+                    if let Some(h) = background_sync.take() {
+                        h.await?.context("syncing the image")?;
+                    }
+                    let d = disk.clone();
+                    background_sync = Some(tokio::task::spawn_blocking(move || d.flush()));
+                }
+            }
             Message::Commit if !committed => {
+                if let Some(h) = background_sync.take() {
+                    h.await?.context("syncing the image")?;
+                }
                 let d = disk.clone();
                 tokio::task::spawn_blocking(move || d.flush()).await?.context("syncing the image")?;
                 access.send_replace(Access::Open);

@@ -308,7 +308,14 @@ impl Migration {
                 }
             }
             Err(e) => {
-                let msg = format!("{e:#}");
+                // A broken pipe often hides the destination's own reason, sent just before it
+                // closed: prefer that.
+                let mut msg = format!("{e:#}");
+                if let Ok(Some(Ok(Message::Error { message }))) =
+                    tokio::time::timeout(Duration::from_millis(500), dest_rx.recv()).await
+                {
+                    msg = format!("the destination failed: {message}");
+                }
                 tracing::error!("migration failed: {msg}");
                 let _ = tokio::time::timeout(Duration::from_secs(2), send(&mut out.writer, &Message::Discard { reason: msg.clone() })).await;
                 self.set(|s| s.error = Some(msg.clone()));

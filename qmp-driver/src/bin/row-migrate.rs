@@ -542,9 +542,9 @@ fn print_report(r: &Value) {
         for round in rounds {
             println!(
                 "{:>10}  {:<7} {:>7}   {:>10}   {:>7}   {:>7.2}",
-                round["round"],
+                round["round"].as_u64().unwrap_or(0),
                 round["kind"].as_str().unwrap_or("?"),
-                round["blocks"],
+                round["blocks"].as_u64().unwrap_or(0),
                 mb(&round["logical-bytes"]),
                 mb(&round["wire-bytes"]),
                 round["seconds"].as_f64().unwrap_or(0.0)
