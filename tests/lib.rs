@@ -340,6 +340,19 @@ impl RawClient {
     }
 }
 
+/// The first `size` bytes of a server's default export, read in 4 MiB requests.
+pub fn read_disk(server: &Server, size: usize) -> Vec<u8> {
+    let mut c = RawClient::connect(&server.socket, "", true).unwrap();
+    let mut out = Vec::with_capacity(size);
+    for (i, off) in (0..size).step_by(4 << 20).enumerate() {
+        let len = (size - off).min(4 << 20);
+        let r = c.call(request(nbd_proto::Command::Read, i as u64, off as u64, len as u32), &[]).unwrap();
+        assert_eq!(r.error, 0, "read at {off} failed");
+        out.extend_from_slice(&r.data);
+    }
+    out
+}
+
 /// A request with no flags.
 pub fn request(command: nbd_proto::Command, cookie: u64, offset: u64, length: u32) -> Request {
     Request { flags: 0, command, cookie, offset, length }
@@ -663,14 +676,7 @@ pub mod migration {
 
     /// The whole disk read through the server's NBD socket.
     pub fn read_all(server: &Server) -> Vec<u8> {
-        let mut c = RawClient::connect(&server.socket, "", true).unwrap();
-        let mut out = Vec::with_capacity(SIZE);
-        for (i, off) in (0..SIZE).step_by(4 << 20).enumerate() {
-            let r = c.call(request(Cmd::Read, i as u64, off as u64, 4 << 20), &[]).unwrap();
-            assert_eq!(r.error, 0);
-            out.extend_from_slice(&r.data);
-        }
-        out
+        super::read_disk(server, SIZE)
     }
 
     /// Migrates with a writer running during the rounds; returns the final status and the

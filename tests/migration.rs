@@ -8,8 +8,17 @@ use e2e::*;
 use nbd_proto::Command as Cmd;
 use serde_json::json;
 
+/// The tests here time rounds against a paced writer; running them one at a time keeps the
+/// 2-core machine's scheduling from deciding what a round catches.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn destination_matches_the_source_for_both_strategies() {
+    let _serial = serial();
     for (i, strategy) in ["row", "bitmap"].into_iter().enumerate() {
         let src_dir = tempfile::tempdir().unwrap();
         let dst_dir = tempfile::tempdir().unwrap();
@@ -41,6 +50,7 @@ fn destination_matches_the_source_for_both_strategies() {
 
 #[test]
 fn a_disk_migrated_there_and_back_is_unchanged() {
+    let _serial = serial();
     let a_dir = tempfile::tempdir().unwrap();
     let b_dir = tempfile::tempdir().unwrap();
     let key = key_file(a_dir.path(), "there-and-back-again-key-0123456789");
@@ -88,6 +98,7 @@ fn update_bytes(strategy: &str) -> (u64, u64) {
 
 #[test]
 fn row_sends_less_update_data_than_bitmap_on_an_overwrite_heavy_workload() {
+    let _serial = serial();
     let (row_logical, row_wire) = update_bytes("row");
     let (bitmap_logical, bitmap_wire) = update_bytes("bitmap");
     eprintln!("update data after round 1: row {row_logical} B logical / {row_wire} B wire; bitmap {bitmap_logical} / {bitmap_wire}");

@@ -141,17 +141,6 @@ impl CrashModel {
     }
 }
 
-fn read_disk(server: &Server, size: usize) -> Vec<u8> {
-    let mut c = RawClient::connect(&server.socket, "", true).unwrap();
-    let mut out = Vec::with_capacity(size);
-    for (i, off) in (0..size).step_by(4 << 20).enumerate() {
-        let r = c.call(request(Cmd::Read, i as u64, off as u64, 4 << 20), &[]).unwrap();
-        assert_eq!(r.error, 0);
-        out.extend_from_slice(&r.data);
-    }
-    out
-}
-
 #[test]
 fn sigkill_at_random_points_loses_no_flushed_write() {
     const SIZE: usize = 16 << 20;

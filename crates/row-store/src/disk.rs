@@ -213,6 +213,15 @@ impl Disk {
         self.gate.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The gate for a write: refused (`EPERM`) while the disk belongs to another host.
+    fn writable_gate(&self) -> io::Result<RwLockReadGuard<'_, Overlay>> {
+        let g = self.gate();
+        match g.writes_refused {
+            Some(why) => Err(refused(why)),
+            None => Ok(g),
+        }
+    }
+
     /// The current mode.
     pub fn mode(&self) -> Mode {
         self.gate().mode
@@ -322,10 +331,7 @@ impl Disk {
         if buf.is_empty() {
             return Ok(());
         }
-        let g = self.gate();
-        if let Some(why) = g.writes_refused {
-            return Err(refused(why));
-        }
+        let g = self.writable_gate()?;
         match (&g.reserved, g.mode) {
             (Some(reserved), Mode::Row) => {
                 self.row_write(reserved, buf, offset)?;
@@ -422,10 +428,7 @@ impl Disk {
         if len == 0 {
             return Ok(());
         }
-        let g = self.gate();
-        if let Some(why) = g.writes_refused {
-            return Err(refused(why));
-        }
+        let g = self.writable_gate()?;
         match (&g.reserved, g.mode) {
             (Some(reserved), Mode::Row) => {
                 self.row_zero(reserved, offset, len, may_punch, fast_only)?;
@@ -481,10 +484,7 @@ impl Disk {
         if len == 0 {
             return Ok(());
         }
-        let g = self.gate();
-        if let Some(why) = g.writes_refused {
-            return Err(refused(why));
-        }
+        let g = self.writable_gate()?;
         match (&g.reserved, g.mode) {
             (Some(_), Mode::Row | Mode::Merging) => {
                 drop(g);

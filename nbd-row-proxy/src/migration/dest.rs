@@ -187,23 +187,7 @@ async fn receive_frames(
             }
             Message::Discard { reason } => return Ok(SessionEnd::Discarded(reason)),
             Message::Done if committed => return Ok(SessionEnd::Done),
-            other => bail!("unexpected {} in the migration stream", describe(&other)),
+            other => bail!("unexpected {} message in the migration stream", other.name()),
         }
-    }
-}
-
-fn describe(msg: &Message) -> &'static str {
-    match msg {
-        Message::ServerHello { .. } => "greeting",
-        Message::ClientHello { .. } => "session request",
-        Message::Accept { .. } | Message::Reject { .. } => "authentication reply",
-        Message::RoundBegin { .. } | Message::RoundEnd { .. } => "round marker",
-        Message::Data { .. } => "data frame after the commit",
-        Message::Zero { .. } => "zero frame after the commit",
-        Message::Commit => "second commit",
-        Message::Committed => "commit acknowledgement",
-        Message::Discard { .. } => "discard",
-        Message::Done => "end of session before the commit",
-        Message::Error { .. } => "error report",
     }
 }
