@@ -9,9 +9,16 @@
 //! - [`fill_block`] / [`inspect`]: 4 KiB block content determined by (block, version, seed)
 //!   with a 16-byte header (magic, block, version), so a reader can tell exactly which version
 //!   of which block it sees and whether the rest of the block is intact;
-//! - [`Ledger`]: the latest version written per block, and [`Workload`] tying them together.
+//! - [`Ledger`]: the latest version written per block, and [`Workload`] tying them together;
+//! - [`presets`]: named profiles modelled on the overwrite shares of real workloads;
+//! - [`nbd`]: a minimal blocking NBD client, to drive a proxy's socket directly.
 
 use std::fmt;
+
+pub mod nbd;
+pub mod presets;
+
+pub use presets::{Preset, PRESETS};
 
 /// Size of a workload block in bytes.
 pub const BLOCK_SIZE: usize = 4096;
@@ -69,6 +76,10 @@ pub struct Profile {
     pub hot_share: f64,
     /// Non-hot writes rewrite the area in order (wrapping) instead of at uniform random blocks.
     pub sequential: bool,
+    /// Non-hot writes visit the area in a seed-dependent full-period permutation instead of at
+    /// uniform random blocks: no block is picked twice by them until the whole area has been,
+    /// so they are first writes (real workloads such as Live Maps write mostly fresh blocks).
+    pub fresh: bool,
 }
 
 /// A profile that cannot be run.
@@ -86,12 +97,12 @@ impl std::error::Error for ProfileError {}
 impl Profile {
     /// Uniform writes over `area_blocks` blocks.
     pub fn uniform(area_blocks: u64) -> Self {
-        Self { area_blocks, hot_blocks: 0, hot_share: 0.0, sequential: false }
+        Self { area_blocks, hot_blocks: 0, hot_share: 0.0, sequential: false, fresh: false }
     }
 
     /// `hot_share` of the writes to a hot set of `hot_blocks`, the rest uniform over the area.
     pub fn skewed(area_blocks: u64, hot_blocks: u64, hot_share: f64) -> Self {
-        Self { area_blocks, hot_blocks, hot_share, sequential: false }
+        Self { area_blocks, hot_blocks, hot_share, sequential: false, fresh: false }
     }
 
     /// Checks the parameters.
@@ -113,6 +124,9 @@ impl Profile {
         }
         if self.hot_share > 0.0 && self.hot_blocks == 0 {
             return Err(ProfileError("hot share without a hot set".into()));
+        }
+        if self.sequential && self.fresh {
+            return Err(ProfileError("sequential and fresh exclude each other".into()));
         }
         Ok(())
     }
@@ -138,6 +152,9 @@ pub struct Generator {
     hot_step: u64,
     hot_offset: u64,
     cursor: u64,
+    /// Stride and start of the permutation of fresh mode (0, 0 otherwise).
+    fresh_step: u64,
+    fresh_offset: u64,
 }
 
 impl Generator {
@@ -147,7 +164,18 @@ impl Generator {
         let mut rng = Rng::new(mix64(seed ^ 0x005e_ed0f_b10c));
         let hot_step = profile.area_blocks.checked_div(profile.hot_blocks).unwrap_or(1);
         let hot_offset = rng.below(hot_step);
-        Self { profile, rng, hot_step, hot_offset, cursor: 0 }
+        let (mut fresh_step, mut fresh_offset) = (0, 0);
+        if profile.fresh {
+            // A golden-ratio stride coprime with the area: consecutive picks land far apart
+            // and the sequence visits every block once per period.
+            let area = profile.area_blocks;
+            fresh_step = ((area as f64 * 0.618_033_988_75) as u64).max(1);
+            while gcd(fresh_step, area) != 1 {
+                fresh_step += 1;
+            }
+            fresh_offset = rng.below(area);
+        }
+        Self { profile, rng, hot_step, hot_offset, cursor: 0, fresh_step, fresh_offset }
     }
 
     /// The profile.
@@ -179,10 +207,21 @@ impl Generator {
             let b = self.cursor;
             self.cursor = (self.cursor + 1) % p.area_blocks;
             b
+        } else if p.fresh {
+            let b = ((self.fresh_offset as u128 + self.cursor as u128 * self.fresh_step as u128) % p.area_blocks as u128) as u64;
+            self.cursor = (self.cursor + 1) % p.area_blocks;
+            b
         } else {
             self.rng.below(p.area_blocks)
         }
     }
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 /// The latest version written to every block of an area (0: never written).
@@ -224,6 +263,15 @@ impl Ledger {
     /// Number of distinct blocks written.
     pub fn blocks_written(&self) -> u64 {
         self.versions.iter().filter(|&&v| v > 0).count() as u64
+    }
+
+    /// Share of the writes that went to a block already written in this run:
+    /// (writes − distinct blocks) ÷ writes (0 without writes).
+    pub fn overwrite_share(&self) -> f64 {
+        if self.writes == 0 {
+            return 0.0;
+        }
+        (self.writes - self.blocks_written()) as f64 / self.writes as f64
     }
 
     /// `(block, latest version)` of every written block, in block order.
@@ -474,6 +522,20 @@ mod tests {
         let blocks: Vec<u64> = (0..2000).map(|_| g.next_block()).collect();
         let cold: Vec<u64> = blocks.into_iter().filter(|&b| !g.is_hot(b)).take(50).collect();
         assert!(cold.windows(2).all(|w| w[1] > w[0]), "{cold:?}");
+    }
+
+    #[test]
+    fn fresh_mode_visits_every_block_once_per_period() {
+        for (area, seed) in [(1000u64, 1u64), (4096, 2), (7, 3), (1, 4)] {
+            let mut g = Generator::new(Profile { fresh: true, ..Profile::uniform(area) }, seed);
+            let mut seen: Vec<u64> = (0..area).map(|_| g.next_block()).collect();
+            let first = seen.clone();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..area).collect::<Vec<_>>(), "area {area}");
+            let again: Vec<u64> = (0..area).map(|_| g.next_block()).collect();
+            assert_eq!(again, first, "the permutation repeats");
+        }
+        assert!(Profile { fresh: true, sequential: true, ..Profile::uniform(5) }.validate().is_err());
     }
 
     #[test]

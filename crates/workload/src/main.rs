@@ -1,49 +1,80 @@
-//! `row-workload`: writes a deterministic skewed block workload to a device with O_DIRECT,
-//! paced at a rate, and verifies every written block reads back as its latest version.
+//! `row-workload`: writes a deterministic skewed block workload to a device with O_DIRECT, or
+//! to an NBD export over a Unix socket, paced at a rate, and verifies every written block reads
+//! back as its latest version.
 //!
 //! Built statically by `scripts/build-guest` and run in the test guest as
-//! `guest.cmd=row-workload guest.args=--device,/dev/vda,--writes,3000,--verify`.
+//! `guest.cmd=row-workload guest.args=--device,/dev/vda,--writes,3000,--verify`; run on a host
+//! against a proxy's socket by `scripts/bench-migration` as
+//! `row-workload --nbd /run/a/vm1.sock --profile msn --rate 200 --expect-seconds 30 --stop-file F`.
 
 use std::alloc::Layout;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write as _};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use workload::{fill_block, inspect, Content, Header, Profile, Workload, BLOCK_SIZE};
+use workload::nbd::NbdClient;
+use workload::presets::expected_overwrite_share;
+use workload::{fill_block, inspect, Content, Header, Ledger, Preset, Profile, Workload, BLOCK_SIZE, PRESETS};
 
 const USAGE: &str = "\
-usage: row-workload [guest] --device PATH [options]
+usage: row-workload [guest] (--device PATH | --nbd SOCKET) [options]
   --device PATH         block device or file to write (opened with O_DIRECT)
+  --nbd SOCKET          NBD server's Unix socket to write to instead (fixed newstyle, NBD_OPT_GO)
+  --export NAME         NBD export name (default: the empty name)
+  --depth N             NBD requests in flight (default 1)
   --area-blocks N       blocks of 4 KiB in the area (default: the whole device after --first-block)
   --first-block B       device block where the area starts (default 0)
   --hot-blocks H        size of the hot set in blocks (default 0)
   --hot-share S         share of writes to the hot set, 0..1 (default 0.9 with a hot set)
   --sequential          non-hot writes rewrite the area in order instead of at random
+  --profile NAME        a preset instead of --hot-blocks/--hot-share/--sequential, sized for the
+                        expected number of writes so the run's overwrite share (writes to a block
+                        already written in this run / all writes) comes out near the preset's:
+                        msn 68%, live-maps 0.6%, display-ads 88%, source-control 84%,
+                        map-reduce 51%, bonnie (sequential rewrite of a file area, 3 passes, 67%)
+  --expect-writes N     writes the run is expected to make (for --profile; default: --writes,
+                        or --rate x --expect-seconds, or --rate x --seconds)
+  --expect-seconds S    expected duration of the run (for --profile)
   --rate R              writes per second, paced (default 0: as fast as possible)
   --seconds S           stop after S seconds
   --writes N            stop after N writes (with --seconds: whichever comes first)
+  --stop-file PATH      stop writing as soon as PATH exists (as a VM pausing)
   --seed X              workload seed (default 1)
   --verify              afterwards read back every written block and check its version
+  --verify-only         write nothing: check the first --writes N writes of the run (same
+                        profile and seed) read back as their latest versions
 Arguments may also be given as --name=value. Output lines:
   WORKLOAD-START ..., WORKLOAD written=N rate=R/s (about once per second),
-  WORKLOAD-WRITES-DONE writes=N blocks=B seconds=S digest=D,
-  WORKLOAD-VERIFY-OK blocks=N writes=M digest=D | WORKLOAD-VERIFY-FAIL block=B want=V got=...";
+  WORKLOAD-STOPPED reason=stop-file|seconds|writes,
+  WORKLOAD-WRITES-DONE writes=N blocks=B seconds=S rate=R/s overwrite-share=O digest=D,
+  WORKLOAD-VERIFY-OK blocks=N writes=M digest=D | WORKLOAD-VERIFY-FAIL block=B want=V got=...,
+  WORKLOAD-DONE writes=N blocks=B overwrite-share=O expected-overwrite-share=E verify=ok|fail|skipped
+  (expected-overwrite-share: what the profile predicts for the number of writes made)";
 
 #[derive(Debug)]
 struct Args {
     device: String,
+    nbd: Option<PathBuf>,
+    export: String,
+    depth: usize,
     area_blocks: Option<u64>,
     first_block: u64,
     hot_blocks: u64,
     hot_share: Option<f64>,
     sequential: bool,
+    profile: Option<&'static Preset>,
+    expect_writes: Option<u64>,
+    expect_seconds: Option<f64>,
     rate: f64,
     seconds: Option<f64>,
     writes: Option<u64>,
+    stop_file: Option<PathBuf>,
     seed: u64,
     verify: bool,
+    verify_only: bool,
 }
 
 fn parse_num<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, String> {
@@ -62,17 +93,26 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
     }
     let mut a = Args {
         device: String::new(),
+        nbd: None,
+        export: String::new(),
+        depth: 1,
         area_blocks: None,
         first_block: 0,
         hot_blocks: 0,
         hot_share: None,
         sequential: false,
+        profile: None,
+        expect_writes: None,
+        expect_seconds: None,
         rate: 0.0,
         seconds: None,
         writes: None,
+        stop_file: None,
         seed: 1,
         verify: false,
+        verify_only: false,
     };
+    let mut explicit_shape = false;
     while let Some(arg) = it.next() {
         if arg.is_empty() {
             continue; // `guest.args=` with a trailing comma
@@ -89,30 +129,86 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         };
         match name {
             "--device" => a.device = value()?,
+            "--nbd" => a.nbd = Some(PathBuf::from(value()?)),
+            "--export" => a.export = value()?,
+            "--depth" => a.depth = parse_num(name, &value()?)?,
             "--area-blocks" => a.area_blocks = Some(parse_num(name, &value()?)?),
             "--first-block" => a.first_block = parse_num(name, &value()?)?,
-            "--hot-blocks" => a.hot_blocks = parse_num(name, &value()?)?,
-            "--hot-share" => a.hot_share = Some(parse_num(name, &value()?)?),
+            "--hot-blocks" => {
+                a.hot_blocks = parse_num(name, &value()?)?;
+                explicit_shape = true;
+            }
+            "--hot-share" => {
+                a.hot_share = Some(parse_num(name, &value()?)?);
+                explicit_shape = true;
+            }
+            "--profile" => {
+                let v = value()?;
+                let names: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
+                a.profile = Some(
+                    Preset::find(&v).ok_or_else(|| format!("--profile: unknown {v:?} (one of {})", names.join(", ")))?,
+                );
+            }
+            "--expect-writes" => a.expect_writes = Some(parse_num(name, &value()?)?),
+            "--expect-seconds" => a.expect_seconds = Some(parse_num(name, &value()?)?),
             "--rate" => a.rate = parse_num(name, &value()?)?,
             "--seconds" => a.seconds = Some(parse_num(name, &value()?)?),
             "--writes" => a.writes = Some(parse_num(name, &value()?)?),
+            "--stop-file" => a.stop_file = Some(PathBuf::from(value()?)),
             "--seed" => a.seed = parse_num(name, &value()?)?,
-            "--sequential" => a.sequential = true,
+            "--sequential" => {
+                a.sequential = true;
+                explicit_shape = true;
+            }
             "--verify" => a.verify = true,
+            "--verify-only" => a.verify_only = true,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    if a.device.is_empty() {
-        return Err("--device is required".into());
+    match (a.device.is_empty(), &a.nbd) {
+        (true, None) => return Err("--device or --nbd is required".into()),
+        (false, Some(_)) => return Err("--device and --nbd exclude each other".into()),
+        _ => {}
     }
-    if a.seconds.is_none() && a.writes.is_none() {
-        return Err("one of --seconds or --writes is required".into());
+    if a.verify_only {
+        if a.writes.is_none() {
+            return Err("--verify-only needs --writes N".into());
+        }
+    } else if a.seconds.is_none() && a.writes.is_none() && a.stop_file.is_none() {
+        return Err("one of --seconds, --writes or --stop-file is required".into());
     }
     if !(a.rate >= 0.0 && a.rate.is_finite()) {
         return Err("--rate must be >= 0".into());
     }
+    if a.depth == 0 {
+        return Err("--depth must be at least 1".into());
+    }
+    if a.profile.is_some() && explicit_shape {
+        return Err("--profile excludes --hot-blocks, --hot-share and --sequential".into());
+    }
+    if a.profile.is_some() && a.expected_writes().is_none() {
+        return Err("--profile needs the expected number of writes: --expect-writes, --writes, \
+                    or --rate with --expect-seconds or --seconds"
+            .into());
+    }
     Ok(a)
+}
+
+impl Args {
+    /// How many writes the run is expected to make, to size a `--profile`.
+    fn expected_writes(&self) -> Option<u64> {
+        if let Some(n) = self.expect_writes {
+            return Some(n);
+        }
+        let by_time = (self.rate > 0.0)
+            .then(|| self.expect_seconds.or(self.seconds).map(|s| (s * self.rate).round() as u64))
+            .flatten();
+        match (by_time, self.writes) {
+            (Some(t), Some(w)) => Some(t.min(w)),
+            (t, w) => t.or(w),
+        }
+    }
 }
 
 /// One 4 KiB buffer aligned to 4096 bytes, as O_DIRECT wants.
@@ -159,93 +255,86 @@ fn say(line: &str) {
     let _ = out.flush();
 }
 
-fn run(a: &Args) -> Result<bool, String> {
-    let mut file: File = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&a.device)
-        .map_err(|e| format!("cannot open {}: {e}", a.device))?;
-    let device_bytes = file.seek(SeekFrom::End(0)).map_err(|e| format!("cannot size {}: {e}", a.device))?;
-    let device_blocks = device_bytes / BLOCK_SIZE as u64;
-    if a.first_block >= device_blocks {
-        return Err(format!("--first-block {} is past the device ({device_blocks} blocks)", a.first_block));
-    }
-    let area_blocks = a.area_blocks.unwrap_or(device_blocks - a.first_block);
-    if a.first_block + area_blocks > device_blocks {
-        return Err(format!(
-            "area {}+{area_blocks} blocks does not fit the device ({device_blocks} blocks)",
-            a.first_block
-        ));
-    }
-    let hot_share = a.hot_share.unwrap_or(if a.hot_blocks > 0 { 0.9 } else { 0.0 });
-    let profile = Profile { area_blocks, hot_blocks: a.hot_blocks, hot_share, sequential: a.sequential };
-    profile.validate().map_err(|e| e.to_string())?;
-    say(&format!(
-        "WORKLOAD-START device={} first-block={} area-blocks={area_blocks} hot-blocks={} hot-share={hot_share} \
-         sequential={} rate={} seconds={} writes={} seed={}",
-        a.device,
-        a.first_block,
-        a.hot_blocks,
-        a.sequential,
-        a.rate,
-        a.seconds.map_or("-".into(), |s| s.to_string()),
-        a.writes.map_or("-".into(), |w| w.to_string()),
-        a.seed
-    ));
+/// Where the blocks go: a device opened with O_DIRECT, or an NBD export.
+enum Target {
+    Device(File),
+    Nbd(NbdClient),
+}
 
-    let mut work = Workload::new(profile, a.seed);
-    let mut buf = AlignedBlock::new();
-    let start = Instant::now();
-    let deadline = a.seconds.map(|s| start + Duration::from_secs_f64(s));
-    let max_writes = a.writes.unwrap_or(u64::MAX);
-    let mut written = 0u64;
-    let mut last_report = start;
-    let mut written_at_report = 0u64;
-    while written < max_writes {
-        if a.rate > 0.0 {
-            // Pace against the schedule, not the previous write, so stalls are caught up.
-            let due = start + Duration::from_secs_f64(written as f64 / a.rate);
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
+impl Target {
+    fn open(a: &Args) -> Result<(Self, u64, String), String> {
+        if let Some(socket) = &a.nbd {
+            let c = NbdClient::connect(socket, &a.export, a.depth)
+                .map_err(|e| format!("cannot connect to NBD socket {}: {e}", socket.display()))?;
+            if c.read_only() && !a.verify_only {
+                return Err(format!("NBD export {:?} at {} is read-only", a.export, socket.display()));
             }
+            let size = c.size();
+            return Ok((Target::Nbd(c), size, format!("nbd:{}", socket.display())));
         }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            break;
-        }
-        let w = work.next_write();
-        let block = a.first_block + w.block;
-        fill_block(buf.as_mut_slice(), block, w.version, a.seed);
-        file.write_all_at(buf.as_slice(), block * BLOCK_SIZE as u64)
-            .map_err(|e| format!("write of block {block} version {} failed: {e}", w.version))?;
-        written += 1;
-        let now = Instant::now();
-        if now - last_report >= Duration::from_secs(1) {
-            let rate = (written - written_at_report) as f64 / (now - last_report).as_secs_f64();
-            say(&format!("WORKLOAD written={written} rate={rate:.0}/s"));
-            last_report = now;
-            written_at_report = written;
-        }
+        let mut file: File = OpenOptions::new()
+            .read(true)
+            .write(!a.verify_only)
+            .custom_flags(libc::O_DIRECT)
+            .open(&a.device)
+            .map_err(|e| format!("cannot open {}: {e}", a.device))?;
+        let size = file.seek(SeekFrom::End(0)).map_err(|e| format!("cannot size {}: {e}", a.device))?;
+        Ok((Target::Device(file), size, a.device.clone()))
     }
-    file.sync_all().map_err(|e| format!("flush failed: {e}"))?;
-    let secs = start.elapsed().as_secs_f64();
-    let ledger = &work.ledger;
-    say(&format!(
-        "WORKLOAD-WRITES-DONE writes={written} blocks={} seconds={secs:.1} rate={:.0}/s digest={:016x}",
-        ledger.blocks_written(),
-        written as f64 / secs.max(1e-9),
-        ledger.digest()
-    ));
 
-    if !a.verify {
-        return Ok(true);
+    /// Writes one block (an NBD write may still be in flight on return).
+    fn write_block(&mut self, buf: &AlignedBlock, block: u64) -> std::io::Result<()> {
+        let offset = block * BLOCK_SIZE as u64;
+        match self {
+            Target::Device(f) => f.write_all_at(buf.as_slice(), offset),
+            Target::Nbd(c) => c.submit_write(offset, buf.as_slice()),
+        }
     }
+
+    /// Waits for the writes in flight and makes them durable.
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Target::Device(f) => f.sync_all(),
+            Target::Nbd(c) => c.flush(),
+        }
+    }
+
+    fn read_block(&mut self, buf: &mut AlignedBlock, block: u64) -> std::io::Result<()> {
+        let offset = block * BLOCK_SIZE as u64;
+        match self {
+            Target::Device(f) => f.read_exact_at(buf.as_mut_slice(), offset),
+            Target::Nbd(c) => c.read_at(buf.as_mut_slice(), offset),
+        }
+    }
+
+    fn close(self) {
+        if let Target::Nbd(c) = self {
+            let _ = c.disconnect();
+        }
+    }
+}
+
+/// Why the writes stopped.
+fn stop_reason(a: &Args, written: u64, max_writes: u64, deadline: Option<Instant>) -> Option<&'static str> {
+    if written >= max_writes {
+        return Some("writes");
+    }
+    if deadline.is_some_and(|d| Instant::now() >= d) {
+        return Some("seconds");
+    }
+    if a.stop_file.as_deref().is_some_and(Path::exists) {
+        return Some("stop-file");
+    }
+    None
+}
+
+/// Reads back every block of the ledger; returns whether all hold their latest version.
+fn verify(target: &mut Target, a: &Args, ledger: &Ledger, written: u64) -> Result<bool, String> {
+    let mut buf = AlignedBlock::new();
     let mut bad = 0u64;
     for (b, want) in ledger.iter() {
         let block = a.first_block + b;
-        file.read_exact_at(buf.as_mut_slice(), block * BLOCK_SIZE as u64)
-            .map_err(|e| format!("read of block {block} failed: {e}"))?;
+        target.read_block(&mut buf, block).map_err(|e| format!("read of block {block} failed: {e}"))?;
         let got = inspect(buf.as_slice(), a.seed);
         if got != Content::Valid(Header { block, version: want }) {
             bad += 1;
@@ -264,6 +353,122 @@ fn run(a: &Args) -> Result<bool, String> {
         ledger.digest()
     ));
     Ok(true)
+}
+
+fn run(a: &Args) -> Result<bool, String> {
+    let (mut target, device_bytes, what) = Target::open(a)?;
+    let device_blocks = device_bytes / BLOCK_SIZE as u64;
+    if a.first_block >= device_blocks {
+        return Err(format!("--first-block {} is past the device ({device_blocks} blocks)", a.first_block));
+    }
+    let area_blocks = a.area_blocks.unwrap_or(device_blocks - a.first_block);
+    if a.first_block + area_blocks > device_blocks {
+        return Err(format!(
+            "area {}+{area_blocks} blocks does not fit the device ({device_blocks} blocks)",
+            a.first_block
+        ));
+    }
+    let profile = match a.profile {
+        Some(preset) => preset.profile_for(area_blocks, a.expected_writes().expect("checked by parse_args")),
+        None => {
+            let hot_share = a.hot_share.unwrap_or(if a.hot_blocks > 0 { 0.9 } else { 0.0 });
+            Profile { area_blocks, hot_blocks: a.hot_blocks, hot_share, sequential: a.sequential, fresh: false }
+        }
+    };
+    profile.validate().map_err(|e| e.to_string())?;
+    let expected_writes = a.expected_writes();
+    let expected_share = expected_writes.map(|n| expected_overwrite_share(&profile, n));
+    say(&format!(
+        "WORKLOAD-START device={what} first-block={} area-blocks={} hot-blocks={} hot-share={} \
+         sequential={} profile={} expected-writes={} expected-overwrite-share={} rate={} seconds={} writes={} \
+         depth={} seed={}{}",
+        a.first_block,
+        profile.area_blocks,
+        profile.hot_blocks,
+        profile.hot_share,
+        profile.sequential,
+        a.profile.map_or("-", |p| p.name),
+        expected_writes.map_or("-".into(), |n| n.to_string()),
+        expected_share.map_or("-".into(), |s| format!("{s:.4}")),
+        a.rate,
+        a.seconds.map_or("-".into(), |s| s.to_string()),
+        a.writes.map_or("-".into(), |w| w.to_string()),
+        a.depth,
+        a.seed,
+        if a.verify_only { " verify-only" } else { "" }
+    ));
+
+    if a.verify_only {
+        let n = a.writes.expect("checked by parse_args");
+        let ledger = Workload::ledger_after(profile, a.seed, n);
+        let ok = verify(&mut target, a, &ledger, n)?;
+        target.close();
+        return Ok(ok);
+    }
+
+    let mut work = Workload::new(profile, a.seed);
+    let mut buf = AlignedBlock::new();
+    let start = Instant::now();
+    let deadline = a.seconds.map(|s| start + Duration::from_secs_f64(s));
+    let max_writes = a.writes.unwrap_or(u64::MAX);
+    let mut written = 0u64;
+    let mut last_report = start;
+    let mut written_at_report = 0u64;
+    let reason = loop {
+        if let Some(reason) = stop_reason(a, written, max_writes, deadline) {
+            break reason;
+        }
+        if a.rate > 0.0 {
+            // Pace against the schedule, not the previous write, so stalls are caught up.
+            let due = start + Duration::from_secs_f64(written as f64 / a.rate);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if let Some(reason) = stop_reason(a, written, max_writes, deadline) {
+                break reason;
+            }
+        }
+        let w = work.next_write();
+        let block = a.first_block + w.block;
+        fill_block(buf.as_mut_slice(), block, w.version, a.seed);
+        target
+            .write_block(&buf, block)
+            .map_err(|e| format!("write {} (block {block} version {}) failed: {e}", written + 1, w.version))?;
+        written += 1;
+        let now = Instant::now();
+        if now - last_report >= Duration::from_secs(1) {
+            let rate = (written - written_at_report) as f64 / (now - last_report).as_secs_f64();
+            say(&format!("WORKLOAD written={written} rate={rate:.0}/s"));
+            last_report = now;
+            written_at_report = written;
+        }
+    };
+    let secs = start.elapsed().as_secs_f64();
+    say(&format!("WORKLOAD-STOPPED reason={reason} writes={written} seconds={secs:.3}"));
+    target.flush().map_err(|e| format!("flush failed: {e}"))?;
+    let ledger = &work.ledger;
+    let share = ledger.overwrite_share();
+    say(&format!(
+        "WORKLOAD-WRITES-DONE writes={written} blocks={} seconds={secs:.1} rate={:.0}/s overwrite-share={share:.4} \
+         digest={:016x}",
+        ledger.blocks_written(),
+        written as f64 / secs.max(1e-9),
+        ledger.digest()
+    ));
+    let verified = if a.verify { Some(verify(&mut target, a, ledger, written)?) } else { None };
+    target.close();
+    say(&format!(
+        "WORKLOAD-DONE writes={written} blocks={} overwrite-share={share:.4} expected-overwrite-share={:.4} verify={}",
+        ledger.blocks_written(),
+        expected_overwrite_share(work.generator.profile(), written),
+        match verified {
+            Some(true) => "ok",
+            Some(false) => "fail",
+            None => "skipped",
+        }
+    ));
+    Ok(verified != Some(false))
 }
 
 fn main() -> ExitCode {
@@ -313,6 +518,128 @@ mod tests {
         assert!(args("--device,/x,--writes").unwrap_err().contains("needs a value"));
         assert!(args("--device,/x,--writes,1,--bogus").unwrap_err().contains("bogus"));
         assert!(args("--device,/x,--writes,abc").unwrap_err().contains("bad value"));
+    }
+
+    #[test]
+    fn parses_nbd_profile_and_stop_file_options() {
+        let a = args("--nbd,/run/a.sock,--profile,msn,--rate,200,--expect-seconds,30,--stop-file,/tmp/stop,--depth,4").unwrap();
+        assert_eq!(a.nbd.as_deref(), Some(Path::new("/run/a.sock")));
+        assert_eq!(a.profile.unwrap().name, "msn");
+        assert_eq!(a.expected_writes(), Some(6000));
+        assert_eq!(a.stop_file.as_deref(), Some(Path::new("/tmp/stop")));
+        assert_eq!(a.depth, 4);
+        assert_eq!(args("--nbd,/s,--profile,bonnie,--writes,500").unwrap().expected_writes(), Some(500));
+        assert_eq!(args("--nbd,/s,--profile,msn,--rate,10,--seconds,9,--expect-writes,7").unwrap().expected_writes(), Some(7));
+        assert!(args("--nbd,/s,--profile,msn,--stop-file,/x").unwrap_err().contains("expected number"));
+        assert!(args("--nbd,/s,--profile,nope,--writes,1").unwrap_err().contains("live-maps"));
+        assert!(args("--nbd,/s,--profile,msn,--hot-blocks,3,--writes,1").unwrap_err().contains("excludes"));
+        assert!(args("--nbd,/s,--device,/d,--writes,1").unwrap_err().contains("exclude"));
+        assert!(args("--nbd,/s,--verify-only").unwrap_err().contains("--writes"));
+        assert!(args("--nbd,/s,--stop-file,/x").is_ok());
+    }
+
+    /// A one-connection NBD server over an in-memory disk, speaking just what the client uses.
+    fn fake_nbd_server(socket: &Path, size: usize) -> std::thread::JoinHandle<Vec<u8>> {
+        use nbd_proto::consts::*;
+        use nbd_proto::transmission::encode_simple_reply;
+        use nbd_proto::{Command, Greeting, InfoReply, OptionReply, OptionReplyKind, RawOption, Request};
+        use std::io::Read;
+        let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut disk = vec![0u8; size];
+            let mut out = Vec::new();
+            Greeting { handshake_flags: NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES }.encode(&mut out);
+            s.write_all(&out).unwrap();
+            let mut buf = Vec::new();
+            let fill = |s: &mut std::os::unix::net::UnixStream, buf: &mut Vec<u8>, n: usize| {
+                while buf.len() < n {
+                    let mut tmp = [0u8; 65536];
+                    let got = s.read(&mut tmp).unwrap();
+                    if got == 0 {
+                        return false;
+                    }
+                    buf.extend_from_slice(&tmp[..got]);
+                }
+                true
+            };
+            assert!(fill(&mut s, &mut buf, 4));
+            buf.drain(..4);
+            let opt = loop {
+                if let Some((o, used)) = RawOption::decode(&buf).unwrap() {
+                    buf.drain(..used);
+                    break o;
+                }
+                let n = buf.len() + 1;
+                assert!(fill(&mut s, &mut buf, n));
+            };
+            assert_eq!(opt.option, NBD_OPT_GO);
+            let mut out = Vec::new();
+            let flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH;
+            OptionReply { option: NBD_OPT_GO, kind: OptionReplyKind::Info(InfoReply::Export { size: size as u64, transmission_flags: flags }) }
+                .encode(&mut out);
+            OptionReply::ack(NBD_OPT_GO).encode(&mut out);
+            s.write_all(&out).unwrap();
+            loop {
+                if !fill(&mut s, &mut buf, REQUEST_LEN) {
+                    return disk;
+                }
+                let (req, used) = Request::decode(&buf).unwrap().unwrap();
+                buf.drain(..used);
+                let (off, len) = (req.offset as usize, req.length as usize);
+                let mut out = Vec::new();
+                match req.command {
+                    Command::Write => {
+                        assert!(fill(&mut s, &mut buf, len));
+                        disk[off..off + len].copy_from_slice(&buf[..len]);
+                        buf.drain(..len);
+                        encode_simple_reply(req.cookie, 0, &mut out);
+                    }
+                    Command::Read => {
+                        encode_simple_reply(req.cookie, 0, &mut out);
+                        out.extend_from_slice(&disk[off..off + len]);
+                    }
+                    Command::Flush => encode_simple_reply(req.cookie, 0, &mut out),
+                    Command::Disc => return disk,
+                    other => panic!("unexpected {other:?}"),
+                }
+                s.write_all(&out).unwrap();
+            }
+        })
+    }
+
+    #[test]
+    fn writes_and_verifies_an_nbd_export_with_pipelining_and_a_stop_file() {
+        let dir = std::env::temp_dir().join(format!("row-workload-nbd-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("nbd.sock");
+        let server = fake_nbd_server(&socket, 1 << 20);
+        let a = args(&format!(
+            "--nbd,{},--profile,display-ads,--expect-writes,2000,--writes,2000,--depth,8,--verify,--seed,5",
+            socket.display()
+        ))
+        .unwrap();
+        assert!(run(&a).unwrap());
+        let disk = server.join().unwrap();
+        let profile = Preset::find("display-ads").unwrap().profile_for(256, 2000);
+        let ledger = Workload::ledger_after(profile, 5, 2000);
+        for b in 0..256u64 {
+            let off = b as usize * BLOCK_SIZE;
+            let got = inspect(&disk[off..off + BLOCK_SIZE], 5);
+            match ledger.latest(b) {
+                0 => assert_eq!(got, Content::Zero),
+                v => assert_eq!(got, Content::Valid(Header { block: b, version: v }), "block {b}"),
+            }
+        }
+        // A second run checks the same writes with --verify-only, then a stop file ends a run.
+        std::fs::remove_file(&socket).unwrap();
+        let server = fake_nbd_server(&socket, 1 << 20);
+        let stop = dir.join("stop");
+        std::fs::write(&stop, b"").unwrap();
+        let a = args(&format!("--nbd,{},--stop-file,{},--rate,100", socket.display(), stop.display())).unwrap();
+        assert!(run(&a).unwrap());
+        assert!(server.join().unwrap().iter().all(|&b| b == 0), "nothing written after the stop file");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
