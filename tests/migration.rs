@@ -42,8 +42,13 @@ fn destination_matches_the_source_for_both_strategies() {
         let mut d = RawClient::connect(&dst.server.socket, "", true).unwrap();
         assert_eq!(d.call(request(Cmd::Write, 1, 0, 4096), &[1; 4096]).unwrap().error, 0);
         let rounds = status["rounds"].as_array().unwrap();
-        // row: base, cold updates, final; bitmap: three pre-copy rounds and the final one.
-        assert_eq!(rounds.len(), if strategy == "row" { 3 } else { 4 }, "{status}");
+        // row: base, cold updates (and settle passes if the final round would be too big),
+        // final; bitmap: three pre-copy rounds and the final one.
+        if strategy == "row" {
+            assert!(rounds.len() >= 3, "{status}");
+        } else {
+            assert_eq!(rounds.len(), 4, "{status}");
+        }
         assert_eq!(rounds.last().unwrap()["kind"], "final");
     }
 }

@@ -215,6 +215,11 @@ struct MigrateStartArgs {
     max_bandwidth: Option<u64>,
     #[serde(default = "yes")]
     compress: bool,
+    /// Bitmap: dirty granularity in bytes (default 1 MiB, as QEMU's old block migration).
+    bitmap_granularity: Option<u64>,
+    /// Row: final-round budget in milliseconds at the link's rate (default 50; 0 = the paper's
+    /// three rounds, no settle passes).
+    final_budget_ms: Option<u64>,
 }
 
 fn default_strategy() -> String {
@@ -255,6 +260,11 @@ impl Control {
             hot_threshold: args.hot_threshold.unwrap_or(self.hot_threshold),
             max_bandwidth: args.max_bandwidth,
             compress: args.compress,
+            bitmap_granularity_blocks: (args.bitmap_granularity.unwrap_or(1 << 20) / BLOCK_SIZE).max(1),
+            final_budget: match args.final_budget_ms.unwrap_or(50) {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            },
         };
         let me = self.me.clone();
         let rollback: Rollback = Box::new(move |strategy| {
