@@ -54,6 +54,7 @@ pub async fn receive(
         };
         tracing::info!(%peer, "incoming migration connection");
         let _ = stream.set_nodelay(true);
+        super::set_dead_peer_timeouts(&stream);
         let result = tokio::select! {
             _ = shutdown.changed() => return,
             r = session(&disk, stream, &key, &access, &emit) => r,

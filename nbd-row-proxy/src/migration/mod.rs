@@ -95,6 +95,28 @@ impl RateLimit {
     }
 }
 
+/// Makes a dead peer or link fail the session within about half a minute instead of TCP's
+/// default quarter of an hour: unacknowledged data times out (`TCP_USER_TIMEOUT`) and an idle
+/// connection is probed (keepalive), e.g. while the source waits in `ready` for the VM to pause.
+pub fn set_dead_peer_timeouts(stream: &tokio::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
+        // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int.
+        let rc = unsafe {
+            libc::setsockopt(fd, level, name, (&value as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as u32)
+        };
+        if rc != 0 {
+            tracing::debug!(name, "setsockopt failed: {}", std::io::Error::last_os_error());
+        }
+    };
+    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 20_000);
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 10);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
+}
+
 /// Parses `tcp:HOST:PORT` (QEMU's form) or `HOST:PORT`.
 pub fn parse_uri(uri: &str) -> Result<String> {
     let addr = uri.strip_prefix("tcp:").unwrap_or(uri);

@@ -260,6 +260,7 @@ impl Migration {
             .map_err(|_| anyhow!("connecting to {addr} timed out"))?
             .with_context(|| format!("connecting to {addr}"))?;
         stream.set_nodelay(true)?;
+        super::set_dead_peer_timeouts(&stream);
         let (rd, mut wr) = stream.into_split();
         let mut reader = FrameReader::new(rd);
         let Message::ServerHello { nonce: server_nonce, .. } =

@@ -269,7 +269,9 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
         Strategy::QemuMirror => mirror_complete(ctx).await?,
     };
     let final_disk_seconds = paused_at.elapsed().as_secs_f64();
+    let verify_started = Instant::now();
     let verified = if ctx.args.verify_disk { Some(verify_disk(ctx).await?) } else { None };
+    let verify_seconds = if verified.is_some() { verify_started.elapsed().as_secs_f64() } else { 0.0 };
     ctx.src.migrate_continue("pre-switchover").await.context("migrate-continue")?;
     ctx.continued = true;
     wait_migration(&mut ctx.src, "completed").await?;
@@ -294,7 +296,8 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
         "disk-precopy-seconds": precopy_seconds,
         "downtime-ms": downtime * 1000.0,
         "final-disk-round-ms": final_disk_seconds * 1000.0,
-        "memory-stop-and-copy-ms": ((downtime - final_disk_seconds) * 1000.0).max(0.0),
+        "memory-stop-and-copy-ms": ((downtime - final_disk_seconds - verify_seconds) * 1000.0).max(0.0),
+        "verify-disk-ms": verify_seconds * 1000.0,
         "qemu-reported-downtime-ms": mem.downtime_ms(),
         "memory-bytes": mem.ram_transferred(),
         "memory-total-time-ms": mem.total_time_ms(),
@@ -306,8 +309,12 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
 /// Compares the disk digests of both proxies while the guest is paused.
 async fn verify_disk(ctx: &mut Ctx) -> Result<Value> {
     let long = Duration::from_secs(600);
-    let a = ctx.src_proxy.execute_raw_with_timeout("query-digest", json!({}), long).await.context("digest of the source disk")?;
-    let b = ctx.dst_proxy.execute_raw_with_timeout("query-digest", json!({}), long).await.context("digest of the destination disk")?;
+    let (a, b) = tokio::join!(
+        ctx.src_proxy.execute_raw_with_timeout("query-digest", json!({}), long),
+        ctx.dst_proxy.execute_raw_with_timeout("query-digest", json!({}), long)
+    );
+    let a = a.context("digest of the source disk")?;
+    let b = b.context("digest of the destination disk")?;
     if a["sha256"] != b["sha256"] {
         bail!("the destination disk differs from the source (sha256 {} vs {})", b["sha256"], a["sha256"]);
     }
@@ -535,6 +542,9 @@ fn print_report(r: &Value) {
         r["final-disk-round-ms"].as_f64().unwrap_or(0.0),
         r["memory-stop-and-copy-ms"].as_f64().unwrap_or(0.0)
     );
+    if let Some(ms) = r["verify-disk-ms"].as_f64().filter(|ms| *ms > 0.0) {
+        println!("disk check            {ms:.0} ms of the downtime (--verify-disk: both digests equal)");
+    }
     println!("memory                {} MB", mb(&r["memory-bytes"]));
     let disk = &r["disk"];
     if let Some(rounds) = disk["rounds"].as_array() {
