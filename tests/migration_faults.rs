@@ -280,7 +280,7 @@ fn migrate_to(src: &Src, dst: &Dst, model: Vec<u8>, seed: u64) {
     let (status, model) = migrate_under_load(&src.host, dst.port, "row", model, seed);
     assert!(read_all(&src.host.server) == model, "the source lost a write in the second migration");
     assert!(std::fs::read(&dst.host.image).unwrap() == model, "the destination differs from the source");
-    assert_eq!(status["rounds"].as_array().unwrap().len(), 3, "{status}");
+    assert!(status["rounds"].as_array().unwrap().len() >= 3, "{status}");
     src.host.ctl().ok("migrate-complete", json!({}));
 }
 

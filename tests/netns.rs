@@ -139,7 +139,9 @@ fn row_migration_over_a_100_mbit_link_between_namespaces() {
     ctl.ok("migrate-complete", json!({}));
 
     let rounds = status["rounds"].as_array().unwrap();
-    assert_eq!(rounds.len(), 3, "{status}");
+    // Base, cold updates, maybe settle passes (the final round is held to 50 ms of link time), final.
+    assert!(rounds.len() >= 3, "{status}");
+    assert_eq!(rounds.last().unwrap()["kind"], "final", "{status}");
     let round1 = &rounds[0];
     let (wire, secs) = (round1["wire-bytes"].as_u64().unwrap(), round1["seconds"].as_f64().unwrap());
     // The source's round time ends when the last bytes enter its socket buffer; the

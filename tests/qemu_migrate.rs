@@ -607,7 +607,13 @@ fn check_report(report: &Value, strategy: &str, disk_rounds: Option<usize>, veri
     assert!(disk["total-wire-bytes"].as_u64().is_some(), "disk total-wire-bytes: {report}");
     if let Some(n) = disk_rounds {
         let rounds = disk["rounds"].as_array().unwrap_or_else(|| panic!("no disk rounds: {report}"));
-        assert_eq!(rounds.len(), n, "disk rounds: {report}");
+        // Row may add settle passes before the final round when the final round would be big.
+        if strategy == "row" {
+            assert!(rounds.len() >= n, "disk rounds: {report}");
+        } else {
+            assert_eq!(rounds.len(), n, "disk rounds: {report}");
+        }
+        assert_eq!(rounds.last().unwrap()["kind"], "final", "disk rounds: {report}");
         // Round 1 carries at least the source's data.
         assert!(rounds[0]["logical-bytes"].as_u64().unwrap_or(0) >= DATA_LEN, "round 1: {report}");
     } else {
