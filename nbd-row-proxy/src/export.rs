@@ -105,6 +105,14 @@ impl Export {
         }
     }
 
+    /// Whether looking for holes in a read is cheap enough to be worth it.
+    pub fn holes_are_cheap(&self) -> bool {
+        match self.view {
+            View::Live => self.disk.holes_are_cheap(),
+            View::Base { .. } => true,
+        }
+    }
+
     /// Writes at `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         self.live()?.write_at(buf, offset, fua)

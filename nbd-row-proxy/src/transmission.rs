@@ -167,7 +167,7 @@ fn read_reply(session: &Session, req: &Request) -> Vec<u8> {
         };
     }
     // Large reads look for holes: a hole costs 32 bytes on the wire instead of its length.
-    if req.length >= HOLE_CHECK_MIN {
+    if req.length >= HOLE_CHECK_MIN && export.holes_are_cheap() {
         if let Ok(extents) = export.extents(req.offset, req.length as u64, 16) {
             let covers = extents.iter().map(|e| e.length).sum::<u64>() == req.length as u64;
             let has_hole = extents.iter().any(|e| e.hole);
