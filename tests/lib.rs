@@ -382,17 +382,7 @@ pub fn guest_image() -> (PathBuf, PathBuf) {
 /// Starts a TCG guest whose virtio disk is `drive_uri` (an NBD URI), running `guest.cmd=CMD`.
 /// The serial console goes to `log`.
 pub fn start_guest(drive_uri: &str, cmd: &str, log: &Path) -> Proc {
-    require_tool("qemu-system-x86_64");
-    let (kernel, initrd) = guest_image();
-    let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-accel", "tcg", "-m", "256", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", &format!("console=ttyS0 panic=-1 quiet guest.cmd={cmd}")])
-        .args(["-drive", &format!("file={drive_uri},format=raw,if=virtio,cache=none")]);
-    Proc::spawn("qemu", &mut qemu, log)
+    start_guest_with_args(drive_uri, cmd, &[], log)
 }
 
 /// A blocking client for a control socket (the proxy's or QEMU's QMP), for tests.
