@@ -513,10 +513,18 @@ fn strategy_name(s: Strategy) -> &'static str {
 }
 
 fn progress_line(what: &str, detail: &str) {
+    static LAST: std::sync::Mutex<Option<(String, Instant)>> = std::sync::Mutex::new(None);
     let mut err = std::io::stderr();
     if err.is_terminal() {
         let _ = write!(err, "\r\x1b[2K{what}: {detail}");
     } else {
+        // Plain lines for logs: a new stage at once, the same stage at most every 2 s.
+        let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+        let due = last.as_ref().is_none_or(|(w, t)| w != what || t.elapsed() >= Duration::from_secs(2));
+        if !due {
+            return;
+        }
+        *last = Some((what.to_string(), Instant::now()));
         let _ = writeln!(err, "{what}: {detail}");
     }
     let _ = err.flush();
