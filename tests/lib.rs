@@ -689,3 +689,73 @@ pub mod migration {
         (finished, model)
     }
 }
+
+/// Two test "hosts": network namespaces A (192.0.2.1) and B (192.0.2.2, TEST-NET-1) joined by
+/// a veth pair, optionally rate-limited on A's side with tbf; deleted when dropped (deleting a
+/// namespace deletes its end of the pair, and the pair with it).
+pub struct TwoHosts {
+    /// Namespace of host A.
+    pub a: String,
+    /// Namespace of host B.
+    pub b: String,
+    /// A's end of the veth pair.
+    pub veth_a: String,
+    /// B's end of the veth pair.
+    pub veth_b: String,
+}
+
+/// Host A's address.
+pub const ADDR_A: &str = "192.0.2.1";
+/// Host B's address.
+pub const ADDR_B: &str = "192.0.2.2";
+
+/// Runs `ip ARGS...`, which must succeed.
+pub fn ip(args: &[&str]) {
+    run_ok(Command::new("ip").args(args));
+}
+
+impl TwoHosts {
+    /// Creates the pair; `rate` (e.g. `100mbit`) limits what A sends.
+    pub fn create(rate: Option<&str>) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        require_tool("ip");
+        let tag = format!("nrt{}x{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let hosts =
+            Self { a: format!("{tag}a"), b: format!("{tag}b"), veth_a: format!("{tag}a"), veth_b: format!("{tag}b") };
+        let out = Command::new("ip").args(["netns", "add", &hosts.a]).output().expect("cannot run `ip`");
+        assert!(
+            out.status.success(),
+            "`ip netns add {}` failed ({}): these tests need root (CAP_SYS_ADMIN and CAP_NET_ADMIN): {}",
+            hosts.a,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ip(&["netns", "add", &hosts.b]);
+        // Created straight inside the namespaces, so nothing is left in ours if we crash.
+        ip(&[
+            "link", "add", &hosts.veth_a, "netns", &hosts.a, "type", "veth", "peer", "name", &hosts.veth_b, "netns",
+            &hosts.b,
+        ]);
+        ip(&["-n", &hosts.a, "addr", "add", &format!("{ADDR_A}/24"), "dev", &hosts.veth_a]);
+        ip(&["-n", &hosts.b, "addr", "add", &format!("{ADDR_B}/24"), "dev", &hosts.veth_b]);
+        for (ns, dev) in [(&hosts.a, &hosts.veth_a), (&hosts.b, &hosts.veth_b)] {
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+        }
+        if let Some(rate) = rate {
+            require_tool("tc");
+            run_ok(Command::new("ip").args(["netns", "exec", &hosts.a, "tc", "qdisc", "add", "dev", &hosts.veth_a]).args([
+                "root", "tbf", "rate", rate, "burst", "256kb", "latency", "50ms",
+            ]));
+        }
+        hosts
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}

@@ -12,61 +12,6 @@ use e2e::migration::*;
 use e2e::*;
 use serde_json::json;
 
-/// Two namespaces A (192.0.2.1) and B (192.0.2.2) joined by a veth pair; deleted when dropped
-/// (deleting a namespace deletes its end of the pair, and the pair with it).
-struct TwoHosts {
-    a: String,
-    b: String,
-    veth_a: String,
-}
-
-const ADDR_A: &str = "192.0.2.1";
-const ADDR_B: &str = "192.0.2.2";
-
-fn ip(args: &[&str]) {
-    run_ok(Command::new("ip").args(args));
-}
-
-impl TwoHosts {
-    fn create(rate: &str) -> Self {
-        require_tool("ip");
-        require_tool("tc");
-        let pid = std::process::id();
-        let hosts = Self { a: format!("nrp{pid}a"), b: format!("nrp{pid}b"), veth_a: format!("nrp{pid}a") };
-        let veth_b = format!("nrp{pid}b");
-        let out = Command::new("ip").args(["netns", "add", &hosts.a]).output().expect("cannot run `ip`");
-        assert!(
-            out.status.success(),
-            "`ip netns add {}` failed ({}): this test needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN): {}",
-            hosts.a,
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        ip(&["netns", "add", &hosts.b]);
-        // Created straight inside the namespaces, so nothing is left in ours if we crash.
-        ip(&["link", "add", &hosts.veth_a, "netns", &hosts.a, "type", "veth", "peer", "name", &veth_b, "netns", &hosts.b]);
-        ip(&["-n", &hosts.a, "addr", "add", &format!("{ADDR_A}/24"), "dev", &hosts.veth_a]);
-        ip(&["-n", &hosts.b, "addr", "add", &format!("{ADDR_B}/24"), "dev", &veth_b]);
-        for (ns, dev) in [(&hosts.a, &hosts.veth_a), (&hosts.b, &veth_b)] {
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-            ip(&["-n", ns, "link", "set", dev, "up"]);
-        }
-        // The source's side: what it sends leaves through this qdisc.
-        run_ok(Command::new("ip").args(["netns", "exec", &hosts.a, "tc", "qdisc", "add", "dev", &hosts.veth_a]).args([
-            "root", "tbf", "rate", rate, "burst", "256kb", "latency", "50ms",
-        ]));
-        hosts
-    }
-}
-
-impl Drop for TwoHosts {
-    fn drop(&mut self) {
-        for ns in [&self.a, &self.b] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
 /// `nbd-row-proxy SUBCOMMAND --image IMAGE --socket DIR/nbd.sock --control DIR/control.sock
 /// --auth-key-file KEY EXTRA...` run inside namespace `ns`.
 fn proxy_in(ns: &str, dir: &Path, subcommand: &str, image: &Path, key: &Path, extra: &[&str]) -> Host {
@@ -102,7 +47,7 @@ fn netns_of(pid: u32) -> PathBuf {
 
 #[test]
 fn row_migration_over_a_100_mbit_link_between_namespaces() {
-    let hosts = TwoHosts::create("100mbit");
+    let hosts = TwoHosts::create(Some("100mbit"));
     let a_dir = tempfile::tempdir().unwrap();
     let b_dir = tempfile::tempdir().unwrap();
     let key = key_file(a_dir.path(), "two-namespaces-key-0123456789abcdef");

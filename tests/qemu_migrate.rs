@@ -14,7 +14,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -31,8 +30,6 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-const ADDR_A: &str = "192.0.2.1";
-const ADDR_B: &str = "192.0.2.2";
 /// `receive --listen` port (row, bitmap).
 const DISK_PORT: u16 = 10810;
 /// `serve --tcp` port of the destination (qemu-mirror).
@@ -62,10 +59,6 @@ const GUEST_MB: u32 = 256;
 
 // ---------------------------------------------------------------------------------------------
 // Small helpers
-
-fn ip(args: &[&str]) {
-    run_ok(Command::new("ip").args(args));
-}
 
 /// Polls `f` every 50 ms until it returns `Some`; panics with `what` after `timeout`.
 fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
@@ -98,63 +91,6 @@ fn read_text(path: &Path) -> String {
 fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// Network namespaces A (192.0.2.1) and B (192.0.2.2) joined by a veth pair, no rate limit;
-/// deleted when dropped.
-struct Netns {
-    a: String,
-    b: String,
-    veth_a: String,
-    veth_b: String,
-}
-
-impl Netns {
-    fn create() -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        require_tool("ip");
-        let tag = format!("nrq{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
-        let net =
-            Self { a: format!("{tag}a"), b: format!("{tag}b"), veth_a: format!("{tag}a"), veth_b: format!("{tag}b") };
-        let out = Command::new("ip").args(["netns", "add", &net.a]).output().expect("cannot run `ip`");
-        assert!(
-            out.status.success(),
-            "`ip netns add {}` failed ({}): these tests need root: {}",
-            net.a,
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        ip(&["netns", "add", &net.b]);
-        ip(&[
-            "link",
-            "add",
-            &net.veth_a,
-            "netns",
-            &net.a,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &net.veth_b,
-            "netns",
-            &net.b,
-        ]);
-        ip(&["-n", &net.a, "addr", "add", &format!("{ADDR_A}/24"), "dev", &net.veth_a]);
-        ip(&["-n", &net.b, "addr", "add", &format!("{ADDR_B}/24"), "dev", &net.veth_b]);
-        for (ns, dev) in [(&net.a, &net.veth_a), (&net.b, &net.veth_b)] {
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-            ip(&["-n", ns, "link", "set", dev, "up"]);
-        }
-        net
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for ns in [&self.a, &self.b] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -392,7 +328,7 @@ impl Drop for Side {
 /// on a panic it prints the tail of every log first.
 struct Rig {
     sides: Vec<Side>,
-    net: Netns,
+    net: TwoHosts,
     key: PathBuf,
     dir: tempfile::TempDir,
     t0: Instant,
@@ -446,7 +382,7 @@ impl Rig {
     /// `-incoming defer`. Returns once the guest reports its first writes.
     fn start(dst_role: Role, seconds: u32) -> Self {
         let t0 = Instant::now();
-        let net = Netns::create();
+        let net = TwoHosts::create(None);
         let dir = tempfile::tempdir().unwrap();
         let key = key_file(dir.path(), "qemu-migrate-test-key-0123456789abcdef");
         let mut a = Side::new(HostId::A, &net.a, dir.path(), "a1");
