@@ -80,6 +80,12 @@ fn yes() -> bool {
     true
 }
 
+/// Waits for a merge started by [`Control::start_merge`] to end; its error, if it failed.
+async fn merge_finished(mut rx: MergeOutcome) -> Result<(), CommandError> {
+    let outcome = rx.wait_for(|o| o.is_some()).await.map_err(generic)?.clone();
+    outcome.expect("waited for an outcome").map_err(generic)
+}
+
 fn generic(e: impl std::fmt::Display) -> CommandError {
     CommandError::generic(e.to_string())
 }
@@ -193,11 +199,10 @@ impl Control {
     async fn row_stop(self: &Arc<Self>, args: RowStopArgs) -> Result<Value, CommandError> {
         let blocks = self.disk.status().blocks_updated;
         let this = self.clone();
-        let mut rx = tokio::task::spawn_blocking(move || this.start_merge()).await.map_err(generic)??;
+        let rx = tokio::task::spawn_blocking(move || this.start_merge()).await.map_err(generic)??;
         if args.wait {
             let started = Instant::now();
-            let outcome = rx.wait_for(|o| o.is_some()).await.map_err(generic)?.clone();
-            outcome.expect("waited for Some").map_err(generic)?;
+            merge_finished(rx).await?;
             return Ok(json!({ "merged-blocks": blocks, "seconds": started.elapsed().as_secs_f64() }));
         }
         Ok(json!({ "merged-blocks": 0 }))
@@ -240,9 +245,8 @@ impl Control {
         // A merge left by a cancelled or failed migration must end first.
         if self.disk.mode() == Mode::Merging {
             let this = self.me.upgrade().ok_or_else(|| generic("shutting down"))?;
-            let mut rx = tokio::task::spawn_blocking(move || this.start_merge()).await.map_err(generic)??;
-            let outcome = rx.wait_for(|o| o.is_some()).await.map_err(generic)?.clone();
-            outcome.expect("waited for Some").map_err(generic)?;
+            let rx = tokio::task::spawn_blocking(move || this.start_merge()).await.map_err(generic)??;
+            merge_finished(rx).await?;
         }
         if strategy == Strategy::Bitmap && self.disk.mode() != Mode::Direct {
             return Err(generic("the bitmap strategy needs the disk in direct mode (ROW is on)"));

@@ -59,10 +59,6 @@ pub struct Export {
     pub read_wait: std::time::Duration,
 }
 
-fn base_gone() -> io::Error {
-    io::Error::new(io::ErrorKind::Other, "the frozen base is gone: ROW mode ended")
-}
-
 impl Export {
     /// Size in bytes.
     pub fn size(&self) -> u64 {
@@ -144,8 +140,8 @@ impl Export {
     fn live(&self) -> io::Result<&Disk> {
         match self.view {
             View::Live if !self.read_only => Ok(&self.disk),
-            View::Live => Err(io::Error::from_raw_os_error(libc::EPERM)),
-            View::Base { .. } => Err(base_gone()),
+            // The base view is read-only too (requests are refused before they get here).
+            View::Live | View::Base { .. } => Err(io::Error::from_raw_os_error(libc::EPERM)),
         }
     }
 }

@@ -588,31 +588,25 @@ impl Disk {
         Ok(out)
     }
 
-    /// Reads the frozen base image while ROW is on; `epoch` is the one seen when the reader
-    /// started, so a reader never mixes two different freezes.
-    pub fn read_base_at(&self, buf: &mut [u8], offset: u64, epoch: u64) -> io::Result<()> {
+    /// The gate, provided the base frozen by ROW session `epoch` is still frozen: a reader of
+    /// the base never mixes two different freezes, nor a freeze with a merge.
+    fn frozen_base(&self, epoch: u64) -> io::Result<RwLockReadGuard<'_, Overlay>> {
         let g = self.gate();
         if g.mode != Mode::Row || g.epoch != epoch {
-            return Err(io::Error::new(io::ErrorKind::Other, "the frozen base is gone: ROW mode ended"));
+            return Err(io::Error::other("the frozen base is gone: ROW mode ended"));
         }
-        self.image.read_at(buf, offset)
+        Ok(g)
     }
 
-    /// [`Disk::read_base_at`] appending to a vector, like [`Disk::read_append`].
+    /// Appends `len` bytes of the frozen base at `offset` to `out`, like [`Disk::read_append`].
     pub fn read_base_append(&self, out: &mut Vec<u8>, len: usize, offset: u64, epoch: u64) -> io::Result<()> {
-        let g = self.gate();
-        if g.mode != Mode::Row || g.epoch != epoch {
-            return Err(io::Error::new(io::ErrorKind::Other, "the frozen base is gone: ROW mode ended"));
-        }
+        let _g = self.frozen_base(epoch)?;
         self.image.read_append(out, len, offset)
     }
 
     /// Extents of the frozen base while ROW is on.
     pub fn base_extents(&self, offset: u64, len: u64, max: usize, epoch: u64) -> io::Result<Vec<Extent>> {
-        let g = self.gate();
-        if g.mode != Mode::Row || g.epoch != epoch {
-            return Err(io::Error::new(io::ErrorKind::Other, "the frozen base is gone: ROW mode ended"));
-        }
+        let _g = self.frozen_base(epoch)?;
         self.image.extents(offset, len, max)
     }
 
@@ -682,9 +676,8 @@ impl Disk {
             if batch.is_empty() {
                 break;
             }
-            for run in journal::runs(&batch, |start, count| Record::Map { start, count }) {
-                let Record::Map { start, count } = run else { unreachable!() };
-                let last = start + count as u64 - 1;
+            for (start, count) in journal::block_runs(&batch) {
+                let last = start + count - 1;
                 let _stripes = self.lock_stripes(start, last);
                 let (from, to) = (start * BLOCK_SIZE, self.block_end(last));
                 let mut buf = Vec::new();
@@ -704,7 +697,7 @@ impl Disk {
                 }
                 let blocks: Vec<u64> = (start..=last).collect();
                 lock(&self.table).unmap(&blocks);
-                merged += count as u64;
+                merged += count;
                 since_checkpoint += to - from;
             }
             if since_checkpoint >= MERGE_CHECKPOINT {
@@ -788,6 +781,12 @@ impl Disk {
             generation: t.generation(),
             epoch: g.epoch,
         }
+    }
+
+    /// The current write generation (cheaper than [`Disk::status`], which also stats the
+    /// reserved file).
+    pub fn generation(&self) -> u64 {
+        lock(&self.table).generation()
     }
 
     /// Every updated block with its statistics, in block order.

@@ -182,22 +182,30 @@ impl Journal {
     }
 }
 
-/// Coalesces sorted, deduplicated blocks into runs of records.
-pub fn runs(blocks: &[u64], make: impl Fn(u64, u32) -> Record) -> Vec<Record> {
-    let mut out = Vec::new();
-    let mut iter = blocks.iter().copied();
-    let Some(mut start) = iter.next() else { return out };
-    let mut count = 1u32;
-    for b in iter {
-        if b == start + count as u64 && count < u32::MAX {
-            count += 1;
-        } else {
-            out.push(make(start, count));
-            start = b;
-            count = 1;
+/// Coalesces sorted, deduplicated blocks into `(first, count)` runs.
+pub fn block_runs(blocks: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &b in blocks {
+        match out.last_mut() {
+            Some((first, count)) if *first + *count == b => *count += 1,
+            _ => out.push((b, 1)),
         }
     }
-    out.push(make(start, count));
+    out
+}
+
+/// Coalesces sorted, deduplicated blocks into runs of records (a record counts at most
+/// `u32::MAX` blocks).
+pub fn runs(blocks: &[u64], make: impl Fn(u64, u32) -> Record) -> Vec<Record> {
+    let mut out = Vec::new();
+    for (mut start, mut count) in block_runs(blocks) {
+        while count > 0 {
+            let n = count.min(u32::MAX as u64);
+            out.push(make(start, n as u32));
+            start += n;
+            count -= n;
+        }
+    }
     out
 }
 

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use migration_stream::{Codec, Key, Message, RoundKind, SessionParams, Strategy};
 use qmp_proto::Event;
+use row_store::journal::block_runs;
 use row_store::{Disk, Mode, BLOCK_SIZE};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -490,8 +491,8 @@ impl Migration {
             s.round_remaining_blocks = blocks;
             s.round
         });
-        self.emit("MIGRATION_ROUND_STARTED", json!({ "round": round, "kind": kind_name(kind), "blocks": blocks }));
-        tracing::info!(round, kind = kind_name(kind), blocks, "round started");
+        self.emit("MIGRATION_ROUND_STARTED", json!({ "round": round, "kind": kind.as_str(), "blocks": blocks }));
+        tracing::info!(round, kind = kind.as_str(), blocks, "round started");
         round
     }
 
@@ -510,7 +511,7 @@ impl Migration {
         let view = match plan {
             Plan::Row { epoch, .. } => View::Base(*epoch),
             Plan::Bitmap { last_round_start } => {
-                *last_round_start = disk.status().generation;
+                *last_round_start = disk.generation();
                 View::Live
             }
         };
@@ -547,11 +548,11 @@ impl Migration {
                     .filter(|(b, s)| s.writes < threshold && sent.get(b).is_none_or(|g| s.generation > *g))
                     .map(|(b, _)| b)
                     .collect();
-                self.send_round(disk, RoundKind::Update, View::Live, runs(&blocks), args.compress, out, Some(sent)).await
+                self.send_round(disk, RoundKind::Update, View::Live, block_runs(&blocks), args.compress, out, Some(sent)).await
             }
             Plan::Bitmap { last_round_start } => {
                 let since = *last_round_start;
-                *last_round_start = disk.status().generation;
+                *last_round_start = disk.generation();
                 let ranges = dirty_chunks(&disk.blocks_written_since(since), args.bitmap_granularity_blocks, disk.size());
                 self.send_round(disk, RoundKind::Update, View::Live, ranges, args.compress, out, None).await
             }
@@ -587,7 +588,7 @@ impl Migration {
             }
         };
         let budget_bytes = (rate * budget.as_secs_f64()) as u64;
-        let mut pass_start = disk.status().generation;
+        let mut pass_start = disk.generation();
         for _ in 0..MAX_SETTLE_PASSES {
             let outstanding = Self::outstanding(disk, sent);
             if outstanding.len() as u64 * BLOCK_SIZE <= budget_bytes {
@@ -597,8 +598,8 @@ impl Migration {
             if settled.is_empty() {
                 break;
             }
-            pass_start = disk.status().generation;
-            self.send_round(disk, RoundKind::Update, View::Live, runs(&settled), args.compress, out, Some(sent)).await?;
+            pass_start = disk.generation();
+            self.send_round(disk, RoundKind::Update, View::Live, block_runs(&settled), args.compress, out, Some(sent)).await?;
         }
         Ok(())
     }
@@ -606,7 +607,7 @@ impl Migration {
     /// The final round, VM paused: everything the destination does not have yet.
     async fn round_final(&self, disk: &Arc<Disk>, plan: &Plan, args: &MigrateArgs, out: &mut Out) -> Result<()> {
         let ranges = match plan {
-            Plan::Row { sent, .. } => runs(&Self::outstanding(disk, sent).into_iter().map(|(b, _)| b).collect::<Vec<_>>()),
+            Plan::Row { sent, .. } => block_runs(&Self::outstanding(disk, sent).into_iter().map(|(b, _)| b).collect::<Vec<_>>()),
             Plan::Bitmap { last_round_start } => {
                 dirty_chunks(&disk.blocks_written_since(*last_round_start), args.bitmap_granularity_blocks, disk.size())
             }
@@ -628,7 +629,7 @@ impl Migration {
         let total: u64 = ranges.iter().map(|r| r.1).sum();
         let round = self.begin_round(kind, total);
         let started = Instant::now();
-        let mut stats = RoundStats { round, kind: kind_name(kind), blocks: 0, logical_bytes: 0, zero_bytes: 0, wire_bytes: 0, seconds: 0.0 };
+        let mut stats = RoundStats { round, kind: kind.as_str(), blocks: 0, logical_bytes: 0, zero_bytes: 0, wire_bytes: 0, seconds: 0.0 };
         stats.wire_bytes += send(&mut out.writer, &Message::RoundBegin { round, kind }).await? as u64;
         let (tx, mut rx) = mpsc::channel::<std::io::Result<Chunk>>(4);
         let d = disk.clone();
@@ -705,14 +706,6 @@ struct Chunk {
     frames: Vec<u8>,
 }
 
-fn kind_name(kind: RoundKind) -> &'static str {
-    match kind {
-        RoundKind::Base => "base",
-        RoundKind::Update => "update",
-        RoundKind::Final => "final",
-    }
-}
-
 fn dest_problem(msg: Result<Message>) -> String {
     match msg {
         Ok(Message::Error { message }) => format!("the destination failed: {message}"),
@@ -739,18 +732,6 @@ fn dirty_chunks(blocks: &[u64], granularity: u64, disk_size: u64) -> Vec<(u64, u
     out
 }
 
-/// Sorted blocks → (first, count) runs.
-fn runs(blocks: &[u64]) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &b in blocks {
-        match out.last_mut() {
-            Some((first, count)) if *first + *count == b => *count += 1,
-            _ => out.push((b, 1)),
-        }
-    }
-    out
-}
-
 /// Runs on the blocking pool: reads ranges in chunks, splits zero blocks from data, compresses
 /// and frames them.
 fn produce(disk: &Disk, view: View, ranges: Vec<(u64, u64)>, compress: bool, tx: &mpsc::Sender<std::io::Result<Chunk>>) {
@@ -762,7 +743,7 @@ fn produce(disk: &Disk, view: View, ranges: Vec<(u64, u64)>, compress: bool, tx:
             let n = (first + count - b).min(CHUNK_BLOCKS);
             let start = b * BLOCK_SIZE;
             let end = ((b + n) * BLOCK_SIZE).min(size);
-            let generation = disk.status().generation;
+            let generation = disk.generation();
             buf.clear();
             let read = match view {
                 View::Live => disk.read_append(&mut buf, (end - start) as usize, start),
