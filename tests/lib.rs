@@ -267,7 +267,9 @@ impl RawClient {
     pub fn recv(&mut self) -> std::io::Result<RawReply> {
         let header: ReplyHeader = self.read_frame(ReplyHeader::decode)?;
         match header {
-            ReplyHeader::Simple { error, cookie } => Ok(RawReply { cookie, error, data: Vec::new(), extents: Vec::new() }),
+            ReplyHeader::Simple { error, cookie } => {
+                Ok(RawReply { cookie, error, data: Vec::new(), extents: Vec::new() })
+            }
             ReplyHeader::Structured(first) => {
                 let mut reply = RawReply { cookie: first.cookie, error: 0, data: Vec::new(), extents: Vec::new() };
                 let mut h: ChunkHeader = first;
@@ -403,9 +405,7 @@ impl ControlClient {
 
     /// Runs a command; `Err` carries the error reply's description.
     pub fn execute(&mut self, command: &str, arguments: serde_json::Value) -> Result<serde_json::Value, String> {
-        self.rt
-            .block_on(self.client.execute(command, arguments, Duration::from_secs(120)))
-            .map_err(|e| e.to_string())
+        self.rt.block_on(self.client.execute(command, arguments, Duration::from_secs(120))).map_err(|e| e.to_string())
     }
 
     /// Runs a command that must succeed.
@@ -517,8 +517,11 @@ pub mod migration {
     /// `nbd-row-proxy serve` of `image` in `dir` with a control socket and a key.
     pub fn source(dir: &Path, image: &Path, key: &Path) -> Host {
         let control = dir.join("control.sock");
-        let server =
-            Server::start(dir, image, &["--control", control.to_str().unwrap(), "--auth-key-file", key.to_str().unwrap()]);
+        let server = Server::start(
+            dir,
+            image,
+            &["--control", control.to_str().unwrap(), "--auth-key-file", key.to_str().unwrap()],
+        );
         wait_for_socket(&control, Duration::from_secs(10));
         Host { server, control, image: image.to_path_buf() }
     }
@@ -671,7 +674,13 @@ pub mod migration {
 
     /// Migrates with a writer running during the rounds; returns the final status and the
     /// disk as the writer left it.
-    pub fn migrate_under_load(src: &Host, dst_port: u16, strategy: &str, start_model: Vec<u8>, seed: u64) -> (Value, Vec<u8>) {
+    pub fn migrate_under_load(
+        src: &Host,
+        dst_port: u16,
+        strategy: &str,
+        start_model: Vec<u8>,
+        seed: u64,
+    ) -> (Value, Vec<u8>) {
         let writer = Writer::start(&src.server.socket, start_model, seed, 1500);
         std::thread::sleep(Duration::from_millis(300));
         let mut ctl = src.ctl();
@@ -685,7 +694,7 @@ pub mod migration {
         let (model, writes) = writer.stop();
         assert!(writes > 200, "the writer should have been busy during the rounds ({writes} writes)");
         let finished = ctl.ok("migrate-finish", json!({}));
-        assert_eq!(finished["phase"], "completed", "{finished}");
+        assert_eq!(finished["phase"], "handed-over", "{finished}");
         (finished, model)
     }
 }
@@ -733,7 +742,17 @@ impl TwoHosts {
         ip(&["netns", "add", &hosts.b]);
         // Created straight inside the namespaces, so nothing is left in ours if we crash.
         ip(&[
-            "link", "add", &hosts.veth_a, "netns", &hosts.a, "type", "veth", "peer", "name", &hosts.veth_b, "netns",
+            "link",
+            "add",
+            &hosts.veth_a,
+            "netns",
+            &hosts.a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &hosts.veth_b,
+            "netns",
             &hosts.b,
         ]);
         ip(&["-n", &hosts.a, "addr", "add", &format!("{ADDR_A}/24"), "dev", &hosts.veth_a]);
@@ -744,9 +763,11 @@ impl TwoHosts {
         }
         if let Some(rate) = rate {
             require_tool("tc");
-            run_ok(Command::new("ip").args(["netns", "exec", &hosts.a, "tc", "qdisc", "add", "dev", &hosts.veth_a]).args([
-                "root", "tbf", "rate", rate, "burst", "256kb", "latency", "50ms",
-            ]));
+            run_ok(
+                Command::new("ip")
+                    .args(["netns", "exec", &hosts.a, "tc", "qdisc", "add", "dev", &hosts.veth_a])
+                    .args(["root", "tbf", "rate", rate, "burst", "256kb", "latency", "50ms"]),
+            );
         }
         hosts
     }

@@ -12,16 +12,26 @@ fn qemu_io_patterns_zeroes_discard_and_map() {
     sparse_file(&image, 64 << 20);
     let server = Server::start(dir.path(), &image, &[]);
     let out = run_ok(Command::new("qemu-io").args(["-f", "raw", &server.uri()]).args([
-        "-c", "write -P 0xab 0 1M",
-        "-c", "write -P 0xcd 4M 64k",
-        "-c", "write -P 0x11 8M 1M",
-        "-c", "write -z 8M 512k",
-        "-c", "discard 8M 1M",
-        "-c", "read -P 0xab 0 1M",
-        "-c", "read -P 0xcd 4M 64k",
-        "-c", "read -P 0 8M 1M",
-        "-c", "read -P 0 16M 4k",
-        "-c", "flush",
+        "-c",
+        "write -P 0xab 0 1M",
+        "-c",
+        "write -P 0xcd 4M 64k",
+        "-c",
+        "write -P 0x11 8M 1M",
+        "-c",
+        "write -z 8M 512k",
+        "-c",
+        "discard 8M 1M",
+        "-c",
+        "read -P 0xab 0 1M",
+        "-c",
+        "read -P 0xcd 4M 64k",
+        "-c",
+        "read -P 0 8M 1M",
+        "-c",
+        "read -P 0 16M 4k",
+        "-c",
+        "flush",
     ]));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("Pattern verification failed"), "{text}");
@@ -82,7 +92,9 @@ fn nbdinfo_reports_flags_and_contexts() {
     let export = &info["exports"][0];
     assert_eq!(export["export-name"], "vm1");
     assert_eq!(export["export-size"], 16 << 20);
-    for flag in ["can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn", "can_cache", "can_df", "can_fast_zero"] {
+    for flag in
+        ["can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn", "can_cache", "can_df", "can_fast_zero"]
+    {
         assert_eq!(export[flag], true, "{flag} in {export}");
     }
     assert_eq!(export["is_read_only"], false);

@@ -145,7 +145,11 @@ fn block_status_and_holes_in_reads() {
     let r = c.call(request(Cmd::BlockStatus, 2, 0, 4 << 20), &[]).unwrap();
     assert_eq!(
         r.extents,
-        vec![(1 << 20, NBD_STATE_HOLE | NBD_STATE_ZERO), (65536, 0), ((3 << 20) - 65536, NBD_STATE_HOLE | NBD_STATE_ZERO)]
+        vec![
+            (1 << 20, NBD_STATE_HOLE | NBD_STATE_ZERO),
+            (65536, 0),
+            ((3 << 20) - 65536, NBD_STATE_HOLE | NBD_STATE_ZERO)
+        ]
     );
     let r = c.call(Request { flags: NBD_CMD_FLAG_REQ_ONE, ..request(Cmd::BlockStatus, 3, 0, 4 << 20) }, &[]).unwrap();
     assert_eq!(r.extents, vec![(1 << 20, NBD_STATE_HOLE | NBD_STATE_ZERO)]);
@@ -159,7 +163,13 @@ fn block_status_and_holes_in_reads() {
     }
     // FAST_ZERO succeeds where zeroing is fast (a hole punch or zero range on this file system).
     let r = c
-        .call(Request { flags: NBD_CMD_FLAG_FAST_ZERO | NBD_CMD_FLAG_NO_HOLE, ..request(Cmd::WriteZeroes, 5, 1 << 20, 4096) }, &[])
+        .call(
+            Request {
+                flags: NBD_CMD_FLAG_FAST_ZERO | NBD_CMD_FLAG_NO_HOLE,
+                ..request(Cmd::WriteZeroes, 5, 1 << 20, 4096)
+            },
+            &[],
+        )
         .unwrap();
     assert!(r.error == 0 || r.error == NBD_ENOTSUP, "{r:?}");
 }

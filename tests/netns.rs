@@ -76,7 +76,7 @@ fn row_migration_over_a_100_mbit_link_between_namespaces() {
     let finish_started = Instant::now();
     let status = ctl.ok("migrate-finish", json!({}));
     let finish = finish_started.elapsed();
-    assert_eq!(status["phase"], "completed", "{status}");
+    assert_eq!(status["phase"], "handed-over", "{status}");
 
     assert!(read_all(&src.server) == model, "the source lost a write");
     assert!(std::fs::read(&dst_image).unwrap() == model, "the destination image differs from the source");

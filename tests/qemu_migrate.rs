@@ -347,6 +347,8 @@ struct Driver {
 /// A finished `row-migrate` run.
 struct DriverResult {
     success: bool,
+    /// The exit code (None when killed by a signal).
+    code: Option<i32>,
     stdout: String,
     stderr: String,
     seconds: f64,
@@ -359,6 +361,7 @@ impl Driver {
         let seconds = self.started.elapsed().as_secs_f64();
         let res = DriverResult {
             success: status.success(),
+            code: status.code(),
             stdout: read_text(&self.stdout),
             stderr: read_text(&self.stderr),
             seconds,
@@ -691,7 +694,15 @@ fn rollback_case(what: &str, seconds: u32, extra: &[&str], keyword: &str, inject
         res.stderr.trim_end()
     );
     assert!(!res.success, "row-migrate succeeded despite {what}; stdout:\n{}", res.stdout);
-    assert!(res.stdout.trim().is_empty(), "row-migrate printed a report despite {what}: {}", res.stdout);
+    // Exit code 3: rolled back, the guest runs on the source; --json says so, with each
+    // component's state.
+    assert_eq!(res.code, Some(3), "row-migrate's exit code after {what}; stderr:\n{}", res.stderr);
+    let report: Value = serde_json::from_str(res.stdout.trim())
+        .unwrap_or_else(|e| panic!("row-migrate --json printed no JSON failure report ({e}): {}", res.stdout));
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(report["exit-code"], 3, "{report}");
+    assert_eq!(report["state"]["source-qemu"]["status"], "running", "{report}");
+    assert!(report["state"]["source-proxy"]["writes-refused"].is_null(), "{report}");
     let errors: Vec<&str> =
         res.stderr.lines().filter(|l| l.starts_with("row-migrate: ") && *l != "row-migrate: rolling back").collect();
     assert_eq!(errors.len(), 1, "want exactly one error line on stderr:\n{}", res.stderr);
@@ -710,7 +721,7 @@ fn rollback_case(what: &str, seconds: u32, extra: &[&str], keyword: &str, inject
     assert!(mode["writes-refused"].is_null() || mode["writes-refused"] == false, "source proxy: {mode}");
     let phase = a.proxy_migration();
     assert!(
-        matches!(phase["phase"].as_str(), Some("failed" | "cancelled" | "none")),
+        matches!(phase["phase"].as_str(), Some("failed" | "cancelled" | "idle")),
         "the source proxy's migration should be over: {phase}"
     );
     // B's guest never resumed.

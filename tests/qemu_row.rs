@@ -151,7 +151,13 @@ fn row_rounds_under_a_writing_guest_keep_every_latest_version() {
             bad.push(format!("block {block}: want {want}, got {got}"));
         }
     }
-    assert!(bad.is_empty(), "{} of {} blocks wrong on the host, first: {:#?}", bad.len(), AREA_BLOCKS, &bad[..bad.len().min(20)]);
+    assert!(
+        bad.is_empty(),
+        "{} of {} blocks wrong on the host, first: {:#?}",
+        bad.len(),
+        AREA_BLOCKS,
+        &bad[..bad.len().min(20)]
+    );
 
     let log = server.proc.log_text();
     eprintln!(

@@ -58,13 +58,20 @@ fn row_freezes_the_base_serves_it_and_merges_back() {
     let mut expected = original.clone();
     let mut apply = |off: usize, data: &[u8]| expected[off..off + data.len()].copy_from_slice(data);
     run_ok(Command::new("qemu-io").args(["-f", "raw", &server.uri_of("vm1")]).args([
-        "-c", "write -P 0x61 512 512",
-        "-c", "write -P 0x62 8k 4k",
-        "-c", "write -P 0x63 1M 1M",
-        "-c", "write -z 4M 64k",
-        "-c", "discard 8M 128k",
-        "-c", "write -P 0x64 12M 3k",
-        "-c", "flush",
+        "-c",
+        "write -P 0x61 512 512",
+        "-c",
+        "write -P 0x62 8k 4k",
+        "-c",
+        "write -P 0x63 1M 1M",
+        "-c",
+        "write -z 4M 64k",
+        "-c",
+        "discard 8M 128k",
+        "-c",
+        "write -P 0x64 12M 3k",
+        "-c",
+        "flush",
     ]));
     apply(512, &[0x61; 512]);
     apply(8192, &[0x62; 4096]);

@@ -1,102 +1,173 @@
-//! Listeners, connection tasks and graceful shutdown.
+//! Start-up (the disk, its ownership record, the listeners), the accept loop, and graceful
+//! shutdown.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use migration_session::{DestSession, DestStage, Ownership};
+use qmp_proto::{Greeting, Version};
+use row_store::{BlockBackend, Disk, DiskOptions, Mode};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
-use qmp_proto::{Greeting, Version};
-use row_store::Mode;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::control::Control;
-use crate::export::{Access, Catalog};
-use migration_stream::Key;
+use crate::cli::{check_socket_path, Config};
+use crate::control::{Control, ControlHandler};
+use crate::migration::dest::Incoming;
+use crate::migration::source::Outgoing;
+use crate::nbd::export::Catalog;
+use crate::ownership::{Access, Gate, Guarded, RecordFile};
+use crate::proxy::{Events, Merger, Proxy};
 
 /// How long in-flight requests may take to finish after SIGTERM.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Events kept for a control client that reads slowly.
+const EVENT_BACKLOG: usize = 1024;
+/// Pause after a failed accept (e.g. out of file descriptors).
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
-/// Where the server listens and how it is controlled.
-#[derive(Debug, Clone)]
-pub struct Listen {
-    /// Unix socket path.
-    pub socket: PathBuf,
-    /// Optional TCP address.
-    pub tcp: Option<String>,
-    /// Optional control socket path.
-    pub control: Option<PathBuf>,
-    /// Default write-count threshold of the hot/cold split.
-    pub hot_threshold: u32,
-    /// Pre-shared key for migration sessions.
-    pub key: Option<Arc<Key>>,
-    /// `receive`: accept an incoming migration on this TCP address.
-    pub incoming: Option<String>,
+/// Opens the disk as its ownership record allows. Blocking.
+pub fn open_disk(config: &Config) -> Result<(Arc<Disk>, RecordFile, Option<Ownership>)> {
+    let record_file = RecordFile::of(&config.image);
+    let record = record_file.load()?;
+    let receiving = config.listen.is_some();
+    let holds = matches!(&record, Some(Ownership::Destination { stage: DestStage::Committed | DestStage::Owner, .. }));
+    if let (Some(Ownership::Destination { stage: DestStage::Incomplete, session, since }), false) = (&record, receiving)
+    {
+        bail!(
+            "{} is incomplete: migration session {session} to it did not commit ({since}). Run `nbd-row-proxy \
+             receive` to migrate it again, or remove {} to serve it as it is",
+            config.image.display(),
+            record_file.path().display()
+        );
+    }
+    let options = DiskOptions {
+        reserved: config.reserved.clone(),
+        read_only: config.read_only,
+        // A destination overwrites the whole image, so an old overlay is obsolete there; not
+        // once it holds a committed disk.
+        discard_overlay: receiving && !holds,
+    };
+    let disk =
+        Disk::open(&config.image, options).with_context(|| format!("opening disk {}", config.image.display()))?;
+    if disk.size() == 0 {
+        bail!("{} is empty: there is no disk to serve", config.image.display());
+    }
+    Ok((Arc::new(disk), record_file, record))
 }
 
-/// Binds a Unix socket, replacing a stale socket file but never a live one.
+/// Binds a Unix socket at a path `check_socket_path` accepted: a stale socket is replaced.
 fn bind_unix(path: &Path) -> Result<UnixListener> {
+    check_socket_path("socket", path)?;
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!("{} is in use by another server", path.display());
-        }
         std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
     }
     UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))
 }
 
-/// Serves the catalog until SIGTERM or SIGINT, then drains connections and flushes.
-pub async fn run(catalog: Catalog, listen: Listen, access: watch::Sender<Access>) -> Result<()> {
-    let unix = bind_unix(&listen.socket)?;
-    let tcp = match &listen.tcp {
+/// Socket files this process created, removed when it stops (or fails to start).
+#[derive(Default)]
+struct Created(Vec<PathBuf>);
+
+impl Drop for Created {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Serves the disk until SIGTERM or SIGINT, then drains connections and flushes.
+pub async fn run(config: Config, disk: Arc<Disk>, record_file: RecordFile, record: Option<Ownership>) -> Result<()> {
+    let receiving = config.listen.is_some();
+    let gate = Gate::new(Access::Open);
+    let proxy = Arc::new(Proxy {
+        disk: disk.clone(),
+        gate: gate.clone(),
+        record: record_file,
+        events: Events::new(EVENT_BACKLOG),
+        merger: Merger::default(),
+        export: config.export.clone(),
+        hot_threshold: config.hot_threshold,
+        key: config.key.clone(),
+    });
+    // The record decides who may write: a destination (receiving, or holding a committed
+    // disk), or a source (perhaps fenced by a hand-over).
+    let dest_record = match &record {
+        Some(r @ Ownership::Destination { .. }) => Some(DestSession::restore(r).0),
+        _ => None,
+    };
+    let incoming = match (receiving, dest_record) {
+        (true, restored) => Some(Incoming::new(proxy.clone(), restored.unwrap_or_default())),
+        (false, Some(restored)) => Some(Incoming::new(proxy.clone(), restored)),
+        (false, None) => None,
+    };
+    let outgoing = Outgoing::spawn(proxy.clone(), if receiving { None } else { record.as_ref() }).await;
+    let control = Arc::new(Control { proxy: proxy.clone(), outgoing, incoming: incoming.clone() });
+
+    let mut created = Created::default();
+    let unix = bind_unix(&config.socket)?;
+    created.0.push(config.socket.clone());
+    let tcp = match config.tcp {
         Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?),
         None => None,
     };
+    let migration_listener = match config.listen {
+        Some(addr) => {
+            Some(TcpListener::bind(addr).await.with_context(|| format!("binding migration listener {addr}"))?)
+        }
+        None => None,
+    };
+    let control_listener = match &config.control {
+        Some(path) => {
+            check_socket_path("--control", path)?;
+            let l = qmp_proto::bind_control_socket(path)
+                .with_context(|| format!("binding control socket {}", path.display()))?;
+            created.0.push(path.clone());
+            Some(l)
+        }
+        None => None,
+    };
+
+    let live: Arc<dyn BlockBackend> = Arc::new(Guarded::new(disk.clone(), gate.clone()));
+    let catalog = Catalog::new(config.export.clone(), disk.clone(), live, gate.subscribe(), config.read_wait);
     tracing::info!(
-        socket = %listen.socket.display(),
-        tcp = listen.tcp.as_deref().unwrap_or("-"),
-        export = %catalog.live().name,
-        size = catalog.live().size(),
-        mode = catalog.live().disk.mode().as_str(),
+        socket = %config.socket.display(),
+        tcp = config.tcp.map(|a| a.to_string()).as_deref().unwrap_or("-"),
+        export = %config.export,
+        size = disk.size(),
+        mode = disk.mode().as_str(),
+        access = ?gate.access(),
         "serving"
     );
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (events, _) = broadcast::channel(1024);
-    let disk = Arc::clone(&catalog.live().disk);
-    let control = Control::new(
-        disk.clone(),
-        catalog.live().name.clone(),
-        listen.hot_threshold,
-        events.clone(),
-        listen.key.clone(),
-        access.subscribe(),
-    );
-    if let Some(addr) = &listen.incoming {
-        let key = listen.key.clone().context("receive needs --auth-key-file")?;
-        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding migration listener {addr}"))?;
-        tracing::info!(listen = %addr, "waiting for an incoming migration");
-        tokio::spawn(crate::migration::dest::receive(disk.clone(), listener, key, access.clone(), events.clone(), shutdown_rx.clone()));
+    if let (Some(listener), Some(incoming)) = (migration_listener, &incoming) {
+        let key = config.key.clone().context("receive needs --auth-key-file")?;
+        tracing::info!(listen = ?config.listen, phase = %incoming.phase(), "waiting for an incoming migration");
+        tokio::spawn(incoming.clone().listen(listener, key, shutdown_rx.clone()));
     }
     let mut control_task = None;
-    if let Some(path) = &listen.control {
-        let listener = qmp_proto::bind_control_socket(path).with_context(|| format!("binding control socket {}", path.display()))?;
+    if let Some(listener) = control_listener {
         let greeting = Greeting::new(
             Version { major: 0, minor: 1, micro: 0 },
             concat!("nbd-row-proxy ", env!("CARGO_PKG_VERSION")),
         );
-        let handler: Arc<dyn qmp_proto::Handler> = control.clone();
-        control_task = Some(tokio::spawn(qmp_proto::serve(listener, greeting, handler, events.clone(), shutdown_rx.clone())));
-        tracing::info!(control = %path.display(), "control socket ready");
+        let handler: Arc<dyn qmp_proto::Handler> = Arc::new(ControlHandler(control.clone()));
+        let events = proxy.events.sender().clone();
+        control_task = Some(tokio::spawn(qmp_proto::serve(listener, greeting, handler, events, shutdown_rx.clone())));
+        tracing::info!(control = ?config.control, "control socket ready");
     }
     if disk.mode() == Mode::Merging {
         tracing::info!("resuming the merge interrupted by the last exit");
-        let control = control.clone();
-        tokio::task::spawn_blocking(move || control.start_merge()).await?.map_err(|e| anyhow::anyhow!("{}", e.desc))?;
+        let p = proxy.clone();
+        tokio::task::spawn_blocking(move || p.start_merge()).await?.context("resuming the merge")?;
     }
+
     let mut conns = JoinSet::new();
     let mut next_id = 0u64;
     loop {
@@ -118,7 +189,7 @@ pub async fn run(catalog: Catalog, listen: Listen, access: watch::Sender<Access>
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(ACCEPT_RETRY).await;
                 continue;
             }
         };
@@ -126,31 +197,26 @@ pub async fn run(catalog: Catalog, listen: Listen, access: watch::Sender<Access>
         let peer = format!("{kind}#{next_id}");
         let (catalog, rx) = (catalog.clone(), shutdown_rx.clone());
         conns.spawn(async move {
-            if let Err(e) = crate::connection::serve(reader, writer, catalog, peer.clone(), rx).await {
+            if let Err(e) = crate::nbd::connection::serve(reader, writer, catalog, peer.clone(), rx).await {
                 tracing::warn!(%peer, "connection ended: {e:#}");
             }
         });
     }
     drop(unix);
     drop(tcp);
-    let _ = std::fs::remove_file(&listen.socket);
     let _ = shutdown_tx.send(true);
     if let Some(task) = control_task {
         let _ = task.await;
-        if let Some(path) = &listen.control {
-            let _ = std::fs::remove_file(path);
-        }
     }
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await;
+    drop(created);
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async { while conns.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         tracing::warn!("connections still busy after {DRAIN_TIMEOUT:?}; closing them");
     }
-    tokio::task::spawn_blocking(move || disk.flush())
+    let d = disk.clone();
+    tokio::task::spawn_blocking(move || d.flush())
         .await?
-        .with_context(|| format!("flushing {}", catalog.live().disk.image_path().display()))?;
+        .with_context(|| format!("flushing {}", disk.image_path().display()))?;
     tracing::info!("stopped cleanly");
     Ok(())
 }

@@ -37,17 +37,17 @@ impl Qmp {
     /// Connects to the QMP socket at `path`, reads the greeting and sends `qmp_capabilities`,
     /// all within `timeout`. Commands then use [`DEFAULT_COMMAND_TIMEOUT`].
     pub async fn connect(path: impl AsRef<Path>, timeout: Duration) -> Result<Self, QmpError> {
-        let client = Client::connect(path, timeout).await.map_err(|e| {
-            QmpError::from_client(e, "qmp_capabilities", "QMP greeting and negotiation", timeout)
-        })?;
+        let client = Client::connect(path, timeout)
+            .await
+            .map_err(|e| QmpError::from_client(e, "qmp_capabilities", "QMP greeting and negotiation", timeout))?;
         Ok(Self::from_client(client))
     }
 
     /// Like [`connect`](Self::connect), on an already connected stream.
     pub async fn from_stream(stream: UnixStream, timeout: Duration) -> Result<Self, QmpError> {
-        let client = Client::from_stream(stream, timeout).await.map_err(|e| {
-            QmpError::from_client(e, "qmp_capabilities", "QMP greeting and negotiation", timeout)
-        })?;
+        let client = Client::from_stream(stream, timeout)
+            .await
+            .map_err(|e| QmpError::from_client(e, "qmp_capabilities", "QMP greeting and negotiation", timeout))?;
         Ok(Self::from_client(client))
     }
 
@@ -80,8 +80,8 @@ impl Qmp {
     /// leniently ([`Decoded::Raw`] when it does not fit `C::Ok`, e.g. an enum value QEMU 7.2
     /// sends that the 9.x types lack).
     pub async fn execute<C: qapi::Command>(&mut self, command: C) -> Result<Decoded<C::Ok>, QmpError> {
-        let arguments = serde_json::to_value(&command)
-            .map_err(|error| QmpError::Encode { command: C::NAME.to_owned(), error })?;
+        let arguments =
+            serde_json::to_value(&command).map_err(|error| QmpError::Encode { command: C::NAME.to_owned(), error })?;
         let raw = self.execute_raw(C::NAME, arguments).await?;
         Ok(Decoded::decode(C::NAME, raw))
     }
@@ -147,20 +147,15 @@ impl Qmp {
 
     /// Waits up to `timeout` for a `MIGRATION` event whose status is one of `statuses`
     /// (needs the `events` migration capability on the QEMU that sends it).
-    pub async fn wait_migration_event(
-        &mut self,
-        timeout: Duration,
-        statuses: &[&str],
-    ) -> Result<QemuEvent, QmpError> {
-        self.wait_event(timeout, |e| e.migration_status().is_some_and(|s| statuses.contains(&s)))
-            .await
-            .map_err(|e| match e {
-                QmpError::Timeout { timeout, .. } => QmpError::Timeout {
-                    what: format!("MIGRATION event with status in {statuses:?}"),
-                    timeout,
-                },
+    pub async fn wait_migration_event(&mut self, timeout: Duration, statuses: &[&str]) -> Result<QemuEvent, QmpError> {
+        self.wait_event(timeout, |e| e.migration_status().is_some_and(|s| statuses.contains(&s))).await.map_err(|e| {
+            match e {
+                QmpError::Timeout { timeout, .. } => {
+                    QmpError::Timeout { what: format!("MIGRATION event with status in {statuses:?}"), timeout }
+                }
                 other => other,
-            })
+            }
+        })
     }
 
     /// Takes every event received so far, without waiting.

@@ -136,12 +136,9 @@ pub fn parse_capabilities(raw: &Value) -> Result<Vec<CapabilityState>, String> {
     items
         .iter()
         .map(|item| {
-            let name = item
-                .get("capability")
-                .and_then(Value::as_str)
-                .ok_or_else(|| format!("no `capability` in {item}"))?;
-            let state =
-                item.get("state").and_then(Value::as_bool).ok_or_else(|| format!("no `state` in {item}"))?;
+            let name =
+                item.get("capability").and_then(Value::as_str).ok_or_else(|| format!("no `capability` in {item}"))?;
+            let state = item.get("state").and_then(Value::as_bool).ok_or_else(|| format!("no `state` in {item}"))?;
             Ok(CapabilityState { name: name.to_owned(), state })
         })
         .collect()
@@ -179,10 +176,7 @@ impl BlockJob {
     /// Reads one element of a `query-block-jobs` return value.
     pub fn from_reply(raw: Value) -> Result<Self, String> {
         let s = |key: &str| {
-            raw.get(key)
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .ok_or_else(|| format!("no string `{key}`"))
+            raw.get(key).and_then(Value::as_str).map(str::to_owned).ok_or_else(|| format!("no string `{key}`"))
         };
         let n = |key: &str| raw.get(key).and_then(Value::as_u64).ok_or_else(|| format!("no number `{key}`"));
         let b = |key: &str| raw.get(key).and_then(Value::as_bool).unwrap_or(false);
@@ -268,19 +262,13 @@ impl Qmp {
     /// `uri` set, which is what 7.2 accepts (it has no `channels`). Returns once started;
     /// follow with [`query_migrate`](Self::query_migrate) or `MIGRATION` events.
     pub async fn migrate(&mut self, uri: &str) -> Result<(), QmpError> {
-        self.execute(qmp::migrate { uri: Some(uri.to_owned()), channels: None, detach: None, resume: None })
-            .await?;
+        self.execute(qmp::migrate { uri: Some(uri.to_owned()), channels: None, detach: None, resume: None }).await?;
         Ok(())
     }
 
     /// `migrate-incoming` on a QEMU started with `-incoming defer`, typed with only `uri`.
     pub async fn migrate_incoming(&mut self, uri: &str) -> Result<(), QmpError> {
-        self.execute(qmp::migrate_incoming {
-            uri: Some(uri.to_owned()),
-            channels: None,
-            exit_on_error: None,
-        })
-        .await?;
+        self.execute(qmp::migrate_incoming { uri: Some(uri.to_owned()), channels: None, exit_on_error: None }).await?;
         Ok(())
     }
 

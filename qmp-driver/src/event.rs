@@ -107,11 +107,7 @@ mod tests {
     use serde_json::json;
 
     fn ev(name: &str, data: Value) -> qmp_proto::Event {
-        qmp_proto::Event {
-            event: name.into(),
-            data,
-            timestamp: Timestamp { seconds: 1_700_000_000, microseconds: 5 },
-        }
+        qmp_proto::Event { event: name.into(), data, timestamp: Timestamp { seconds: 1_700_000_000, microseconds: 5 } }
     }
 
     #[test]
@@ -119,10 +115,7 @@ mod tests {
         let e = QemuEvent::decode(ev("STOP", Value::Null));
         assert!(matches!(e.typed, Some(qapi::qmp::Event::STOP { .. })), "{e:?}");
         assert_eq!(e.decode_error, None);
-        assert_eq!(
-            e.time(),
-            Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000) + Duration::from_micros(5))
-        );
+        assert_eq!(e.time(), Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000) + Duration::from_micros(5)));
     }
 
     #[test]

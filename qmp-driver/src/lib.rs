@@ -42,11 +42,13 @@ pub mod commands;
 pub mod decoded;
 pub mod error;
 pub mod event;
+pub mod proxy;
 
 pub use client::{Qmp, DEFAULT_COMMAND_TIMEOUT};
 pub use commands::{parse_capabilities, BlockJob, CapabilityState, MigrationInfo, VmStatus};
 pub use decoded::Decoded;
 pub use error::QmpError;
 pub use event::QemuEvent;
+pub use proxy::{DiskMigration, DiskMigrationError};
 pub use qapi;
 pub use qmp_proto::{CommandError, ErrorClass, Greeting, Timestamp, Version};

@@ -195,10 +195,7 @@ async fn client_survives_what_qemu_and_the_future_send() {
     assert!(matches!(err, QmpError::Protocol(_)), "{err}");
 
     // A command that times out; its late reply is dropped by id.
-    let err = qmp
-        .execute_raw_with_timeout("slow-command", Value::Null, Duration::from_millis(200))
-        .await
-        .unwrap_err();
+    let err = qmp.execute_raw_with_timeout("slow-command", Value::Null, Duration::from_millis(200)).await.unwrap_err();
     assert!(err.is_timeout(), "{err}");
     qmp.stop().await.unwrap();
     let stop = qmp.wait_event(T, |e| e.is("STOP")).await.unwrap();
@@ -233,8 +230,7 @@ async fn commands_send_what_qemu_7_2_accepts() {
     qmp.migrate_continue("pre-switchover").await.unwrap();
     qmp.quit().await.unwrap();
     let received = server.await.unwrap();
-    let args: Vec<(String, Value)> =
-        received.into_iter().map(|r| (r.execute, Value::Object(r.arguments))).collect();
+    let args: Vec<(String, Value)> = received.into_iter().map(|r| (r.execute, Value::Object(r.arguments))).collect();
     assert_eq!(
         args,
         [

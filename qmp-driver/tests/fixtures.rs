@@ -15,8 +15,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn load(path: &Path) -> Value {
-    serde_json::from_str(&fs::read_to_string(path).unwrap())
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// The JSON files in a fixtures subfolder, sorted.
@@ -93,18 +92,13 @@ fn every_recorded_reply_decodes_typed_or_raw() {
         let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
         let fixture = load(&path);
         let execute = fixture["execute"].as_str().unwrap();
-        let ServerMessage::Response(response) = wire(&fixture["reply"]) else {
-            panic!("{name}: not a reply")
-        };
+        let ServerMessage::Response(response) = wire(&fixture["reply"]) else { panic!("{name}: not a reply") };
         let raw = match response.result {
             Ok(raw) => raw,
             Err(e) => {
                 assert!(name.starts_with("error-"), "{name}: unexpected error {e}");
-                let class = if execute == "no-such-command" {
-                    ErrorClass::CommandNotFound
-                } else {
-                    ErrorClass::GenericError
-                };
+                let class =
+                    if execute == "no-such-command" { ErrorClass::CommandNotFound } else { ErrorClass::GenericError };
                 assert_eq!(e.class, class, "{name}");
                 continue;
             }
@@ -118,9 +112,7 @@ fn every_recorded_reply_decodes_typed_or_raw() {
         // Which replies the 9.x types reject on 7.2, pinned so a qapi upgrade shows up here.
         let expect_typed = !matches!(
             name.as_str(),
-            "query-migrate-capabilities"
-                | "query-block-jobs-mirror-running"
-                | "query-block-jobs-mirror-ready"
+            "query-migrate-capabilities" | "query-block-jobs-mirror-running" | "query-block-jobs-mirror-ready"
         );
         assert_eq!(is_typed, expect_typed, "{name}: {error:?}");
 

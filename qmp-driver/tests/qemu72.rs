@@ -19,9 +19,8 @@ fn qemu_binary() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("QEMU_SYSTEM_X86_64") {
         return Some(path.into());
     }
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths).map(|d| d.join("qemu-system-x86_64")).find(|p| p.is_file())
-    });
+    let found = std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("qemu-system-x86_64")).find(|p| p.is_file()));
     if found.is_none() {
         assert!(
             std::env::var_os("QMP_DRIVER_REQUIRE_QEMU").is_none(),
@@ -125,10 +124,7 @@ async fn status_capabilities_cont_stop_and_events() {
 
     // A capability QEMU does not know is a command error; the connection goes on.
     let err = qmp.migrate_set_capabilities(&[("no-such-capability", true)]).await.unwrap_err();
-    assert!(
-        matches!(&err, QmpError::Command { error, .. } if error.class == ErrorClass::GenericError),
-        "{err}"
-    );
+    assert!(matches!(&err, QmpError::Command { error, .. } if error.class == ErrorClass::GenericError), "{err}");
 
     let before = now_secs();
     qmp.cont().await.unwrap();
@@ -233,8 +229,7 @@ async fn migration_pauses_before_switchover_and_completes() {
     assert_eq!(status, "postmigrate");
 
     dst.wait_migration_event(T, &["completed"]).await.unwrap();
-    let seen: Vec<String> =
-        dst.take_events().iter().filter_map(|e| e.migration_status().map(str::to_owned)).collect();
+    let seen: Vec<String> = dst.take_events().iter().filter_map(|e| e.migration_status().map(str::to_owned)).collect();
     assert!(seen.contains(&"active".to_owned()), "{seen:?}");
     assert_eq!(dst.query_status().await.unwrap().status, "paused");
     dst.cont().await.unwrap();

@@ -126,7 +126,11 @@ fn load_font(explicit: Option<PathBuf>) -> Result<()> {
 }
 
 /// A group's name centred under the x axis at backend pixel `at`.
-fn group_label<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, at: (i32, i32), text: &str) -> Result<()>
+fn group_label<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    at: (i32, i32),
+    text: &str,
+) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
@@ -175,18 +179,12 @@ fn draw(title: &str, runs: &[Run], output: &PathBuf, size: (u32, u32)) -> Result
     let (top, bottom) = root.split_vertically((size.1 as f64 * 0.55) as u32);
 
     // Panel 1: update data by round.
-    let max_update = runs
-        .iter()
-        .map(|r| r.rounds.iter().filter(|x| x.0 > 1).map(|x| x.2).sum::<u64>())
-        .max()
-        .unwrap_or(0);
+    let max_update =
+        runs.iter().map(|r| r.rounds.iter().filter(|x| x.0 > 1).map(|x| x.2).sum::<u64>()).max().unwrap_or(0);
     // Headroom above the tallest bar for its label and the legend (up to ~8 entries).
     let y1 = (mb(max_update) * 1.5).max(0.01);
     let mut chart = ChartBuilder::on(&top)
-        .caption(
-            "Bytes on the wire after round 1 (update data), stacked by round",
-            ("sans-serif", 20),
-        )
+        .caption("Bytes on the wire after round 1 (update data), stacked by round", ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(34)
         .y_label_area_size(70)
@@ -217,7 +215,8 @@ fn draw(title: &str, runs: &[Run], output: &PathBuf, size: (u32, u32)) -> Result
                 let Some(run) = by_key.get(&(p, s)) else { continue };
                 let updates: Vec<&(u64, String, u64)> = run.rounds.iter().filter(|x| x.0 > 1).collect();
                 // Align the final round with the last shade, earlier rounds from the first.
-                let k = if i == n_rounds - 1 { updates.len().checked_sub(1) } else { (i < updates.len() - 1).then_some(i) };
+                let k =
+                    if i == n_rounds - 1 { updates.len().checked_sub(1) } else { (i < updates.len() - 1).then_some(i) };
                 let Some(k) = k else { continue };
                 let below: u64 = updates[..k].iter().map(|x| x.2).sum();
                 let (x0, x1) = bar_x(p, s);

@@ -74,23 +74,15 @@ impl Key {
     /// than [`MIN_KEY_LEN`] or a file that group or others may access is refused.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Key, KeyError> {
         let path = path.as_ref();
-        let io = |source| KeyError::Io {
-            path: path.to_owned(),
-            source,
-        };
+        let io = |source| KeyError::Io { path: path.to_owned(), source };
         let file = std::fs::File::open(path).map_err(io)?;
         // Checked on the open file, so a swap between check and read does not matter.
         let mode = file.metadata().map_err(io)?.permissions().mode() & 0o7777;
         if mode & 0o077 != 0 {
-            return Err(KeyError::Permissions {
-                path: path.to_owned(),
-                mode,
-            });
+            return Err(KeyError::Permissions { path: path.to_owned(), mode });
         }
         let mut bytes = Vec::new();
-        file.take(MAX_KEY_LEN as u64 + 3)
-            .read_to_end(&mut bytes)
-            .map_err(io)?;
+        file.take(MAX_KEY_LEN as u64 + 3).read_to_end(&mut bytes).map_err(io)?;
         if bytes.last() == Some(&b'\n') {
             bytes.pop();
             if bytes.last() == Some(&b'\r') {
@@ -99,26 +91,19 @@ impl Key {
         }
         if bytes.len() > MAX_KEY_LEN {
             bytes.fill(0);
-            return Err(KeyError::TooLong {
-                path: path.to_owned(),
-            });
+            return Err(KeyError::TooLong { path: path.to_owned() });
         }
         if bytes.len() < MIN_KEY_LEN {
             let len = bytes.len();
             bytes.fill(0);
-            return Err(KeyError::TooShort {
-                path: path.to_owned(),
-                len,
-            });
+            return Err(KeyError::TooShort { path: path.to_owned(), len });
         }
         Ok(Key { bytes })
     }
 
     /// A key from bytes as they are; no length check (for tests and callers that checked).
     pub fn from_bytes(bytes: &[u8]) -> Key {
-        Key {
-            bytes: bytes.to_vec(),
-        }
+        Key { bytes: bytes.to_vec() }
     }
 
     /// Length of the key in bytes.
@@ -155,15 +140,8 @@ pub fn nonce() -> [u8; 32] {
     n
 }
 
-fn mac(
-    key: &Key,
-    label: &[u8],
-    server_nonce: &[u8; 32],
-    client_nonce: &[u8; 32],
-    params: &SessionParams,
-) -> [u8; 32] {
-    let mut m =
-        <Hmac<Sha256> as Mac>::new_from_slice(&key.bytes).expect("HMAC accepts keys of any length");
+fn mac(key: &Key, label: &[u8], server_nonce: &[u8; 32], client_nonce: &[u8; 32], params: &SessionParams) -> [u8; 32] {
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&key.bytes).expect("HMAC accepts keys of any length");
     m.update(label);
     m.update(server_nonce);
     m.update(client_nonce);
@@ -175,23 +153,13 @@ fn mac(
 
 /// The source's proof of the key: HMAC-SHA256(key, "nbd-row-proxy client" || server_nonce ||
 /// client_nonce || encoded params).
-pub fn client_mac(
-    key: &Key,
-    server_nonce: &[u8; 32],
-    client_nonce: &[u8; 32],
-    params: &SessionParams,
-) -> [u8; 32] {
+pub fn client_mac(key: &Key, server_nonce: &[u8; 32], client_nonce: &[u8; 32], params: &SessionParams) -> [u8; 32] {
     mac(key, CLIENT_LABEL, server_nonce, client_nonce, params)
 }
 
 /// The destination's proof of the key: as [`client_mac`] with the label
 /// "nbd-row-proxy server", so a reflected client MAC never verifies.
-pub fn server_mac(
-    key: &Key,
-    server_nonce: &[u8; 32],
-    client_nonce: &[u8; 32],
-    params: &SessionParams,
-) -> [u8; 32] {
+pub fn server_mac(key: &Key, server_nonce: &[u8; 32], client_nonce: &[u8; 32], params: &SessionParams) -> [u8; 32] {
     mac(key, SERVER_LABEL, server_nonce, client_nonce, params)
 }
 
@@ -207,12 +175,7 @@ mod tests {
     use std::io::Write;
 
     fn params() -> SessionParams {
-        SessionParams {
-            session_id: [9; 16],
-            disk_size: 1 << 30,
-            block_size: 4096,
-            strategy: Strategy::Row,
-        }
+        SessionParams { session_id: [9; 16], disk_size: 1 << 30, block_size: 4096, strategy: Strategy::Row }
     }
 
     #[test]
@@ -226,20 +189,14 @@ mod tests {
         assert!(verify(&client_mac(&key, &sn, &cn, &params()), &c));
         assert!(verify(&server_mac(&key, &sn, &cn, &params()), &s));
         assert!(!verify(&client_mac(&wrong, &sn, &cn, &params()), &c));
-        assert!(
-            !verify(&s, &c),
-            "a reflected client MAC must not pass as the server's"
-        );
+        assert!(!verify(&s, &c), "a reflected client MAC must not pass as the server's");
         let mut other = params();
         other.disk_size += 4096;
         assert!(!verify(&client_mac(&key, &sn, &cn, &other), &c));
         other = params();
         other.strategy = Strategy::Bitmap;
         assert!(!verify(&client_mac(&key, &sn, &cn, &other), &c));
-        assert!(
-            !verify(&client_mac(&key, &cn, &sn, &params()), &c),
-            "nonces are ordered"
-        );
+        assert!(!verify(&client_mac(&key, &cn, &sn, &params()), &c), "nonces are ordered");
         assert!(!verify(&client_mac(&key, &nonce(), &cn, &params()), &c));
         let mut flipped = c;
         flipped[31] ^= 1;
@@ -250,12 +207,7 @@ mod tests {
     fn known_answer() {
         // HMAC-SHA256 computed independently (Python hmac module).
         let key = Key::from_bytes(b"0123456789abcdef");
-        let p = SessionParams {
-            session_id: [0; 16],
-            disk_size: 0,
-            block_size: 1,
-            strategy: Strategy::Row,
-        };
+        let p = SessionParams { session_id: [0; 16], disk_size: 0, block_size: 1, strategy: Strategy::Row };
         let c = client_mac(&key, &[1; 32], &[2; 32], &p);
         let s = server_mac(&key, &[1; 32], &[2; 32], &p);
         assert_eq!(hex(&c), CLIENT_KAT);
@@ -287,10 +239,7 @@ mod tests {
         assert_eq!(Key::from_file(f.path()).unwrap().bytes, b"0123456789abcdef");
         // Only one newline is stripped.
         let f = key_file(b"0123456789abcde\n\n", 0o600);
-        assert_eq!(
-            Key::from_file(f.path()).unwrap().bytes,
-            b"0123456789abcde\n"
-        );
+        assert_eq!(Key::from_file(f.path()).unwrap().bytes, b"0123456789abcde\n");
     }
 
     #[test]
@@ -299,31 +248,19 @@ mod tests {
         let err = Key::from_file(f.path()).unwrap_err();
         assert!(matches!(err, KeyError::TooShort { len: 15, .. }), "{err}");
         let f = key_file(b"", 0o600);
-        assert!(matches!(
-            Key::from_file(f.path()),
-            Err(KeyError::TooShort { len: 0, .. })
-        ));
+        assert!(matches!(Key::from_file(f.path()), Err(KeyError::TooShort { len: 0, .. })));
         for mode in [0o644, 0o640, 0o604, 0o660] {
             let f = key_file(b"0123456789abcdef0123456789abcdef\n", mode);
             let err = Key::from_file(f.path()).unwrap_err();
-            assert!(
-                matches!(err, KeyError::Permissions { .. }),
-                "{mode:o}: {err}"
-            );
+            assert!(matches!(err, KeyError::Permissions { .. }), "{mode:o}: {err}");
             assert!(err.to_string().contains("chmod 600"), "{err}");
         }
         let f = key_file(&vec![b'k'; MAX_KEY_LEN + 1], 0o600);
-        assert!(matches!(
-            Key::from_file(f.path()),
-            Err(KeyError::TooLong { .. })
-        ));
+        assert!(matches!(Key::from_file(f.path()), Err(KeyError::TooLong { .. })));
         let f = key_file(&vec![b'k'; MAX_KEY_LEN], 0o600);
         assert_eq!(Key::from_file(f.path()).unwrap().len(), MAX_KEY_LEN);
         let err = Key::from_file("/nonexistent/migration.key").unwrap_err();
         assert!(matches!(err, KeyError::Io { .. }));
-        assert!(
-            err.to_string().contains("/nonexistent/migration.key"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("/nonexistent/migration.key"), "{err}");
     }
 }

@@ -16,20 +16,14 @@ pub fn encode_block(data: &[u8], compress: bool) -> (Codec, Vec<u8>) {
 
 /// Decodes a `Data` payload to exactly `logical_len` bytes (1..=[`MAX_PAYLOAD`]). A size
 /// mismatch or corrupt LZ4 is an error; at most `logical_len` bytes are allocated.
-pub fn decode_block(
-    codec: Codec,
-    payload: &[u8],
-    logical_len: u32,
-) -> Result<Vec<u8>, StreamError> {
+pub fn decode_block(codec: Codec, payload: &[u8], logical_len: u32) -> Result<Vec<u8>, StreamError> {
     let len = logical_len as usize;
     if len == 0 || len > MAX_PAYLOAD {
         return Err(StreamError::Corrupt("logical length out of range"));
     }
     if codec == Codec::Raw {
         if payload.len() != len {
-            return Err(StreamError::Corrupt(
-                "raw block length differs from logical length",
-            ));
+            return Err(StreamError::Corrupt("raw block length differs from logical length"));
         }
         return Ok(payload.to_vec());
     }
@@ -43,16 +37,13 @@ pub fn decode_block_into(codec: Codec, payload: &[u8], out: &mut [u8]) -> Result
     match codec {
         Codec::Raw => {
             if payload.len() != out.len() {
-                return Err(StreamError::Corrupt(
-                    "raw block length differs from logical length",
-                ));
+                return Err(StreamError::Corrupt("raw block length differs from logical length"));
             }
             out.copy_from_slice(payload);
         }
         Codec::Lz4 => {
-            let n = lz4_flex::block::decompress_into(payload, out).map_err(|_| {
-                StreamError::Corrupt("lz4 block is corrupt or longer than announced")
-            })?;
+            let n = lz4_flex::block::decompress_into(payload, out)
+                .map_err(|_| StreamError::Corrupt("lz4 block is corrupt or longer than announced"))?;
             if n != out.len() {
                 return Err(StreamError::Corrupt("lz4 block is shorter than announced"));
             }
@@ -94,19 +85,11 @@ mod tests {
 
     #[test]
     fn lz4_round_trip() {
-        let data: Vec<u8> = b"hello migration "
-            .iter()
-            .copied()
-            .cycle()
-            .take(65536)
-            .collect();
+        let data: Vec<u8> = b"hello migration ".iter().copied().cycle().take(65536).collect();
         let (codec, payload) = encode_block(&data, true);
         assert_eq!(codec, Codec::Lz4);
         assert!(payload.len() < data.len() / 10);
-        assert_eq!(
-            decode_block(codec, &payload, data.len() as u32).unwrap(),
-            data
-        );
+        assert_eq!(decode_block(codec, &payload, data.len() as u32).unwrap(), data);
         let mut out = vec![0xaa; data.len()];
         decode_block_into(codec, &payload, &mut out).unwrap();
         assert_eq!(out, data);
@@ -118,10 +101,7 @@ mod tests {
         let (codec, payload) = encode_block(&data, true);
         assert_eq!(codec, Codec::Raw);
         assert_eq!(payload, data);
-        assert_eq!(
-            decode_block(codec, &payload, data.len() as u32).unwrap(),
-            data
-        );
+        assert_eq!(decode_block(codec, &payload, data.len() as u32).unwrap(), data);
         assert_eq!(encode_block(&[], true), (Codec::Raw, Vec::new()));
         assert_eq!(encode_block(b"a", true), (Codec::Raw, b"a".to_vec()));
     }
@@ -138,10 +118,7 @@ mod tests {
         let (codec, payload) = encode_block(&data, true);
         assert_eq!(codec, Codec::Lz4);
         assert!(payload.len() < 8192, "{}", payload.len());
-        assert_eq!(
-            decode_block(codec, &payload, data.len() as u32).unwrap(),
-            data
-        );
+        assert_eq!(decode_block(codec, &payload, data.len() as u32).unwrap(), data);
     }
 
     #[test]
@@ -150,13 +127,7 @@ mod tests {
         let (codec, payload) = encode_block(&data, true);
         assert_eq!(codec, Codec::Lz4);
         for wrong in [1, 4095, 4097, 1 << 20] {
-            assert!(
-                matches!(
-                    decode_block(codec, &payload, wrong),
-                    Err(StreamError::Corrupt(_))
-                ),
-                "{wrong}"
-            );
+            assert!(matches!(decode_block(codec, &payload, wrong), Err(StreamError::Corrupt(_))), "{wrong}");
         }
         assert!(decode_block(codec, &payload, 0).is_err());
         assert!(decode_block(codec, &payload, MAX_PAYLOAD as u32 + 1).is_err());
@@ -168,10 +139,7 @@ mod tests {
         // Every truncation and every single-byte corruption either errors or yields exactly
         // 4096 bytes; never a panic.
         for cut in 0..payload.len() {
-            assert!(
-                decode_block(codec, &payload[..cut], 4096).is_err(),
-                "cut {cut}"
-            );
+            assert!(decode_block(codec, &payload[..cut], 4096).is_err(), "cut {cut}");
         }
         for i in 0..payload.len() {
             for v in [0u8, 0xff, payload[i] ^ 0x10] {

@@ -17,9 +17,7 @@ pub enum StreamError {
     #[error("peer is not speaking the nbd-row-proxy migration protocol (bad magic)")]
     NotAMigrationStream,
     /// The peer speaks a protocol version this implementation does not.
-    #[error(
-        "migration protocol version mismatch: we speak version {ours}, the peer speaks {theirs}"
-    )]
+    #[error("migration protocol version mismatch: we speak version {ours}, the peer speaks {theirs}")]
     Version {
         /// Our version.
         ours: u16,

@@ -11,7 +11,7 @@
 //! All integers are little-endian. Every message is one frame:
 //!
 //! ```text
-//! +0  type         u8    message type (1 = ServerHello ... 13 = Error)
+//! +0  type         u8    message type (1 = ServerHello ... 15 = Revoked)
 //! +1  flags        u8    must be 0
 //! +2  reserved     u16   must be 0
 //! +4  payload_len  u32   at most MAX_FRAME_PAYLOAD (MAX_PAYLOAD + 13)
@@ -44,6 +44,8 @@
 //! | 11   | `Discard`     | reason, UTF-8                                                    |
 //! | 12   | `Done`        | empty                                                            |
 //! | 13   | `Error`       | message, UTF-8                                                   |
+//! | 14   | `Revoke`      | empty: the first message of a session asking for its disk back   |
+//! | 15   | `Revoked`     | empty                                                            |
 //!
 //! Session parameters (29 bytes): `session_id[16] disk_size:u64 block_size:u32 strategy:u8`
 //! (strategy 0 row, 1 bitmap; block_size never 0).
@@ -73,15 +75,15 @@ pub use auth::{client_mac, nonce, server_mac, verify, Key, KeyError, MAX_KEY_LEN
 pub use block::{decode_block, decode_block_into, encode_block, is_zero};
 pub use error::StreamError;
 pub use message::{
-    Codec, Message, RoundKind, SessionParams, Strategy, UnknownStrategy, DATA_HEADER_LEN,
-    FRAME_OVERHEAD, HEADER_LEN, MAX_FRAME_PAYLOAD, MAX_REASON_LEN,
+    Codec, Message, RoundKind, SessionParams, Strategy, UnknownStrategy, DATA_HEADER_LEN, FRAME_OVERHEAD, HEADER_LEN,
+    MAX_FRAME_PAYLOAD, MAX_REASON_LEN,
 };
 
 /// Identifies the migration protocol; the first bytes of both hello payloads.
 pub const MAGIC: [u8; 8] = *b"NBDROWM1";
 
 /// The protocol version this crate speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 
 /// The largest block a `Data` frame carries (its `logical_len`), 8 MiB. A frame's whole
 /// payload may be up to [`MAX_FRAME_PAYLOAD`], which leaves room for the `Data` fields.

@@ -36,6 +36,8 @@ const T_COMMITTED: u8 = 10;
 const T_DISCARD: u8 = 11;
 const T_DONE: u8 = 12;
 const T_ERROR: u8 = 13;
+const T_REVOKE: u8 = 14;
+const T_REVOKED: u8 = 15;
 
 /// How the source tracks which blocks changed between rounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -177,15 +179,9 @@ impl SessionParams {
         if block_size == 0 {
             return Err(StreamError::Malformed("session block_size is 0"));
         }
-        let strategy = Strategy::from_wire(r.u8()?).ok_or(StreamError::Malformed(
-            "unknown strategy in session parameters",
-        ))?;
-        Ok(Self {
-            session_id,
-            disk_size,
-            block_size,
-            strategy,
-        })
+        let strategy =
+            Strategy::from_wire(r.u8()?).ok_or(StreamError::Malformed("unknown strategy in session parameters"))?;
+        Ok(Self { session_id, disk_size, block_size, strategy })
     }
 }
 
@@ -266,6 +262,11 @@ pub enum Message {
         /// What went wrong, for the operator.
         message: String,
     },
+    /// source → dest, the first message of a session: give back the disk of this session (the
+    /// switchover failed). Answered by `Revoked`, or `Error` once the destination owns the disk.
+    Revoke,
+    /// dest → source: the disk of the session is given back (or was never held).
+    Revoked,
 }
 
 impl Message {
@@ -274,12 +275,7 @@ impl Message {
     pub fn data(offset: u64, block: &[u8], compress: bool) -> Self {
         debug_assert!(!block.is_empty() && block.len() <= MAX_PAYLOAD);
         let (codec, payload) = crate::encode_block(block, compress);
-        Self::Data {
-            offset,
-            codec,
-            logical_len: block.len() as u32,
-            payload,
-        }
+        Self::Data { offset, codec, logical_len: block.len() as u32, payload }
     }
 
     /// The message's name, for logs and "unexpected message" errors.
@@ -298,6 +294,8 @@ impl Message {
             Self::Discard { .. } => "Discard",
             Self::Done => "Done",
             Self::Error { .. } => "Error",
+            Self::Revoke => "Revoke",
+            Self::Revoked => "Revoked",
         }
     }
 
@@ -316,6 +314,8 @@ impl Message {
             Self::Discard { .. } => T_DISCARD,
             Self::Done => T_DONE,
             Self::Error { .. } => T_ERROR,
+            Self::Revoke => T_REVOKE,
+            Self::Revoked => T_REVOKED,
         }
     }
 
@@ -324,14 +324,12 @@ impl Message {
             Self::ServerHello { .. } => SERVER_HELLO_LEN,
             Self::ClientHello { .. } => CLIENT_HELLO_LEN,
             Self::Accept { .. } => 32,
-            Self::Reject { reason: s }
-            | Self::Discard { reason: s }
-            | Self::Error { message: s } => clip(s).len(),
+            Self::Reject { reason: s } | Self::Discard { reason: s } | Self::Error { message: s } => clip(s).len(),
             Self::RoundBegin { .. } => 5,
             Self::Data { payload, .. } => DATA_HEADER_LEN + payload.len(),
             Self::Zero { .. } => 16,
             Self::RoundEnd { .. } => 4,
-            Self::Commit | Self::Committed | Self::Done => 0,
+            Self::Commit | Self::Committed | Self::Done | Self::Revoke | Self::Revoked => 0,
         }
     }
 
@@ -357,12 +355,7 @@ impl Message {
                 out.extend_from_slice(&version.to_le_bytes());
                 out.extend_from_slice(nonce);
             }
-            Self::ClientHello {
-                version,
-                params,
-                nonce,
-                mac,
-            } => {
+            Self::ClientHello { version, params, nonce, mac } => {
                 out.extend_from_slice(&MAGIC);
                 out.extend_from_slice(&version.to_le_bytes());
                 params.encode(out);
@@ -370,21 +363,14 @@ impl Message {
                 out.extend_from_slice(mac);
             }
             Self::Accept { mac } => out.extend_from_slice(mac),
-            Self::Reject { reason: s }
-            | Self::Discard { reason: s }
-            | Self::Error { message: s } => {
+            Self::Reject { reason: s } | Self::Discard { reason: s } | Self::Error { message: s } => {
                 out.extend_from_slice(clip(s).as_bytes());
             }
             Self::RoundBegin { round, kind } => {
                 out.extend_from_slice(&round.to_le_bytes());
                 out.push(*kind as u8);
             }
-            Self::Data {
-                offset,
-                codec,
-                logical_len,
-                payload,
-            } => {
+            Self::Data { offset, codec, logical_len, payload } => {
                 out.extend_from_slice(&offset.to_le_bytes());
                 out.push(*codec as u8);
                 out.extend_from_slice(&logical_len.to_le_bytes());
@@ -395,7 +381,7 @@ impl Message {
                 out.extend_from_slice(&len.to_le_bytes());
             }
             Self::RoundEnd { round } => out.extend_from_slice(&round.to_le_bytes()),
-            Self::Commit | Self::Committed | Self::Done => {}
+            Self::Commit | Self::Committed | Self::Done | Self::Revoke | Self::Revoked => {}
         }
         debug_assert_eq!(out.len() - start, HEADER_LEN + payload_len);
         let crc = crc32fast::hash(&out[start..]);
@@ -411,13 +397,11 @@ impl Message {
         };
         let ty = header[0];
         let len = u32::from_le_bytes(header[4..8].try_into().unwrap());
-        if !(T_SERVER_HELLO..=T_ERROR).contains(&ty) {
+        if !(T_SERVER_HELLO..=T_REVOKED).contains(&ty) {
             return Err(StreamError::UnknownType(ty));
         }
         if header[1] != 0 || header[2] != 0 || header[3] != 0 {
-            return Err(StreamError::Malformed(
-                "nonzero flags or reserved bits in frame header",
-            ));
+            return Err(StreamError::Malformed("nonzero flags or reserved bits in frame header"));
         }
         if len as usize > MAX_FRAME_PAYLOAD {
             return Err(StreamError::TooLarge(len));
@@ -440,17 +424,16 @@ impl Message {
 /// Rejects, from the header alone, a payload length that cannot fit the type.
 fn check_len(ty: u8, len: usize) -> Result<(), StreamError> {
     let (ok, what) = match ty {
-        T_SERVER_HELLO | T_CLIENT_HELLO => (
-            (HELLO_PREFIX_LEN..=MAX_HELLO_LEN).contains(&len),
-            "hello payload length out of range",
-        ),
+        T_SERVER_HELLO | T_CLIENT_HELLO => {
+            ((HELLO_PREFIX_LEN..=MAX_HELLO_LEN).contains(&len), "hello payload length out of range")
+        }
         T_ACCEPT => (len == 32, "Accept payload is not 32 bytes"),
         T_REJECT | T_DISCARD | T_ERROR => (len <= MAX_REASON_LEN, "reason text too long"),
         T_ROUND_BEGIN => (len == 5, "RoundBegin payload is not 5 bytes"),
         T_DATA => (len > DATA_HEADER_LEN, "Data payload too short"),
         T_ZERO => (len == 16, "Zero payload is not 16 bytes"),
         T_ROUND_END => (len == 4, "RoundEnd payload is not 4 bytes"),
-        T_COMMIT | T_COMMITTED | T_DONE => (len == 0, "unexpected payload on an empty message"),
+        T_COMMIT | T_COMMITTED | T_DONE | T_REVOKE | T_REVOKED => (len == 0, "unexpected payload on an empty message"),
         _ => return Err(StreamError::UnknownType(ty)),
     };
     if ok {
@@ -470,10 +453,7 @@ fn hello_body(p: &[u8]) -> Result<(u16, &[u8]), StreamError> {
     }
     let version = u16::from_le_bytes(p[MAGIC.len()..HELLO_PREFIX_LEN].try_into().unwrap());
     if version != VERSION {
-        return Err(StreamError::Version {
-            ours: VERSION,
-            theirs: version,
-        });
+        return Err(StreamError::Version { ours: VERSION, theirs: version });
     }
     Ok((version, &p[HELLO_PREFIX_LEN..]))
 }
@@ -494,24 +474,16 @@ fn parse_payload(ty: u8, p: &[u8]) -> Result<Message, StreamError> {
             let nonce = r.array()?;
             let mac = r.array()?;
             r.finish()?;
-            Message::ClientHello {
-                version,
-                params,
-                nonce,
-                mac,
-            }
+            Message::ClientHello { version, params, nonce, mac }
         }
-        T_ACCEPT => Message::Accept {
-            mac: Reader::new(p, "Accept payload").array()?,
-        },
+        T_ACCEPT => Message::Accept { mac: Reader::new(p, "Accept payload").array()? },
         T_REJECT => Message::Reject { reason: text(p)? },
         T_DISCARD => Message::Discard { reason: text(p)? },
         T_ERROR => Message::Error { message: text(p)? },
         T_ROUND_BEGIN => {
             let mut r = Reader::new(p, "RoundBegin payload");
             let round = r.u32()?;
-            let kind = RoundKind::from_wire(r.u8()?)
-                .ok_or(StreamError::Malformed("unknown round kind"))?;
+            let kind = RoundKind::from_wire(r.u8()?).ok_or(StreamError::Malformed("unknown round kind"))?;
             Message::RoundBegin { round, kind }
         }
         T_DATA => {
@@ -527,21 +499,12 @@ fn parse_payload(ty: u8, p: &[u8]) -> Result<Message, StreamError> {
                 return Err(StreamError::Malformed("Data logical_len above MAX_PAYLOAD"));
             }
             if offset.checked_add(logical_len.into()).is_none() {
-                return Err(StreamError::Malformed(
-                    "Data extends past the end of a 64-bit disk",
-                ));
+                return Err(StreamError::Malformed("Data extends past the end of a 64-bit disk"));
             }
             if codec == Codec::Raw && payload.len() != logical_len as usize {
-                return Err(StreamError::Malformed(
-                    "raw Data length differs from logical_len",
-                ));
+                return Err(StreamError::Malformed("raw Data length differs from logical_len"));
             }
-            Message::Data {
-                offset,
-                codec,
-                logical_len,
-                payload: payload.to_vec(),
-            }
+            Message::Data { offset, codec, logical_len, payload: payload.to_vec() }
         }
         T_ZERO => {
             let mut r = Reader::new(p, "Zero payload");
@@ -551,27 +514,23 @@ fn parse_payload(ty: u8, p: &[u8]) -> Result<Message, StreamError> {
                 return Err(StreamError::Malformed("Zero with len 0"));
             }
             if offset.checked_add(len).is_none() {
-                return Err(StreamError::Malformed(
-                    "Zero extends past the end of a 64-bit disk",
-                ));
+                return Err(StreamError::Malformed("Zero extends past the end of a 64-bit disk"));
             }
             Message::Zero { offset, len }
         }
-        T_ROUND_END => Message::RoundEnd {
-            round: Reader::new(p, "RoundEnd payload").u32()?,
-        },
+        T_ROUND_END => Message::RoundEnd { round: Reader::new(p, "RoundEnd payload").u32()? },
         T_COMMIT => Message::Commit,
         T_COMMITTED => Message::Committed,
         T_DONE => Message::Done,
+        T_REVOKE => Message::Revoke,
+        T_REVOKED => Message::Revoked,
         _ => return Err(StreamError::UnknownType(ty)),
     };
     Ok(msg)
 }
 
 fn text(p: &[u8]) -> Result<String, StreamError> {
-    std::str::from_utf8(p)
-        .map(str::to_owned)
-        .map_err(|_| StreamError::Malformed("text is not UTF-8"))
+    std::str::from_utf8(p).map(str::to_owned).map_err(|_| StreamError::Malformed("text is not UTF-8"))
 }
 
 /// `s` cut to at most [`MAX_REASON_LEN`] bytes at a character boundary.
@@ -663,52 +622,26 @@ mod tests {
             })
             .collect();
         vec![
-            Message::ServerHello {
-                version: VERSION,
-                nonce: [1; 32],
-            },
-            Message::ClientHello {
-                version: VERSION,
-                params: params(),
-                nonce: [2; 32],
-                mac: [3; 32],
-            },
+            Message::ServerHello { version: VERSION, nonce: [1; 32] },
+            Message::ClientHello { version: VERSION, params: params(), nonce: [2; 32], mac: [3; 32] },
             Message::Accept { mac: [4; 32] },
-            Message::Reject {
-                reason: "wrong key".into(),
-            },
-            Message::Reject {
-                reason: String::new(),
-            },
-            Message::RoundBegin {
-                round: 0,
-                kind: RoundKind::Base,
-            },
-            Message::RoundBegin {
-                round: 7,
-                kind: RoundKind::Update,
-            },
-            Message::RoundBegin {
-                round: u32::MAX,
-                kind: RoundKind::Final,
-            },
+            Message::Reject { reason: "wrong key".into() },
+            Message::Reject { reason: String::new() },
+            Message::RoundBegin { round: 0, kind: RoundKind::Base },
+            Message::RoundBegin { round: 7, kind: RoundKind::Update },
+            Message::RoundBegin { round: u32::MAX, kind: RoundKind::Final },
             Message::data(4096, &compressible, true),
             Message::data(0, &noise, true),
             Message::data(8192, b"x", false),
-            Message::Zero {
-                offset: 1 << 20,
-                len: 1 << 30,
-            },
+            Message::Zero { offset: 1 << 20, len: 1 << 30 },
             Message::RoundEnd { round: 3 },
             Message::Commit,
             Message::Committed,
-            Message::Discard {
-                reason: "source shutting down: ünïcode ✓".into(),
-            },
+            Message::Discard { reason: "source shutting down: ünïcode ✓".into() },
             Message::Done,
-            Message::Error {
-                message: "disk full".into(),
-            },
+            Message::Error { message: "disk full".into() },
+            Message::Revoke,
+            Message::Revoked,
         ]
     }
 
@@ -731,20 +664,8 @@ mod tests {
     #[test]
     fn every_message_round_trips() {
         let data = samples();
-        assert!(matches!(
-            data[8],
-            Message::Data {
-                codec: Codec::Lz4,
-                ..
-            }
-        ));
-        assert!(matches!(
-            data[9],
-            Message::Data {
-                codec: Codec::Raw,
-                ..
-            }
-        ));
+        assert!(matches!(data[8], Message::Data { codec: Codec::Lz4, .. }));
+        assert!(matches!(data[9], Message::Data { codec: Codec::Raw, .. }));
         for m in data {
             let bytes = enc(&m);
             assert_eq!(bytes.len(), m.wire_len(), "{m:?}");
@@ -776,12 +697,7 @@ mod tests {
         for m in samples() {
             let bytes = enc(&m);
             for cut in 0..bytes.len() {
-                assert_eq!(
-                    Message::decode(&bytes[..cut]),
-                    Ok(None),
-                    "{} cut at {cut}",
-                    m.name()
-                );
+                assert_eq!(Message::decode(&bytes[..cut]), Ok(None), "{} cut at {cut}", m.name());
             }
         }
     }
@@ -806,15 +722,11 @@ mod tests {
     #[test]
     fn long_text_is_truncated_on_a_char_boundary() {
         let long = "é".repeat(MAX_REASON_LEN); // 2 bytes each
-        let m = Message::Error {
-            message: long.clone(),
-        };
+        let m = Message::Error { message: long.clone() };
         let bytes = enc(&m);
         assert_eq!(bytes.len(), m.wire_len());
         let (got, _) = Message::decode(&bytes).unwrap().unwrap();
-        let Message::Error { message } = got else {
-            panic!()
-        };
+        let Message::Error { message } = got else { panic!() };
         assert_eq!(message.len(), MAX_REASON_LEN);
         assert!(long.starts_with(&message));
     }
@@ -823,10 +735,7 @@ mod tests {
     fn oversized_payload_rejected_from_header_alone() {
         let mut h = vec![T_DATA, 0, 0, 0];
         h.extend_from_slice(&(MAX_FRAME_PAYLOAD as u32 + 1).to_le_bytes());
-        assert_eq!(
-            Message::decode(&h),
-            Err(StreamError::TooLarge(MAX_FRAME_PAYLOAD as u32 + 1))
-        );
+        assert_eq!(Message::decode(&h), Err(StreamError::TooLarge(MAX_FRAME_PAYLOAD as u32 + 1)));
         let mut h = vec![T_DATA, 0, 0, 0];
         h.extend_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(Message::decode(&h), Err(StreamError::TooLarge(u32::MAX)));
@@ -837,45 +746,24 @@ mod tests {
         // A hello may not make us wait for megabytes.
         let mut h = vec![T_SERVER_HELLO, 0, 0, 0];
         h.extend_from_slice(&(1u32 << 20).to_le_bytes());
-        assert!(matches!(
-            Message::decode(&h),
-            Err(StreamError::Malformed(_))
-        ));
+        assert!(matches!(Message::decode(&h), Err(StreamError::Malformed(_))));
     }
 
     #[test]
     fn header_errors_are_reported_before_the_payload() {
-        assert_eq!(
-            Message::decode(&[0, 0, 0, 0, 0, 0, 0, 0]),
-            Err(StreamError::UnknownType(0))
-        );
-        assert_eq!(
-            Message::decode(&[99, 0, 0, 0, 0, 0, 0, 0]),
-            Err(StreamError::UnknownType(99))
-        );
+        assert_eq!(Message::decode(&[0, 0, 0, 0, 0, 0, 0, 0]), Err(StreamError::UnknownType(0)));
+        assert_eq!(Message::decode(&[99, 0, 0, 0, 0, 0, 0, 0]), Err(StreamError::UnknownType(99)));
         // An NBD server's greeting is not a migration stream.
         assert!(Message::decode(b"NBDMAGICIHAVEOPT").is_err());
         for (i, b) in [(1, 1u8), (2, 0x80), (3, 1)] {
             let mut h = vec![T_COMMIT, 0, 0, 0, 0, 0, 0, 0];
             h[i] = b;
-            assert!(matches!(
-                Message::decode(&h),
-                Err(StreamError::Malformed(_))
-            ));
+            assert!(matches!(Message::decode(&h), Err(StreamError::Malformed(_))));
         }
-        for (ty, len) in [
-            (T_COMMIT, 1u32),
-            (T_ACCEPT, 31),
-            (T_ZERO, 17),
-            (T_DATA, 13),
-            (T_ROUND_END, 0),
-        ] {
+        for (ty, len) in [(T_COMMIT, 1u32), (T_ACCEPT, 31), (T_ZERO, 17), (T_DATA, 13), (T_ROUND_END, 0)] {
             let mut h = vec![ty, 0, 0, 0];
             h.extend_from_slice(&len.to_le_bytes());
-            assert!(
-                matches!(Message::decode(&h), Err(StreamError::Malformed(_))),
-                "{ty} {len}"
-            );
+            assert!(matches!(Message::decode(&h), Err(StreamError::Malformed(_))), "{ty} {len}");
         }
     }
 
@@ -884,25 +772,16 @@ mod tests {
         let mut p = b"NBDROWM0".to_vec();
         p.extend_from_slice(&VERSION.to_le_bytes());
         p.extend_from_slice(&[0; 32]);
-        assert_eq!(
-            Message::decode(&raw_frame(T_SERVER_HELLO, &p)),
-            Err(StreamError::NotAMigrationStream)
-        );
-        let m = Message::ServerHello {
-            version: 2,
-            nonce: [0; 32],
-        };
-        assert_eq!(
-            Message::decode(&enc(&m)),
-            Err(StreamError::Version { ours: 1, theirs: 2 })
-        );
+        assert_eq!(Message::decode(&raw_frame(T_SERVER_HELLO, &p)), Err(StreamError::NotAMigrationStream));
+        let m = Message::ServerHello { version: VERSION + 1, nonce: [0; 32] };
+        assert_eq!(Message::decode(&enc(&m)), Err(StreamError::Version { ours: VERSION, theirs: VERSION + 1 }));
         // A newer peer's longer hello still reports the version, not the length.
         let mut p = MAGIC.to_vec();
         p.extend_from_slice(&9u16.to_le_bytes());
         p.extend_from_slice(&[0; 200]);
         assert_eq!(
             Message::decode(&raw_frame(T_CLIENT_HELLO, &p)),
-            Err(StreamError::Version { ours: 1, theirs: 9 })
+            Err(StreamError::Version { ours: VERSION, theirs: 9 })
         );
         let err = StreamError::Version { ours: 1, theirs: 9 }.to_string();
         assert!(err.contains("version 1") && err.contains("9"), "{err}");
@@ -912,10 +791,7 @@ mod tests {
     fn malformed_payloads() {
         let malformed = |ty, p: &[u8]| {
             let r = Message::decode(&raw_frame(ty, p));
-            assert!(
-                matches!(r, Err(StreamError::Malformed(_))),
-                "type {ty} {p:?}: {r:?}"
-            );
+            assert!(matches!(r, Err(StreamError::Malformed(_))), "type {ty} {p:?}: {r:?}");
         };
         let data = |offset: u64, codec: u8, logical: u32, body: &[u8]| {
             let mut p = offset.to_le_bytes().to_vec();
@@ -942,21 +818,10 @@ mod tests {
         malformed(T_DISCARD, &vec![b'a'; MAX_REASON_LEN + 1]);
         malformed(T_ROUND_BEGIN, &[0, 0, 0, 0, 3]);
         malformed(T_ACCEPT, &[0; 33]);
-        let mut hello = enc(&Message::ServerHello {
-            version: VERSION,
-            nonce: [0; 32],
-        });
+        let mut hello = enc(&Message::ServerHello { version: VERSION, nonce: [0; 32] });
         hello.truncate(HEADER_LEN + SERVER_HELLO_LEN);
-        malformed(
-            T_SERVER_HELLO,
-            &hello[HEADER_LEN..HEADER_LEN + SERVER_HELLO_LEN - 1],
-        );
-        let client = enc(&Message::ClientHello {
-            version: VERSION,
-            params: params(),
-            nonce: [0; 32],
-            mac: [0; 32],
-        });
+        malformed(T_SERVER_HELLO, &hello[HEADER_LEN..HEADER_LEN + SERVER_HELLO_LEN - 1]);
+        let client = enc(&Message::ClientHello { version: VERSION, params: params(), nonce: [0; 32], mac: [0; 32] });
         let mut p = client[HEADER_LEN..client.len() - 4].to_vec();
         malformed(T_CLIENT_HELLO, &p[..p.len() - 1]);
         p[HELLO_PREFIX_LEN + 28] = 2; // strategy
@@ -972,11 +837,7 @@ mod tests {
             assert_eq!(s.as_str().parse::<Strategy>(), Ok(s));
             assert_eq!(s.to_string(), s.as_str());
         }
-        assert!("rows"
-            .parse::<Strategy>()
-            .unwrap_err()
-            .to_string()
-            .contains("\"rows\""));
+        assert!("rows".parse::<Strategy>().unwrap_err().to_string().contains("\"rows\""));
     }
 
     fn arb_message() -> impl PStrategy<Value = Message> {
@@ -985,49 +846,30 @@ mod tests {
                 session_id,
                 disk_size,
                 block_size,
-                strategy: if bitmap {
-                    Strategy::Bitmap
-                } else {
-                    Strategy::Row
-                },
+                strategy: if bitmap { Strategy::Bitmap } else { Strategy::Row },
             },
         );
-        let kind = prop_oneof![
-            Just(RoundKind::Base),
-            Just(RoundKind::Update),
-            Just(RoundKind::Final)
-        ];
+        let kind = prop_oneof![Just(RoundKind::Base), Just(RoundKind::Update), Just(RoundKind::Final)];
         // Blocks with long runs so that lz4 gets used too.
-        let block = proptest::collection::vec((any::<u8>(), 1..64usize), 1..64).prop_map(|runs| {
-            runs.into_iter()
-                .flat_map(|(b, n)| vec![b; n])
-                .collect::<Vec<u8>>()
-        });
+        let block = proptest::collection::vec((any::<u8>(), 1..64usize), 1..64)
+            .prop_map(|runs| runs.into_iter().flat_map(|(b, n)| vec![b; n]).collect::<Vec<u8>>());
         let text = ".{0,64}";
         prop_oneof![
-            any::<[u8; 32]>().prop_map(|nonce| Message::ServerHello {
-                version: VERSION,
-                nonce
-            }),
-            (params, any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(|(params, nonce, mac)| {
-                Message::ClientHello {
-                    version: VERSION,
-                    params,
-                    nonce,
-                    mac,
-                }
-            }),
+            any::<[u8; 32]>().prop_map(|nonce| Message::ServerHello { version: VERSION, nonce }),
+            (params, any::<[u8; 32]>(), any::<[u8; 32]>())
+                .prop_map(|(params, nonce, mac)| { Message::ClientHello { version: VERSION, params, nonce, mac } }),
             any::<[u8; 32]>().prop_map(|mac| Message::Accept { mac }),
             text.prop_map(|reason| Message::Reject { reason }),
             (any::<u32>(), kind).prop_map(|(round, kind)| Message::RoundBegin { round, kind }),
             (0..u64::MAX / 2, block, any::<bool>()).prop_map(|(o, b, c)| Message::data(o, &b, c)),
-            (0..u64::MAX / 2, 1..u64::MAX / 2)
-                .prop_map(|(offset, len)| Message::Zero { offset, len }),
+            (0..u64::MAX / 2, 1..u64::MAX / 2).prop_map(|(offset, len)| Message::Zero { offset, len }),
             any::<u32>().prop_map(|round| Message::RoundEnd { round }),
             Just(Message::Commit),
             Just(Message::Committed),
             text.prop_map(|reason| Message::Discard { reason }),
             Just(Message::Done),
+            Just(Message::Revoke),
+            Just(Message::Revoked),
             text.prop_map(|message| Message::Error { message }),
         ]
     }
@@ -1044,7 +886,7 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_frames_never_panic(ty in 0u8..16, payload in proptest::collection::vec(any::<u8>(), 0..256)) {
+        fn arbitrary_frames_never_panic(ty in 0u8..18, payload in proptest::collection::vec(any::<u8>(), 0..256)) {
             let frame = raw_frame(ty, &payload);
             if let Ok(Some((m, n))) = Message::decode(&frame) {
                 prop_assert_eq!(n, frame.len());

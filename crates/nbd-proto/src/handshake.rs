@@ -94,10 +94,7 @@ impl ExportNameReply {
         if buf.len() < len {
             return Ok(None);
         }
-        Ok(Some((
-            Self { size: be_u64(buf), transmission_flags: be_u16(&buf[8..]) },
-            len,
-        )))
+        Ok(Some((Self { size: be_u64(buf), transmission_flags: be_u16(&buf[8..]) }, len)))
     }
 }
 
@@ -137,10 +134,7 @@ mod tests {
         assert!(f.fixed_newstyle() && f.no_zeroes());
         assert_eq!(n, 4);
         assert_eq!(ClientFlags::decode(&[0, 0, 0]), Ok(None));
-        assert_eq!(
-            ClientFlags::decode(&[0, 0, 0, 4]),
-            Err(ProtocolError::UnknownClientFlags(4))
-        );
+        assert_eq!(ClientFlags::decode(&[0, 0, 0, 4]), Err(ProtocolError::UnknownClientFlags(4)));
     }
 
     #[test]

@@ -121,20 +121,14 @@ impl ClientOption {
             NBD_OPT_ABORT => Ok(Self::Abort),
             NBD_OPT_LIST => no_data(Self::List, "NBD_OPT_LIST takes no data"),
             NBD_OPT_STARTTLS => no_data(Self::StartTls, "NBD_OPT_STARTTLS takes no data"),
-            NBD_OPT_STRUCTURED_REPLY => {
-                no_data(Self::StructuredReply, "NBD_OPT_STRUCTURED_REPLY takes no data")
-            }
-            NBD_OPT_EXTENDED_HEADERS => {
-                no_data(Self::ExtendedHeaders, "NBD_OPT_EXTENDED_HEADERS takes no data")
-            }
+            NBD_OPT_STRUCTURED_REPLY => no_data(Self::StructuredReply, "NBD_OPT_STRUCTURED_REPLY takes no data"),
+            NBD_OPT_EXTENDED_HEADERS => no_data(Self::ExtendedHeaders, "NBD_OPT_EXTENDED_HEADERS takes no data"),
             NBD_OPT_INFO | NBD_OPT_GO => {
-                let req = parse_info_request(&raw.data)
-                    .map_err(|_| InvalidOption("malformed NBD_OPT_INFO/GO data"))?;
+                let req = parse_info_request(&raw.data).map_err(|_| InvalidOption("malformed NBD_OPT_INFO/GO data"))?;
                 Ok(if raw.option == NBD_OPT_GO { Self::Go(req) } else { Self::Info(req) })
             }
             NBD_OPT_LIST_META_CONTEXT | NBD_OPT_SET_META_CONTEXT => {
-                let req = parse_meta_request(&raw.data)
-                    .map_err(|_| InvalidOption("malformed meta context request"))?;
+                let req = parse_meta_request(&raw.data).map_err(|_| InvalidOption("malformed meta context request"))?;
                 Ok(if raw.option == NBD_OPT_SET_META_CONTEXT {
                     Self::SetMetaContext(req)
                 } else {
@@ -352,8 +346,8 @@ impl OptionReply {
             NBD_REP_SERVER => {
                 let name = r.string32()?;
                 let rest = r.rest();
-                let details = String::from_utf8(rest.to_vec())
-                    .map_err(|_| ProtocolError::Malformed("NBD_REP_SERVER"))?;
+                let details =
+                    String::from_utf8(rest.to_vec()).map_err(|_| ProtocolError::Malformed("NBD_REP_SERVER"))?;
                 OptionReplyKind::Server { name, details }
             }
             NBD_REP_INFO => OptionReplyKind::Info(decode_info(data)?),
@@ -413,9 +407,7 @@ fn decode_info(data: &[u8]) -> Result<InfoReply, ProtocolError> {
             let n = r.remaining();
             InfoReply::Description(r.utf8(n)?)
         }
-        NBD_INFO_BLOCK_SIZE => {
-            InfoReply::BlockSize { minimum: r.u32()?, preferred: r.u32()?, maximum: r.u32()? }
-        }
+        NBD_INFO_BLOCK_SIZE => InfoReply::BlockSize { minimum: r.u32()?, preferred: r.u32()?, maximum: r.u32()? },
         info_type => return Ok(InfoReply::Unknown { info_type, data: r.rest().to_vec() }),
     };
     r.finish()?;
@@ -495,13 +487,28 @@ mod tests {
     fn every_option_reply_round_trips() {
         let replies = [
             OptionReply::ack(NBD_OPT_GO),
-            OptionReply { option: NBD_OPT_LIST, kind: OptionReplyKind::Server { name: "a".into(), details: "disk".into() } },
-            OptionReply { option: NBD_OPT_GO, kind: OptionReplyKind::Info(InfoReply::Export { size: 4096, transmission_flags: 3 }) },
+            OptionReply {
+                option: NBD_OPT_LIST,
+                kind: OptionReplyKind::Server { name: "a".into(), details: "disk".into() },
+            },
+            OptionReply {
+                option: NBD_OPT_GO,
+                kind: OptionReplyKind::Info(InfoReply::Export { size: 4096, transmission_flags: 3 }),
+            },
             OptionReply { option: NBD_OPT_GO, kind: OptionReplyKind::Info(InfoReply::Name("n".into())) },
             OptionReply { option: NBD_OPT_GO, kind: OptionReplyKind::Info(InfoReply::Description("d".into())) },
-            OptionReply { option: NBD_OPT_GO, kind: OptionReplyKind::Info(InfoReply::BlockSize { minimum: 512, preferred: 4096, maximum: 1 << 25 }) },
-            OptionReply { option: NBD_OPT_GO, kind: OptionReplyKind::Info(InfoReply::Unknown { info_type: 77, data: vec![1, 2] }) },
-            OptionReply { option: NBD_OPT_SET_META_CONTEXT, kind: OptionReplyKind::MetaContext { id: 1, name: BASE_ALLOCATION.into() } },
+            OptionReply {
+                option: NBD_OPT_GO,
+                kind: OptionReplyKind::Info(InfoReply::BlockSize { minimum: 512, preferred: 4096, maximum: 1 << 25 }),
+            },
+            OptionReply {
+                option: NBD_OPT_GO,
+                kind: OptionReplyKind::Info(InfoReply::Unknown { info_type: 77, data: vec![1, 2] }),
+            },
+            OptionReply {
+                option: NBD_OPT_SET_META_CONTEXT,
+                kind: OptionReplyKind::MetaContext { id: 1, name: BASE_ALLOCATION.into() },
+            },
             OptionReply::error(12345, NBD_REP_ERR_UNSUP, "not supported"),
             OptionReply { option: 1, kind: OptionReplyKind::Unknown { reply_type: 42, data: vec![9] } },
         ];

@@ -157,8 +157,7 @@ pub const OFFSET_DATA_PREFIX_LEN: usize = CHUNK_HEADER_LEN + 8;
 
 /// Appends an `OFFSET_DATA` chunk's header and offset; the caller appends `data_len` bytes.
 pub fn encode_offset_data_prefix(cookie: u64, flags: u16, offset: u64, data_len: u32, out: &mut Vec<u8>) {
-    ChunkHeader { flags, chunk_type: NBD_REPLY_TYPE_OFFSET_DATA, cookie, length: data_len + 8 }
-        .encode(out);
+    ChunkHeader { flags, chunk_type: NBD_REPLY_TYPE_OFFSET_DATA, cookie, length: data_len + 8 }.encode(out);
     out.extend_from_slice(&offset.to_be_bytes());
 }
 
@@ -171,8 +170,7 @@ pub fn encode_offset_hole(cookie: u64, flags: u16, offset: u64, hole_size: u32, 
 
 /// Appends a chunk of type `NONE` (only meaningful with `NBD_REPLY_FLAG_DONE`).
 pub fn encode_none(cookie: u64, out: &mut Vec<u8>) {
-    ChunkHeader { flags: NBD_REPLY_FLAG_DONE, chunk_type: NBD_REPLY_TYPE_NONE, cookie, length: 0 }
-        .encode(out);
+    ChunkHeader { flags: NBD_REPLY_FLAG_DONE, chunk_type: NBD_REPLY_TYPE_NONE, cookie, length: 0 }.encode(out);
 }
 
 /// One extent of a `BLOCK_STATUS` reply.
@@ -185,13 +183,7 @@ pub struct BlockStatusExtent {
 }
 
 /// Appends a `BLOCK_STATUS` chunk for one metadata context.
-pub fn encode_block_status(
-    cookie: u64,
-    flags: u16,
-    context_id: u32,
-    extents: &[BlockStatusExtent],
-    out: &mut Vec<u8>,
-) {
+pub fn encode_block_status(cookie: u64, flags: u16, context_id: u32, extents: &[BlockStatusExtent], out: &mut Vec<u8>) {
     let length = 4 + 8 * extents.len() as u32;
     ChunkHeader { flags, chunk_type: NBD_REPLY_TYPE_BLOCK_STATUS, cookie, length }.encode(out);
     out.extend_from_slice(&context_id.to_be_bytes());
@@ -254,10 +246,7 @@ impl ReplyHeader {
                 if buf.len() < SIMPLE_REPLY_LEN {
                     return Ok(None);
                 }
-                Ok(Some((
-                    Self::Simple { error: be_u32(&buf[4..]), cookie: be_u64(&buf[8..]) },
-                    SIMPLE_REPLY_LEN,
-                )))
+                Ok(Some((Self::Simple { error: be_u32(&buf[4..]), cookie: be_u64(&buf[8..]) }, SIMPLE_REPLY_LEN)))
             }
             NBD_STRUCTURED_REPLY_MAGIC => {
                 if buf.len() < CHUNK_HEADER_LEN {
@@ -340,7 +329,7 @@ impl Chunk {
             NBD_REPLY_TYPE_OFFSET_HOLE => Self::OffsetHole { offset: r.u64()?, hole_size: r.u32()? },
             NBD_REPLY_TYPE_BLOCK_STATUS => {
                 let context_id = r.u32()?;
-                if r.remaining() % 8 != 0 {
+                if !r.remaining().is_multiple_of(8) {
                     return Err(ProtocolError::Malformed("block status extents"));
                 }
                 let mut extents = Vec::with_capacity(r.remaining() / 8);
@@ -353,11 +342,7 @@ impl Chunk {
                 let error = r.u32()?;
                 let len = r.u16()? as usize;
                 let message = String::from_utf8_lossy(r.bytes(len)?).into_owned();
-                let offset = if header.chunk_type == NBD_REPLY_TYPE_ERROR_OFFSET {
-                    Some(r.u64()?)
-                } else {
-                    None
-                };
+                let offset = if header.chunk_type == NBD_REPLY_TYPE_ERROR_OFFSET { Some(r.u64()?) } else { None };
                 Self::Error { error, message, offset }
             }
             chunk_type => return Ok(Self::Unknown { chunk_type, data: payload.to_vec() }),
@@ -411,10 +396,7 @@ mod tests {
         let mut out = Vec::new();
         encode_simple_reply(77, NBD_EINVAL, &mut out);
         assert_eq!(ReplyHeader::decode(&out[..15]), Ok(None));
-        assert_eq!(
-            ReplyHeader::decode(&out),
-            Ok(Some((ReplyHeader::Simple { error: NBD_EINVAL, cookie: 77 }, 16)))
-        );
+        assert_eq!(ReplyHeader::decode(&out), Ok(Some((ReplyHeader::Simple { error: NBD_EINVAL, cookie: 77 }, 16))));
     }
 
     #[test]

@@ -59,9 +59,8 @@ impl Client {
     /// Connects to the socket at `path`, reads the greeting and negotiates capabilities, all
     /// within `timeout`.
     pub async fn connect(path: impl AsRef<Path>, timeout: Duration) -> Result<Self, ClientError> {
-        let stream = tokio::time::timeout(timeout, UnixStream::connect(path))
-            .await
-            .map_err(|_| ClientError::Timeout)??;
+        let stream =
+            tokio::time::timeout(timeout, UnixStream::connect(path)).await.map_err(|_| ClientError::Timeout)??;
         Self::from_stream(stream, timeout).await
     }
 
@@ -78,9 +77,7 @@ impl Client {
         client.greeting = match tokio::time::timeout(timeout, client.read_message()).await {
             Err(_) => return Err(ClientError::Timeout),
             Ok(Ok(ServerMessage::Greeting(g))) => g,
-            Ok(Ok(other)) => {
-                return Err(ClientError::Protocol(format!("expected a greeting, got {other:?}")))
-            }
+            Ok(Ok(other)) => return Err(ClientError::Protocol(format!("expected a greeting, got {other:?}"))),
             Ok(Err(e)) => return Err(e),
         };
         client.execute("qmp_capabilities", Value::Null, timeout).await?;
@@ -94,23 +91,14 @@ impl Client {
 
     /// Runs `command` and waits up to `timeout` for its reply. `arguments` is a JSON object,
     /// or `Null` for none. Events arriving meanwhile are kept for [`next_event`](Self::next_event).
-    pub async fn execute(
-        &mut self,
-        command: &str,
-        arguments: Value,
-        timeout: Duration,
-    ) -> Result<Value, ClientError> {
+    pub async fn execute(&mut self, command: &str, arguments: Value, timeout: Duration) -> Result<Value, ClientError> {
         if self.broken {
             return Err(ClientError::Closed);
         }
         let arguments = match arguments {
             Value::Null => Map::new(),
             Value::Object(map) => map,
-            other => {
-                return Err(
-                    CommandError::generic(format!("arguments must be a JSON object, not {other}")).into()
-                )
-            }
+            other => return Err(CommandError::generic(format!("arguments must be a JSON object, not {other}")).into()),
         };
         let id = json!(self.next_id);
         self.next_id += 1;
@@ -126,9 +114,7 @@ impl Client {
                         tracing::debug!(id = ?r.id, "dropping QMP reply to an earlier request");
                     }
                     ServerMessage::Event(event) => self.keep_event(event),
-                    ServerMessage::Greeting(_) => {
-                        return Err(ClientError::Protocol("greeting in mid-session".into()))
-                    }
+                    ServerMessage::Greeting(_) => return Err(ClientError::Protocol("greeting in mid-session".into())),
                 }
             }
         })
@@ -151,9 +137,7 @@ impl Client {
                     ServerMessage::Response(r) => {
                         tracing::debug!(id = ?r.id, "dropping QMP reply to an earlier request");
                     }
-                    ServerMessage::Greeting(_) => {
-                        return Err(ClientError::Protocol("greeting in mid-session".into()))
-                    }
+                    ServerMessage::Greeting(_) => return Err(ClientError::Protocol("greeting in mid-session".into())),
                 }
             }
         };

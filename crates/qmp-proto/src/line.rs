@@ -82,11 +82,8 @@ impl LineBuffer {
         let end = self.scanned + i;
         let line = &self.buf[self.start..end];
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let result = if line.len() > self.limit {
-            Err(LineTooLong { limit: self.limit })
-        } else {
-            Ok(Some(line.to_vec()))
-        };
+        let result =
+            if line.len() > self.limit { Err(LineTooLong { limit: self.limit }) } else { Ok(Some(line.to_vec())) };
         self.start = end + 1;
         self.scanned = self.start;
         if self.start == self.buf.len() {
@@ -167,10 +164,7 @@ mod tests {
     fn overlong_terminated_line_is_reported_and_skipped() {
         let mut lb = LineBuffer::with_limit(4);
         lb.push(b"1234\n12345\nabcd\r\n");
-        assert_eq!(
-            drain(&mut lb),
-            vec![Ok(b"1234".to_vec()), Err(LineTooLong { limit: 4 }), Ok(b"abcd".to_vec())]
-        );
+        assert_eq!(drain(&mut lb), vec![Ok(b"1234".to_vec()), Err(LineTooLong { limit: 4 }), Ok(b"abcd".to_vec())]);
     }
 
     #[test]

@@ -120,8 +120,8 @@ impl Request {
     /// Decodes one received line. On failure the error holds the reply to send (with the id,
     /// when one could be read), using QEMU's wording; the connection should go on.
     pub fn decode(line: &[u8]) -> Result<Self, BadRequest> {
-        let value: Value = serde_json::from_slice(line)
-            .map_err(|e| BadRequest::new(None, format!("JSON parse error, {e}")))?;
+        let value: Value =
+            serde_json::from_slice(line).map_err(|e| BadRequest::new(None, format!("JSON parse error, {e}")))?;
         let Value::Object(mut obj) = value else {
             return Err(BadRequest::new(None, "QMP input must be a JSON object"));
         };
@@ -447,16 +447,8 @@ mod tests {
             (b"nonsense", None, "JSON parse error, "),
             (b"[1, 2]", None, "QMP input must be a JSON object"),
             (br#"{"id": 3}"#, Some(json!(3)), "QMP input lacks member 'execute'"),
-            (
-                br#"{"execute": 1, "id": "a"}"#,
-                Some(json!("a")),
-                "QMP input member 'execute' must be a string",
-            ),
-            (
-                br#"{"execute": "x", "arguments": [1]}"#,
-                None,
-                "QMP input member 'arguments' must be an object",
-            ),
+            (br#"{"execute": 1, "id": "a"}"#, Some(json!("a")), "QMP input member 'execute' must be a string"),
+            (br#"{"execute": "x", "arguments": [1]}"#, None, "QMP input member 'arguments' must be an object"),
             (
                 br#"{"execute": "x", "extra": 1, "id": null}"#,
                 Some(Value::Null),

@@ -251,9 +251,7 @@ fn negotiate(negotiated: bool, arguments: &Map<String, Value>) -> Result<Value, 
                     return Err(CommandError::generic(format!("Capability '{name}' not available")));
                 }
             }
-            ("enable", _) => {
-                return Err(CommandError::generic("Invalid parameter type for 'enable', expected: array"))
-            }
+            ("enable", _) => return Err(CommandError::generic("Invalid parameter type for 'enable', expected: array")),
             _ => return Err(CommandError::generic(format!("Parameter '{key}' is unexpected"))),
         }
     }
@@ -265,9 +263,7 @@ async fn send(writer: &mut OwnedWriteHalf, response: &Response) -> io::Result<()
 }
 
 /// Waits for the running command, or forever if none is running.
-async fn finished(
-    running: &mut Option<InFlight>,
-) -> Result<Result<Value, CommandError>, tokio::task::JoinError> {
+async fn finished(running: &mut Option<InFlight>) -> Result<Result<Value, CommandError>, tokio::task::JoinError> {
     match running {
         Some(r) => (&mut r.task).await,
         None => std::future::pending().await,

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use qmp_proto::{
-    bind_control_socket, serve, Client, ClientError, CommandError, ErrorClass, Event, Greeting, Handler,
-    HandlerFuture, LineBuffer, Version,
+    bind_control_socket, serve, Client, ClientError, CommandError, ErrorClass, Event, Greeting, Handler, HandlerFuture,
+    LineBuffer, Version,
 };
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,10 +27,7 @@ impl Handler for Toy {
             match command {
                 "echo" => Ok(Value::Object(arguments)),
                 "sleep-ms" => {
-                    let ms = arguments
-                        .get("ms")
-                        .and_then(Value::as_u64)
-                        .ok_or_else(|| CommandError::generic("ms?"))?;
+                    let ms = arguments.get("ms").and_then(Value::as_u64).ok_or_else(|| CommandError::generic("ms?"))?;
                     tokio::time::sleep(Duration::from_millis(ms)).await;
                     Ok(json!({"slept": ms}))
                 }
@@ -67,8 +64,7 @@ impl Server {
     }
 
     async fn raw(&self) -> Raw {
-        let mut raw =
-            Raw { stream: UnixStream::connect(&self.path).await.unwrap(), lines: LineBuffer::new() };
+        let mut raw = Raw { stream: UnixStream::connect(&self.path).await.unwrap(), lines: LineBuffer::new() };
         assert!(raw.recv().await.get("QMP").is_some());
         raw
     }
@@ -161,10 +157,7 @@ async fn unknown_and_failing_commands_leave_the_connection_usable() {
     let mut client = server.client().await;
     match client.execute("nope", Value::Null, T).await {
         Err(ClientError::Command(e)) => {
-            assert_eq!(
-                e,
-                CommandError::new(ErrorClass::CommandNotFound, "The command nope has not been found")
-            )
+            assert_eq!(e, CommandError::new(ErrorClass::CommandNotFound, "The command nope has not been found"))
         }
         other => panic!("unexpected {other:?}"),
     }
@@ -203,8 +196,7 @@ async fn malformed_input_gets_generic_errors_and_the_connection_goes_on() {
     }
     // Blank lines are ignored; an over-long line is refused and skipped.
     raw.send("").await;
-    let long =
-        format!(r#"{{"execute": "echo", "arguments": {{"s": "{}"}}}}"#, "x".repeat(qmp_proto::MAX_LINE));
+    let long = format!(r#"{{"execute": "echo", "arguments": {{"s": "{}"}}}}"#, "x".repeat(qmp_proto::MAX_LINE));
     raw.send(&long).await;
     let reply = raw.recv().await;
     assert_eq!(reply["error"]["class"], "GenericError");
@@ -239,8 +231,7 @@ async fn events_reach_every_negotiated_client() {
         let ev = client.next_event(T).await.unwrap().expect("event delivered");
         assert_eq!(ev.event, "MERGE_DONE");
         assert_eq!(ev.data, json!({"export": "disk"}));
-        let now =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
         assert!((now - 5..=now).contains(&ev.timestamp.seconds));
     }
     pending.send(r#"{"execute": "qmp_capabilities"}"#).await;
@@ -322,7 +313,9 @@ async fn half_closed_client_still_gets_its_replies() {
     let mut raw = server.raw().await;
     // Last request without a newline, then EOF: as `printf ... | socat` would send.
     raw.stream
-        .write_all(b"{\"execute\": \"qmp_capabilities\"}\n{\"execute\": \"sleep-ms\", \"arguments\": {\"ms\": 50}, \"id\": 1}")
+        .write_all(
+            b"{\"execute\": \"qmp_capabilities\"}\n{\"execute\": \"sleep-ms\", \"arguments\": {\"ms\": 50}, \"id\": 1}",
+        )
         .await
         .unwrap();
     raw.stream.shutdown().await.unwrap();

@@ -6,11 +6,11 @@
 //! record (the process died while appending) fails its CRC and is cut off on replay.
 
 use std::collections::BTreeSet;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use crate::storage::{BlockFile, LockMode, OpenMode, Storage, SyncLatch};
 use crate::StoreError;
 
 const MAGIC: &[u8; 8] = b"NBDROWJ1";
@@ -82,16 +82,24 @@ pub struct Replayed {
 /// An open journal.
 #[derive(Debug)]
 pub struct Journal {
-    file: File,
+    file: Box<dyn BlockFile>,
     path: PathBuf,
     len: u64,
+    latch: Arc<SyncLatch>,
 }
 
 impl Journal {
     /// Creates a new journal (replacing any file at `path`) and makes it durable.
-    pub fn create(path: &Path, block_size: u32, image_size: u64) -> Result<Self, StoreError> {
+    pub fn create(
+        storage: &dyn Storage,
+        path: &Path,
+        block_size: u32,
+        image_size: u64,
+        latch: Arc<SyncLatch>,
+    ) -> Result<Self, StoreError> {
         let io = |e| StoreError::Io { what: "creating journal", path: path.to_owned(), source: e };
-        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).map_err(io)?;
+        let file = storage.open(path, OpenMode::Create).map_err(io)?;
+        file.lock(LockMode::Writer).map_err(io)?;
         let mut header = [0u8; HEADER_LEN as usize];
         header[..8].copy_from_slice(MAGIC);
         header[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -99,22 +107,37 @@ impl Journal {
         header[16..24].copy_from_slice(&image_size.to_le_bytes());
         let crc = crc32fast::hash(&header[..60]);
         header[60..].copy_from_slice(&crc.to_le_bytes());
-        file.write_all(&header).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        sync_parent(path).map_err(io)?;
-        Ok(Self { file, path: path.to_owned(), len: HEADER_LEN })
+        file.write_all_at(&header, 0).map_err(io)?;
+        latch.sync(path, || file.sync_all()).map_err(io)?;
+        storage.sync_parent(path).map_err(io)?;
+        Ok(Self { file, path: path.to_owned(), len: HEADER_LEN, latch })
     }
 
     /// Opens an existing journal, checks it belongs to this image, and replays it. A torn tail
-    /// is cut off so later appends follow the last whole record.
-    pub fn open(path: &Path, block_size: u32, image_size: u64) -> Result<(Self, Replayed), StoreError> {
+    /// is cut off so later appends follow the last whole record. `Ok(None)`: the file holds no
+    /// header at all (empty or zeroes), i.e. the ROW start that was creating it never committed.
+    pub fn open(
+        storage: &dyn Storage,
+        path: &Path,
+        block_size: u32,
+        image_size: u64,
+        latch: Arc<SyncLatch>,
+    ) -> Result<Option<(Self, Replayed)>, StoreError> {
         let io = |e| StoreError::Io { what: "reading journal", path: path.to_owned(), source: e };
-        let mut file = OpenOptions::new().read(true).write(true).open(path).map_err(io)?;
+        let file = storage.open(path, OpenMode::ReadWrite).map_err(io)?;
+        file.lock(LockMode::Writer).map_err(io)?;
+        // Records whose sync failed in an earlier run may still be cached; read the disk's.
+        file.drop_cache().map_err(io)?;
+        let file_len = file.size().map_err(io)?;
         let mut header = [0u8; HEADER_LEN as usize];
-        file.read_exact(&mut header).map_err(|_| StoreError::BadJournal {
-            path: path.to_owned(),
-            why: "header is incomplete".into(),
-        })?;
+        let n = file_len.min(HEADER_LEN) as usize;
+        file.read_exact_at(&mut header[..n], 0).map_err(io)?;
+        if header.iter().all(|&b| b == 0) {
+            return Ok(None);
+        }
+        if file_len < HEADER_LEN {
+            return Err(StoreError::BadJournal { path: path.to_owned(), why: "header is incomplete".into() });
+        }
         let bad = |why: String| StoreError::BadJournal { path: path.to_owned(), why };
         if &header[..8] != MAGIC || crc32fast::hash(&header[..60]).to_le_bytes() != header[60..] {
             return Err(bad("not a journal of this program, or its header is corrupt".into()));
@@ -131,7 +154,7 @@ impl Journal {
             )));
         }
         let mut rest = Vec::new();
-        file.read_to_end(&mut rest).map_err(io)?;
+        file.read_append(&mut rest, (file_len - HEADER_LEN) as usize, HEADER_LEN).map_err(io)?;
         let mut replayed = Replayed::default();
         let mut good = 0usize;
         for chunk in rest.chunks_exact(RECORD_LEN) {
@@ -151,9 +174,9 @@ impl Journal {
         if len != HEADER_LEN + rest.len() as u64 {
             tracing::warn!(path = %path.display(), dropped = rest.len() - good, "journal has a torn tail; cutting it off");
             file.set_len(len).map_err(io)?;
-            file.sync_all().map_err(io)?;
+            latch.sync(path, || file.sync_all()).map_err(io)?;
         }
-        Ok((Self { file, path: path.to_owned(), len }, replayed))
+        Ok(Some((Self { file, path: path.to_owned(), len, latch }, replayed)))
     }
 
     /// Appends records and syncs them.
@@ -165,8 +188,9 @@ impl Journal {
         for r in records {
             buf.extend_from_slice(&r.encode());
         }
+        self.latch.check()?;
         self.file.write_all_at(&buf, self.len)?;
-        self.file.sync_data()?;
+        self.latch.sync(&self.path, || self.file.sync_data())?;
         self.len += buf.len() as u64;
         Ok(())
     }
@@ -177,7 +201,7 @@ impl Journal {
     }
 
     /// Bytes in the journal.
-    pub fn len(&self) -> u64 {
+    pub fn size(&self) -> u64 {
         self.len
     }
 }
@@ -209,32 +233,29 @@ pub fn runs(blocks: &[u64], make: impl Fn(u64, u32) -> Record) -> Vec<Record> {
     out
 }
 
-/// Makes a directory entry change (create, delete) durable.
-pub fn sync_parent(path: &Path) -> io::Result<()> {
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    File::open(parent)?.sync_all()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::Posix;
+    use std::fs::OpenOptions;
+    use std::os::unix::fs::FileExt;
 
     #[test]
     fn replay_applies_records_in_order_and_cuts_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
-        let mut j = Journal::create(&path, 4096, 1 << 20).unwrap();
+        let mut j = Journal::create(&Posix, &path, 4096, 1 << 20, SyncLatch::new()).unwrap();
         j.append(&runs(&[1, 2, 3, 7, 9, 10], |start, count| Record::Map { start, count })).unwrap();
         j.append(&[Record::MergeBegin, Record::Unmap { start: 2, count: 2 }]).unwrap();
-        let good_len = j.len();
+        let good_len = j.size();
         drop(j);
         // A torn record: half of one appended.
         let f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all_at(&Record::Unmap { start: 9, count: 1 }.encode()[..9], good_len).unwrap();
-        let (j, r) = Journal::open(&path, 4096, 1 << 20).unwrap();
+        let (j, r) = Journal::open(&Posix, &path, 4096, 1 << 20, SyncLatch::new()).unwrap().unwrap();
         assert_eq!(r.mapped.into_iter().collect::<Vec<_>>(), vec![1, 7, 9, 10]);
         assert!(r.merging);
-        assert_eq!(j.len(), good_len);
+        assert_eq!(j.size(), good_len);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), good_len);
     }
 
@@ -242,10 +263,16 @@ mod tests {
     fn journal_of_another_image_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
-        Journal::create(&path, 4096, 1 << 20).unwrap();
-        assert!(matches!(Journal::open(&path, 4096, 2 << 20), Err(StoreError::BadJournal { .. })));
+        drop(Journal::create(&Posix, &path, 4096, 1 << 20, SyncLatch::new()).unwrap());
+        let open = |size| Journal::open(&Posix, &path, 4096, size, SyncLatch::new());
+        assert!(matches!(open(2 << 20), Err(StoreError::BadJournal { .. })));
         std::fs::write(&path, b"garbage").unwrap();
-        assert!(matches!(Journal::open(&path, 4096, 1 << 20), Err(StoreError::BadJournal { .. })));
+        assert!(matches!(open(1 << 20), Err(StoreError::BadJournal { .. })));
+        // An empty or zeroed file is a journal whose creation never committed.
+        std::fs::write(&path, b"").unwrap();
+        assert!(open(1 << 20).unwrap().is_none());
+        std::fs::write(&path, [0u8; 30]).unwrap();
+        assert!(open(1 << 20).unwrap().is_none());
     }
 
     #[test]

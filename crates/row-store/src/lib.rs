@@ -39,15 +39,49 @@
 //! lost. Every 64 MiB the image is synced and the merged blocks are journaled as unmapped; a
 //! killed merge resumes from there on the next open.
 
+pub mod backend;
 pub mod disk;
 pub mod image;
 pub mod journal;
+pub mod merge;
+pub mod overlay;
+pub mod storage;
 pub mod table;
+pub mod tracking;
 
 use std::path::PathBuf;
 
-pub use disk::{Disk, DiskOptions, MergeProgress, Mode, RowStatus, BLOCK_SIZE};
-pub use image::{Extent, Image};
+pub use backend::{BlockBackend, Caps, MemDisk, ZeroFlags};
+pub use disk::{Disk, DiskOptions, FrozenBase, RowStatus};
+pub use image::Image;
+pub use merge::MergeProgress;
+pub use storage::{Extent, LockMode, Posix, SimStorage, Storage};
+
+/// Tracking granularity and the unit of copy-up (see the crate docs for why 4 KiB). Every
+/// layer above (NBD, migration) uses this one constant.
+pub const BLOCK_SIZE: u64 = 4096;
+
+/// Which way writes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Reads and writes go to the image.
+    Direct,
+    /// The image is frozen; writes land in the reserved file.
+    Row,
+    /// Leaving ROW: reserved blocks are being copied back into the image.
+    Merging,
+}
+
+impl Mode {
+    /// Lower-case name for logs and the control socket.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Row => "row",
+            Mode::Merging => "merging",
+        }
+    }
+}
 
 /// Errors opening a disk or changing its mode.
 #[derive(Debug, thiserror::Error)]

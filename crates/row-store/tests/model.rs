@@ -1,11 +1,22 @@
-//! Model-based test: random sequences of writes, reads, trims, zeroes, flushes, ROW start/stop,
-//! partial merges and simulated crashes, checked after every step against a plain in-memory
-//! disk. A crash is the store being dropped without a flush and reopened from the same files,
-//! as after SIGKILL; afterwards every block must hold one whole version written since the last
-//! flush (or the flushed one), never a mix.
+//! Model-based test: random sequences of writes (some with FUA), reads, trims, zeroes,
+//! flushes, ROW start/stop, partial merges, restarts, power cuts and failing syncs, checked
+//! after every step against a plain in-memory disk.
+//!
+//! The store runs over [`SimStorage`], which at a power cut keeps only what was synced (plus a
+//! random subset of what was not, page by page), and whose syncs can be made to fail the way
+//! Linux's do (the data they covered never reaches the disk). What must hold:
+//! - reads always return the model's current content;
+//! - after a restart or a power cut, every block holds one whole version written since the
+//!   last acknowledged flush (or that flushed one): an acknowledged FLUSH or FUA write survives,
+//!   and nothing unacknowledged corrupts a block;
+//! - once a sync has failed, every write and every flush fails until the store is reopened
+//!   (a later sync that succeeds would otherwise report data durable that the kernel dropped).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use proptest::prelude::*;
-use row_store::{Disk, DiskOptions, Mode, BLOCK_SIZE};
+use row_store::{BlockBackend, Disk, DiskOptions, Mode, SimStorage, Storage, ZeroFlags, BLOCK_SIZE};
 
 const BLOCKS: u64 = 24;
 /// A short last block exercises the partial tail.
@@ -15,15 +26,35 @@ const SECTORS: u64 = SIZE / SECTOR;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { sector: u64, sectors: u64, seed: u8 },
-    Read { sector: u64, sectors: u64 },
-    Trim { sector: u64, sectors: u64 },
-    Zero { sector: u64, sectors: u64, may_punch: bool },
+    Write {
+        sector: u64,
+        sectors: u64,
+        seed: u8,
+        fua: bool,
+    },
+    Read {
+        sector: u64,
+        sectors: u64,
+    },
+    Trim {
+        sector: u64,
+        sectors: u64,
+    },
+    Zero {
+        sector: u64,
+        sectors: u64,
+        may_punch: bool,
+    },
     Flush,
     RowStart,
     RowStop,
     MergeSome(u64),
-    Crash,
+    /// The process dies; the page cache survives.
+    Restart,
+    /// The machine loses power.
+    PowerCut,
+    /// A sync fails with EIO, after this many have succeeded.
+    FailSync(u8),
 }
 
 fn range() -> impl Strategy<Value = (u64, u64)> {
@@ -32,15 +63,18 @@ fn range() -> impl Strategy<Value = (u64, u64)> {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (range(), any::<u8>()).prop_map(|((sector, sectors), seed)| Op::Write { sector, sectors, seed }),
+        6 => (range(), any::<u8>(), prop::bool::weighted(0.15))
+            .prop_map(|((sector, sectors), seed, fua)| Op::Write { sector, sectors, seed, fua }),
         3 => range().prop_map(|(sector, sectors)| Op::Read { sector, sectors }),
         1 => range().prop_map(|(sector, sectors)| Op::Trim { sector, sectors }),
         1 => (range(), any::<bool>()).prop_map(|((sector, sectors), may_punch)| Op::Zero { sector, sectors, may_punch }),
-        1 => Just(Op::Flush),
+        2 => Just(Op::Flush),
         2 => Just(Op::RowStart),
         1 => Just(Op::RowStop),
         1 => (1..8u64).prop_map(Op::MergeSome),
-        2 => Just(Op::Crash),
+        1 => Just(Op::Restart),
+        2 => Just(Op::PowerCut),
+        1 => (0..3u8).prop_map(Op::FailSync),
     ]
 }
 
@@ -48,21 +82,33 @@ fn op() -> impl Strategy<Value = Op> {
 struct Model {
     current: Vec<u8>,
     versions: Vec<Vec<Vec<u8>>>,
+    /// A sync failed since the store was opened: writes and flushes must fail.
+    latched: bool,
 }
 
 impl Model {
     fn new() -> Self {
         let current = vec![0u8; SIZE as usize];
         let versions = (0..=BLOCKS).map(|b| vec![block_of(&current, b).to_vec()]).collect();
-        Self { current, versions }
+        Self { current, versions, latched: false }
+    }
+
+    fn blocks(offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
+        offset / BLOCK_SIZE..=(offset + len - 1) / BLOCK_SIZE
     }
 
     fn apply(&mut self, offset: u64, data: &[u8]) {
         self.current[offset as usize..offset as usize + data.len()].copy_from_slice(data);
-        let (fb, lb) = (offset / BLOCK_SIZE, (offset + data.len() as u64 - 1) / BLOCK_SIZE);
-        for b in fb..=lb {
+        for b in Self::blocks(offset, data.len() as u64) {
             let v = block_of(&self.current, b).to_vec();
             self.versions[b as usize].push(v);
+        }
+    }
+
+    /// The blocks of a range are durable as they are now (an acknowledged FUA write).
+    fn durable_range(&mut self, offset: u64, len: u64) {
+        for b in Self::blocks(offset, len) {
+            self.versions[b as usize] = vec![block_of(&self.current, b).to_vec()];
         }
     }
 
@@ -82,118 +128,210 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len).map(|i| seed.wrapping_add((i / 512) as u8).wrapping_mul(31) | 1).collect()
 }
 
-fn scratch_dir() -> tempfile::TempDir {
-    // tmpfs keeps thousands of fsyncs cheap and supports holes like ext4/xfs.
-    tempfile::tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir()).unwrap()
+fn read(disk: &Disk, offset: u64, len: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    disk.read_append(&mut out, len as usize, offset).expect("reads never fail");
+    out
 }
 
-fn check_all(disk: &Disk, model: &Model) -> Result<(), TestCaseError> {
-    let mut all = vec![0u8; SIZE as usize];
-    disk.read_at(&mut all, 0).unwrap();
-    prop_assert!(all == model.current, "full read differs from the model");
+fn open(storage: &SimStorage, path: &Path) -> Disk {
+    Disk::open_on(Arc::new(storage.clone()), path, DiskOptions::default()).expect("the store reopens after any crash")
+}
+
+/// A mutating operation's result: while latched it must fail; when it fails otherwise, the
+/// failure must have tripped the latch (a sync failed).
+fn expect_outcome<T: std::fmt::Debug>(
+    what: &str,
+    r: Result<T, impl std::fmt::Display>,
+    model: &mut Model,
+    disk: &Disk,
+) -> Result<bool, TestCaseError> {
+    match r {
+        Ok(_) => {
+            prop_assert!(!model.latched, "{} succeeded after a failed sync", what);
+            Ok(true)
+        }
+        Err(e) => {
+            prop_assert!(disk.sync_failure().is_some(), "{} failed without a failed sync: {}", what, e);
+            model.latched = true;
+            Ok(false)
+        }
+    }
+}
+
+/// After a write-like op failed, learn what the range holds now: each block must be its old
+/// or its new content (the write may have reached the page cache before the sync failed).
+fn learn_after_failure(disk: &Disk, model: &mut Model, offset: u64, new: &[u8]) -> Result<(), TestCaseError> {
+    let len = new.len() as u64;
+    let (fb, lb) = (offset / BLOCK_SIZE, (offset + len - 1) / BLOCK_SIZE);
+    let start = fb * BLOCK_SIZE;
+    let end = ((lb + 1) * BLOCK_SIZE).min(SIZE);
+    let now = read(disk, start, end - start);
+    let mut with_new = model.current[start as usize..end as usize].to_vec();
+    with_new[(offset - start) as usize..(offset - start + len) as usize].copy_from_slice(new);
+    for b in fb..=lb {
+        let (s, e) = (((b - fb) * BLOCK_SIZE) as usize, (((b - fb + 1) * BLOCK_SIZE) as usize).min(now.len()));
+        prop_assert!(
+            now[s..e] == model.current[start as usize + s..start as usize + e] || now[s..e] == with_new[s..e],
+            "block {} after a failed write is neither its old nor its new content",
+            b
+        );
+    }
+    model.apply(start, &now);
     Ok(())
 }
 
-fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let dir = scratch_dir();
-    let path = dir.path().join("disk.raw");
-    std::fs::File::create(&path).unwrap().set_len(SIZE).unwrap();
-    let mut disk = Disk::open(&path, DiskOptions::default()).unwrap();
+fn run(seed: u64, ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let storage = SimStorage::new(seed);
+    let path = PathBuf::from("/vm/disk.raw");
+    storage.create_durable(&path, SIZE);
+    let mut disk = open(&storage, &path);
     let mut model = Model::new();
     for op in ops {
         match op {
-            Op::Write { sector, sectors, seed } => {
+            Op::Write { sector, sectors, seed, fua } => {
                 let data = pattern(seed, (sectors * SECTOR) as usize);
-                disk.write_at(&data, sector * SECTOR, seed % 7 == 0).unwrap();
-                // Some writes carry FUA; the versions kept for a crash stay valid either way.
-                model.apply(sector * SECTOR, &data);
+                let offset = sector * SECTOR;
+                let r = disk.write_at(&data, offset, fua);
+                if expect_outcome("write", r, &mut model, &disk)? {
+                    model.apply(offset, &data);
+                    if fua {
+                        model.durable_range(offset, data.len() as u64);
+                    }
+                } else {
+                    learn_after_failure(&disk, &mut model, offset, &data)?;
+                }
             }
             Op::Read { sector, sectors } => {
-                let mut buf = vec![0u8; (sectors * SECTOR) as usize];
-                disk.read_at(&mut buf, sector * SECTOR).unwrap();
+                let got = read(&disk, sector * SECTOR, sectors * SECTOR);
                 let want = &model.current[(sector * SECTOR) as usize..((sector + sectors) * SECTOR) as usize];
-                prop_assert!(buf == want, "read at sector {} x{} differs", sector, sectors);
+                prop_assert!(got == want, "read at sector {} x{} differs", sector, sectors);
             }
             Op::Trim { sector, sectors } => {
-                let mode = disk.mode();
-                disk.trim(sector * SECTOR, sectors * SECTOR, false).unwrap();
-                if mode == Mode::Direct {
-                    // Advisory in direct mode: the range may or may not read as zeroes after.
-                    let mut buf = vec![0u8; (sectors * SECTOR) as usize];
-                    disk.read_at(&mut buf, sector * SECTOR).unwrap();
-                    model.apply(sector * SECTOR, &buf);
-                } else {
-                    model.apply(sector * SECTOR, &vec![0u8; (sectors * SECTOR) as usize]);
+                let (offset, len) = (sector * SECTOR, sectors * SECTOR);
+                let r = disk.trim(offset, len, false);
+                if expect_outcome("trim", r, &mut model, &disk)? {
+                    // Advisory in direct mode: the range may read as before or as zeroes; learn which.
+                    let now = read(&disk, offset, len);
+                    if disk.mode() != Mode::Direct {
+                        prop_assert!(
+                            now.iter().all(|&b| b == 0),
+                            "a trimmed range over an overlay must read as zeroes"
+                        );
+                    }
+                    model.apply(offset, &now);
                 }
             }
             Op::Zero { sector, sectors, may_punch } => {
-                disk.write_zeroes(sector * SECTOR, sectors * SECTOR, may_punch, false, false).unwrap();
-                model.apply(sector * SECTOR, &vec![0u8; (sectors * SECTOR) as usize]);
+                let (offset, len) = (sector * SECTOR, sectors * SECTOR);
+                let r = disk.write_zeroes(offset, len, ZeroFlags { may_punch, fast_only: false, fua: false });
+                if expect_outcome("write-zeroes", r, &mut model, &disk)? {
+                    model.apply(offset, &vec![0u8; len as usize]);
+                } else {
+                    learn_after_failure(&disk, &mut model, offset, &vec![0u8; len as usize])?;
+                }
             }
             Op::Flush => {
-                disk.flush().unwrap();
-                model.durable();
+                if expect_outcome("flush", disk.flush(), &mut model, &disk)? {
+                    model.durable();
+                }
             }
             Op::RowStart => {
                 let was = disk.mode();
                 let r = disk.row_start();
-                prop_assert_eq!(r.is_ok(), was == Mode::Direct);
-                if r.is_ok() {
+                if model.latched {
+                    prop_assert!(r.is_err(), "row-start succeeded after a failed sync");
+                } else if was != Mode::Direct {
+                    prop_assert!(r.is_err());
+                } else if expect_outcome("row-start", r, &mut model, &disk)? {
                     prop_assert_eq!(disk.mode(), Mode::Row);
+                    // row-start syncs the image first.
                     model.durable();
                 }
             }
             Op::RowStop => {
                 let was = disk.mode();
                 let r = disk.row_stop(|_| {});
-                prop_assert_eq!(r.is_ok(), was != Mode::Direct);
-                prop_assert_eq!(disk.mode(), Mode::Direct);
-                prop_assert!(!disk.reserved_path().exists());
-                model.durable();
+                if was == Mode::Direct {
+                    prop_assert!(r.is_err());
+                } else if expect_outcome("row-stop", r, &mut model, &disk)? {
+                    prop_assert_eq!(disk.mode(), Mode::Direct);
+                    prop_assert!(!storage.exists(disk.reserved_path()).unwrap());
+                    model.durable();
+                }
             }
             Op::MergeSome(n) => {
                 match disk.mode() {
                     Mode::Direct => continue,
                     Mode::Row => {
-                        disk.begin_merge().unwrap();
+                        if !expect_outcome("begin-merge", disk.begin_merge(), &mut model, &disk)? {
+                            continue;
+                        }
                         model.durable();
                     }
                     Mode::Merging => {}
                 }
-                if disk.merge(Some(n), |_| {}).unwrap() {
-                    prop_assert_eq!(disk.mode(), Mode::Direct);
-                    model.durable();
+                match disk.merge(Some(n), |_| {}) {
+                    Ok(true) => {
+                        prop_assert!(!model.latched, "a merge finished after a failed sync");
+                        prop_assert_eq!(disk.mode(), Mode::Direct);
+                        model.durable();
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        expect_outcome("merge", Err::<(), _>(e), &mut model, &disk)?;
+                    }
                 }
             }
-            Op::Crash => {
+            Op::Restart | Op::PowerCut => {
                 let mode = disk.mode();
+                let latched = model.latched;
                 drop(disk);
-                disk = Disk::open(&path, DiskOptions::default()).unwrap();
-                prop_assert_eq!(disk.mode(), mode, "mode after restart");
-                let mut all = vec![0u8; SIZE as usize];
-                disk.read_at(&mut all, 0).unwrap();
+                if matches!(op, Op::PowerCut) {
+                    storage.power_cut();
+                }
+                disk = open(&storage, &path);
+                if !latched {
+                    prop_assert_eq!(disk.mode(), mode, "mode after {:?}", op);
+                }
+                let all = read(&disk, 0, SIZE);
                 for b in 0..=BLOCKS {
                     let got = block_of(&all, b);
                     prop_assert!(
                         model.versions[b as usize].iter().any(|v| v == got),
-                        "block {} after crash is none of its {} versions since the last flush",
+                        "block {} after {:?} is none of its {} versions since the last flush",
                         b,
+                        op,
                         model.versions[b as usize].len()
                     );
                 }
                 model.current = all;
-                model.durable();
+                // After a power cut what was read is what the disk holds; after a restart it may
+                // still be only in the page cache, so the older versions stay possible.
+                if matches!(op, Op::PowerCut) {
+                    model.durable();
+                }
+                model.latched = false;
+                // Reopening recovers; a merge interrupted by the crash is resumed later.
             }
+            Op::FailSync(skip) => storage.fail_syncs_after(skip.into(), 1),
         }
-        check_all(&disk, &model)?;
+        let all = read(&disk, 0, SIZE);
+        prop_assert!(all == model.current, "full read differs from the model");
     }
-    // Leaving ROW at the end must give back exactly the model's disk, in the image itself.
+    if model.latched {
+        return Ok(());
+    }
+    storage.fail_syncs(0);
+    // Leaving ROW at the end must give back exactly the model's disk, in the image itself,
+    // and that must survive a power cut.
     if disk.mode() != Mode::Direct {
         disk.row_stop(|_| {}).unwrap();
     }
+    disk.flush().unwrap();
     drop(disk);
-    let image = std::fs::read(&path).unwrap();
-    prop_assert!(image == model.current, "image after merge differs from the model");
+    storage.power_cut();
+    prop_assert!(storage.contents(&path).unwrap() == model.current, "image after merge differs from the model");
     Ok(())
 }
 
@@ -204,7 +342,10 @@ proptest! {
     })]
 
     #[test]
-    fn row_store_matches_a_plain_disk(ops in proptest::collection::vec(op(), 1..40)) {
-        run(ops)?;
+    fn row_store_matches_a_plain_disk_through_crashes_and_power_cuts(
+        seed in any::<u64>(),
+        ops in proptest::collection::vec(op(), 1..40),
+    ) {
+        run(seed, ops)?;
     }
 }

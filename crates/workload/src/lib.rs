@@ -208,7 +208,8 @@ impl Generator {
             self.cursor = (self.cursor + 1) % p.area_blocks;
             b
         } else if p.fresh {
-            let b = ((self.fresh_offset as u128 + self.cursor as u128 * self.fresh_step as u128) % p.area_blocks as u128) as u64;
+            let b = ((self.fresh_offset as u128 + self.cursor as u128 * self.fresh_step as u128)
+                % p.area_blocks as u128) as u64;
             self.cursor = (self.cursor + 1) % p.area_blocks;
             b
         } else {

@@ -146,7 +146,8 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
                 let v = value()?;
                 let names: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
                 a.profile = Some(
-                    Preset::find(&v).ok_or_else(|| format!("--profile: unknown {v:?} (one of {})", names.join(", ")))?,
+                    Preset::find(&v)
+                        .ok_or_else(|| format!("--profile: unknown {v:?} (one of {})", names.join(", ")))?,
                 );
             }
             "--expect-writes" => a.expect_writes = Some(parse_num(name, &value()?)?),
@@ -522,14 +523,18 @@ mod tests {
 
     #[test]
     fn parses_nbd_profile_and_stop_file_options() {
-        let a = args("--nbd,/run/a.sock,--profile,msn,--rate,200,--expect-seconds,30,--stop-file,/tmp/stop,--depth,4").unwrap();
+        let a = args("--nbd,/run/a.sock,--profile,msn,--rate,200,--expect-seconds,30,--stop-file,/tmp/stop,--depth,4")
+            .unwrap();
         assert_eq!(a.nbd.as_deref(), Some(Path::new("/run/a.sock")));
         assert_eq!(a.profile.unwrap().name, "msn");
         assert_eq!(a.expected_writes(), Some(6000));
         assert_eq!(a.stop_file.as_deref(), Some(Path::new("/tmp/stop")));
         assert_eq!(a.depth, 4);
         assert_eq!(args("--nbd,/s,--profile,bonnie,--writes,500").unwrap().expected_writes(), Some(500));
-        assert_eq!(args("--nbd,/s,--profile,msn,--rate,10,--seconds,9,--expect-writes,7").unwrap().expected_writes(), Some(7));
+        assert_eq!(
+            args("--nbd,/s,--profile,msn,--rate,10,--seconds,9,--expect-writes,7").unwrap().expected_writes(),
+            Some(7)
+        );
         assert!(args("--nbd,/s,--profile,msn,--stop-file,/x").unwrap_err().contains("expected number"));
         assert!(args("--nbd,/s,--profile,nope,--writes,1").unwrap_err().contains("live-maps"));
         assert!(args("--nbd,/s,--profile,msn,--hot-blocks,3,--writes,1").unwrap_err().contains("excludes"));
@@ -576,8 +581,11 @@ mod tests {
             assert_eq!(opt.option, NBD_OPT_GO);
             let mut out = Vec::new();
             let flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH;
-            OptionReply { option: NBD_OPT_GO, kind: OptionReplyKind::Info(InfoReply::Export { size: size as u64, transmission_flags: flags }) }
-                .encode(&mut out);
+            OptionReply {
+                option: NBD_OPT_GO,
+                kind: OptionReplyKind::Info(InfoReply::Export { size: size as u64, transmission_flags: flags }),
+            }
+            .encode(&mut out);
             OptionReply::ack(NBD_OPT_GO).encode(&mut out);
             s.write_all(&out).unwrap();
             loop {

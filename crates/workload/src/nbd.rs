@@ -69,7 +69,9 @@ impl NbdClient {
                     c.flags = transmission_flags;
                 }
                 OptionReplyKind::Error { code, message } => {
-                    return Err(io::Error::other(format!("NBD_OPT_GO for export {export:?} refused: {code:#x} {message}")))
+                    return Err(io::Error::other(format!(
+                        "NBD_OPT_GO for export {export:?} refused: {code:#x} {message}"
+                    )))
                 }
                 _ => {}
             }

@@ -1,194 +1,413 @@
-//! Destination side of a disk migration: `nbd-row-proxy receive`.
+//! The destination side of a disk migration: `nbd-row-proxy receive`.
 //!
-//! It accepts one authenticated session at a time and writes what arrives into the image.
-//! The NBD export exists from the start (QEMU opens its drive before the migration ends), but
-//! until the source's commit, reads wait and writes are refused. A session that fails, is
-//! discarded, or breaks before the commit leaves the export in that state and the next session
-//! starts over; after the commit and the source's `Done`, this is an ordinary `serve`.
+//! Connections are served concurrently (a bounded number): each authenticates, then its first
+//! message says what it is: a session's first round, a revoke (the source's switchover failed
+//! and it wants its disk back), or the source's `Done`. `migration_session::DestSession`, under
+//! one mutex, decides; each step is applied to a copy, its ownership record written, and only
+//! then made current, so what is on disk is never behind what the proxy acts on.
+//!
+//! The NBD export exists from the start (QEMU opens its drive before the migration ends): until
+//! the commit, writes are refused and reads wait; after it, the disk is served read-write and
+//! its first write makes this host the owner.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use migration_stream::{Key, Message};
-use qmp_proto::Event;
-use row_store::{Disk, BLOCK_SIZE};
-use serde_json::json;
+use anyhow::{anyhow, bail, Context, Result};
+use control_api::{IncomingData, IncomingPhase, MigrationIncoming, Strategy};
+use migration_session::{DestAction, DestRefusal, DestSession, SessionId};
+use migration_stream::{Key, Message, SessionParams};
+use row_store::{BlockBackend, ZeroFlags, BLOCK_SIZE};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{watch, Semaphore};
 
-use super::{send, FrameReader};
-use crate::export::Access;
+use super::{last_word, send, FrameReader, FIRST_MESSAGE_TIMEOUT, HANDSHAKE_TIMEOUT};
+use crate::ownership::Access;
+use crate::proxy::Proxy;
 
-/// How a session ended without an error.
-enum SessionEnd {
-    /// Committed and complete: the disk is ours.
-    Done,
-    /// The source threw the session away.
-    Discarded(String),
+/// Migration connections served at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 4;
+
+/// The destination's state, shared by its connections, the NBD write gate and `query-status`.
+pub struct Incoming {
+    proxy: Arc<Proxy>,
+    machine: Mutex<DestSession>,
 }
 
-/// Accepts sessions until one completes, then returns (the server goes on serving).
-pub async fn receive(
-    disk: Arc<Disk>,
-    listener: TcpListener,
-    key: Arc<Key>,
-    access: watch::Sender<Access>,
-    events: broadcast::Sender<Event>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let emit = |name: &str, data| {
-        let _ = events.send(Event::now(name, data));
-    };
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.changed() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accepting a migration connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming").field("machine", &*self.lock()).finish()
+    }
+}
+
+fn strategy_of(s: migration_stream::Strategy) -> Strategy {
+    match s {
+        migration_stream::Strategy::Row => Strategy::Row,
+        migration_stream::Strategy::Bitmap => Strategy::Bitmap,
+    }
+}
+
+impl Incoming {
+    /// The destination state `machine` (new, or restored from the ownership record) for the disk
+    /// of `proxy`; opens the disk if it is committed or owned.
+    pub fn new(proxy: Arc<Proxy>, machine: DestSession) -> Arc<Self> {
+        let serves = machine.phase();
+        let me = Arc::new(Self { proxy, machine: Mutex::new(machine) });
+        match serves {
+            IncomingPhase::Committed => me.open_committed(),
+            IncomingPhase::Owner => me.proxy.gate.set(Access::Open),
+            IncomingPhase::Waiting | IncomingPhase::Receiving => me.proxy.gate.set(Access::Incoming),
+        }
+        me
+    }
+
+    fn lock(&self) -> MutexGuard<'_, DestSession> {
+        self.machine.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> IncomingPhase {
+        self.lock().phase()
+    }
+
+    /// Applies an input: on a copy of the state, whose ownership record is written first; the
+    /// copy becomes current only if that worked. Returns the other actions, in order. Blocking.
+    fn apply(
+        &self,
+        f: impl FnOnce(&mut DestSession) -> Result<Vec<DestAction>, DestRefusal>,
+    ) -> Result<Vec<DestAction>> {
+        let mut current = self.lock();
+        let mut next = current.clone();
+        let actions = f(&mut next)?;
+        let mut rest = Vec::new();
+        for a in actions {
+            match a {
+                DestAction::Persist(record) => {
+                    self.proxy.record.store(Some(&record)).with_context(|| {
+                        format!("writing the ownership record {}", self.proxy.record.path().display())
+                    })?
                 }
-            },
-        };
-        tracing::info!(%peer, "incoming migration connection");
+                other => rest.push(other),
+            }
+        }
+        *current = next;
+        Ok(rest)
+    }
+
+    /// Serves a committed disk: reads and writes; the first write makes this host the owner.
+    fn open_committed(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        self.proxy.gate.set_committed(Box::new(move || {
+            let me = me.upgrade().ok_or_else(|| std::io::Error::other("shutting down"))?;
+            let r = me.apply(|m| m.local_write().map_err(|phase| DestRefusal::Unexpected { what: "write", phase }));
+            match r {
+                Ok(_) => {
+                    tracing::info!("first write after the commit: this host owns the disk");
+                    me.emit(IncomingData { phase: IncomingPhase::Owner, ..me.data() });
+                    Ok(())
+                }
+                Err(e) => Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!("{e:#}"))),
+            }
+        }));
+    }
+
+    fn data(&self) -> IncomingData {
+        let m = self.lock();
+        IncomingData {
+            phase: m.phase(),
+            session: m.session().map(|s| s.to_string()),
+            strategy: None,
+            round: None,
+            reason: None,
+        }
+    }
+
+    fn emit(&self, data: IncomingData) {
+        self.proxy.events.emit::<MigrationIncoming>(data);
+    }
+
+    /// Accepts migration connections until `shutdown`.
+    pub async fn listen(self: Arc<Self>, listener: TcpListener, key: Arc<Key>, mut shutdown: watch::Receiver<bool>) {
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = stopped(&mut shutdown) => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting a migration connection failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "too many migration connections; closing this one");
+                continue;
+            };
+            let (me, key) = (self.clone(), key.clone());
+            let mut stop = shutdown.clone();
+            tokio::spawn(async move {
+                let _slot = slot;
+                tokio::select! {
+                    _ = stopped(&mut stop) => {}
+                    r = me.connection(stream, &key) => if let Err(e) = r {
+                        tracing::warn!(%peer, "migration connection: {e:#}");
+                    }
+                }
+            });
+        }
+    }
+
+    /// One connection: handshake, then what its first message asks for.
+    async fn connection(self: &Arc<Self>, stream: TcpStream, key: &Key) -> Result<()> {
         let _ = stream.set_nodelay(true);
         super::set_dead_peer_timeouts(&stream);
-        let result = tokio::select! {
-            _ = shutdown.changed() => return,
-            r = session(&disk, stream, &key, &access, &emit) => r,
-        };
-        match result {
-            Ok(SessionEnd::Done) => {
-                tracing::info!(%peer, "incoming migration complete: serving the disk");
-                emit("MIGRATION_INCOMING", json!({ "state": "completed" }));
-                return;
+        let (rd, mut wr) = stream.into_split();
+        let mut reader = FrameReader::new(rd);
+        let params = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut reader, &mut wr, key))
+            .await
+            .map_err(|_| anyhow!("no authenticated session request within {HANDSHAKE_TIMEOUT:?}"))??;
+        let session = SessionId(params.session_id);
+        let first = reader.next_within(FIRST_MESSAGE_TIMEOUT, "the session's first message").await?;
+        match first {
+            Message::RoundBegin { round, .. } => {
+                self.receive(session, strategy_of(params.strategy), round, reader, wr).await
             }
-            Ok(SessionEnd::Discarded(reason)) => {
-                access.send_replace(Access::Incoming);
-                tracing::warn!(%peer, "the source discarded the migration: {reason}");
-                emit("MIGRATION_INCOMING", json!({ "state": "discarded", "reason": reason }));
+            Message::Revoke => self.revoke(session, &mut wr).await,
+            Message::Done | Message::Discard { .. } => {
+                let done = matches!(first, Message::Done);
+                let r = self
+                    .blocking(move |me| me.apply(|m| if done { m.done(session) } else { m.discard(session) }))
+                    .await;
+                if let Err(e) = &r {
+                    last_word(&mut wr, &Message::Error { message: format!("{e:#}") }).await;
+                }
+                r.map(|_| ())
             }
-            Err(e) => {
-                access.send_replace(Access::Incoming);
-                tracing::warn!(%peer, "incoming migration failed: {e:#}");
-                emit("MIGRATION_INCOMING", json!({ "state": "failed", "error": format!("{e:#}") }));
+            other => {
+                let e = anyhow!("unexpected {} to begin a session", other.name());
+                last_word(&mut wr, &Message::Error { message: e.to_string() }).await;
+                Err(e)
             }
         }
     }
-}
 
-async fn session(
-    disk: &Arc<Disk>,
-    stream: TcpStream,
-    key: &Key,
-    access: &watch::Sender<Access>,
-    emit: &impl Fn(&str, serde_json::Value),
-) -> Result<SessionEnd> {
-    let (rd, mut wr) = stream.into_split();
-    let mut reader = FrameReader::new(rd);
-    let server_nonce = migration_stream::nonce();
-    send(&mut wr, &Message::ServerHello { version: migration_stream::VERSION, nonce: server_nonce }).await?;
-    let Message::ClientHello { params, nonce: client_nonce, mac, .. } =
-        reader.next_within(Duration::from_secs(10), "session request").await?
-    else {
-        bail!("the peer did not ask for a migration session");
-    };
-    let want = migration_stream::client_mac(key, &server_nonce, &client_nonce, &params);
-    let refusal = if !migration_stream::verify(&want, &mac) {
-        Some("authentication failed (different --auth-key-file?)".to_string())
-    } else if params.disk_size != disk.size() {
-        Some(format!("disk size differs: the source has {} bytes, this image {}", params.disk_size, disk.size()))
-    } else if params.block_size as u64 != BLOCK_SIZE {
-        Some(format!("block size {} is not supported", params.block_size))
-    } else {
-        None
-    };
-    if let Some(reason) = refusal {
-        let _ = send(&mut wr, &Message::Reject { reason: reason.clone() }).await;
-        bail!("refused the session: {reason}");
-    }
-    send(&mut wr, &Message::Accept { mac: migration_stream::server_mac(key, &server_nonce, &client_nonce, &params) }).await?;
-    tracing::info!(strategy = params.strategy.as_str(), size = params.disk_size, "migration session accepted");
-    emit("MIGRATION_INCOMING", json!({ "state": "receiving", "strategy": params.strategy.as_str() }));
-    let result = receive_frames(disk, &mut reader, &mut wr, access, emit).await;
-    if let Err(e) = &result {
-        // Tell the source why, if it still listens.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            send(&mut wr, &Message::Error { message: format!("{e:#}") }),
-        )
-        .await;
-    }
-    result
-}
-
-async fn receive_frames(
-    disk: &Arc<Disk>,
-    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    wr: &mut tokio::net::tcp::OwnedWriteHalf,
-    access: &watch::Sender<Access>,
-    emit: &impl Fn(&str, serde_json::Value),
-) -> Result<SessionEnd> {
-    let d = disk.clone();
-    tokio::task::spawn_blocking(move || d.reset_image()).await??;
-    let mut committed = false;
-    let mut background_sync: Option<tokio::task::JoinHandle<std::io::Result<()>>> = None;
-    let size = disk.size();
-    loop {
-        let Some(msg) = reader.next().await? else {
-            if committed {
-                return Ok(SessionEnd::Done);
-            }
-            bail!("the source closed the connection before committing");
+    async fn handshake(
+        &self,
+        reader: &mut FrameReader<OwnedReadHalf>,
+        wr: &mut OwnedWriteHalf,
+        key: &Key,
+    ) -> Result<SessionParams> {
+        let server_nonce = migration_stream::nonce();
+        send(wr, &Message::ServerHello { version: migration_stream::VERSION, nonce: server_nonce }).await?;
+        let Message::ClientHello { params, nonce: client_nonce, mac, .. } =
+            reader.next_within(HANDSHAKE_TIMEOUT, "session request").await?
+        else {
+            bail!("the peer did not ask for a migration session");
         };
-        match msg {
-            Message::Data { offset, codec, logical_len, payload } if !committed => {
-                if offset.checked_add(logical_len as u64).is_none_or(|end| end > size) {
-                    bail!("data extent at {offset}+{logical_len} lies outside the {size}-byte disk");
+        let want = migration_stream::client_mac(key, &server_nonce, &client_nonce, &params);
+        let size = self.proxy.disk.size();
+        let refusal = if !migration_stream::verify(&want, &mac) {
+            Some("authentication failed (different --auth-key-file?)".to_string())
+        } else if params.disk_size != size {
+            Some(format!("disk size differs: the source has {} bytes, this image {size}", params.disk_size))
+        } else if params.block_size as u64 != BLOCK_SIZE {
+            Some(format!("block size {} is not supported", params.block_size))
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            last_word(wr, &Message::Reject { reason: reason.clone() }).await;
+            bail!("refused the session: {reason}");
+        }
+        send(wr, &Message::Accept { mac: migration_stream::server_mac(key, &server_nonce, &client_nonce, &params) })
+            .await?;
+        Ok(params)
+    }
+
+    async fn blocking<T: Send + 'static>(self: &Arc<Self>, f: impl FnOnce(&Arc<Self>) -> T + Send + 'static) -> T {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&me)).await.expect("blocking task panicked")
+    }
+
+    /// A revoke: give the disk back unless this host has written to it. Decided while no write
+    /// is in flight, so it cannot race the first write after the commit.
+    async fn revoke(self: &Arc<Self>, session: SessionId, wr: &mut OwnedWriteHalf) -> Result<()> {
+        let r = self
+            .blocking(move |me| {
+                me.proxy.gate.exclusive(|gate| -> Result<bool> {
+                    let actions = me.apply(|m| m.revoke(session))?;
+                    let mut answered = false;
+                    for a in actions {
+                        match a {
+                            DestAction::CloseAccess => gate.set_locked(Access::Incoming),
+                            DestAction::SendRevoked => answered = true,
+                            _ => {}
+                        }
+                    }
+                    Ok(answered)
+                })
+            })
+            .await;
+        match r {
+            Ok(_) => {
+                tracing::warn!(%session, "the source took the disk back: waiting for a new migration");
+                self.emit(IncomingData { reason: Some("revoked by the source".into()), ..self.data() });
+                send(wr, &Message::Revoked).await?;
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(%session, "revoke refused: {e:#}");
+                last_word(wr, &Message::Error { message: format!("{e:#}") }).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// A session's rounds, until its commit and beyond (its `Done`).
+    async fn receive(
+        self: &Arc<Self>,
+        session: SessionId,
+        strategy: Strategy,
+        first_round: u32,
+        mut reader: FrameReader<OwnedReadHalf>,
+        mut wr: OwnedWriteHalf,
+    ) -> Result<()> {
+        let begun = self
+            .blocking(move |me| -> Result<()> {
+                for a in me.apply(|m| m.begin(session))? {
+                    if a == DestAction::ResetImage {
+                        me.proxy.gate.set(Access::Incoming);
+                        me.proxy.disk.reset_image()?;
+                    }
                 }
-                let data = migration_stream::decode_block(codec, &payload, logical_len).context("bad data frame")?;
-                tokio::task::block_in_place(|| disk.write_at(&data, offset, false))
-                    .with_context(|| format!("writing {logical_len} bytes at {offset} to the image"))?;
+                Ok(())
+            })
+            .await;
+        if let Err(e) = begun {
+            last_word(&mut wr, &Message::Error { message: format!("{e:#}") }).await;
+            return Err(e);
+        }
+        tracing::info!(%session, %strategy, "migration session accepted");
+        self.emit(IncomingData { strategy: Some(strategy), round: Some(first_round), ..self.data() });
+        let result = self.frames(session, &mut reader, &mut wr).await;
+        if let Err(e) = &result {
+            // Before the commit the session is over; after it nothing changes.
+            let _ = self.blocking(move |me| me.apply(|m| Ok(m.transport_failed(session)))).await;
+            let phase = self.phase();
+            if phase != IncomingPhase::Committed && phase != IncomingPhase::Owner {
+                tracing::warn!(%session, "incoming migration failed: {e:#}");
+                self.emit(IncomingData { reason: Some(format!("{e:#}")), ..self.data() });
+                last_word(&mut wr, &Message::Error { message: format!("{e:#}") }).await;
             }
-            Message::Zero { offset, len } if !committed => {
-                if offset.checked_add(len).is_none_or(|end| end > size) {
-                    bail!("zero extent at {offset}+{len} lies outside the {size}-byte disk");
+        }
+        result
+    }
+
+    async fn frames(
+        self: &Arc<Self>,
+        session: SessionId,
+        reader: &mut FrameReader<OwnedReadHalf>,
+        wr: &mut OwnedWriteHalf,
+    ) -> Result<()> {
+        let disk = self.proxy.disk.clone();
+        let size = disk.size();
+        let mut background_sync: Option<tokio::task::JoinHandle<std::io::Result<()>>> = None;
+        loop {
+            let Some(msg) = reader.next().await? else {
+                return match self.phase() {
+                    IncomingPhase::Committed | IncomingPhase::Owner => Ok(()),
+                    _ => Err(anyhow!("the source closed the connection before committing")),
+                };
+            };
+            match msg {
+                Message::Data { offset, codec, logical_len, payload } => {
+                    self.lock().accepts_data(session)?;
+                    if offset.checked_add(logical_len as u64).is_none_or(|end| end > size) {
+                        bail!("data extent at {offset}+{logical_len} lies outside the {size}-byte disk");
+                    }
+                    let data =
+                        migration_stream::decode_block(codec, &payload, logical_len).context("bad data frame")?;
+                    tokio::task::block_in_place(|| disk.write_at(&data, offset, false))
+                        .with_context(|| format!("writing {logical_len} bytes at {offset} to the image"))?;
                 }
-                tokio::task::block_in_place(|| disk.write_zeroes(offset, len, true, false, false))
-                    .with_context(|| format!("zeroing {len} bytes at {offset}"))?;
-            }
-            Message::RoundBegin { round, kind } if !committed => {
-                tracing::info!(round, ?kind, "round arriving");
-                emit("MIGRATION_INCOMING", json!({ "state": "receiving", "round": round }));
-            }
-            Message::RoundEnd { .. } if !committed => {
-                // Write back what this round brought while the next one is on its way, so the
-                // commit (which the paused VM waits for) only has the final round left to sync.
-                if background_sync.as_ref().is_none_or(|h| h.is_finished()) {
+                Message::Zero { offset, len } => {
+                    self.lock().accepts_data(session)?;
+                    if offset.checked_add(len).is_none_or(|end| end > size) {
+                        bail!("zero extent at {offset}+{len} lies outside the {size}-byte disk");
+                    }
+                    let flags = ZeroFlags { may_punch: true, ..ZeroFlags::default() };
+                    tokio::task::block_in_place(|| disk.write_zeroes(offset, len, flags))
+                        .with_context(|| format!("zeroing {len} bytes at {offset}"))?;
+                }
+                Message::RoundBegin { round, kind } => {
+                    self.lock().accepts_data(session)?;
+                    tracing::info!(round, ?kind, "round arriving");
+                    self.emit(IncomingData { round: Some(round), ..self.data() });
+                }
+                Message::RoundEnd { .. } => {
+                    self.lock().accepts_data(session)?;
+                    // Write back what this round brought while the next one is on its way, so the
+                    // commit (which the paused VM waits for) only has the final round left to sync.
+                    if background_sync.as_ref().is_none_or(|h| h.is_finished()) {
+                        if let Some(h) = background_sync.take() {
+                            h.await?.context("syncing the image")?;
+                        }
+                        let d = disk.clone();
+                        background_sync = Some(tokio::task::spawn_blocking(move || d.flush()));
+                    }
+                }
+                Message::Commit => {
                     if let Some(h) = background_sync.take() {
                         h.await?.context("syncing the image")?;
                     }
-                    let d = disk.clone();
-                    background_sync = Some(tokio::task::spawn_blocking(move || d.flush()));
+                    self.commit(session).await?;
+                    send(wr, &Message::Committed).await?;
+                    tracing::info!(%session, "migration committed: the image is durable and served read-write");
+                    self.emit(self.data());
                 }
-            }
-            Message::Commit if !committed => {
-                if let Some(h) = background_sync.take() {
-                    h.await?.context("syncing the image")?;
+                Message::Discard { reason } => match self.blocking(move |me| me.apply(|m| m.discard(session))).await {
+                    Ok(_) => {
+                        tracing::warn!(%session, "the source discarded the migration: {reason}");
+                        self.emit(IncomingData { reason: Some(reason), ..self.data() });
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        tracing::warn!(%session, "refused the source's discard: {e:#}");
+                        last_word(wr, &Message::Error { message: format!("{e:#}") }).await;
+                        return Ok(());
+                    }
+                },
+                Message::Done => {
+                    self.blocking(move |me| me.apply(|m| m.done(session))).await?;
+                    tracing::info!(%session, "incoming migration complete: this host owns the disk");
+                    self.emit(self.data());
+                    return Ok(());
                 }
-                let d = disk.clone();
-                tokio::task::spawn_blocking(move || d.flush()).await?.context("syncing the image")?;
-                access.send_replace(Access::Open);
-                committed = true;
-                send(wr, &Message::Committed).await?;
-                tracing::info!("migration committed: the image is durable and writable");
-                emit("MIGRATION_INCOMING", json!({ "state": "committed" }));
+                other => bail!("unexpected {} message in the migration stream", other.name()),
             }
-            Message::Discard { reason } => return Ok(SessionEnd::Discarded(reason)),
-            Message::Done if committed => return Ok(SessionEnd::Done),
-            other => bail!("unexpected {} message in the migration stream", other.name()),
         }
     }
+
+    /// The commit: sync everything received, record it, then serve the disk.
+    async fn commit(self: &Arc<Self>, session: SessionId) -> Result<()> {
+        self.blocking(move |me| -> Result<()> {
+            // The sync comes first: the record must never say committed for data not on disk.
+            me.proxy.disk.flush().context("syncing the image")?;
+            for a in me.apply(|m| m.commit(session))? {
+                if a == DestAction::OpenAccess {
+                    me.open_committed();
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// Resolves once `shutdown` says stop (or its sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
 }

@@ -1,14 +1,40 @@
-//! Disk migration between two proxies over TCP: the source's pre-copy rounds and final round
-//! ([`source`]), the destination's receiver ([`dest`]), and what both need to move frames.
+//! Disk migration between two proxies over TCP: the source's session ([`source`], reading and
+//! framing rounds in [`rounds`]), the destination's ([`dest`]), and what both need to move
+//! frames: a frame reader, the authenticated handshake, pacing and dead-peer timeouts.
+//!
+//! The decisions (what may happen next, what to persist first) are `migration_session`'s state
+//! machines; this module performs them.
 
 pub mod dest;
+pub mod rounds;
 pub mod source;
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use migration_stream::Message;
+use anyhow::{anyhow, bail, Context, Result};
+use migration_session::SessionId;
+use migration_stream::{Key, Message, SessionParams};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// How long connecting to the destination may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long each step of the handshake may take (greeting, session request, reply).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the destination may take to make the data durable and answer the commit.
+pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the destination may take to answer a revoke.
+pub const REVOKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a best-effort last word (a discard, an error) may take to send.
+pub const LAST_WORD_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the destination waits for an authenticated connection's first message.
+pub const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Unacknowledged data fails the connection after this long (`TCP_USER_TIMEOUT`).
+const DEAD_PEER_TIMEOUT_MS: libc::c_int = 20_000;
+/// An idle connection is probed after this long, every interval, this many times.
+const KEEPALIVE_IDLE_S: libc::c_int = 10;
+const KEEPALIVE_INTERVAL_S: libc::c_int = 5;
+const KEEPALIVE_PROBES: libc::c_int = 3;
 
 /// Reads whole frames from a stream with the sans-I/O decoder.
 pub struct FrameReader<R> {
@@ -104,17 +130,23 @@ pub fn set_dead_peer_timeouts(stream: &tokio::net::TcpStream) {
     let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
         // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int.
         let rc = unsafe {
-            libc::setsockopt(fd, level, name, (&value as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as u32)
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
         };
         if rc != 0 {
             tracing::debug!(name, "setsockopt failed: {}", std::io::Error::last_os_error());
         }
     };
-    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 20_000);
+    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, DEAD_PEER_TIMEOUT_MS);
     set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 10);
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5);
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_S);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES);
 }
 
 /// Parses `tcp:HOST:PORT` (QEMU's form) or `HOST:PORT`.
@@ -124,4 +156,68 @@ pub fn parse_uri(uri: &str) -> Result<String> {
         bail!("migration URI {uri:?} is not tcp:HOST:PORT");
     }
     Ok(addr.to_string())
+}
+
+/// The session parameters both MACs cover.
+pub fn session_params(session: SessionId, disk_size: u64, strategy: control_api::Strategy) -> SessionParams {
+    SessionParams {
+        session_id: session.0,
+        disk_size,
+        block_size: row_store::BLOCK_SIZE as u32,
+        strategy: match strategy {
+            control_api::Strategy::Row => migration_stream::Strategy::Row,
+            control_api::Strategy::Bitmap => migration_stream::Strategy::Bitmap,
+        },
+    }
+}
+
+/// An authenticated connection to a destination.
+pub struct Connection {
+    /// Frames from the destination.
+    pub reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    /// Frames to it.
+    pub writer: tokio::net::tcp::OwnedWriteHalf,
+}
+
+/// Connects to `uri` (`tcp:HOST:PORT`) and runs the source's side of the handshake: the
+/// destination proves it knows the key, and so do we.
+pub async fn connect(uri: &str, key: &Key, params: &SessionParams) -> Result<Connection> {
+    let addr = parse_uri(uri)?;
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
+        .await
+        .map_err(|_| anyhow!("connecting to {addr} timed out"))?
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_nodelay(true)?;
+    set_dead_peer_timeouts(&stream);
+    let (rd, mut writer) = stream.into_split();
+    let mut reader = FrameReader::new(rd);
+    let Message::ServerHello { nonce: server_nonce, .. } = reader.next_within(HANDSHAKE_TIMEOUT, "greeting").await?
+    else {
+        bail!("{addr} did not greet like a migration destination");
+    };
+    let client_nonce = migration_stream::nonce();
+    let mac = migration_stream::client_mac(key, &server_nonce, &client_nonce, params);
+    let hello =
+        Message::ClientHello { version: migration_stream::VERSION, params: params.clone(), nonce: client_nonce, mac };
+    send(&mut writer, &hello).await?;
+    match reader.next_within(HANDSHAKE_TIMEOUT, "authentication reply").await? {
+        Message::Accept { mac } => {
+            let want = migration_stream::server_mac(key, &server_nonce, &client_nonce, params);
+            if !migration_stream::verify(&want, &mac) {
+                bail!("the destination failed authentication (different --auth-key-file?)");
+            }
+        }
+        Message::Reject { reason } => bail!("the destination refused the session: {reason}"),
+        other => bail!("unexpected {} in reply to the session request", other.name()),
+    }
+    Ok(Connection { reader, writer })
+}
+
+/// Writes `msg` and closes, without waiting more than [`LAST_WORD_TIMEOUT`].
+pub async fn last_word<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) {
+    let _ = tokio::time::timeout(LAST_WORD_TIMEOUT, async {
+        let _ = send(w, msg).await;
+        let _ = w.shutdown().await;
+    })
+    .await;
 }

@@ -1,47 +1,54 @@
-//! Source side of a disk migration.
+//! The source side of a disk migration.
 //!
-//! `migrate-start` connects and authenticates, then a background task runs the pre-copy rounds:
+//! One task (an actor) owns the session's connection and performs what
+//! `migration_session::SourceSession` decides; the control commands send it requests and wait
+//! for its answer, so they are handled one at a time and in order. `query-migrate` reads the
+//! state without it.
+//!
 //! - `row` (the paper's method): ROW freezes the image; round 1 sends the frozen base, round 2
-//!   the low-frequency (cold) updated blocks; the final round, run while the VM is paused,
-//!   sends the high-frequency (hot) blocks and every block written again after it was sent.
-//! - `bitmap` (the paper's baseline, QEMU's old block migration): writes go to the image and a
-//!   dirty tracker marks them; round 1 sends the whole image, each later round the blocks
-//!   dirtied during the previous one, and the final round the rest.
-//!
-//! `migrate-finish` (VM paused) refuses further writes, sends what is outstanding, and returns
-//! once the destination reports the data durable. `migrate-cancel`, or any failure, tells the
-//! destination to discard, gives the disk back to the source and, for `row`, merges the overlay
-//! back, so the source ends as if no migration had happened.
+//!   the low-frequency (cold) updated blocks, settle passes what stopped changing; the final
+//!   round, with the VM paused, the rest.
+//! - `bitmap` (the baseline): writes go to the image and a dirty tracker marks them; round 1
+//!   sends the whole image, each later round what was dirtied during the previous one.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use migration_stream::{Codec, Key, Message, RoundKind, SessionParams, Strategy};
-use qmp_proto::Event;
+use control_api::{
+    ErrorData, Fence, MigrationFailed, MigrationState, MigrationStateData, MigrationStatus, Phase, RoundKind, Strategy,
+};
+use migration_session::{
+    BitmapPlan, Ownership, RowPlan, SessionId, SourceAction, SourceRefusal, SourceSession, WriteLog,
+};
+use migration_stream::Message;
 use row_store::journal::block_runs;
-use row_store::{Disk, Mode, BLOCK_SIZE};
-use serde::Serialize;
-use serde_json::{json, Value};
-use tokio::net::TcpStream;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use row_store::{BlockBackend, Disk, Mode, BLOCK_SIZE};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 
-use super::{parse_uri, send, FrameReader, RateLimit};
+use super::rounds::{Out, Progress, Rounds, Sent};
+use super::{
+    connect, last_word, send, session_params, Connection, FrameReader, RateLimit, COMMIT_TIMEOUT, REVOKE_TIMEOUT,
+};
+use crate::ownership::Access;
+use crate::proxy::Proxy;
 
-/// Blocks read, compressed and framed together (1 MiB).
-const CHUNK_BLOCKS: u64 = 256;
-/// How long the destination may take to make the data durable.
-const COMMIT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Most settle passes before the row strategy declares pre-copy done.
+const MAX_SETTLE_PASSES: u32 = 6;
+/// How long a cancelled pre-copy may take to stop before it is aborted.
+const PRECOPY_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests queued for the actor.
+const REQUEST_QUEUE: usize = 8;
 
-/// What `migrate-start` asks for.
+/// What `migrate-start` asks for, with defaults applied.
 #[derive(Debug, Clone)]
 pub struct MigrateArgs {
     /// `tcp:HOST:PORT` of the destination's `receive --listen`.
     pub uri: String,
     /// Which method.
     pub strategy: Strategy,
-    /// Pre-copy rounds before the final one, round 1 included (row: at least 2).
+    /// Pre-copy rounds before the final one, round 1 included.
     pub rounds: u32,
     /// Blocks written at least this often are hot (row only).
     pub hot_threshold: u32,
@@ -49,739 +56,758 @@ pub struct MigrateArgs {
     pub max_bandwidth: Option<u64>,
     /// lz4-compress data frames.
     pub compress: bool,
-    /// Bitmap: dirty granularity in blocks (QEMU's old block migration: 1 MiB = 256 blocks).
+    /// Bitmap: dirty granularity in blocks.
     pub bitmap_granularity_blocks: u64,
-    /// Row: what the final round may hold, in seconds of the measured link rate; while more is
+    /// Row: what the final round may hold, in time at the measured link rate; while more is
     /// outstanding, blocks not written since the previous pass are sent in settle passes.
     pub final_budget: Option<Duration>,
 }
 
-/// Most settle passes before the row strategy declares pre-copy done.
-const MAX_SETTLE_PASSES: u32 = 6;
+type Reply<T> = oneshot::Sender<Result<T, String>>;
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
-/// Where a migration is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Phase {
-    /// Connecting and authenticating.
-    Setup,
-    /// Pre-copy rounds running.
-    Precopy,
-    /// Pre-copy done: waiting for `migrate-finish` (VM paused).
-    Ready,
-    /// Final round running.
-    Finishing,
-    /// The destination holds the disk durably; the source refuses writes.
-    Completed,
-    /// Cancelled; the source owns the disk again.
-    Cancelled,
-    /// Failed and rolled back; the source owns the disk again.
-    Failed,
+enum Request {
+    Start(MigrateArgs, Reply<String>),
+    Finish(Reply<MigrationStatus>),
+    Cancel(Reply<()>),
+    Complete(Reply<()>),
+    Reclaim(bool, Reply<()>),
 }
 
-impl Phase {
-    fn is_over(self) -> bool {
-        matches!(self, Phase::Cancelled | Phase::Failed)
-    }
+/// The state `query-migrate` and `query-status` read.
+#[derive(Debug, Default)]
+struct Shared {
+    machine: Mutex<SourceSession>,
+    progress: Arc<Mutex<Progress>>,
 }
 
-/// Counters of one round, the figures the paper reports.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct RoundStats {
-    /// Round number, from 1.
-    pub round: u32,
-    /// `base`, `update` or `final`.
-    pub kind: &'static str,
-    /// Blocks sent (data and zero).
-    pub blocks: u64,
-    /// Bytes of disk content covered.
-    pub logical_bytes: u64,
-    /// Of those, bytes sent as zero extents (no payload).
-    pub zero_bytes: u64,
-    /// Bytes on the wire, frames included.
-    pub wire_bytes: u64,
-    /// Duration.
-    pub seconds: f64,
+/// The control socket's handle on outgoing migrations.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    requests: mpsc::Sender<Request>,
+    shared: Arc<Shared>,
 }
 
-/// Status shown by `query-migrate`.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct Status {
-    /// Phase.
-    pub phase: Phase,
-    /// `row` or `bitmap`.
-    pub strategy: &'static str,
-    /// Round in progress or last done.
-    pub round: u32,
-    /// Finished rounds.
-    pub rounds: Vec<RoundStats>,
-    /// Blocks of the round in progress still to send.
-    pub round_remaining_blocks: u64,
-    /// Current rate on the wire, bytes/s.
-    pub rate: f64,
-    /// Why it failed.
-    pub error: Option<String>,
-    /// Seconds since migrate-start.
-    pub total_seconds: f64,
-    #[serde(skip)]
-    started: Option<Instant>,
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl Status {
-    fn new(strategy: Strategy) -> Self {
-        Self {
-            phase: Phase::Setup,
-            strategy: strategy.as_str(),
-            round: 0,
-            rounds: Vec::new(),
-            round_remaining_blocks: 0,
-            rate: 0.0,
-            error: None,
-            total_seconds: 0.0,
-            started: Some(Instant::now()),
-        }
-    }
-
-    /// The status with totals: update data (after round 1), total and final-round figures.
-    pub fn to_json(&self) -> Value {
-        let mut v = serde_json::to_value(self).expect("status serialises");
-        let after_first = self.rounds.iter().filter(|r| r.round > 1);
-        let (ul, uw) = after_first.fold((0, 0), |(l, w), r| (l + r.logical_bytes, w + r.wire_bytes));
-        let total_wire: u64 = self.rounds.iter().map(|r| r.wire_bytes).sum();
-        let total_logical: u64 = self.rounds.iter().map(|r| r.logical_bytes).sum();
-        let fin = self.rounds.iter().find(|r| r.kind == "final");
-        v["update-logical-bytes"] = json!(ul);
-        v["update-wire-bytes"] = json!(uw);
-        v["total-logical-bytes"] = json!(total_logical);
-        v["total-wire-bytes"] = json!(total_wire);
-        v["final-wire-bytes"] = json!(fin.map_or(0, |r| r.wire_bytes));
-        v["final-seconds"] = json!(fin.map_or(0.0, |r| r.seconds));
-        v
-    }
-}
-
-/// How a migration ended without failing.
-enum Outcome {
-    /// The destination owns the disk.
-    Completed,
-    /// Cancelled; reply to the canceller once the disk is given back.
-    Cancelled(Option<oneshot::Sender<()>>),
-}
-
-enum Cmd {
-    Finish(oneshot::Sender<Result<Value, String>>),
-    Cancel(oneshot::Sender<()>),
-    Complete(oneshot::Sender<()>),
-}
-
-/// A migration in progress (or over), as held by the control socket.
-pub struct Migration {
-    status: Mutex<Status>,
-    cmds: mpsc::Sender<Cmd>,
-    events: broadcast::Sender<Event>,
-}
-
-/// How the disk is given back when a migration is cancelled or fails.
-pub type Rollback = Box<dyn Fn(Strategy) + Send + Sync>;
-
-impl Migration {
-    /// Connects, authenticates and starts the rounds in the background.
-    pub async fn start(
-        disk: Arc<Disk>,
-        args: MigrateArgs,
-        key: Arc<Key>,
-        events: broadcast::Sender<Event>,
-        rollback: Rollback,
-    ) -> Result<Arc<Self>> {
-        let (tx, rx) = mpsc::channel(4);
-        let me = Arc::new(Self { status: Mutex::new(Status::new(args.strategy)), cmds: tx, events });
-        let conn = me.connect(&disk, &args, &key).await?;
-        let task = me.clone();
-        tokio::spawn(async move { task.run(disk, args, conn, rx, rollback).await });
-        Ok(me)
-    }
-
-    /// A snapshot of the status.
-    pub fn status(&self) -> Status {
-        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        s.total_seconds = s.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
-        s
-    }
-
-    /// Whether the migration is over (cancelled or failed) and a new one may start.
-    pub fn is_over(&self) -> bool {
-        self.status().phase.is_over()
-    }
-
-    fn set<T>(&self, f: impl FnOnce(&mut Status) -> T) -> T {
-        f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    fn emit(&self, name: &str, data: Value) {
-        let _ = self.events.send(Event::now(name, data));
-    }
-
-    fn set_phase(&self, phase: Phase) {
-        self.set(|s| s.phase = phase);
-        self.emit("MIGRATION_STATE", json!({ "phase": phase }));
-        tracing::info!(?phase, "migration phase");
-    }
-
-    /// Sends what is outstanding and waits for the destination's durable commit.
-    pub async fn finish(&self) -> Result<Value, String> {
-        let (tx, rx) = oneshot::channel();
-        self.cmds.send(Cmd::Finish(tx)).await.map_err(|_| "the migration is over".to_string())?;
-        rx.await.map_err(|_| "the migration task ended".to_string())?
-    }
-
-    /// Cancels at any point; returns once the destination was told and the disk given back.
-    pub async fn cancel(&self) -> Result<(), String> {
-        let (tx, rx) = oneshot::channel();
-        if self.cmds.send(Cmd::Cancel(tx)).await.is_err() {
-            return Ok(()); // already over
-        }
-        let _ = rx.await;
-        Ok(())
-    }
-
-    /// Tells the destination the migration is complete and closes the session.
-    pub async fn complete(&self) -> Result<(), String> {
-        let (tx, rx) = oneshot::channel();
-        self.cmds.send(Cmd::Complete(tx)).await.map_err(|_| "the migration is over".to_string())?;
-        let _ = rx.await;
-        Ok(())
-    }
-
-    async fn connect(&self, disk: &Disk, args: &MigrateArgs, key: &Key) -> Result<Conn> {
-        let addr = parse_uri(&args.uri)?;
-        let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&addr))
-            .await
-            .map_err(|_| anyhow!("connecting to {addr} timed out"))?
-            .with_context(|| format!("connecting to {addr}"))?;
-        stream.set_nodelay(true)?;
-        super::set_dead_peer_timeouts(&stream);
-        let (rd, mut wr) = stream.into_split();
-        let mut reader = FrameReader::new(rd);
-        let Message::ServerHello { nonce: server_nonce, .. } =
-            reader.next_within(Duration::from_secs(10), "greeting").await?
-        else {
-            bail!("{addr} did not greet like a migration destination");
+impl Outgoing {
+    /// Starts the actor. `record` is the ownership record found at start-up: a source's
+    /// hand-over keeps writes refused, an interrupted pre-copy is rolled back.
+    pub async fn spawn(proxy: Arc<Proxy>, record: Option<&Ownership>) -> Self {
+        let (machine, actions) = match record {
+            Some(r @ Ownership::Source { .. }) => SourceSession::restore(r),
+            _ => (SourceSession::new(), Vec::new()),
         };
-        let mut session_id = [0u8; 16];
-        session_id.copy_from_slice(&migration_stream::nonce()[..16]);
-        let params = SessionParams { session_id, disk_size: disk.size(), block_size: BLOCK_SIZE as u32, strategy: args.strategy };
-        let client_nonce = migration_stream::nonce();
-        let mac = migration_stream::client_mac(key, &server_nonce, &client_nonce, &params);
-        send(&mut wr, &Message::ClientHello { version: migration_stream::VERSION, params: params.clone(), nonce: client_nonce, mac }).await?;
-        match reader.next_within(Duration::from_secs(10), "authentication reply").await? {
-            Message::Accept { mac } => {
-                let want = migration_stream::server_mac(key, &server_nonce, &client_nonce, &params);
-                if !migration_stream::verify(&want, &mac) {
-                    bail!("the destination failed authentication (different --auth-key-file?)");
+        let shared = Arc::new(Shared { machine: Mutex::new(machine), ..Shared::default() });
+        let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
+        let mut actor = Actor { proxy, shared: shared.clone(), requests: rx, session: None };
+        if !actions.is_empty() {
+            tracing::info!(phase = %actor.phase(), "restoring the migration state recorded before the restart");
+            if let Err(e) = actor.perform(actions).await {
+                tracing::error!("restoring the migration state: {e}");
+            }
+        }
+        tokio::spawn(actor.run());
+        Self { requests: tx, shared }
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, String> {
+        let (tx, rx) = oneshot::channel();
+        self.requests.send(make(tx)).await.map_err(|_| "the migration task has stopped".to_string())?;
+        rx.await.map_err(|_| "the migration task has stopped".to_string())?
+    }
+
+    /// `migrate-start`; returns the session id.
+    pub async fn start(&self, args: MigrateArgs) -> Result<String, String> {
+        self.ask(|r| Request::Start(args, r)).await
+    }
+
+    /// `migrate-finish`.
+    pub async fn finish(&self) -> Result<MigrationStatus, String> {
+        self.ask(Request::Finish).await
+    }
+
+    /// `migrate-cancel`.
+    pub async fn cancel(&self) -> Result<(), String> {
+        self.ask(Request::Cancel).await
+    }
+
+    /// `migrate-complete`.
+    pub async fn complete(&self) -> Result<(), String> {
+        self.ask(Request::Complete).await
+    }
+
+    /// `reclaim`.
+    pub async fn reclaim(&self, force: bool) -> Result<(), String> {
+        self.ask(|r| Request::Reclaim(force, r)).await
+    }
+
+    /// The status for `query-migrate`.
+    pub fn status(&self) -> MigrationStatus {
+        status_of(&self.shared)
+    }
+
+    /// The persisted hand-over, if writes are refused because of one.
+    pub fn fence(&self) -> Option<Fence> {
+        lock(&self.shared.machine).fence()
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        lock(&self.shared.machine).phase()
+    }
+}
+
+fn status_of(shared: &Shared) -> MigrationStatus {
+    let m = lock(&shared.machine);
+    let p = lock(&shared.progress);
+    let mut s = MigrationStatus::new(m.phase(), m.strategy());
+    s.session = m.session().map(|id| id.to_string());
+    s.error = m.error().map(str::to_string);
+    s.round = p.round;
+    s.rounds = p.rounds.clone();
+    s.round_remaining_blocks = p.remaining_blocks;
+    s.rate = p.rate;
+    s.total_seconds = p.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    s.update_totals();
+    s
+}
+
+/// The write statistics of the disk, for the round planners.
+struct DiskLog<'a>(&'a Disk);
+
+impl WriteLog for DiskLog<'_> {
+    fn for_each_written(&self, f: &mut dyn FnMut(u64, u32, u64)) {
+        for (b, s) in self.0.block_stats() {
+            f(b, s.writes, s.generation);
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        self.0.generation()
+    }
+}
+
+/// What the session's rounds are planned with.
+enum Plan {
+    Row(RowPlan),
+    Bitmap(BitmapPlan),
+}
+
+impl Plan {
+    fn mark(&mut self, sent: &Sent) {
+        if let Plan::Row(row) = self {
+            for &(first, count, generation) in sent {
+                row.mark_sent(first, count, generation);
+            }
+        }
+    }
+}
+
+/// The connection of a session: paced writes, and the destination's frames as they come.
+struct Conn {
+    out: Out,
+    from_dest: mpsc::Receiver<Result<Message>>,
+    reader: JoinHandle<()>,
+}
+
+impl Conn {
+    fn new(c: Connection, max_bandwidth: Option<u64>) -> Self {
+        let (tx, rx) = mpsc::channel(16);
+        let reader = tokio::spawn(forward_frames(c.reader, tx));
+        Self { out: Out { writer: c.writer, limit: RateLimit::new(max_bandwidth) }, from_dest: rx, reader }
+    }
+
+    /// Best-effort last message, then close.
+    async fn close_with(mut self, msg: &Message) {
+        last_word(&mut self.out.writer, msg).await;
+        self.reader.abort();
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Forwards the destination's frames; the last item is the error or end that stopped it.
+async fn forward_frames(mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>, tx: mpsc::Sender<Result<Message>>) {
+    loop {
+        let item = match reader.next().await {
+            Ok(Some(m)) => Ok(m),
+            Ok(None) => Err(anyhow!("the destination closed the connection")),
+            Err(e) => Err(e),
+        };
+        let end = item.is_err();
+        if tx.send(item).await.is_err() || end {
+            return;
+        }
+    }
+}
+
+/// What a frame from the destination means when none was expected.
+fn dest_problem(msg: Option<Result<Message>>) -> String {
+    match msg {
+        Some(Ok(Message::Error { message })) => format!("the destination failed: {message}"),
+        Some(Ok(other)) => format!("unexpected {} from the destination", other.name()),
+        Some(Err(e)) => format!("{e:#}"),
+        None => "the destination closed the connection".into(),
+    }
+}
+
+/// Where the session's connection is.
+enum Link {
+    /// No connection.
+    None,
+    /// Connected, nothing running on it.
+    Idle(Conn, Plan),
+    /// The pre-copy rounds own it; they give it back when they end.
+    Precopy { job: JoinHandle<(Conn, Plan, Result<()>)>, stop: watch::Sender<bool> },
+}
+
+/// One migration's settings and connection.
+struct Session {
+    args: MigrateArgs,
+    rounds: Arc<Rounds>,
+    link: Link,
+}
+
+struct Actor {
+    proxy: Arc<Proxy>,
+    shared: Arc<Shared>,
+    requests: mpsc::Receiver<Request>,
+    session: Option<Session>,
+}
+
+/// What the actor is woken by.
+enum Wake {
+    Request(Option<Request>),
+    PrecopyEnded(std::result::Result<(Conn, Plan, Result<()>), tokio::task::JoinError>),
+    FromDest(Option<Result<Message>>),
+}
+
+impl Actor {
+    fn phase(&self) -> Phase {
+        lock(&self.shared.machine).phase()
+    }
+
+    /// Applies an input to the state machine, announcing a phase change.
+    fn step(
+        &self,
+        f: impl FnOnce(&mut SourceSession) -> Result<Vec<SourceAction>, SourceRefusal>,
+    ) -> Result<Vec<SourceAction>, String> {
+        let (before, after, result) = {
+            let mut m = lock(&self.shared.machine);
+            let before = m.phase();
+            let result = f(&mut m);
+            (before, m.phase(), result)
+        };
+        if before != after {
+            tracing::info!(from = %before, to = %after, "migration phase");
+            self.proxy.events.emit::<MigrationState>(MigrationStateData { phase: after });
+        }
+        result.map_err(|e| e.to_string())
+    }
+
+    async fn run(mut self) {
+        loop {
+            let wake = {
+                let (requests, session) = (&mut self.requests, &mut self.session);
+                match session.as_mut().map(|s| &mut s.link) {
+                    Some(Link::Precopy { job, .. }) => tokio::select! {
+                        r = requests.recv() => Wake::Request(r),
+                        done = job => Wake::PrecopyEnded(done),
+                    },
+                    Some(Link::Idle(conn, _)) => tokio::select! {
+                        r = requests.recv() => Wake::Request(r),
+                        m = conn.from_dest.recv() => Wake::FromDest(m),
+                    },
+                    _ => Wake::Request(requests.recv().await),
+                }
+            };
+            match wake {
+                Wake::Request(None) => return,
+                Wake::Request(Some(req)) => self.handle(req).await,
+                Wake::PrecopyEnded(done) => self.precopy_ended(done).await,
+                Wake::FromDest(msg) => {
+                    // Between rounds nothing is expected: the destination failed or went away.
+                    let why = dest_problem(msg);
+                    if let Some(s) = self.session.as_mut() {
+                        s.link = Link::None;
+                    }
+                    self.fail(&why).await;
                 }
             }
-            Message::Reject { reason } => bail!("the destination refused the session: {reason}"),
-            other => bail!("unexpected reply to the session request: {other:?}"),
         }
-        tracing::info!(%addr, strategy = args.strategy.as_str(), "migration session authenticated");
-        Ok(Conn { reader, writer: wr, limit: RateLimit::new(args.max_bandwidth) })
     }
 
-    async fn run(self: Arc<Self>, disk: Arc<Disk>, args: MigrateArgs, conn: Conn, mut cmds: mpsc::Receiver<Cmd>, rollback: Rollback) {
-        let (dest_tx, mut dest_rx) = mpsc::channel::<Result<Message>>(16);
-        let Conn { mut reader, writer, limit } = conn;
-        let reader_task = tokio::spawn(async move {
-            loop {
-                let msg = reader.next().await;
-                let end = !matches!(msg, Ok(Some(_)));
-                let item = match msg {
-                    Ok(Some(m)) => Ok(m),
-                    Ok(None) => Err(anyhow!("the destination closed the connection")),
+    async fn handle(&mut self, req: Request) {
+        match req {
+            Request::Start(args, reply) => {
+                let _ = reply.send(self.start(args).await);
+            }
+            Request::Finish(reply) => {
+                let _ = reply.send(self.finish().await);
+            }
+            Request::Cancel(reply) => {
+                let _ = reply.send(self.cancel().await);
+            }
+            Request::Complete(reply) => {
+                let r = self.step(SourceSession::complete);
+                let r = match r {
+                    Ok(actions) => self.perform(actions).await,
                     Err(e) => Err(e),
                 };
-                if dest_tx.send(item).await.is_err() || end {
-                    return;
+                let _ = reply.send(r);
+            }
+            Request::Reclaim(force, reply) => {
+                let r = match self.step(|m| m.reclaim(force)) {
+                    Ok(actions) => self.perform(actions).await,
+                    Err(e) => Err(e),
+                };
+                if force && r.is_ok() {
+                    tracing::warn!(
+                        "the disk was reclaimed by force: if the destination runs the guest, both hosts now write"
+                    );
+                }
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    /// Performs actions in order: the quick ones here, the long ones by their own methods (which
+    /// perform the actions of the inputs they feed back, hence the boxed future).
+    fn perform(&mut self, actions: Vec<SourceAction>) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(self.perform_all(actions))
+    }
+
+    async fn perform_all(&mut self, actions: Vec<SourceAction>) -> Result<(), String> {
+        for action in actions {
+            match action {
+                SourceAction::Persist(record) => {
+                    let file = self.proxy.record.clone();
+                    tokio::task::spawn_blocking(move || file.store(record.as_ref()))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| {
+                            format!("writing the ownership record {}: {e}", self.proxy.record.path().display())
+                        })?;
+                }
+                SourceAction::RefuseWrites(reason) => self.set_access(Access::Fenced(reason)).await,
+                SourceAction::AllowWrites => self.set_access(Access::Open).await,
+                SourceAction::RollBack => self.roll_back().await,
+                SourceAction::SendDiscard(reason) => {
+                    if let Some(conn) = self.take_conn().await {
+                        conn.close_with(&Message::Discard { reason }).await;
+                    }
+                }
+                SourceAction::SendDone => {
+                    if let Some(conn) = self.take_conn().await {
+                        conn.close_with(&Message::Done).await;
+                    }
+                }
+                SourceAction::Connect => self.connect().await?,
+                SourceAction::RunPrecopy => self.run_precopy(),
+                SourceAction::RunFinalRound => return self.final_round().await,
+                SourceAction::AskRevoke => return self.revoke().await,
+            }
+        }
+        Ok(())
+    }
+
+    async fn set_access(&self, access: Access) {
+        let gate = self.proxy.gate.clone();
+        let _ = tokio::task::spawn_blocking(move || gate.set(access)).await;
+    }
+
+    /// Gives the disk back to the source's own use.
+    async fn roll_back(&self) {
+        let strategy = lock(&self.shared.machine).strategy().unwrap_or_default();
+        let proxy = self.proxy.clone();
+        let r = tokio::task::spawn_blocking(move || -> Result<()> {
+            match strategy {
+                Strategy::Row if matches!(proxy.disk.mode(), Mode::Row | Mode::Merging) => {
+                    proxy.start_merge()?;
+                }
+                Strategy::Row => {}
+                Strategy::Bitmap => proxy.disk.set_tracking(false)?,
+            }
+            Ok(())
+        })
+        .await;
+        if let Ok(Err(e)) | Err(e) = r.map_err(anyhow::Error::from) {
+            tracing::error!("giving the disk back: {e:#}");
+        }
+    }
+
+    /// Takes the session's connection, stopping the pre-copy rounds if they hold it.
+    async fn take_conn(&mut self) -> Option<Conn> {
+        let session = self.session.as_mut()?;
+        match std::mem::replace(&mut session.link, Link::None) {
+            Link::None => None,
+            Link::Idle(conn, plan) => {
+                drop(plan);
+                Some(conn)
+            }
+            Link::Precopy { mut job, stop } => {
+                let _ = stop.send(true);
+                match tokio::time::timeout(PRECOPY_STOP_TIMEOUT, &mut job).await {
+                    Ok(Ok((conn, _, _))) => Some(conn),
+                    Ok(Err(_)) => None,
+                    Err(_) => {
+                        job.abort();
+                        None
+                    }
                 }
             }
+        }
+    }
+
+    async fn start(&mut self, args: MigrateArgs) -> Result<String, String> {
+        if self.proxy.key.is_none() {
+            return Err("no --auth-key-file was given to this server".into());
+        }
+        if self.proxy.gate.access() == Access::Incoming {
+            return Err("this disk is still arriving by migration".into());
+        }
+        if lock(&self.shared.machine).phase().is_active() {
+            return Err(SourceRefusal::Busy(self.phase()).to_string());
+        }
+        // A merge left by a cancelled or failed migration must end first.
+        if self.proxy.disk.mode() == Mode::Merging {
+            self.proxy.merge().await?;
+        }
+        if args.strategy == Strategy::Bitmap && self.proxy.disk.mode() != Mode::Direct {
+            return Err("the bitmap strategy needs the disk in direct mode (ROW is on)".into());
+        }
+        let id = SessionId(migration_stream::nonce()[..16].try_into().expect("16 bytes"));
+        let actions = self.step(|m| m.start(id, &args.uri, args.strategy))?;
+        *lock(&self.shared.progress) = Progress { started: Some(Instant::now()), ..Progress::default() };
+        let rounds = Arc::new(Rounds {
+            disk: self.proxy.disk.clone(),
+            progress: self.shared.progress.clone(),
+            events: self.proxy.events.clone(),
+            compress: args.compress,
         });
-        let mut out = Out { writer, limit };
-        let outcome = self.drive(&disk, &args, &mut out, &mut cmds, &mut dest_rx).await;
-        match outcome {
-            Ok(Outcome::Completed) => {}
-            Ok(Outcome::Cancelled(done)) => {
-                self.give_back(&disk, args.strategy, &rollback);
-                self.set_phase(Phase::Cancelled);
-                if let Some(done) = done {
-                    let _ = done.send(());
-                }
-            }
-            Err(e) => {
-                // A broken pipe often hides the destination's own reason, sent just before it
-                // closed: prefer that.
-                let mut msg = format!("{e:#}");
-                if let Ok(Some(Ok(Message::Error { message }))) =
-                    tokio::time::timeout(Duration::from_millis(500), dest_rx.recv()).await
-                {
-                    msg = format!("the destination failed: {message}");
-                }
-                tracing::error!("migration failed: {msg}");
-                let _ = tokio::time::timeout(Duration::from_secs(2), send(&mut out.writer, &Message::Discard { reason: msg.clone() })).await;
-                self.set(|s| s.error = Some(msg.clone()));
-                self.give_back(&disk, args.strategy, &rollback);
-                self.set_phase(Phase::Failed);
-                self.emit("MIGRATION_FAILED", json!({ "error": msg }));
-            }
-        }
-        reader_task.abort();
-        // Answer commands that come after the end.
-        while let Some(cmd) = cmds.recv().await {
-            match cmd {
-                Cmd::Finish(tx) => {
-                    let why = self.status().error.unwrap_or_else(|| "the migration is over".into());
-                    let _ = tx.send(Err(why));
-                }
-                Cmd::Cancel(tx) | Cmd::Complete(tx) => {
-                    let _ = tx.send(());
-                }
-            }
-        }
+        self.session = Some(Session { args, rounds, link: Link::None });
+        self.perform(actions).await?;
+        Ok(id.to_string())
     }
 
-    fn give_back(&self, disk: &Disk, strategy: Strategy, rollback: &Rollback) {
-        disk.set_writes_refused(None);
-        rollback(strategy);
-    }
-
-    async fn drive(
-        &self,
-        disk: &Arc<Disk>,
-        args: &MigrateArgs,
-        out: &mut Out,
-        cmds: &mut mpsc::Receiver<Cmd>,
-        dest: &mut mpsc::Receiver<Result<Message>>,
-    ) -> Result<Outcome> {
-        self.set_phase(Phase::Precopy);
-        let mut plan = match args.strategy {
-            Strategy::Row => Plan::Row { sent: HashMap::new(), epoch: self.prepare_row(disk).await? },
-            Strategy::Bitmap => {
-                disk.set_tracking(true)?;
-                Plan::Bitmap { last_round_start: 0 }
-            }
-        };
-        // Pre-copy rounds, interruptible by cancel and by a destination error.
-        let precopy = async {
-            self.round_base(disk, &mut plan, args, out).await?;
-            let extra = match args.strategy {
-                Strategy::Row => args.rounds.saturating_sub(1).max(1),
-                Strategy::Bitmap => args.rounds.saturating_sub(1),
-            };
-            for _ in 0..extra {
-                self.round_update(disk, &mut plan, args, out).await?;
-            }
-            if let (Plan::Row { .. }, Some(budget)) = (&plan, args.final_budget) {
-                self.settle(disk, &mut plan, args, out, budget).await?;
-            }
-            anyhow::Ok(())
-        };
-        tokio::select! {
-            r = precopy => r?,
-            Some(cmd) = cmds.recv() => return self.early_command(cmd, out).await,
-            Some(msg) = dest.recv() => bail!("{}", dest_problem(msg)),
-        }
-        self.set_phase(Phase::Ready);
-        // Wait for the VM to pause (migrate-finish) or a cancel.
-        let reply = loop {
-            tokio::select! {
-                Some(cmd) = cmds.recv() => match cmd {
-                    Cmd::Finish(reply) => break reply,
-                    other => return self.early_command(other, out).await,
-                },
-                Some(msg) = dest.recv() => bail!("{}", dest_problem(msg)),
-            }
-        };
-        self.set_phase(Phase::Finishing);
-        disk.set_writes_refused(Some("the disk has been migrated to another host"));
-        let result = async {
-            self.round_final(disk, &plan, args, out).await?;
-            send(&mut out.writer, &Message::Commit).await?;
-            let committed = tokio::time::timeout(COMMIT_TIMEOUT, dest.recv()).await;
-            match committed {
-                Ok(Some(Ok(Message::Committed))) => Ok(()),
-                Ok(Some(msg)) => Err(anyhow!("{}", dest_problem(msg))),
-                Ok(None) => Err(anyhow!("the destination closed the connection before committing")),
-                Err(_) => Err(anyhow!("the destination did not commit within {COMMIT_TIMEOUT:?}")),
-            }
+    /// Connects, authenticates and prepares the disk for the rounds.
+    async fn connect(&mut self) -> Result<(), String> {
+        let session = self.session.as_ref().expect("a session is starting");
+        let args = session.args.clone();
+        let id = lock(&self.shared.machine).session().expect("started");
+        let key = self.proxy.key.clone().expect("checked at start");
+        let params = session_params(id, self.proxy.disk.size(), args.strategy);
+        let connected = async {
+            let c = connect(&args.uri, &key, &params).await?;
+            let plan = self.prepare(&args).await?;
+            Ok::<_, anyhow::Error>((c, plan))
         }
         .await;
-        if let Err(e) = result {
-            let _ = reply.send(Err(format!("{e:#}")));
-            return Err(e);
+        match connected {
+            Ok((c, plan)) => {
+                tracing::info!(uri = %args.uri, strategy = %args.strategy, session = %id, "migration session authenticated");
+                let conn = Conn::new(c, args.max_bandwidth);
+                self.session.as_mut().expect("starting").link = Link::Idle(conn, plan);
+                let actions = self.step(SourceSession::connected)?;
+                self.perform(actions).await
+            }
+            Err(e) => {
+                let why = format!("{e:#}");
+                self.fail(&why).await;
+                Err(why)
+            }
         }
-        self.set_phase(Phase::Completed);
-        let _ = reply.send(Ok(self.status().to_json()));
-        // The destination owns the disk now; a cancel still takes it back.
-        let mut dest_open = true;
-        loop {
-            tokio::select! {
-                cmd = cmds.recv() => match cmd {
-                    Some(Cmd::Cancel(done)) => {
-                        if dest_open {
-                            let _ = send(&mut out.writer, &Message::Discard { reason: "cancelled by the source".into() }).await;
-                        }
-                        return Ok(Outcome::Cancelled(Some(done)));
+    }
+
+    /// Puts the disk in the mode the strategy reads: ROW (the frozen base), or dirty tracking.
+    async fn prepare(&self, args: &MigrateArgs) -> Result<Plan> {
+        let disk = self.proxy.disk.clone();
+        let (strategy, granularity) = (args.strategy, args.bitmap_granularity_blocks);
+        tokio::task::spawn_blocking(move || -> Result<Plan> {
+            Ok(match strategy {
+                Strategy::Row => {
+                    match disk.mode() {
+                        Mode::Direct => disk.row_start()?,
+                        Mode::Row => {}
+                        Mode::Merging => bail!("a merge is still running; retry when it has finished"),
                     }
-                    Some(Cmd::Complete(done)) => {
-                        if dest_open {
-                            let _ = send(&mut out.writer, &Message::Done).await;
-                        }
-                        let _ = done.send(());
-                        tracing::info!("migration complete: the destination owns the disk");
-                        return Ok(Outcome::Completed);
-                    }
-                    Some(Cmd::Finish(tx)) => { let _ = tx.send(Ok(self.status().to_json())); }
-                    None => return Ok(Outcome::Completed),
-                },
-                msg = dest.recv(), if dest_open => {
-                    // The destination went away after committing: the refusal stays; a cancel
-                    // can still give the disk back.
-                    tracing::info!("destination session ended after the commit: {}", msg.map_or("closed".into(), dest_problem));
-                    dest_open = false;
+                    Plan::Row(RowPlan::default())
                 }
-            }
-        }
-    }
-
-    /// A cancel (or complete) before the commit.
-    async fn early_command(&self, cmd: Cmd, out: &mut Out) -> Result<Outcome> {
-        match cmd {
-            Cmd::Cancel(done) => {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    send(&mut out.writer, &Message::Discard { reason: "cancelled by the source".into() }),
-                )
-                .await;
-                Ok(Outcome::Cancelled(Some(done)))
-            }
-            Cmd::Complete(done) => {
-                let _ = done.send(());
-                bail!("migrate-complete came before migrate-finish")
-            }
-            Cmd::Finish(_) => unreachable!("finish is handled by the caller"),
-        }
-    }
-
-    async fn prepare_row(&self, disk: &Arc<Disk>) -> Result<u64> {
-        let d = disk.clone();
-        tokio::task::spawn_blocking(move || -> Result<u64> {
-            match d.mode() {
-                Mode::Direct => d.row_start()?,
-                Mode::Row => {}
-                Mode::Merging => bail!("a merge is still running; retry when it has finished"),
-            }
-            Ok(d.status().epoch)
+                Strategy::Bitmap => {
+                    disk.set_tracking(true)?;
+                    Plan::Bitmap(BitmapPlan::new(granularity, disk.size().div_ceil(BLOCK_SIZE)))
+                }
+            })
         })
         .await?
     }
 
-    fn begin_round(&self, kind: RoundKind, blocks: u64) -> u32 {
-        let round = self.set(|s| {
-            s.round += 1;
-            s.round_remaining_blocks = blocks;
-            s.round
-        });
-        self.emit("MIGRATION_ROUND_STARTED", json!({ "round": round, "kind": kind.as_str(), "blocks": blocks }));
-        tracing::info!(round, kind = kind.as_str(), blocks, "round started");
-        round
-    }
-
-    fn end_round(&self, stats: RoundStats) {
-        tracing::info!(round = stats.round, blocks = stats.blocks, wire = stats.wire_bytes, seconds = stats.seconds, "round done");
-        self.emit("MIGRATION_ROUND_COMPLETED", serde_json::to_value(&stats).unwrap_or_default());
-        self.set(|s| {
-            s.round_remaining_blocks = 0;
-            s.rounds.push(stats);
-        });
-    }
-
-    /// Round 1: every allocated range of the frozen base (row) or of the image (bitmap).
-    async fn round_base(&self, disk: &Arc<Disk>, plan: &mut Plan, args: &MigrateArgs, out: &mut Out) -> Result<()> {
-        let d = disk.clone();
-        let view = match plan {
-            Plan::Row { epoch, .. } => View::Base(*epoch),
-            Plan::Bitmap { last_round_start } => {
-                *last_round_start = disk.generation();
-                View::Live
-            }
+    fn run_precopy(&mut self) {
+        let session = self.session.as_mut().expect("connected");
+        let Link::Idle(conn, plan) = std::mem::replace(&mut session.link, Link::None) else {
+            return;
         };
-        let ranges = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<(u64, u64)>> {
-            let extents = match view {
-                View::Base(epoch) => d.base_extents(0, d.size(), usize::MAX, epoch)?,
-                View::Live => d.extents(0, d.size(), usize::MAX)?,
-            };
-            let mut pos = 0;
-            let mut out = Vec::new();
-            for e in extents {
-                if !e.hole {
-                    let first = pos / BLOCK_SIZE;
-                    let last = (pos + e.length - 1) / BLOCK_SIZE;
-                    out.push((first, last - first + 1));
+        let (stop, stopped) = watch::channel(false);
+        let job = tokio::spawn(precopy(
+            self.proxy.disk.clone(),
+            session.rounds.clone(),
+            session.args.clone(),
+            conn,
+            plan,
+            stopped,
+        ));
+        session.link = Link::Precopy { job, stop };
+    }
+
+    async fn precopy_ended(&mut self, done: std::result::Result<(Conn, Plan, Result<()>), tokio::task::JoinError>) {
+        let session = self.session.as_mut().expect("pre-copy ran");
+        session.link = Link::None;
+        match done {
+            Ok((conn, plan, Ok(()))) => {
+                session.link = Link::Idle(conn, plan);
+                let _ = self.step(SourceSession::precopy_done);
+            }
+            Ok((conn, plan, Err(e))) => {
+                let why = format!("{e:#}");
+                session.link = Link::Idle(conn, plan);
+                self.fail(&why).await;
+            }
+            Err(e) => self.fail(&format!("the pre-copy task failed: {e}")).await,
+        }
+    }
+
+    /// The session failed: the state machine decides whether to roll back.
+    async fn fail(&mut self, why: &str) {
+        let before = self.phase();
+        match self.step(|m| m.transport_failed(why)) {
+            Ok(actions) => {
+                if self.phase() == Phase::Failed && before != Phase::Failed {
+                    tracing::error!("migration failed: {why}");
+                    self.proxy.events.emit::<MigrationFailed>(ErrorData { error: why.to_string() });
+                } else {
+                    tracing::warn!(phase = %self.phase(), "migration link lost: {why}");
                 }
-                pos += e.length;
+                if let Err(e) = self.perform(actions).await {
+                    tracing::error!("rolling back: {e}");
+                }
             }
-            Ok(out)
-        })
-        .await??;
-        self.send_round(disk, RoundKind::Base, view, ranges, args.compress, out, None).await
+            Err(e) => tracing::error!("migration failure not handled: {e}"),
+        }
     }
 
-    /// A later pre-copy round: row sends cold updated blocks not yet sent (or written again);
-    /// bitmap sends the blocks dirtied since the previous round started.
-    async fn round_update(&self, disk: &Arc<Disk>, plan: &mut Plan, args: &MigrateArgs, out: &mut Out) -> Result<()> {
-        match plan {
-            Plan::Row { sent, .. } => {
-                let threshold = args.hot_threshold;
-                let blocks: Vec<u64> = disk
-                    .block_stats()
-                    .into_iter()
-                    .filter(|(b, s)| s.writes < threshold && sent.get(b).is_none_or(|g| s.generation > *g))
-                    .map(|(b, _)| b)
-                    .collect();
-                self.send_round(disk, RoundKind::Update, View::Live, block_runs(&blocks), args.compress, out, Some(sent)).await
+    async fn finish(&mut self) -> Result<MigrationStatus, String> {
+        let actions = self.step(SourceSession::finish)?;
+        if let Err(e) = self.perform(actions).await {
+            // Nothing was committed unless the commit went out: the machine decides whether to
+            // roll back or to keep refusing writes.
+            if self.phase() == Phase::Finishing {
+                self.fail(&e).await;
             }
-            Plan::Bitmap { last_round_start } => {
-                let since = *last_round_start;
-                *last_round_start = disk.generation();
-                let ranges = dirty_chunks(&disk.blocks_written_since(since), args.bitmap_granularity_blocks, disk.size());
-                self.send_round(disk, RoundKind::Update, View::Live, ranges, args.compress, out, None).await
+            return Err(lock(&self.shared.machine).error().map_or(e, str::to_string));
+        }
+        Ok(status_of(&self.shared))
+    }
+
+    /// Sends the final round and the commit, and waits for the destination's answer.
+    async fn final_round(&mut self) -> Result<(), String> {
+        let session = self.session.as_mut().ok_or("no session connection: the migration restarted")?;
+        let Link::Idle(mut conn, mut plan) = std::mem::replace(&mut session.link, Link::None) else {
+            return Err("the session's connection is gone".into());
+        };
+        let rounds = session.rounds.clone();
+        let disk = self.proxy.disk.clone();
+        let result: Result<()> = async {
+            let log = DiskLog(&disk);
+            let ranges = match &mut plan {
+                Plan::Row(row) => block_runs(&row.final_blocks(&log)),
+                Plan::Bitmap(bm) => bm.next_round(&log),
+            };
+            let live: Arc<dyn BlockBackend> = disk.clone();
+            let started = Instant::now();
+            rounds.send(&mut conn.out, RoundKind::Final, live, ranges).await?;
+            lock(&self.shared.machine).commit_sent();
+            send(&mut conn.out.writer, &Message::Commit).await?;
+            let answer = tokio::time::timeout(COMMIT_TIMEOUT, conn.from_dest.recv())
+                .await
+                .map_err(|_| anyhow!("the destination did not confirm the commit within {COMMIT_TIMEOUT:?}"))?;
+            match answer {
+                Some(Ok(Message::Committed)) => {}
+                other => bail!("{}", dest_problem(other)),
+            }
+            // The round's time includes the destination's sync: that is what the paused VM waits for.
+            if let Some(r) = lock(&rounds.progress).rounds.last_mut() {
+                r.seconds = started.elapsed().as_secs_f64();
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                tracing::info!("the destination committed: the disk is handed over");
+                self.session.as_mut().expect("session").link = Link::Idle(conn, plan);
+                let actions = self.step(SourceSession::committed)?;
+                self.perform(actions).await
+            }
+            Err(e) => {
+                // Put the connection back so a discard can still be sent on it.
+                self.session.as_mut().expect("session").link = Link::Idle(conn, plan);
+                Err(format!("the final disk round failed: {e:#}"))
             }
         }
     }
 
-    /// Row: blocks still outstanding for the final round (never sent, or written since).
-    fn outstanding(disk: &Disk, sent: &HashMap<u64, u64>) -> Vec<(u64, u64)> {
-        disk.block_stats()
-            .into_iter()
-            .filter(|(b, s)| sent.get(b).is_none_or(|g| s.generation > *g))
-            .map(|(b, s)| (b, s.generation))
-            .collect()
+    async fn cancel(&mut self) -> Result<(), String> {
+        let actions = self.step(SourceSession::cancel)?;
+        self.perform(actions).await
     }
 
-    /// Row, our addition to the paper's three rounds: while the final round would hold more
-    /// than `budget` worth of data at the rate round 1 achieved, send the outstanding blocks
-    /// that were not written since the previous pass began. Blocks the guest keeps rewriting
-    /// stay for the final round (sent once, as in the paper); blocks it has finished with (a
-    /// sequential rewrite) go now instead of lengthening the pause.
-    async fn settle(&self, disk: &Arc<Disk>, plan: &mut Plan, args: &MigrateArgs, out: &mut Out, budget: Duration) -> Result<()> {
-        let Plan::Row { sent, .. } = plan else { return Ok(()) };
-        let rate = {
-            let st = self.status();
-            let r1 = st.rounds.first();
-            let measured = r1.filter(|r| r.seconds > 0.0).map(|r| r.wire_bytes as f64 / r.seconds);
-            let cap = args.max_bandwidth.map(|b| b as f64);
-            match (measured, cap) {
-                (Some(m), Some(c)) => m.min(c),
-                (Some(m), None) => m,
-                (None, Some(c)) => c,
-                (None, None) => return Ok(()),
+    /// Asks the destination to give the disk back, over a new connection.
+    async fn revoke(&mut self) -> Result<(), String> {
+        if let Some(conn) = self.take_conn().await {
+            drop(conn);
+        }
+        let (id, peer, strategy) = {
+            let m = lock(&self.shared.machine);
+            (m.session(), m.peer().map(str::to_string), m.strategy())
+        };
+        let (Some(id), Some(peer), Some(strategy)) = (id, peer, strategy) else {
+            let actions = self.step(|m| m.revoke_answered(Err(Err("no session to revoke".into()))));
+            return actions.map(|_| ());
+        };
+        let answer = match self.proxy.key.clone() {
+            None => Err(Err("no --auth-key-file was given to this server".to_string())),
+            Some(key) => {
+                let params = session_params(id, self.proxy.disk.size(), strategy);
+                let asked = async {
+                    let mut c = connect(&peer, &key, &params).await?;
+                    send(&mut c.writer, &Message::Revoke).await?;
+                    c.reader.next_within(REVOKE_TIMEOUT, "answer to the revoke").await
+                }
+                .await;
+                match asked {
+                    Ok(Message::Revoked) => Ok(()),
+                    Ok(Message::Error { message }) => Err(Ok(message)),
+                    Ok(other) => Err(Err(format!("unexpected {} in answer to the revoke", other.name()))),
+                    Err(e) => Err(Err(format!("{e:#}"))),
+                }
             }
         };
-        let budget_bytes = (rate * budget.as_secs_f64()) as u64;
-        let mut pass_start = disk.generation();
-        for _ in 0..MAX_SETTLE_PASSES {
-            let outstanding = Self::outstanding(disk, sent);
-            if outstanding.len() as u64 * BLOCK_SIZE <= budget_bytes {
-                break;
-            }
-            let settled: Vec<u64> = outstanding.iter().filter(|(_, g)| *g <= pass_start).map(|(b, _)| *b).collect();
-            if settled.is_empty() {
-                break;
-            }
-            pass_start = disk.generation();
-            self.send_round(disk, RoundKind::Update, View::Live, block_runs(&settled), args.compress, out, Some(sent)).await?;
+        if answer.is_ok() {
+            tracing::info!(%peer, "the destination gave the disk back");
         }
-        Ok(())
+        let actions = self.step(|m| m.revoke_answered(answer))?;
+        self.perform(actions).await
     }
+}
 
-    /// The final round, VM paused: everything the destination does not have yet.
-    async fn round_final(&self, disk: &Arc<Disk>, plan: &Plan, args: &MigrateArgs, out: &mut Out) -> Result<()> {
+/// The pre-copy rounds, stopped early by a destination error or by `stop`.
+async fn precopy(
+    disk: Arc<Disk>,
+    rounds: Arc<Rounds>,
+    args: MigrateArgs,
+    mut conn: Conn,
+    mut plan: Plan,
+    mut stop: watch::Receiver<bool>,
+) -> (Conn, Plan, Result<()>) {
+    let result = {
+        let Conn { out, from_dest, .. } = &mut conn;
+        let work = precopy_rounds(&disk, &rounds, &args, out, &mut plan);
+        tokio::pin!(work);
+        tokio::select! {
+            r = &mut work => r,
+            msg = from_dest.recv() => Err(anyhow!("{}", dest_problem(msg))),
+            _ = stop.wait_for(|s| *s) => Err(anyhow!("cancelled")),
+        }
+    };
+    (conn, plan, result)
+}
+
+async fn precopy_rounds(
+    disk: &Arc<Disk>,
+    rounds: &Rounds,
+    args: &MigrateArgs,
+    out: &mut Out,
+    plan: &mut Plan,
+) -> Result<()> {
+    let live: Arc<dyn BlockBackend> = disk.clone();
+    let base: Arc<dyn BlockBackend> = match plan {
+        Plan::Row(_) => Arc::new(disk.frozen_base().context("ROW mode ended before round 1")?),
+        Plan::Bitmap(bm) => {
+            bm.start(&DiskLog(disk));
+            live.clone()
+        }
+    };
+    let ranges = allocated_blocks(base.clone()).await?;
+    rounds.send(out, RoundKind::Base, base, ranges).await?;
+    for _ in 1..args.rounds {
         let ranges = match plan {
-            Plan::Row { sent, .. } => block_runs(&Self::outstanding(disk, sent).into_iter().map(|(b, _)| b).collect::<Vec<_>>()),
-            Plan::Bitmap { last_round_start } => {
-                dirty_chunks(&disk.blocks_written_since(*last_round_start), args.bitmap_granularity_blocks, disk.size())
-            }
+            Plan::Row(row) => block_runs(&row.cold_unsent(&DiskLog(disk), args.hot_threshold)),
+            Plan::Bitmap(bm) => bm.next_round(&DiskLog(disk)),
         };
-        self.send_round(disk, RoundKind::Final, View::Live, ranges, args.compress, out, None).await
+        let sent = rounds.send(out, RoundKind::Update, live.clone(), ranges).await?;
+        plan.mark(&sent);
     }
+    if let (Plan::Row(_), Some(budget)) = (&plan, args.final_budget) {
+        settle(disk, rounds, args, out, plan, budget).await?;
+    }
+    Ok(())
+}
 
-    /// Reads, frames and sends block ranges; records each block's generation as of its read.
-    async fn send_round(
-        &self,
-        disk: &Arc<Disk>,
-        kind: RoundKind,
-        view: View,
-        ranges: Vec<(u64, u64)>,
-        compress: bool,
-        out: &mut Out,
-        mut sent: Option<&mut HashMap<u64, u64>>,
-    ) -> Result<()> {
-        let total: u64 = ranges.iter().map(|r| r.1).sum();
-        let round = self.begin_round(kind, total);
-        let started = Instant::now();
-        let mut stats = RoundStats { round, kind: kind.as_str(), blocks: 0, logical_bytes: 0, zero_bytes: 0, wire_bytes: 0, seconds: 0.0 };
-        stats.wire_bytes += send(&mut out.writer, &Message::RoundBegin { round, kind }).await? as u64;
-        let (tx, mut rx) = mpsc::channel::<std::io::Result<Chunk>>(4);
-        let d = disk.clone();
-        let producer = tokio::task::spawn_blocking(move || produce(&d, view, ranges, compress, &tx));
-        let mut window_start = Instant::now();
-        let mut window_bytes = 0u64;
-        while let Some(chunk) = rx.recv().await {
-            let chunk = chunk.context("reading the disk")?;
-            out.limit.take(chunk.frames.len()).await;
-            out.writer_all(&chunk.frames).await?;
-            stats.blocks += chunk.blocks;
-            stats.logical_bytes += chunk.logical;
-            stats.zero_bytes += chunk.zero;
-            stats.wire_bytes += chunk.frames.len() as u64;
-            window_bytes += chunk.frames.len() as u64;
-            if let Some(sent) = sent.as_deref_mut() {
-                for b in chunk.first..chunk.first + chunk.blocks {
-                    sent.insert(b, chunk.generation);
-                }
+/// Row, our addition to the paper's three rounds: while the final round would hold more than
+/// `budget` worth of data at the rate round 1 achieved, send the outstanding blocks that were
+/// not written since the previous pass began. Blocks the guest keeps rewriting stay for the
+/// final round (sent once, as in the paper); blocks it has finished with (a sequential
+/// rewrite) go now instead of lengthening the pause.
+async fn settle(
+    disk: &Arc<Disk>,
+    rounds: &Rounds,
+    args: &MigrateArgs,
+    out: &mut Out,
+    plan: &mut Plan,
+    budget: Duration,
+) -> Result<()> {
+    let rate = match (rounds.first_round_rate(), args.max_bandwidth.map(|b| b as f64)) {
+        (Some(m), Some(c)) => m.min(c),
+        (Some(m), None) => m,
+        (None, Some(c)) => c,
+        (None, None) => return Ok(()),
+    };
+    let budget_blocks = (rate * budget.as_secs_f64()) as u64 / BLOCK_SIZE;
+    let mut pass_start = disk.generation();
+    for _ in 0..MAX_SETTLE_PASSES {
+        let Plan::Row(row) = plan else { return Ok(()) };
+        let Some(settled) = row.settle_pass(&DiskLog(disk), pass_start, budget_blocks) else {
+            break;
+        };
+        pass_start = disk.generation();
+        let sent = rounds.send(out, RoundKind::Update, disk.clone(), block_runs(&settled)).await?;
+        plan.mark(&sent);
+    }
+    Ok(())
+}
+
+/// The allocated ranges of `view`, as `(first block, count)`.
+async fn allocated_blocks(view: Arc<dyn BlockBackend>) -> Result<Vec<(u64, u64)>> {
+    tokio::task::spawn_blocking(move || -> std::io::Result<Vec<(u64, u64)>> {
+        let mut pos = 0;
+        let mut out = Vec::new();
+        for e in view.extents(0, view.size(), usize::MAX)? {
+            if !e.hole {
+                let first = pos / BLOCK_SIZE;
+                let last = (pos + e.length - 1) / BLOCK_SIZE;
+                out.push((first, last - first + 1));
             }
-            self.set(|s| {
-                s.round_remaining_blocks = s.round_remaining_blocks.saturating_sub(chunk.blocks);
-                if window_start.elapsed() >= Duration::from_millis(500) {
-                    s.rate = window_bytes as f64 / window_start.elapsed().as_secs_f64();
-                    window_start = Instant::now();
-                    window_bytes = 0;
-                }
-            });
+            pos += e.length;
         }
-        producer.await?;
-        stats.wire_bytes += send(&mut out.writer, &Message::RoundEnd { round }).await? as u64;
-        stats.seconds = started.elapsed().as_secs_f64();
-        self.end_round(stats);
-        Ok(())
-    }
-}
-
-struct Conn {
-    reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    writer: tokio::net::tcp::OwnedWriteHalf,
-    limit: RateLimit,
-}
-
-struct Out {
-    writer: tokio::net::tcp::OwnedWriteHalf,
-    limit: RateLimit,
-}
-
-impl Out {
-    async fn writer_all(&mut self, bytes: &[u8]) -> Result<()> {
-        use tokio::io::AsyncWriteExt;
-        self.writer.write_all(bytes).await.context("sending to the destination")
-    }
-}
-
-enum Plan {
-    Row { sent: HashMap<u64, u64>, epoch: u64 },
-    Bitmap { last_round_start: u64 },
-}
-
-#[derive(Clone, Copy)]
-enum View {
-    Live,
-    Base(u64),
-}
-
-/// One read-and-framed piece of a round.
-struct Chunk {
-    first: u64,
-    blocks: u64,
-    logical: u64,
-    zero: u64,
-    generation: u64,
-    frames: Vec<u8>,
-}
-
-fn dest_problem(msg: Result<Message>) -> String {
-    match msg {
-        Ok(Message::Error { message }) => format!("the destination failed: {message}"),
-        Ok(other) => format!("unexpected message from the destination: {other:?}"),
-        Err(e) => format!("{e:#}"),
-    }
-}
-
-/// Dirty blocks widened to whole chunks of `granularity` blocks, as a coarse dirty bitmap
-/// sends them, as (first, count) runs.
-fn dirty_chunks(blocks: &[u64], granularity: u64, disk_size: u64) -> Vec<(u64, u64)> {
-    let g = granularity.max(1);
-    let total = disk_size.div_ceil(BLOCK_SIZE);
-    let mut chunks: Vec<u64> = blocks.iter().map(|b| b / g).collect();
-    chunks.dedup();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for c in chunks {
-        let (first, count) = (c * g, g.min(total - c * g));
-        match out.last_mut() {
-            Some((f, n)) if *f + *n == first => *n += count,
-            _ => out.push((first, count)),
-        }
-    }
-    out
-}
-
-/// Runs on the blocking pool: reads ranges in chunks, splits zero blocks from data, compresses
-/// and frames them.
-fn produce(disk: &Disk, view: View, ranges: Vec<(u64, u64)>, compress: bool, tx: &mpsc::Sender<std::io::Result<Chunk>>) {
-    let size = disk.size();
-    let mut buf = Vec::with_capacity((CHUNK_BLOCKS * BLOCK_SIZE) as usize);
-    for (first, count) in ranges {
-        let mut b = first;
-        while b < first + count {
-            let n = (first + count - b).min(CHUNK_BLOCKS);
-            let start = b * BLOCK_SIZE;
-            let end = ((b + n) * BLOCK_SIZE).min(size);
-            let generation = disk.generation();
-            buf.clear();
-            let read = match view {
-                View::Live => disk.read_append(&mut buf, (end - start) as usize, start),
-                View::Base(epoch) => disk.read_base_append(&mut buf, (end - start) as usize, start, epoch),
-            };
-            if let Err(e) = read {
-                let _ = tx.blocking_send(Err(e));
-                return;
-            }
-            let mut chunk = Chunk { first: b, blocks: n, logical: end - start, zero: 0, generation, frames: Vec::new() };
-            frame_range(&buf, start, compress, &mut chunk);
-            if tx.blocking_send(Ok(chunk)).is_err() {
-                return;
-            }
-            b += n;
-        }
-    }
-}
-
-/// Frames `data` (at byte `start`) as zero extents for all-zero blocks and data extents
-/// (one per run of non-zero blocks) for the rest.
-fn frame_range(data: &[u8], start: u64, compress: bool, chunk: &mut Chunk) {
-    let bs = BLOCK_SIZE as usize;
-    let mut i = 0;
-    while i < data.len() {
-        let zero = migration_stream::is_zero(&data[i..(i + bs).min(data.len())]);
-        let mut j = i;
-        while j < data.len() && migration_stream::is_zero(&data[j..(j + bs).min(data.len())]) == zero {
-            j = (j + bs).min(data.len());
-        }
-        let offset = start + i as u64;
-        if zero {
-            Message::Zero { offset, len: (j - i) as u64 }.encode(&mut chunk.frames);
-            chunk.zero += (j - i) as u64;
-        } else {
-            let (codec, payload): (Codec, Vec<u8>) = migration_stream::encode_block(&data[i..j], compress);
-            Message::Data { offset, codec, logical_len: (j - i) as u32, payload }.encode(&mut chunk.frames);
-        }
-        i = j;
-    }
+        Ok(out)
+    })
+    .await?
+    .context("listing the allocated ranges")
 }

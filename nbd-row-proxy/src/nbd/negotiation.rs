@@ -6,7 +6,7 @@ use nbd_proto::consts::*;
 use nbd_proto::option::{InfoRequest, InvalidOption, MetaContextRequest};
 use nbd_proto::{ClientOption, ExportNameReply, InfoReply, OptionReply, OptionReplyKind, RawOption};
 
-use crate::export::{Catalog, Export, MAX_PAYLOAD, PREFERRED_BLOCK_SIZE};
+use super::export::{Catalog, Export, MAX_PAYLOAD, PREFERRED_BLOCK_SIZE};
 
 /// Context id of `base:allocation` on every connection.
 pub const BASE_ALLOCATION_ID: u32 = 1;
@@ -81,7 +81,10 @@ impl Negotiation {
                 for export in self.catalog.all() {
                     OptionReply {
                         option: code,
-                        kind: OptionReplyKind::Server { name: export.name.clone(), details: export.description.clone() },
+                        kind: OptionReplyKind::Server {
+                            name: export.name.clone(),
+                            details: export.description.clone(),
+                        },
                     }
                     .encode(&mut out);
                 }
@@ -119,7 +122,8 @@ impl Negotiation {
     }
 
     fn session(&self, export: Arc<Export>, block_size_requested: bool) -> Session {
-        let base_allocation = matches!(&self.meta, Some((name, true)) if self.catalog.find(name).is_some_and(|e| e.name == export.name));
+        let base_allocation =
+            matches!(&self.meta, Some((name, true)) if self.catalog.find(name).is_some_and(|e| e.name == export.name));
         Session {
             alignment: if block_size_requested { export.min_block_size() } else { 1 },
             export,
@@ -130,8 +134,7 @@ impl Negotiation {
 
     fn info_or_go(&mut self, code: u32, req: InfoRequest, mut out: Vec<u8>) -> Step {
         let Some(export) = self.catalog.find(&req.export) else {
-            OptionReply::error(code, NBD_REP_ERR_UNKNOWN, format!("no export named {:?}", req.export))
-                .encode(&mut out);
+            OptionReply::error(code, NBD_REP_ERR_UNKNOWN, format!("no export named {:?}", req.export)).encode(&mut out);
             return Step::Continue(out);
         };
         let info = |info| OptionReply { option: code, kind: OptionReplyKind::Info(info) };
@@ -204,8 +207,9 @@ mod tests {
         let path = dir.path().join("d.raw");
         File::create(&path).unwrap().set_len(1 << 20).unwrap();
         let disk = Arc::new(row_store::Disk::open(&path, row_store::DiskOptions::default()).unwrap());
-        let (_tx, access) = tokio::sync::watch::channel(crate::export::Access::Open);
-        (dir, Catalog::new("vm1".into(), disk, false, access, std::time::Duration::ZERO))
+        let gate = crate::ownership::Gate::new(crate::ownership::Access::Open);
+        let live = Arc::new(crate::ownership::Guarded::new(disk.clone(), gate.clone()));
+        (dir, Catalog::new("vm1".into(), disk, live, gate.subscribe(), std::time::Duration::ZERO))
     }
 
     fn replies(mut bytes: &[u8]) -> Vec<OptionReply> {
@@ -230,7 +234,10 @@ mod tests {
         let mut n = Negotiation::new(cat, true);
         let Step::Continue(b) = n.on_option(&raw(ClientOption::StructuredReply)) else { panic!() };
         assert_eq!(replies(&b), vec![OptionReply::ack(NBD_OPT_STRUCTURED_REPLY)]);
-        let meta = MetaContextRequest { export: "".into(), queries: vec![BASE_ALLOCATION.into(), "qemu:dirty-bitmap:x".into()] };
+        let meta = MetaContextRequest {
+            export: "".into(),
+            queries: vec![BASE_ALLOCATION.into(), "qemu:dirty-bitmap:x".into()],
+        };
         let Step::Continue(b) = n.on_option(&raw(ClientOption::SetMetaContext(meta))) else { panic!() };
         let r = replies(&b);
         assert_eq!(r.len(), 2);
@@ -239,7 +246,9 @@ mod tests {
         let Step::Transmission(b, s) = n.on_option(&raw(ClientOption::Go(go))) else { panic!() };
         let r = replies(&b);
         assert!(matches!(r[0].kind, OptionReplyKind::Info(InfoReply::Export { size: 1048576, .. })));
-        assert!(r.contains(&OptionReply { option: NBD_OPT_GO, kind: OptionReplyKind::Info(InfoReply::Name("vm1".into())) }));
+        assert!(
+            r.contains(&OptionReply { option: NBD_OPT_GO, kind: OptionReplyKind::Info(InfoReply::Name("vm1".into())) })
+        );
         assert_eq!(r.last().unwrap(), &OptionReply::ack(NBD_OPT_GO));
         assert!(s.structured && s.base_allocation);
         assert_eq!(s.alignment, 512);

@@ -1,8 +1,6 @@
 //! The transmission phase without I/O: checking a request against the session and executing it
 //! against the image, producing the complete reply bytes.
 
-use std::io;
-
 use nbd_proto::consts::*;
 use nbd_proto::transmission::{
     encode_block_status, encode_error, encode_offset_data_prefix, encode_offset_hole, encode_simple_reply,
@@ -10,8 +8,11 @@ use nbd_proto::transmission::{
 };
 use nbd_proto::{Command, Request};
 
-use crate::export::MAX_PAYLOAD;
-use crate::negotiation::{Session, BASE_ALLOCATION_ID};
+use row_store::ZeroFlags;
+
+use super::errno::errno_of;
+use super::export::MAX_PAYLOAD;
+use super::negotiation::{Session, BASE_ALLOCATION_ID};
 
 /// A request refused before touching the image: errno and a short reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +38,8 @@ const INLINE_MAX: u32 = 1 << 20;
 /// Checks a request against the session; `Err` is the error to reply with. The caller still
 /// consumes a refused WRITE's payload.
 pub fn validate(session: &Session, req: &Request) -> Result<(), Refusal> {
-    let known = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_DF | NBD_CMD_FLAG_REQ_ONE | NBD_CMD_FLAG_FAST_ZERO;
+    let known =
+        NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_DF | NBD_CMD_FLAG_REQ_ONE | NBD_CMD_FLAG_FAST_ZERO;
     if req.flags & !known != 0 {
         return Err(refuse(NBD_EINVAL, "unknown command flags"));
     }
@@ -57,7 +59,7 @@ pub fn validate(session: &Session, req: &Request) -> Result<(), Refusal> {
     }
     let export = &session.export;
     let writes = matches!(req.command, Command::Write | Command::Trim | Command::WriteZeroes);
-    if writes && export.read_only {
+    if writes && export.read_only() {
         return Err(refuse(NBD_EPERM, "export is read-only"));
     }
     if matches!(req.command, Command::Flush | Command::Disc) {
@@ -73,7 +75,7 @@ pub fn validate(session: &Session, req: &Request) -> Result<(), Refusal> {
         return Err(refuse(NBD_EINVAL, "zero-length request"));
     }
     let align = session.alignment as u64;
-    if req.offset % align != 0 || req.length as u64 % align != 0 {
+    if !req.offset.is_multiple_of(align) || !(req.length as u64).is_multiple_of(align) {
         return Err(refuse(NBD_EINVAL, "request not aligned to the minimum block size"));
     }
     let end = req.offset.checked_add(req.length as u64);
@@ -107,39 +109,26 @@ pub fn error_reply(session: &Session, cookie: u64, errno: u32, message: &str) ->
     out
 }
 
-/// Maps an I/O error to the NBD error value the spec allows.
-pub fn errno_of(e: &io::Error) -> u32 {
-    match e.raw_os_error() {
-        Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => NBD_EPERM,
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => NBD_ENOSPC,
-        Some(libc::ENOMEM) => NBD_ENOMEM,
-        Some(libc::EINVAL) => NBD_EINVAL,
-        Some(libc::EOVERFLOW) => NBD_EOVERFLOW,
-        Some(libc::ENOTSUP) => NBD_ENOTSUP,
-        Some(_) => NBD_EIO,
-        // Errors made by the store itself (not by a syscall) carry only a kind.
-        None if e.kind() == io::ErrorKind::PermissionDenied => NBD_EPERM,
-        None => NBD_EIO,
-    }
-}
-
 /// Executes a validated request (with its payload for WRITE) and returns the reply bytes.
 pub fn execute(session: &Session, req: &Request, payload: Option<Vec<u8>>) -> Vec<u8> {
-    let export = &session.export;
+    let backend = &session.export.backend;
     let (offset, length) = (req.offset, req.length as u64);
     let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
     let result = match req.command {
         Command::Read => return read_reply(session, req),
         Command::BlockStatus => return block_status_reply(session, req),
-        Command::Write => export.write_at(payload.as_deref().unwrap_or_default(), offset, fua),
-        Command::Flush => export.flush(),
-        Command::Trim => export.trim(offset, length, fua),
+        Command::Write => backend.write_at(payload.as_deref().unwrap_or_default(), offset, fua),
+        Command::Flush => backend.flush(),
+        Command::Trim => backend.trim(offset, length, fua),
         Command::WriteZeroes => {
-            let may_punch = req.flags & NBD_CMD_FLAG_NO_HOLE == 0;
-            let fast_only = req.flags & NBD_CMD_FLAG_FAST_ZERO != 0;
-            export.write_zeroes(offset, length, may_punch, fast_only, fua)
+            let flags = ZeroFlags {
+                may_punch: req.flags & NBD_CMD_FLAG_NO_HOLE == 0,
+                fast_only: req.flags & NBD_CMD_FLAG_FAST_ZERO != 0,
+                fua,
+            };
+            backend.write_zeroes(offset, length, flags)
         }
-        Command::Cache => export.cache(offset, length),
+        Command::Cache => backend.cache(offset, length),
         Command::Disc | Command::Resize | Command::Unknown(_) => Ok(()),
     };
     match result {
@@ -149,26 +138,33 @@ pub fn execute(session: &Session, req: &Request, payload: Option<Vec<u8>>) -> Ve
             out
         }
         Err(e) => {
-            tracing::warn!(command = ?req.command, offset, length, error = %e, "request failed");
-            error_reply(session, req.cookie, errno_of(&e), &e.to_string())
+            let errno = errno_of(&e, req.flags);
+            // A refused write (the disk belongs to another host) is the client's business; a
+            // failing disk is the operator's.
+            if errno == NBD_EPERM {
+                tracing::debug!(command = ?req.command, offset, length, error = %e, "request refused");
+            } else {
+                tracing::warn!(command = ?req.command, offset, length, error = %e, "request failed");
+            }
+            error_reply(session, req.cookie, errno, &e.to_string())
         }
     }
 }
 
 fn read_reply(session: &Session, req: &Request) -> Vec<u8> {
-    let export = &session.export;
+    let backend = &session.export.backend;
     let len = req.length as usize;
     if !session.structured {
         let mut out = Vec::with_capacity(16 + len);
         encode_simple_reply(req.cookie, 0, &mut out);
-        return match export.read_append(&mut out, len, req.offset) {
+        return match backend.read_append(&mut out, len, req.offset) {
             Ok(()) => out,
-            Err(e) => error_reply(session, req.cookie, errno_of(&e), &e.to_string()),
+            Err(e) => error_reply(session, req.cookie, errno_of(&e, req.flags), &e.to_string()),
         };
     }
     // Large reads look for holes: a hole costs 32 bytes on the wire instead of its length.
-    if req.length >= HOLE_CHECK_MIN && export.holes_are_cheap() {
-        if let Ok(extents) = export.extents(req.offset, req.length as u64, 16) {
+    if req.length >= HOLE_CHECK_MIN && backend.caps().cheap_extents {
+        if let Ok(extents) = backend.extents(req.offset, req.length as u64, 16) {
             let covers = extents.iter().map(|e| e.length).sum::<u64>() == req.length as u64;
             let has_hole = extents.iter().any(|e| e.hole);
             let single_chunk_only = req.flags & NBD_CMD_FLAG_DF != 0;
@@ -179,14 +175,14 @@ fn read_reply(session: &Session, req: &Request) -> Vec<u8> {
     }
     let mut out = Vec::with_capacity(OFFSET_DATA_PREFIX_LEN + len);
     encode_offset_data_prefix(req.cookie, NBD_REPLY_FLAG_DONE, req.offset, req.length, &mut out);
-    match export.read_append(&mut out, len, req.offset) {
+    match backend.read_append(&mut out, len, req.offset) {
         Ok(()) => out,
-        Err(e) => error_reply(session, req.cookie, errno_of(&e), &e.to_string()),
+        Err(e) => error_reply(session, req.cookie, errno_of(&e, req.flags), &e.to_string()),
     }
 }
 
 fn fragmented_read(session: &Session, req: &Request, extents: &[row_store::Extent]) -> Vec<u8> {
-    let export = &session.export;
+    let backend = &session.export.backend;
     let mut out = Vec::new();
     let mut pos = req.offset;
     for (i, e) in extents.iter().enumerate() {
@@ -196,8 +192,8 @@ fn fragmented_read(session: &Session, req: &Request, extents: &[row_store::Exten
             encode_offset_hole(req.cookie, flags, pos, len, &mut out);
         } else {
             encode_offset_data_prefix(req.cookie, flags, pos, len, &mut out);
-            if let Err(e) = export.read_append(&mut out, len as usize, pos) {
-                return error_reply(session, req.cookie, errno_of(&e), &e.to_string());
+            if let Err(e) = backend.read_append(&mut out, len as usize, pos) {
+                return error_reply(session, req.cookie, errno_of(&e, req.flags), &e.to_string());
             }
         }
         pos += e.length;
@@ -206,10 +202,9 @@ fn fragmented_read(session: &Session, req: &Request, extents: &[row_store::Exten
 }
 
 fn block_status_reply(session: &Session, req: &Request) -> Vec<u8> {
-    let export = &session.export;
     let req_one = req.flags & NBD_CMD_FLAG_REQ_ONE != 0;
     let max = if req_one { 1 } else { MAX_STATUS_EXTENTS };
-    match export.extents(req.offset, req.length as u64, max) {
+    match session.export.backend.extents(req.offset, req.length as u64, max) {
         Ok(extents) => {
             let extents: Vec<BlockStatusExtent> = extents
                 .iter()
@@ -222,6 +217,90 @@ fn block_status_reply(session: &Session, req: &Request) -> Vec<u8> {
             encode_block_status(req.cookie, NBD_REPLY_FLAG_DONE, BASE_ALLOCATION_ID, &extents, &mut out);
             out
         }
-        Err(e) => error_reply(session, req.cookie, errno_of(&e), &e.to_string()),
+        Err(e) => error_reply(session, req.cookie, errno_of(&e, req.flags), &e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use nbd_proto::Command;
+    use row_store::MemDisk;
+
+    use super::*;
+    use crate::nbd::export::Export;
+    use crate::ownership::{Access, Gate};
+
+    fn session(writable: bool, structured: bool, alignment: u32) -> Session {
+        let export = Arc::new(Export {
+            name: "vm1".into(),
+            description: String::new(),
+            backend: Arc::new(MemDisk::new(1 << 20, writable)),
+            access: Gate::new(Access::Open).subscribe(),
+            read_wait: std::time::Duration::ZERO,
+        });
+        Session { export, structured, base_allocation: structured, alignment }
+    }
+
+    fn req(command: Command, flags: u16, offset: u64, length: u32) -> Request {
+        Request { flags, command, cookie: 1, offset, length }
+    }
+
+    fn refusal(s: &Session, r: Request) -> u32 {
+        validate(s, &r).map_or_else(|r| r.errno, |()| 0)
+    }
+
+    #[test]
+    fn flags_must_be_known_and_fit_the_command() {
+        let s = session(true, true, 1);
+        assert_eq!(refusal(&s, req(Command::Read, 1 << 9, 0, 512)), NBD_EINVAL);
+        assert_eq!(refusal(&s, req(Command::Read, NBD_CMD_FLAG_FUA, 0, 512)), NBD_EINVAL);
+        assert_eq!(refusal(&s, req(Command::Read, NBD_CMD_FLAG_DF, 0, 512)), 0);
+        assert_eq!(refusal(&s, req(Command::Write, NBD_CMD_FLAG_FUA, 0, 512)), 0);
+        assert_eq!(refusal(&s, req(Command::WriteZeroes, NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO, 0, 512)), 0);
+        assert_eq!(refusal(&s, req(Command::Flush, NBD_CMD_FLAG_FUA, 0, 0)), NBD_EINVAL);
+        assert_eq!(refusal(&s, req(Command::Unknown(99), 0, 0, 512)), NBD_EINVAL);
+        // DF needs structured replies.
+        assert_eq!(refusal(&session(true, false, 1), req(Command::Read, NBD_CMD_FLAG_DF, 0, 512)), NBD_EINVAL);
+    }
+
+    #[test]
+    fn ranges_lengths_and_alignment() {
+        let s = session(true, true, 512);
+        assert_eq!(refusal(&s, req(Command::Read, 0, 0, 0)), NBD_EINVAL, "zero length");
+        assert_eq!(refusal(&s, req(Command::Read, 0, 1, 512)), NBD_EINVAL, "misaligned offset");
+        assert_eq!(refusal(&s, req(Command::Read, 0, 0, 513)), NBD_EINVAL, "misaligned length");
+        assert_eq!(refusal(&s, req(Command::Read, 0, (1 << 20) - 512, 1024)), NBD_EINVAL, "past the end");
+        assert_eq!(refusal(&s, req(Command::Write, 0, (1 << 20) - 512, 1024)), NBD_ENOSPC, "a write past the end");
+        assert_eq!(refusal(&s, req(Command::Read, 0, u64::MAX - 511, 512)), NBD_EINVAL, "offset overflow");
+        assert_eq!(refusal(&s, req(Command::Read, 0, 0, MAX_PAYLOAD + 512)), NBD_EINVAL, "too large");
+        assert_eq!(refusal(&s, req(Command::Flush, 0, 0, 0)), 0, "flush has no range");
+        // Without block sizes negotiated, any alignment goes.
+        assert_eq!(refusal(&session(true, true, 1), req(Command::Read, 0, 1, 3)), 0);
+    }
+
+    #[test]
+    fn writes_to_a_read_only_export_and_block_status_without_a_context() {
+        let ro = session(false, true, 1);
+        for c in [Command::Write, Command::Trim, Command::WriteZeroes] {
+            assert_eq!(refusal(&ro, req(c, 0, 0, 512)), NBD_EPERM);
+        }
+        assert_eq!(refusal(&ro, req(Command::Read, 0, 0, 512)), 0);
+        assert_eq!(refusal(&session(true, false, 1), req(Command::BlockStatus, 0, 0, 512)), NBD_EINVAL);
+    }
+
+    #[test]
+    fn execute_reaches_the_backend_and_maps_its_errors() {
+        let s = session(true, true, 1);
+        let reply = execute(&s, &req(Command::Write, 0, 4096, 4), Some(vec![1, 2, 3, 4]));
+        assert_eq!(&reply[..4], &NBD_SIMPLE_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(u32::from_be_bytes(reply[4..8].try_into().unwrap()), 0);
+        // FAST_ZERO on a backend that cannot zero fast: ENOTSUP, as the spec wants.
+        let reply = execute(&s, &req(Command::WriteZeroes, NBD_CMD_FLAG_FAST_ZERO, 0, 512), None);
+        let (header, _) = nbd_proto::ReplyHeader::decode(&reply).unwrap().unwrap();
+        let nbd_proto::ReplyHeader::Structured(chunk) = header else { panic!("structured error expected") };
+        assert_eq!(chunk.chunk_type, NBD_REPLY_TYPE_ERROR);
+        assert_eq!(u32::from_be_bytes(reply[20..24].try_into().unwrap()), NBD_ENOTSUP);
     }
 }

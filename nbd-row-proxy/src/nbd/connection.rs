@@ -12,9 +12,10 @@ use nbd_proto::{ClientFlags, Command, Greeting, ProtocolError, RawOption, Reques
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
-use crate::export::{Access, Catalog};
-use crate::negotiation::{Negotiation, Session, Step};
-use crate::transmission::{error_reply, execute, runs_inline, validate};
+use super::export::Catalog;
+use super::negotiation::{Negotiation, Session, Step};
+use super::transmission::{error_reply, execute, runs_inline, validate};
+use crate::ownership::Access;
 
 /// Replies queued for the writer; bounds memory when a client stops reading.
 const REPLY_QUEUE: usize = 256;
@@ -223,7 +224,8 @@ async fn transmission<R: AsyncRead + Unpin>(
         let waits = !matches!(req.command, Command::Flush | Command::Cache);
         if waits && *session.export.access.borrow() == Access::Incoming {
             if matches!(req.command, Command::Write | Command::Trim | Command::WriteZeroes) {
-                let reply = error_reply(session, req.cookie, NBD_EPERM, "the disk is still being migrated to this host");
+                let reply =
+                    error_reply(session, req.cookie, NBD_EPERM, "the disk is still being migrated to this host");
                 if tx.send(reply).await.is_err() {
                     return Ok(());
                 }
@@ -233,13 +235,13 @@ async fn transmission<R: AsyncRead + Unpin>(
             let (session, tx) = (session.clone(), tx.clone());
             tokio::spawn(async move {
                 let mut access = session.export.access.clone();
-                let opened =
-                    matches!(tokio::time::timeout(session.export.read_wait, access.wait_for(|a| *a == Access::Open)).await, Ok(Ok(_)));
+                let wait = access.wait_for(|a| *a != Access::Incoming);
+                let opened = matches!(tokio::time::timeout(session.export.read_wait, wait).await, Ok(Ok(_)));
                 let reply = if opened {
                     let s = session.clone();
-                    tokio::task::spawn_blocking(move || execute(&s, &req, payload)).await.unwrap_or_else(|_| {
-                        error_reply(&session, req.cookie, NBD_EIO, "internal error")
-                    })
+                    tokio::task::spawn_blocking(move || execute(&s, &req, payload))
+                        .await
+                        .unwrap_or_else(|_| error_reply(&session, req.cookie, NBD_EIO, "internal error"))
                 } else {
                     error_reply(&session, req.cookie, NBD_EIO, "the disk has not been migrated here yet")
                 };

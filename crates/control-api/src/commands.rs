@@ -1,0 +1,270 @@
+//! Every command: a marker type implementing [`Command`], its arguments and its reply.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::{Command, Empty, Fence, IncomingPhase, MigrationStatus, Mode, NoArgs, Strategy};
+
+macro_rules! command {
+    ($ty:ident = $name:literal, $doc:literal, $args:ty => $reply:ty) => {
+        #[doc = $doc]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub struct $ty;
+
+        impl Command for $ty {
+            const NAME: &'static str = $name;
+            const DOC: &'static str = $doc;
+            type Args = $args;
+            type Reply = $reply;
+        }
+    };
+}
+
+command!(
+    QueryStatus = "query-status",
+    "The disk, its mode and overlay, and who may write to it.",
+    NoArgs => StatusReply
+);
+command!(
+    RowStart = "row-start",
+    "Freezes the image: from now on writes land in the reserved file (event `ROW_STARTED`).",
+    NoArgs => Empty
+);
+command!(
+    RowStop = "row-stop",
+    "Merges the overlay back into the image while serving, then returns to direct mode (events \
+     `ROW_MERGE_STARTED`, `ROW_MERGE_PROGRESS`, `ROW_STOPPED` or `ROW_MERGE_FAILED`).",
+    RowStopArgs => RowStopReply
+);
+command!(
+    QueryRow = "query-row",
+    "The overlay's write statistics: updated, hot and cold blocks.",
+    QueryRowArgs => RowReport
+);
+command!(
+    MigrateStart = "migrate-start",
+    "Starts migrating the disk to a `receive` proxy: pre-copy rounds in the background.",
+    MigrateStartArgs => MigrateStartReply
+);
+command!(
+    QueryMigrate = "query-migrate",
+    "The outgoing migration's phase and per-round figures.",
+    NoArgs => MigrationStatus
+);
+command!(
+    MigrateFinish = "migrate-finish",
+    "With the guest paused: refuses writes (persistently), sends what is outstanding, and returns once \
+     the destination has committed it durably (phase `handed-over`).",
+    NoArgs => MigrationStatus
+);
+command!(
+    MigrateCancel = "migrate-cancel",
+    "Gives the disk back to the source: before the hand-over at any time; after it only if the \
+     destination agrees that it has not written to the disk yet. Refused otherwise.",
+    NoArgs => Empty
+);
+command!(
+    MigrateComplete = "migrate-complete",
+    "After the switchover: ends the session; the destination owns the disk (phase `completed`). The \
+     source keeps refusing writes.",
+    NoArgs => Empty
+);
+command!(
+    Reclaim = "reclaim",
+    "Takes back a disk whose writes are refused because it was handed over: without `force` only if the \
+     destination confirms it has not written to it; with `force` unconditionally, for an operator who \
+     knows the destination is gone.",
+    ReclaimArgs => Empty
+);
+command!(
+    QueryDigest = "query-digest",
+    "SHA-256 of the disk as the guest sees it, to compare two hosts' copies.",
+    NoArgs => DigestReply
+);
+
+/// Reply of `query-status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub struct StatusReply {
+    /// Where writes go.
+    pub mode: Mode,
+    /// The export's name.
+    pub export: String,
+    /// The image path.
+    pub image: String,
+    /// Disk size in bytes.
+    pub image_size: u64,
+    /// Whether the export is read-only.
+    pub read_only: bool,
+    /// The reserved file, while ROW is on.
+    pub reserved: Option<String>,
+    /// Logical bytes in the reserved file.
+    pub reserved_bytes: u64,
+    /// Bytes the reserved file occupies on disk.
+    pub reserved_allocated: u64,
+    /// Tracking granularity in bytes.
+    pub block_size: u64,
+    /// Whether the disk is still arriving by migration (writes refused, reads wait).
+    pub incoming: bool,
+    /// On a `receive` proxy: the incoming migration's phase.
+    pub incoming_phase: Option<IncomingPhase>,
+    /// Why writes are refused, if they are.
+    pub writes_refused: Option<String>,
+    /// The persisted hand-over that makes this proxy refuse writes, if any.
+    pub fence: Option<Fence>,
+}
+
+/// Arguments of `row-stop`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RowStopArgs {
+    /// Wait for the merge to finish before replying.
+    #[serde(default = "yes")]
+    pub wait: bool,
+}
+
+impl Default for RowStopArgs {
+    fn default() -> Self {
+        Self { wait: true }
+    }
+}
+
+/// Reply of `row-stop`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub struct RowStopReply {
+    /// Blocks merged back (0 when not waiting).
+    pub merged_blocks: u64,
+    /// Seconds the merge took, when waited for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
+}
+
+/// Arguments of `query-row`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct QueryRowArgs {
+    /// Writes that make a block hot (default: the server's `--hot-threshold`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hot_threshold: Option<u32>,
+}
+
+/// Reply of `query-row`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub struct RowReport {
+    /// Where writes go.
+    pub mode: Mode,
+    /// Blocks in the overlay.
+    pub blocks_updated: u64,
+    /// Blocks written at least `hot-threshold` times.
+    pub hot_blocks: u64,
+    /// The other updated blocks.
+    pub cold_blocks: u64,
+    /// The threshold used.
+    pub hot_threshold: u32,
+    /// The write generation (one per write request since ROW started).
+    pub generation: u64,
+    /// Logical bytes in the reserved file.
+    pub reserved_bytes: u64,
+    /// Tracking granularity in bytes.
+    pub block_size: u64,
+}
+
+/// Arguments of `migrate-start`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MigrateStartArgs {
+    /// The destination's `receive --listen` address, `tcp:HOST:PORT`.
+    pub uri: String,
+    /// The method.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Pre-copy rounds before the final one, round 1 included (row 2, bitmap 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rounds: Option<u32>,
+    /// Writes that make a block hot (row; default: the server's `--hot-threshold`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hot_threshold: Option<u32>,
+    /// Cap on the stream in bytes/s (unlimited by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth: Option<u64>,
+    /// lz4-compress data frames.
+    #[serde(default = "yes")]
+    pub compress: bool,
+    /// Bitmap: dirty granularity in bytes (default 1 MiB, as QEMU's old block migration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bitmap_granularity: Option<u64>,
+    /// Row: settle passes keep the final round under this many milliseconds at the link's
+    /// rate (default 50; 0 = the paper's three rounds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_budget_ms: Option<u64>,
+}
+
+impl MigrateStartArgs {
+    /// Arguments with every option at its default.
+    pub fn new(uri: impl Into<String>, strategy: Strategy) -> Self {
+        Self {
+            uri: uri.into(),
+            strategy,
+            rounds: None,
+            hot_threshold: None,
+            max_bandwidth: None,
+            compress: true,
+            bitmap_granularity: None,
+            final_budget_ms: None,
+        }
+    }
+}
+
+/// Reply of `migrate-start`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrateStartReply {
+    /// The new session's id (hex).
+    pub session: String,
+}
+
+/// Arguments of `reclaim`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ReclaimArgs {
+    /// Take the disk back without asking the destination. Only for a destination known to be
+    /// gone: if it runs the guest, both hosts would write to their copies.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Reply of `query-digest`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub struct DigestReply {
+    /// SHA-256 of every byte of the disk, hex.
+    pub sha256: String,
+    /// Disk size in bytes.
+    pub size: u64,
+    /// Seconds the digest took.
+    pub seconds: f64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_reject_unknown_members_and_fill_defaults() {
+        let a: MigrateStartArgs = serde_json::from_str(r#"{"uri": "tcp:h:1"}"#).unwrap();
+        assert_eq!(a, MigrateStartArgs::new("tcp:h:1", Strategy::Row));
+        assert!(serde_json::from_str::<MigrateStartArgs>(r#"{"uri": "tcp:h:1", "rounds_": 2}"#).is_err());
+        assert!(serde_json::from_str::<NoArgs>(r#"{"x": 1}"#).is_err());
+        let r: RowStopArgs = serde_json::from_str("{}").unwrap();
+        assert!(r.wait);
+        // Optional members left out when serialised, so an older server accepts them.
+        assert_eq!(serde_json::to_value(MigrateStartArgs::new("u", Strategy::Bitmap)).unwrap()["strategy"], "bitmap");
+        assert!(serde_json::to_value(QueryRowArgs::default()).unwrap().as_object().unwrap().is_empty());
+    }
+}

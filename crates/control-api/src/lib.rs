@@ -1,0 +1,58 @@
+//! The control socket's schema: one type per command's arguments and reply, one per event.
+//!
+//! `nbd-row-proxy` serves these commands on its QMP-shaped control socket; `row-migrate`, the
+//! tests and the benchmarks call them. All of them use the types here, so a renamed or retyped
+//! field is a compile error (Rust) or a failed schema check (the generated Python module and
+//! the README table, both checked by this crate's tests), never a silent `null`.
+//!
+//! - [`Command`]: a command's wire name, argument type and reply type. Argument types reject
+//!   unknown members, so a typo in a client is an error rather than an ignored option.
+//! - [`Event`]: an event's wire name and data type.
+//! - [`catalog`]: every command and event with its JSON schema, for documentation.
+//!
+//! Names on the wire are kebab-case, as in QEMU's QMP.
+
+pub mod catalog;
+pub mod commands;
+pub mod events;
+pub mod types;
+
+pub use catalog::{catalog, CommandInfo, EventInfo};
+pub use commands::*;
+pub use events::*;
+pub use types::*;
+
+use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// A control-socket command: its name and the types of its arguments and reply.
+pub trait Command {
+    /// The name clients send in `"execute"`.
+    const NAME: &'static str;
+    /// What it does, in a sentence or two (for `--help` and the README).
+    const DOC: &'static str;
+    /// The `"arguments"` object.
+    type Args: Serialize + DeserializeOwned + JsonSchema + Send + 'static;
+    /// The `"return"` value.
+    type Reply: Serialize + DeserializeOwned + JsonSchema + Send + 'static;
+}
+
+/// An asynchronous event: its name and the type of its `"data"`.
+pub trait Event {
+    /// The name in `"event"`.
+    const NAME: &'static str;
+    /// When it is sent.
+    const DOC: &'static str;
+    /// The `"data"` object.
+    type Data: Serialize + DeserializeOwned + JsonSchema + Send + 'static;
+}
+
+/// Arguments of a command that takes none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NoArgs {}
+
+/// The empty reply (`{}`) of a command that returns nothing but success.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize, JsonSchema)]
+pub struct Empty {}

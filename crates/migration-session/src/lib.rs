@@ -1,0 +1,24 @@
+//! The disk migration's sessions, without I/O: what each side may do next, what it must
+//! persist before doing it, and which blocks each round sends.
+//!
+//! - [`source::SourceSession`]: `idle → setup → precopy → ready → finishing → handed-over →
+//!   completed` (or `cancelled` / `failed`).
+//! - [`dest::DestSession`]: `waiting → receiving → committed → owner`.
+//! - [`durable::Ownership`]: the record both persist next to the image, so a restart honours
+//!   a hand-over: a source that handed its disk over keeps refusing writes, a destination that
+//!   committed one keeps serving it and never takes a new session over it.
+//! - [`plan`]: the round planners of the row and bitmap strategies.
+//!
+//! Like `nbd-proto` and `migration-stream`, this is the logic the proxy's tokio code drives:
+//! every input is a method returning the actions to perform (in order) or a typed refusal
+//! that leaves the state unchanged.
+
+pub mod dest;
+pub mod durable;
+pub mod plan;
+pub mod source;
+
+pub use dest::{DestAction, DestRefusal, DestSession};
+pub use durable::{now_rfc3339, BadRecord, DestStage, Ownership, SessionId, SourceStage};
+pub use plan::{BitmapPlan, RowPlan, WriteLog};
+pub use source::{SourceAction, SourceRefusal, SourceSession};

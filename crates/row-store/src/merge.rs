@@ -1,0 +1,75 @@
+//! Merging the overlay back into the image while requests keep being served.
+//!
+//! Blocks are copied in batches, each run under the stripe locks that writes take, so a write
+//! racing the copy is never lost: it either lands in the reserved file before the copy (and is
+//! copied) or in the image after the block is unmapped. Every [`CHECKPOINT`] bytes the image is
+//! synced and the merged blocks are journaled as unmapped, so a killed merge resumes from there.
+
+use crate::journal::block_runs;
+use crate::overlay::Overlay;
+use crate::{StoreError, BLOCK_SIZE};
+
+/// Blocks merged per step.
+const BATCH: usize = 256;
+/// Bytes merged between two checkpoints (sync + journal).
+pub const CHECKPOINT: u64 = 64 << 20;
+
+/// Merge progress reported to a callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MergeProgress {
+    /// Blocks copied back so far.
+    pub merged_blocks: u64,
+    /// Blocks still in the reserved file.
+    pub remaining_blocks: u64,
+}
+
+/// Copies mapped blocks back into the base image until none is left (`Ok(true)`), or until
+/// about `limit` blocks were copied (`Ok(false)`; tests use it to simulate a crash mid-merge).
+/// The overlay must be merging ([`Overlay::begin_merge`]).
+pub fn copy_back(
+    overlay: &Overlay,
+    limit: Option<u64>,
+    mut progress: impl FnMut(MergeProgress),
+) -> Result<bool, StoreError> {
+    let err = |source| StoreError::Io { what: "merging", path: overlay.reserved().path().to_owned(), source };
+    let (reserved, image) = (overlay.reserved(), overlay.base());
+    let mut merged = 0u64;
+    let mut since_checkpoint = 0u64;
+    loop {
+        if limit.is_some_and(|l| merged >= l) {
+            return Ok(false);
+        }
+        let batch = overlay.table().first_mapped(BATCH);
+        if batch.is_empty() {
+            break;
+        }
+        for (start, count) in block_runs(&batch) {
+            let last = start + count - 1;
+            let _stripes = overlay.lock_stripes(start, last);
+            let (from, to) = (start * BLOCK_SIZE, overlay.block_end(last));
+            let mut buf = Vec::new();
+            let mut pos = from;
+            for e in reserved.file_extents(from, to - from, usize::MAX).map_err(err)? {
+                if e.hole {
+                    image.zero(pos, e.length, true, false).map_err(err)?;
+                } else {
+                    buf.resize(e.length as usize, 0);
+                    reserved.read_at(&mut buf, pos).map_err(err)?;
+                    image.write_at(&buf, pos, false).map_err(err)?;
+                }
+                pos += e.length;
+            }
+            let blocks: Vec<u64> = (start..=last).collect();
+            overlay.table().unmap(&blocks);
+            merged += count;
+            since_checkpoint += to - from;
+        }
+        if since_checkpoint >= CHECKPOINT {
+            overlay.sync_overlay().map_err(err)?;
+            since_checkpoint = 0;
+        }
+        progress(MergeProgress { merged_blocks: merged, remaining_blocks: overlay.table().len() as u64 });
+    }
+    overlay.sync_overlay().map_err(err)?;
+    Ok(true)
+}

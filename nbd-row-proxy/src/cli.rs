@@ -1,0 +1,189 @@
+//! The command line, and its validation: every argument is checked before anything is bound or
+//! created, so a typo fails with one clear line and leaves nothing behind.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use migration_stream::Key;
+use row_store::storage::suffixed;
+
+/// How long a read on an incoming disk waits for the commit by default.
+const DEFAULT_READ_WAIT: &str = "2";
+
+#[derive(Debug, Parser)]
+#[command(name = "nbd-row-proxy", version, about = "NBD server for live migration of a VM with its local disk")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Serve a raw image over NBD.
+    Serve(ServeArgs),
+    /// Receive a disk by migration, serving it over NBD from the start (reads wait for the
+    /// commit); once committed, the disk is served read-write.
+    Receive(ReceiveArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReceiveArgs {
+    /// TCP address to accept the migration on, e.g. 0.0.0.0:10810.
+    #[arg(long)]
+    pub listen: String,
+    /// How long an NBD read waits for the migration to commit before failing with EIO.
+    /// Keep it short: QEMU reads sector 0 synchronously while it sets up a virtio disk, and
+    /// its monitor is stuck for as long as that read waits.
+    #[arg(long, default_value = DEFAULT_READ_WAIT, value_name = "SECONDS")]
+    pub read_wait: f64,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Raw disk image (file or block device).
+    #[arg(long)]
+    pub image: PathBuf,
+    /// Unix socket to listen on (QEMU: file=nbd+unix:///NAME?socket=PATH). Only a stale socket
+    /// may be there already.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// Also listen on this TCP address, e.g. 127.0.0.1:10809.
+    #[arg(long)]
+    pub tcp: Option<String>,
+    /// Export name; the empty name selects it too.
+    #[arg(long, default_value = "")]
+    pub export: String,
+    /// Refuse writes.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Reserved file that receives writes while ROW is on (default: IMAGE.row).
+    #[arg(long)]
+    pub reserved: Option<PathBuf>,
+    /// Control socket (QMP-shaped JSON, mode 0600) for row-start, row-stop, query-status, ...
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// Blocks written at least this many times count as hot (high-frequency).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub hot_threshold: u32,
+    /// Pre-shared key (a file, mode 0600, at least 16 bytes) that authenticates migrations.
+    #[arg(long)]
+    pub auth_key_file: Option<PathBuf>,
+}
+
+/// A validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// The image.
+    pub image: PathBuf,
+    /// The reserved file, if not the default.
+    pub reserved: Option<PathBuf>,
+    /// The NBD Unix socket.
+    pub socket: PathBuf,
+    /// The NBD TCP address.
+    pub tcp: Option<SocketAddr>,
+    /// The control socket.
+    pub control: Option<PathBuf>,
+    /// The export name.
+    pub export: String,
+    /// Serve read-only.
+    pub read_only: bool,
+    /// Default hot threshold.
+    pub hot_threshold: u32,
+    /// The migration key.
+    pub key: Option<Arc<Key>>,
+    /// `receive`: where to listen for the migration.
+    pub listen: Option<SocketAddr>,
+    /// `receive`: how long reads wait for the commit.
+    pub read_wait: Duration,
+}
+
+fn address(what: &str, s: &str) -> Result<SocketAddr> {
+    s.to_socket_addrs()
+        .with_context(|| format!("{what} {s:?} is not an address (HOST:PORT, e.g. 0.0.0.0:10810)"))?
+        .next()
+        .with_context(|| format!("{what} {s:?} resolves to no address"))
+}
+
+/// A path where a socket will be bound: its directory must exist, and only a stale socket (one
+/// nobody answers on) may be there; any other file is refused, never replaced.
+pub fn check_socket_path(what: &str, path: &Path) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        bail!("{what} {}: directory {} does not exist", path.display(), dir.display());
+    }
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("{what} {}", path.display())),
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!("{what} {} is in use by a running server", path.display());
+            }
+            Ok(())
+        }
+        Ok(_) => bail!("{what} {} exists and is not a socket; refusing to replace it", path.display()),
+    }
+}
+
+impl Cli {
+    /// Checks every argument; nothing is created or bound yet.
+    pub fn validate(self) -> Result<Config> {
+        let (args, listen, read_wait) = match self.command {
+            Cmd::Serve(a) => (a, None, Duration::ZERO),
+            Cmd::Receive(r) => {
+                let wait = Duration::try_from_secs_f64(r.read_wait).map_err(|_| {
+                    anyhow::anyhow!("--read-wait {} is not a duration in seconds (e.g. 2)", r.read_wait)
+                })?;
+                (r.serve, Some(address("--listen", &r.listen)?), wait)
+            }
+        };
+        let meta = std::fs::metadata(&args.image).with_context(|| format!("--image {}", args.image.display()))?;
+        if !(meta.is_file() || meta.file_type().is_block_device()) {
+            bail!("--image {} is neither a file nor a block device", args.image.display());
+        }
+        check_socket_path("--socket", &args.socket)?;
+        if let Some(control) = &args.control {
+            check_socket_path("--control", control)?;
+            if control == &args.socket {
+                bail!("--control and --socket are the same path");
+            }
+        }
+        // A socket path that names one of the disk's own files is a typo that would hide it.
+        let reserved = args.reserved.clone().unwrap_or_else(|| suffixed(&args.image, ".row"));
+        let disk_files =
+            [args.image.clone(), reserved.clone(), suffixed(&reserved, ".map"), suffixed(&args.image, ".ownership")];
+        for sock in std::iter::once(&args.socket).chain(args.control.as_ref()) {
+            if disk_files.iter().any(|f| f == sock) {
+                bail!("{} is one of the disk's own files, not a place for a socket", sock.display());
+            }
+        }
+        let tcp = args.tcp.as_deref().map(|t| address("--tcp", t)).transpose()?;
+        let key = match &args.auth_key_file {
+            Some(path) => Some(Arc::new(Key::from_file(path)?)),
+            None if listen.is_some() => bail!("receive needs --auth-key-file: migrations are authenticated"),
+            None => None,
+        };
+        if listen.is_some() && args.read_only {
+            bail!("receive writes the disk it receives: --read-only does not apply");
+        }
+        Ok(Config {
+            image: args.image,
+            reserved: args.reserved,
+            socket: args.socket,
+            tcp,
+            control: args.control,
+            export: args.export,
+            read_only: args.read_only,
+            hot_threshold: args.hot_threshold,
+            key,
+            listen,
+            read_wait,
+        })
+    }
+}

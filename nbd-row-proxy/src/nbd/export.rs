@@ -1,0 +1,137 @@
+//! Exports: what a client can select by name during negotiation.
+//!
+//! Each served disk has a live export (`NAME`, and the empty name) and, while ROW is on, a
+//! read-only export of the frozen base (`NAME@base`) for consistent backups with the VM running.
+//! An export is a [`BlockBackend`] and a name; its transmission flags follow from what the
+//! backend says it can do.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nbd_proto::consts::*;
+use row_store::{BlockBackend, Disk};
+use tokio::sync::watch;
+
+use crate::ownership::Access;
+
+/// Smallest request granularity advertised (and enforced for clients that asked for it).
+pub const MIN_BLOCK_SIZE: u32 = 512;
+/// The block size that avoids read-modify-write in the layers below.
+pub const PREFERRED_BLOCK_SIZE: u32 = row_store::BLOCK_SIZE as u32;
+/// Largest READ or WRITE payload accepted.
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// Suffix of the frozen-base export's name.
+pub const BASE_SUFFIX: &str = "@base";
+
+/// One named export.
+#[derive(Debug)]
+pub struct Export {
+    /// Name clients select it by.
+    pub name: String,
+    /// Human-readable description sent as `NBD_INFO_DESCRIPTION`.
+    pub description: String,
+    /// What serves the requests.
+    pub backend: Arc<dyn BlockBackend>,
+    /// Who may use the disk now; reads wait while it is still arriving by migration.
+    pub access: watch::Receiver<Access>,
+    /// How long a read waits for an incoming migration to commit before it fails.
+    pub read_wait: Duration,
+}
+
+impl Export {
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.backend.size()
+    }
+
+    /// Whether writes are refused for good (not just while a migration arrives).
+    pub fn read_only(&self) -> bool {
+        !self.backend.caps().write
+    }
+
+    /// Transmission flags advertised for this export, from the backend's capabilities.
+    pub fn transmission_flags(&self) -> u16 {
+        let caps = self.backend.caps();
+        let mut flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_DF;
+        for (cap, flag) in [
+            (caps.flush, NBD_FLAG_SEND_FLUSH),
+            (caps.multi_conn, NBD_FLAG_CAN_MULTI_CONN),
+            (caps.cache, NBD_FLAG_SEND_CACHE),
+            (!caps.write, NBD_FLAG_READ_ONLY),
+            (caps.fua, NBD_FLAG_SEND_FUA),
+            (caps.trim, NBD_FLAG_SEND_TRIM),
+            (caps.zeroes, NBD_FLAG_SEND_WRITE_ZEROES),
+            (caps.fast_zero, NBD_FLAG_SEND_FAST_ZERO),
+        ] {
+            if cap {
+                flags |= flag;
+            }
+        }
+        flags
+    }
+
+    /// Minimum block size: sector granularity unless the size is not a whole number of sectors.
+    pub fn min_block_size(&self) -> u32 {
+        if self.size().is_multiple_of(MIN_BLOCK_SIZE as u64) {
+            MIN_BLOCK_SIZE
+        } else {
+            1
+        }
+    }
+}
+
+/// The exports of one disk; the live one is the default (empty name).
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    name: String,
+    disk: Arc<Disk>,
+    live: Arc<Export>,
+}
+
+impl Catalog {
+    /// A catalog for one disk exported as `name`, the live export served by `live`.
+    pub fn new(
+        name: String,
+        disk: Arc<Disk>,
+        live: Arc<dyn BlockBackend>,
+        access: watch::Receiver<Access>,
+        read_wait: Duration,
+    ) -> Self {
+        let live = Arc::new(Export {
+            name: name.clone(),
+            description: format!("{} ({} bytes)", disk.image_path().display(), disk.size()),
+            backend: live,
+            access,
+            read_wait,
+        });
+        Self { name, disk, live }
+    }
+
+    /// The frozen-base export, while ROW is on.
+    fn base(&self) -> Option<Arc<Export>> {
+        let base = self.disk.frozen_base()?;
+        Some(Arc::new(Export {
+            name: format!("{}{BASE_SUFFIX}", self.name),
+            description: format!("frozen base of {} (ROW session {})", self.disk.image_path().display(), base.epoch()),
+            backend: Arc::new(base),
+            access: self.live.access.clone(),
+            read_wait: self.live.read_wait,
+        }))
+    }
+
+    /// Looks an export up by name; the empty name selects the live export.
+    pub fn find(&self, name: &str) -> Option<Arc<Export>> {
+        if name.is_empty() || name == self.name {
+            return Some(self.live.clone());
+        }
+        if name.strip_suffix(BASE_SUFFIX) == Some(self.name.as_str()) {
+            return self.base();
+        }
+        None
+    }
+
+    /// Every export available now, live first.
+    pub fn all(&self) -> Vec<Arc<Export>> {
+        std::iter::once(self.live.clone()).chain(self.base()).collect()
+    }
+}

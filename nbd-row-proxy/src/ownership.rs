@@ -1,0 +1,325 @@
+//! Who may write to the disk, enforced under every NBD write, and the ownership record that
+//! makes it survive a restart.
+//!
+//! [`Gate`] holds the current [`Access`]: open; incoming (a destination waiting for its disk:
+//! writes refused, reads wait); committed (a destination holding a committed disk: the first
+//! write makes it the owner, durably, before it is done); or fenced (a source that handed its
+//! disk over: writes refused, with the reason). Every write runs under the gate's shared lock,
+//! so changing the access (exclusive) returns only once no write is in flight: a source that
+//! fences its disk knows it no longer changes.
+//!
+//! [`Guarded`] is the live export's backend: the disk behind the gate.
+//! [`RecordFile`] reads and writes `IMAGE.ownership` (see `migration_session::durable`).
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use migration_session::{BadRecord, Ownership};
+use row_store::storage::suffixed;
+use row_store::{BlockBackend, Caps, Disk, Extent, Posix, Storage, ZeroFlags};
+use tokio::sync::watch;
+
+/// Who may use the disk now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// Reads and writes.
+    Open,
+    /// The disk is still arriving by migration: writes refused, reads wait for the commit.
+    Incoming,
+    /// A committed migration's disk: reads and writes; the first write calls the hook.
+    Committed,
+    /// The disk was handed over to another host: writes refused for this reason.
+    Fenced(String),
+}
+
+/// Called (once) by the first write after a commit, before that write is done; an error
+/// refuses the write.
+pub type FirstWriteHook = Box<dyn Fn() -> io::Result<()> + Send + Sync>;
+
+/// The write gate of one disk.
+pub struct Gate {
+    /// Shared by every write while it runs; exclusive to change the access.
+    inflight: RwLock<()>,
+    hook: Mutex<Option<FirstWriteHook>>,
+    access: watch::Sender<Access>,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate").field("access", &*self.access.borrow()).finish()
+    }
+}
+
+fn refused(why: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, why.into())
+}
+
+impl Gate {
+    /// A gate starting with `access`.
+    pub fn new(access: Access) -> Arc<Self> {
+        Arc::new(Self { inflight: RwLock::new(()), hook: Mutex::new(None), access: watch::channel(access).0 })
+    }
+
+    /// The current access.
+    pub fn access(&self) -> Access {
+        self.access.borrow().clone()
+    }
+
+    /// Follows the access (reads waiting for a commit use it).
+    pub fn subscribe(&self) -> watch::Receiver<Access> {
+        self.access.subscribe()
+    }
+
+    /// Changes the access once no write is in flight. Blocking: call it off the async runtime.
+    pub fn set(&self, access: Access) {
+        let _exclusive = self.inflight.write().unwrap_or_else(|e| e.into_inner());
+        self.access.send_replace(access);
+    }
+
+    /// Opens a committed disk: writes are accepted, the first one runs `hook` first.
+    pub fn set_committed(&self, hook: FirstWriteHook) {
+        let _exclusive = self.inflight.write().unwrap_or_else(|e| e.into_inner());
+        *self.hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+        self.access.send_replace(Access::Committed);
+    }
+
+    /// Runs `f` (a change to the disk) if the access allows writes, under the shared lock.
+    pub fn write<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        let _shared = self.inflight.read().unwrap_or_else(|e| e.into_inner());
+        let access = self.access.borrow().clone();
+        match access {
+            Access::Open => f(),
+            Access::Committed => {
+                {
+                    // One first write runs the hook; the others wait for it here.
+                    let mut hook = self.hook.lock().unwrap_or_else(|e| e.into_inner());
+                    if *self.access.borrow() == Access::Committed {
+                        if let Some(h) = hook.as_ref() {
+                            h().map_err(|e| {
+                                io::Error::new(e.kind(), format!("recording this host as the disk's owner: {e}"))
+                            })?;
+                        }
+                        *hook = None;
+                        self.access.send_replace(Access::Open);
+                    }
+                }
+                f()
+            }
+            Access::Incoming => Err(refused("the disk is still being migrated to this host")),
+            Access::Fenced(why) => Err(refused(why)),
+        }
+    }
+
+    /// Runs `f` while no write is in flight and none can start (to decide an ownership change
+    /// atomically with respect to writes). Blocking.
+    pub fn exclusive<T>(&self, f: impl FnOnce(&Self) -> T) -> T {
+        let _exclusive = self.inflight.write().unwrap_or_else(|e| e.into_inner());
+        f(self)
+    }
+
+    /// Sets the access; only inside [`Gate::exclusive`].
+    pub fn set_locked(&self, access: Access) {
+        *self.hook.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.access.send_replace(access);
+    }
+}
+
+/// The live export's backend: the disk, behind the write gate.
+#[derive(Debug)]
+pub struct Guarded {
+    disk: Arc<Disk>,
+    gate: Arc<Gate>,
+}
+
+impl Guarded {
+    /// The disk behind `gate`.
+    pub fn new(disk: Arc<Disk>, gate: Arc<Gate>) -> Self {
+        Self { disk, gate }
+    }
+}
+
+impl BlockBackend for Guarded {
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+
+    fn caps(&self) -> Caps {
+        self.disk.caps()
+    }
+
+    fn read_append(&self, out: &mut Vec<u8>, len: usize, offset: u64) -> io::Result<()> {
+        // The NBD layer waits for the commit before reading an incoming disk.
+        if *self.gate.access.borrow() == Access::Incoming {
+            return Err(io::Error::other("the disk has not been migrated here yet"));
+        }
+        self.disk.read_append(out, len, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        self.gate.write(|| self.disk.write_at(buf, offset, fua))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
+        self.gate.write(|| self.disk.write_zeroes(offset, len, flags))
+    }
+
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.gate.write(|| self.disk.trim(offset, len, fua))
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        // QEMU flushes the drives of an incoming VM before any migration has arrived: let it.
+        self.disk.flush()
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.disk.cache(offset, len)
+    }
+
+    fn extents(&self, offset: u64, len: u64, max: usize) -> io::Result<Vec<Extent>> {
+        self.disk.extents(offset, len, max)
+    }
+}
+
+/// `IMAGE.ownership`: the persisted ownership record of one image.
+#[derive(Debug, Clone)]
+pub struct RecordFile {
+    path: PathBuf,
+}
+
+/// Why the record could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The file could not be read or replaced.
+    #[error("{what} {}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The record file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The file is not a record this program wrote.
+    #[error("{} cannot be used", path.display())]
+    Bad {
+        /// The record file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: BadRecord,
+    },
+}
+
+impl RecordFile {
+    /// The record of `image`.
+    pub fn of(image: &Path) -> Self {
+        Self { path: suffixed(image, ".ownership") }
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The record, if there is one.
+    pub fn load(&self) -> Result<Option<Ownership>, RecordError> {
+        match Posix.read(&self.path) {
+            Ok(bytes) => Ownership::decode(&bytes)
+                .map(Some)
+                .map_err(|source| RecordError::Bad { path: self.path.clone(), source }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(RecordError::Io { what: "reading", path: self.path.clone(), source }),
+        }
+    }
+
+    /// Replaces the record durably (`None`: removes it, durably).
+    pub fn store(&self, record: Option<&Ownership>) -> io::Result<()> {
+        match record {
+            Some(r) => Posix.replace(&self.path, &r.encode()),
+            None => match Posix.remove(&self.path) {
+                Ok(()) => Posix.sync_parent(&self.path),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[test]
+    fn the_access_decides_writes() {
+        let gate = Gate::new(Access::Open);
+        assert_eq!(gate.write(|| Ok(1)).unwrap(), 1);
+        gate.set(Access::Fenced("handed over to B".into()));
+        let e = gate.write(|| Ok(())).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        assert!(e.to_string().contains("handed over to B"));
+        gate.set(Access::Incoming);
+        assert!(gate.write(|| Ok(())).is_err());
+    }
+
+    #[test]
+    fn the_first_write_after_a_commit_runs_the_hook_once_and_a_failing_hook_refuses_it() {
+        let gate = Gate::new(Access::Incoming);
+        let calls = Arc::new(AtomicU32::new(0));
+        let c = calls.clone();
+        gate.set_committed(Box::new(move || {
+            if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                Err(io::Error::other("disk full"))
+            } else {
+                Ok(())
+            }
+        }));
+        assert!(gate.write(|| Ok(())).unwrap_err().to_string().contains("owner"));
+        assert_eq!(gate.access(), Access::Committed, "still committed after a failed hook");
+        gate.write(|| Ok(())).unwrap();
+        gate.write(|| Ok(())).unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(gate.access(), Access::Open);
+    }
+
+    #[test]
+    fn changing_the_access_waits_for_writes_in_flight() {
+        let gate = Gate::new(Access::Open);
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let g = gate.clone();
+        let writer = std::thread::spawn(move || {
+            g.write(|| {
+                started_tx.send(()).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                Ok(std::time::Instant::now())
+            })
+            .unwrap()
+        });
+        started_rx.recv().unwrap();
+        gate.set(Access::Fenced("x".into()));
+        let fenced_at = std::time::Instant::now();
+        assert!(writer.join().unwrap() <= fenced_at, "the fence came before the write in flight ended");
+    }
+
+    #[test]
+    fn records_are_stored_replaced_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = RecordFile::of(&dir.path().join("disk.raw"));
+        assert!(f.load().unwrap().is_none());
+        let r = Ownership::Destination {
+            stage: migration_session::DestStage::Committed,
+            session: migration_session::SessionId([3; 16]),
+            since: migration_session::now_rfc3339(),
+        };
+        f.store(Some(&r)).unwrap();
+        assert_eq!(f.load().unwrap(), Some(r));
+        f.store(None).unwrap();
+        f.store(None).unwrap();
+        assert!(f.load().unwrap().is_none());
+        std::fs::write(f.path(), "{").unwrap();
+        assert!(matches!(f.load(), Err(RecordError::Bad { .. })));
+    }
+}

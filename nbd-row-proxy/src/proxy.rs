@@ -1,0 +1,134 @@
+//! What one proxy process holds for its disk, shared by the control commands and the migration
+//! tasks: the disk, its write gate and ownership record, the event stream, and the merge back.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use control_api::{
+    ErrorData, Event, RowMergeFailed, RowMergeProgress, RowMergeProgressData, RowMergeStarted, RowMergeStartedData,
+    RowStopped, RowStoppedData,
+};
+use migration_stream::Key;
+use row_store::{Disk, StoreError};
+use tokio::sync::{broadcast, watch};
+
+use crate::ownership::{Gate, RecordFile};
+
+/// How often a running merge reports progress.
+const MERGE_PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+/// The control socket's event stream, typed by `control_api`.
+#[derive(Debug, Clone)]
+pub struct Events {
+    tx: broadcast::Sender<qmp_proto::Event>,
+}
+
+impl Events {
+    /// A stream keeping `capacity` events for slow clients.
+    pub fn new(capacity: usize) -> Self {
+        Self { tx: broadcast::channel(capacity).0 }
+    }
+
+    /// The sender the QMP server fans out from.
+    pub fn sender(&self) -> &broadcast::Sender<qmp_proto::Event> {
+        &self.tx
+    }
+
+    /// Sends event `E` with `data` to every subscribed client.
+    pub fn emit<E: Event>(&self, data: E::Data) {
+        let value = serde_json::to_value(data).expect("event data serialises");
+        let _ = self.tx.send(qmp_proto::Event::now(E::NAME, value));
+    }
+}
+
+/// The outcome of a merge: `None` while it runs, then its error if it failed.
+pub type MergeOutcome = watch::Receiver<Option<Result<(), String>>>;
+
+/// The merge back into the image, at most one at a time.
+#[derive(Debug, Default)]
+pub struct Merger {
+    running: Mutex<Option<MergeOutcome>>,
+}
+
+/// The shared state of one proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    /// The disk.
+    pub disk: Arc<Disk>,
+    /// Who may write to it.
+    pub gate: Arc<Gate>,
+    /// Its persisted ownership record.
+    pub record: RecordFile,
+    /// The control socket's events.
+    pub events: Events,
+    /// The merge back.
+    pub merger: Merger,
+    /// The live export's name.
+    pub export: String,
+    /// Default write count that makes a block hot.
+    pub hot_threshold: u32,
+    /// The pre-shared key of migration sessions, if one was given.
+    pub key: Option<Arc<Key>>,
+}
+
+impl Proxy {
+    /// Starts the merge back (or joins the one running) and returns its outcome. Blocking:
+    /// beginning a merge syncs the overlay.
+    pub fn start_merge(self: &Arc<Self>) -> Result<MergeOutcome, StoreError> {
+        let mut slot = self.merger.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(rx) = slot.as_ref().filter(|rx| rx.borrow().is_none()) {
+            return Ok(rx.clone());
+        }
+        self.disk.begin_merge()?;
+        let (tx, rx) = watch::channel(None);
+        *slot = Some(rx.clone());
+        let this = self.clone();
+        let blocks = self.disk.status().blocks_updated;
+        self.events.emit::<RowMergeStarted>(RowMergeStartedData { blocks });
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let mut last = Instant::now();
+            let result = this.disk.merge(None, |p| {
+                if last.elapsed() >= MERGE_PROGRESS_EVERY {
+                    last = Instant::now();
+                    this.events.emit::<RowMergeProgress>(RowMergeProgressData {
+                        merged_blocks: p.merged_blocks,
+                        remaining_blocks: p.remaining_blocks,
+                    });
+                }
+            });
+            let outcome = match result {
+                Ok(_) => {
+                    let seconds = started.elapsed().as_secs_f64();
+                    this.events.emit::<RowStopped>(RowStoppedData { merged_blocks: blocks, seconds });
+                    tracing::info!(blocks, seconds, "merge complete");
+                    Ok(())
+                }
+                Err(e) => {
+                    let error = format!("{:#}", anyhow::Error::from(e));
+                    tracing::error!("merge failed: {error}");
+                    this.events.emit::<RowMergeFailed>(ErrorData { error: error.clone() });
+                    Err(error)
+                }
+            };
+            let _ = tx.send(Some(outcome));
+        });
+        Ok(rx)
+    }
+
+    /// Waits for a merge's outcome.
+    pub async fn merge_finished(mut rx: MergeOutcome) -> Result<(), String> {
+        let outcome = rx.wait_for(|o| o.is_some()).await.map_err(|_| "the merge task ended".to_string())?.clone();
+        outcome.expect("waited for an outcome")
+    }
+
+    /// Starts the merge from async code and waits for it.
+    pub async fn merge(self: &Arc<Self>) -> Result<(), String> {
+        let this = self.clone();
+        let rx = tokio::task::spawn_blocking(move || this.start_merge())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
+        Self::merge_finished(rx).await
+    }
+}

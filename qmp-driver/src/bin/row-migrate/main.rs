@@ -1,0 +1,229 @@
+//! `row-migrate`: live-migrates a running QEMU guest together with its local disk.
+//!
+//! It drives the two QEMU processes over QMP and the two nbd-row-proxy processes over their
+//! control sockets. For `row` and `bitmap` the proxies move the disk (pre-copy rounds while the
+//! guest runs, the final round while QEMU holds the guest paused at `pre-switchover`); for
+//! `qemu-mirror` the source QEMU mirrors its drive onto the destination proxy's NBD export, as
+//! libvirt's `--copy-storage-all` does.
+//!
+//! It never lets a guest run on both hosts: before `migrate-continue` any failure rolls back
+//! (the disk is given back to the source first, and the guest resumed only once it is); once
+//! `migrate-continue` has been sent, nothing is undone and the source guest stays paused.
+
+mod report;
+mod rollback;
+mod sequence;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use serde_json::json;
+
+use crate::sequence::Failure;
+
+/// Exit codes, documented in `--help` and the README.
+pub mod exit {
+    /// The guest runs on the destination with its disk.
+    pub const MIGRATED: u8 = 0;
+    /// Refused before changing anything (a usage error, a failed check).
+    pub const REFUSED: u8 = 2;
+    /// Failed and rolled back: the guest runs on the source with its disk.
+    pub const ROLLED_BACK: u8 = 3;
+    /// Failed, and the rollback did not finish: the state is unknown (the message says what to
+    /// check). The source guest is left paused rather than risk two running copies.
+    pub const ROLLBACK_FAILED: u8 = 4;
+    /// Failed after the switchover was requested: the guest runs on the destination (or is
+    /// paused on both); the source is never resumed.
+    pub const AFTER_SWITCHOVER: u8 = 5;
+}
+
+const EXIT_CODES: &str = "Exit status:
+  0  migrated: the guest runs on the destination with its disk
+  2  refused before changing anything (usage error, failed check)
+  3  failed and rolled back: the guest runs on the source with its disk
+  4  the rollback failed too: state unknown; the source guest is left paused (the message says what to check)
+  5  failed after the switchover was requested: the guest is on the destination; the source stays paused";
+
+/// How the disk moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Strategy {
+    /// Redirect-on-write: base, cold updates, then hot and rewritten blocks while paused.
+    Row,
+    /// Dirty bitmap: the whole disk, then what was dirtied, round after round.
+    Bitmap,
+    /// QEMU's own drive mirror onto the destination proxy's NBD export (libvirt's way).
+    QemuMirror,
+}
+
+impl Strategy {
+    fn name(self) -> &'static str {
+        match self {
+            Strategy::Row => "row",
+            Strategy::Bitmap => "bitmap",
+            Strategy::QemuMirror => "qemu-mirror",
+        }
+    }
+
+    /// The proxies move the disk (rather than QEMU's mirror).
+    fn by_proxies(self) -> bool {
+        self != Strategy::QemuMirror
+    }
+}
+
+/// How QEMU's mirror copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MirrorMode {
+    /// Copy dirty data in the background (QEMU's default).
+    Background,
+    /// Guest writes wait until they are mirrored (converges, slows the guest).
+    WriteBlocking,
+}
+
+/// The command line.
+#[derive(Debug, Parser)]
+#[command(name = "row-migrate", version, about = "Live-migrate a QEMU guest with its local disk", after_help = EXIT_CODES)]
+pub struct Args {
+    /// Source QEMU's QMP socket.
+    #[arg(long)]
+    pub src_qmp: PathBuf,
+    /// Destination QEMU's QMP socket (QEMU started with `-incoming defer`).
+    #[arg(long)]
+    pub dst_qmp: PathBuf,
+    /// Source nbd-row-proxy control socket.
+    #[arg(long)]
+    pub src_proxy: PathBuf,
+    /// Destination nbd-row-proxy control socket.
+    #[arg(long)]
+    pub dst_proxy: PathBuf,
+    /// Where the disk goes: `tcp:HOST:PORT` of `receive --listen` (row, bitmap), or
+    /// `nbd://HOST:PORT/EXPORT` of the destination proxy (qemu-mirror).
+    #[arg(long)]
+    pub disk_uri: String,
+    /// Where QEMU's memory migration goes, e.g. `tcp:HOST:4444`.
+    #[arg(long)]
+    pub mem_uri: String,
+    /// Migration method.
+    #[arg(long, value_enum, default_value_t = Strategy::Row)]
+    pub strategy: Strategy,
+    /// Bandwidth cap for disk and memory, bytes/s with an optional K/M/G suffix (powers of 1024,
+    /// e.g. 100M); unlimited by default.
+    #[arg(long, value_parser = parse_size)]
+    pub max_bandwidth: Option<u64>,
+    /// QEMU's downtime limit for the memory stop-and-copy, e.g. 300ms or 1s.
+    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
+    pub downtime_limit: Duration,
+    /// Disk pre-copy rounds before the final one (row: 2, bitmap: 3).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: Option<u32>,
+    /// Writes that make a block hot (row).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub hot_threshold: Option<u32>,
+    /// qemu-mirror's copy mode.
+    #[arg(long, value_enum, default_value_t = MirrorMode::Background)]
+    pub mirror_copy_mode: MirrorMode,
+    /// Give up (and roll back) after this long, e.g. 10m or 1h30m.
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Before switchover, check that both proxies hold the same disk (SHA-256 of every byte);
+    /// a mismatch rolls back. Costs downtime in proportion to the disk size.
+    #[arg(long)]
+    pub verify_disk: bool,
+    /// Print the report (or, on failure, the error and the state each component was left in)
+    /// as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Bytes (or bytes/s) with an optional binary K/M/G suffix; more than zero.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
+        Some((i, 'm' | 'M')) => (&t[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 100M)"))?;
+    if !n.is_finite() || n <= 0.0 {
+        return Err(format!("{s:?}: a size must be more than zero"));
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+/// A duration with units (`300ms`, `2s`, `1h30m`; a bare number is seconds); more than zero.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let d = match t.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs > 0.0 => Duration::from_secs_f64(secs),
+        Ok(_) => return Err(format!("{s:?}: a duration must be more than zero")),
+        Err(_) => {
+            humantime::parse_duration(t).map_err(|e| format!("{s:?} is not a duration (e.g. 300ms, 2s, 1h30m): {e}"))?
+        }
+    };
+    if d.is_zero() {
+        return Err(format!("{s:?}: a duration must be more than zero"));
+    }
+    Ok(d)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = Args::parse();
+    let json = args.json;
+    match sequence::run(args).await {
+        Ok(report) => {
+            if json {
+                println!("{}", serde_json::to_string(&report).expect("report serialises"));
+            } else {
+                report::print(&report);
+            }
+            ExitCode::from(exit::MIGRATED)
+        }
+        Err(Failure { code, error, state }) => {
+            eprintln!("row-migrate: {error:#}");
+            if json {
+                let out = json!({ "ok": false, "exit-code": code, "error": format!("{error:#}"), "state": state });
+                println!("{}", serde_json::to_string(&out).expect("report serialises"));
+            }
+            ExitCode::from(code)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_refuse_zero_negative_and_garbage() {
+        assert_eq!(parse_size("100M"), Ok(100 << 20));
+        assert_eq!(parse_size("1.5k"), Ok(1536));
+        for bad in ["0", "-1M", "abc", "", "NaNM"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_duration("300ms"), Ok(Duration::from_millis(300)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        for bad in ["0s", "-1s", "-5", "0", "soon", ""] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_cli_parses_and_documents_exit_codes() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+        let help = Args::command().render_long_help().to_string();
+        assert!(help.contains("5  failed after the switchover"), "{help}");
+    }
+}

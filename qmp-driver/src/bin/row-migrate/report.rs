@@ -1,0 +1,77 @@
+//! What the user sees: progress on stderr, and the report.
+
+use std::io::{IsTerminal, Write as _};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// How often a stage may print a plain progress line when stderr is not a terminal.
+const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+/// One progress line: rewritten in place on a terminal, a plain line (a new stage at once, the
+/// same stage at most every 2 s) otherwise.
+pub fn progress_line(what: &str, detail: &str) {
+    static LAST: std::sync::Mutex<Option<(String, Instant)>> = std::sync::Mutex::new(None);
+    let mut err = std::io::stderr();
+    if err.is_terminal() {
+        let _ = write!(err, "\r\x1b[2K{what}: {detail}");
+    } else {
+        let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+        let due = last.as_ref().is_none_or(|(w, t)| w != what || t.elapsed() >= PLAIN_PROGRESS_EVERY);
+        if !due {
+            return;
+        }
+        *last = Some((what.to_string(), Instant::now()));
+        let _ = writeln!(err, "{what}: {detail}");
+    }
+    let _ = err.flush();
+}
+
+/// Ends a progress line on a terminal.
+pub fn progress_done() {
+    let mut err = std::io::stderr();
+    if err.is_terminal() {
+        let _ = writeln!(err);
+    }
+}
+
+fn mb(v: &Value) -> String {
+    v.as_f64().map_or("-".into(), |b| format!("{:.1}", b / 1e6))
+}
+
+/// The human-readable report.
+pub fn print(r: &Value) {
+    println!("strategy              {}", r["strategy"].as_str().unwrap_or("?"));
+    println!("total time            {:.1} s", r["total-seconds"].as_f64().unwrap_or(0.0));
+    println!(
+        "downtime              {:.0} ms  (final disk round {:.0} ms + memory stop-and-copy {:.0} ms)",
+        r["downtime-ms"].as_f64().unwrap_or(0.0),
+        r["final-disk-round-ms"].as_f64().unwrap_or(0.0),
+        r["memory-stop-and-copy-ms"].as_f64().unwrap_or(0.0)
+    );
+    if let Some(ms) = r["verify-disk-ms"].as_f64().filter(|ms| *ms > 0.0) {
+        println!("disk check            {ms:.0} ms of the downtime (--verify-disk: both digests equal)");
+    }
+    println!("memory                {} MB", mb(&r["memory-bytes"]));
+    let disk = &r["disk"];
+    if let Some(rounds) = disk["rounds"].as_array() {
+        println!("disk round  kind     blocks   logical MB   wire MB   seconds");
+        for round in rounds {
+            println!(
+                "{:>10}  {:<7} {:>7}   {:>10}   {:>7}   {:>7.2}",
+                round["round"].as_u64().unwrap_or(0),
+                round["kind"].as_str().unwrap_or("?"),
+                round["blocks"].as_u64().unwrap_or(0),
+                mb(&round["logical-bytes"]),
+                mb(&round["wire-bytes"]),
+                round["seconds"].as_f64().unwrap_or(0.0)
+            );
+        }
+        println!(
+            "disk update data      {} MB logical, {} MB on the wire (after round 1)",
+            mb(&disk["update-logical-bytes"]),
+            mb(&disk["update-wire-bytes"])
+        );
+    }
+    println!("disk on the wire      {} MB", mb(&disk["total-wire-bytes"]));
+}

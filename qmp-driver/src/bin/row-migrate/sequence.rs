@@ -1,0 +1,371 @@
+//! The migration sequence: checks, disk pre-copy, QEMU's memory migration with
+//! `pause-before-switchover`, the final disk round at `pre-switchover`, the switchover.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use control_api::{MigrateStartArgs, NoArgs, Phase, QueryDigest, QueryMigrate, StatusReply};
+use qmp_driver::proxy::status;
+use qmp_driver::{DiskMigration, Qmp};
+use serde_json::{json, Value};
+
+use crate::report::{progress_done, progress_line};
+use crate::{exit, Args, MirrorMode, Strategy};
+
+/// Short command timeout; long ones get their own.
+pub const CMD: Duration = Duration::from_secs(30);
+/// How long the final disk round (delivered and synced on the destination) may take.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a digest of a whole disk may take.
+const DIGEST_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long QEMU's memory migration may go between two events.
+const MIGRATION_EVENT_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long the destination guest may take to resume after the switchover.
+const RESUME_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the mirror job may take to end after `block-job-cancel`.
+const MIRROR_CANCEL_TIMEOUT: Duration = Duration::from_secs(300);
+/// Node and job names the mirror strategy creates on the source QEMU.
+pub const MIRROR_NODE: &str = "rowmig-target";
+pub const MIRROR_JOB: &str = "rowmig-mirror";
+
+/// A failed run: the exit code, what failed, and the state each component was left in.
+pub struct Failure {
+    /// One of [`exit`].
+    pub code: u8,
+    /// What failed.
+    pub error: anyhow::Error,
+    /// The components' states, for `--json`.
+    pub state: Value,
+}
+
+/// The four connections and what has been changed so far, so a rollback undoes exactly that.
+pub struct Ctx {
+    pub args: Args,
+    pub src: Qmp,
+    pub dst: Qmp,
+    pub src_proxy: Qmp,
+    pub dst_proxy: Qmp,
+    pub started: Instant,
+    pub disk_started: bool,
+    pub mem_started: bool,
+    pub mirror_started: bool,
+    /// `migrate-finish` has been (or is being) sent: the destination may commit the disk.
+    pub finish_sent: bool,
+    /// `migrate-continue` has been (or is being) sent: from here on nothing is undone.
+    pub continue_sent: bool,
+}
+
+fn refused(error: anyhow::Error) -> Failure {
+    Failure { code: exit::REFUSED, error: error.context("nothing was changed"), state: Value::Null }
+}
+
+/// Runs the whole migration; a failure says how it ended (see [`exit`]).
+pub async fn run(args: Args) -> Result<Value, Failure> {
+    let connect = |path: &std::path::Path, what: &'static str| {
+        let path = path.to_path_buf();
+        async move {
+            Qmp::connect(&path, CMD).await.with_context(|| format!("cannot reach the {what} at {}", path.display()))
+        }
+    };
+    let src = connect(&args.src_qmp, "source QEMU").await.map_err(refused)?;
+    let dst = connect(&args.dst_qmp, "destination QEMU").await.map_err(refused)?;
+    let src_proxy = connect(&args.src_proxy, "source proxy").await.map_err(refused)?;
+    let dst_proxy = connect(&args.dst_proxy, "destination proxy").await.map_err(refused)?;
+    let timeout = args.timeout;
+    let mut ctx = Ctx {
+        args,
+        src,
+        dst,
+        src_proxy,
+        dst_proxy,
+        started: Instant::now(),
+        disk_started: false,
+        mem_started: false,
+        mirror_started: false,
+        finish_sent: false,
+        continue_sent: false,
+    };
+    preflight(&mut ctx).await.map_err(refused)?;
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(timeout, migrate(&mut ctx)) => match r {
+            Ok(r) => r,
+            Err(_) => Err(anyhow!("the migration did not finish within {}", humantime::format_duration(timeout))),
+        },
+        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+    };
+    let error = match outcome {
+        Ok(report) => return Ok(report),
+        Err(e) => e,
+    };
+    if ctx.continue_sent {
+        let state = crate::rollback::states(&mut ctx).await;
+        return Err(Failure {
+            code: exit::AFTER_SWITCHOVER,
+            error: error.context(
+                "after the switchover was requested: nothing was undone and the source guest was not resumed; \
+                 the guest runs on the destination (check its QEMU with query-status)",
+            ),
+            state,
+        });
+    }
+    let undone = crate::rollback::rollback(&mut ctx).await;
+    let state = crate::rollback::states(&mut ctx).await;
+    match undone {
+        Ok(()) => Err(Failure {
+            code: exit::ROLLED_BACK,
+            error: error.context("rolled back: the guest keeps running on the source with its disk"),
+            state,
+        }),
+        Err(r) => Err(Failure {
+            code: exit::ROLLBACK_FAILED,
+            error: error.context(format!("and the rollback failed: {r:#}")),
+            state,
+        }),
+    }
+}
+
+/// Checks both sides before anything changes.
+async fn preflight(ctx: &mut Ctx) -> Result<()> {
+    let src_status = ctx.src.query_status().await.context("query-status on the source QEMU")?;
+    if src_status.status != "running" {
+        bail!("the source guest is not running (status {})", src_status.status);
+    }
+    let dst_status = ctx.dst.query_status().await.context("query-status on the destination QEMU")?;
+    if dst_status.status != "inmigrate" {
+        bail!(
+            "the destination QEMU is not waiting for a migration (status {}; start it with -incoming defer)",
+            dst_status.status
+        );
+    }
+    let sp: StatusReply = status(&mut ctx.src_proxy).await.context("query-status on the source proxy")?;
+    let dp: StatusReply = status(&mut ctx.dst_proxy).await.context("query-status on the destination proxy")?;
+    if sp.image_size != dp.image_size {
+        bail!("disk sizes differ: source {} bytes, destination {} bytes", sp.image_size, dp.image_size);
+    }
+    if let Some(why) = &sp.writes_refused {
+        bail!("the source proxy refuses writes ({why}): its disk is not this host's to migrate");
+    }
+    if ctx.args.strategy.by_proxies() {
+        if !dp.incoming {
+            bail!("the destination proxy is not waiting for a disk (run it as `nbd-row-proxy receive`)");
+        }
+        let m = ctx.src_proxy.call::<QueryMigrate>(NoArgs {}).await?;
+        if m.phase.is_active() {
+            bail!("the source proxy is already migrating (phase {})", m.phase);
+        }
+    } else if dp.incoming {
+        bail!("for qemu-mirror the destination proxy must be a plain `serve` with --tcp, not `receive`");
+    }
+    Ok(())
+}
+
+async fn migrate(ctx: &mut Ctx) -> Result<Value> {
+    let disk_done =
+        if ctx.args.strategy.by_proxies() { precopy_disk(ctx).await? } else { mirror_until_ready(ctx).await? };
+    let precopy_seconds = ctx.started.elapsed().as_secs_f64();
+    // Memory: pause before switchover on the source, late block activation on the destination.
+    ctx.src.migrate_set_capabilities(&[("events", true), ("pause-before-switchover", true)]).await?;
+    ctx.dst.migrate_set_capabilities(&[("events", true), ("late-block-activate", true)]).await?;
+    let mut params = json!({ "downtime-limit": ctx.args.downtime_limit.as_millis() as u64 });
+    // Unlimited unless asked (QEMU's default is 128 MiB/s; libvirt sets it unlimited too).
+    params["max-bandwidth"] = json!(ctx.args.max_bandwidth.unwrap_or(u64::MAX >> 20));
+    ctx.src.migrate_set_parameters(params).await.context("migrate-set-parameters")?;
+    ctx.dst.migrate_incoming(&ctx.args.mem_uri).await.context("migrate-incoming on the destination")?;
+    ctx.mem_started = true;
+    ctx.src.migrate(&ctx.args.mem_uri).await.context("migrate on the source")?;
+    progress_line("memory", "copying RAM");
+    let stop = wait_migration(&mut ctx.src, "pre-switchover").await?;
+    let paused_at = Instant::now();
+    // The guest is paused and its block layer flushed: everything from here is downtime.
+    let final_disk = if ctx.args.strategy.by_proxies() {
+        ctx.finish_sent = true;
+        let r = DiskMigration { source: &mut ctx.src_proxy }
+            .finish(FINISH_TIMEOUT)
+            .await
+            .context("the final disk round failed")?;
+        status(&mut ctx.dst_proxy).await.context("the destination proxy after the commit")?;
+        serde_json::to_value(r)?
+    } else {
+        mirror_complete(ctx).await?
+    };
+    let final_disk_seconds = paused_at.elapsed().as_secs_f64();
+    let verify_started = Instant::now();
+    let verified = if ctx.args.verify_disk { Some(verify_disk(ctx).await?) } else { None };
+    let verify_seconds = if verified.is_some() { verify_started.elapsed().as_secs_f64() } else { 0.0 };
+    // From the moment this is sent the switchover may happen: no rollback after it.
+    ctx.continue_sent = true;
+    ctx.src.migrate_continue("pre-switchover").await.context("migrate-continue")?;
+    wait_migration(&mut ctx.src, "completed").await?;
+    let resume = ctx
+        .dst
+        .wait_event(RESUME_TIMEOUT, |e| e.name == "RESUME")
+        .await
+        .context("the destination guest did not resume")?;
+    if ctx.args.strategy.by_proxies() {
+        DiskMigration { source: &mut ctx.src_proxy }.complete().await.context("migrate-complete")?;
+    }
+    let mem = ctx.src.query_migrate().await.context("query-migrate on the source")?;
+    let downtime = secs(&resume.timestamp) - secs(&stop);
+    let disk = if ctx.args.strategy.by_proxies() { final_disk } else { disk_done };
+    Ok(json!({
+        "strategy": ctx.args.strategy.name(),
+        "total-seconds": ctx.started.elapsed().as_secs_f64(),
+        "disk-precopy-seconds": precopy_seconds,
+        "downtime-ms": downtime * 1000.0,
+        "final-disk-round-ms": final_disk_seconds * 1000.0,
+        "memory-stop-and-copy-ms": ((downtime - final_disk_seconds - verify_seconds) * 1000.0).max(0.0),
+        "verify-disk-ms": verify_seconds * 1000.0,
+        "qemu-reported-downtime-ms": mem.downtime_ms(),
+        "memory-bytes": mem.ram_transferred(),
+        "memory-total-time-ms": mem.total_time_ms(),
+        "disk": disk,
+        "disk-verified": verified,
+    }))
+}
+
+/// Compares the disk digests of both proxies while the guest is paused.
+async fn verify_disk(ctx: &mut Ctx) -> Result<Value> {
+    let (a, b) = tokio::join!(
+        ctx.src_proxy.call_within::<QueryDigest>(NoArgs {}, DIGEST_TIMEOUT),
+        ctx.dst_proxy.call_within::<QueryDigest>(NoArgs {}, DIGEST_TIMEOUT)
+    );
+    let a = a.context("digest of the source disk")?;
+    let b = b.context("digest of the destination disk")?;
+    if a.sha256 != b.sha256 {
+        bail!("the destination disk differs from the source (sha256 {} vs {})", b.sha256, a.sha256);
+    }
+    Ok(json!({ "sha256": a.sha256, "seconds": a.seconds + b.seconds }))
+}
+
+/// Starts the proxies' pre-copy rounds and follows them until `ready`.
+async fn precopy_disk(ctx: &mut Ctx) -> Result<Value> {
+    let mut args = MigrateStartArgs::new(
+        ctx.args.disk_uri.clone(),
+        match ctx.args.strategy {
+            Strategy::Bitmap => control_api::Strategy::Bitmap,
+            _ => control_api::Strategy::Row,
+        },
+    );
+    args.rounds = ctx.args.rounds;
+    args.hot_threshold = ctx.args.hot_threshold;
+    args.max_bandwidth = ctx.args.max_bandwidth;
+    let mut disk = DiskMigration { source: &mut ctx.src_proxy };
+    disk.start(args).await.context("migrate-start on the source proxy")?;
+    ctx.disk_started = true;
+    let mut last_round = 0;
+    let ready = DiskMigration { source: &mut ctx.src_proxy }
+        .wait_ready(|m| {
+            let kind = if m.rounds.is_empty() { "base" } else { "update" };
+            if m.round != last_round || std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                progress_line(
+                    &format!("disk round {}", m.round),
+                    &format!("{kind}: {} MiB left, {:.0} MB/s", (m.round_remaining_blocks * 4096) >> 20, m.rate / 1e6),
+                );
+                last_round = m.round;
+            }
+        })
+        .await?;
+    progress_done();
+    if ready.phase != Phase::Ready {
+        bail!("the disk migration ended in phase {}", ready.phase);
+    }
+    Ok(serde_json::to_value(ready)?)
+}
+
+/// Waits for the source QEMU's MIGRATION event with `status`; returns the STOP event's time
+/// when waiting for `pre-switchover`, otherwise the event's own time.
+async fn wait_migration(qemu: &mut Qmp, status: &str) -> Result<qmp_proto::Timestamp> {
+    let mut stop = None;
+    loop {
+        let e = qemu.wait_event(MIGRATION_EVENT_TIMEOUT, |e| e.name == "MIGRATION" || e.name == "STOP").await?;
+        if e.name == "STOP" {
+            stop = Some(e.timestamp);
+            continue;
+        }
+        let s = e.data["status"].as_str().unwrap_or_default();
+        if s == status {
+            return Ok(stop.unwrap_or(e.timestamp));
+        }
+        if matches!(s, "failed" | "cancelled" | "cancelling") {
+            let info = qemu.query_migrate().await?;
+            bail!("QEMU's memory migration {s}: {}", info.error_desc().unwrap_or("no reason given"));
+        }
+    }
+}
+
+/// qemu-mirror: `blockdev-mirror` onto the destination proxy until the job is READY.
+async fn mirror_until_ready(ctx: &mut Ctx) -> Result<Value> {
+    let (host, port, export) = parse_nbd_uri(&ctx.args.disk_uri)?;
+    let blocks = ctx.src.execute_raw("query-block", json!({})).await?;
+    let node = blocks
+        .as_array()
+        .and_then(|b| b.iter().find_map(|d| d["inserted"]["node-name"].as_str().map(str::to_string)))
+        .ok_or_else(|| anyhow!("the source QEMU has no drive to mirror"))?;
+    ctx.src
+        .execute_raw(
+            "blockdev-add",
+            json!({ "driver": "nbd", "node-name": MIRROR_NODE,
+                    "server": { "type": "inet", "host": host, "port": port }, "export": export }),
+        )
+        .await
+        .context("connecting the source QEMU to the destination proxy")?;
+    ctx.mirror_started = true;
+    let mode = match ctx.args.mirror_copy_mode {
+        MirrorMode::Background => "background",
+        MirrorMode::WriteBlocking => "write-blocking",
+    };
+    let mut job =
+        json!({ "job-id": MIRROR_JOB, "device": node, "target": MIRROR_NODE, "sync": "full", "copy-mode": mode });
+    if let Some(b) = ctx.args.max_bandwidth {
+        job["speed"] = json!(b);
+    }
+    ctx.src.execute_raw("blockdev-mirror", job).await.context("blockdev-mirror")?;
+    loop {
+        if let Some(e) = ctx.src.next_event(Duration::from_millis(250)).await? {
+            match e.name.as_str() {
+                "BLOCK_JOB_READY" => break,
+                "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_ERROR" => bail!("the mirror job ended early: {}", e.data),
+                _ => continue,
+            }
+        }
+        let jobs = ctx.src.execute_raw("query-block-jobs", json!({})).await?;
+        if let Some(j) = jobs.as_array().and_then(|j| j.first()) {
+            let (off, len) = (j["offset"].as_u64().unwrap_or(0), j["len"].as_u64().unwrap_or(1).max(1));
+            progress_line("mirror", &format!("{} / {} MiB", off >> 20, len >> 20));
+        }
+    }
+    progress_done();
+    mirror_stats(ctx).await
+}
+
+async fn mirror_stats(ctx: &mut Ctx) -> Result<Value> {
+    let jobs = ctx.src.execute_raw("query-block-jobs", json!({})).await?;
+    let job = jobs.as_array().and_then(|j| j.first()).cloned().unwrap_or_default();
+    Ok(json!({ "strategy": "qemu-mirror", "total-wire-bytes": job["offset"], "len": job["len"] }))
+}
+
+/// At `pre-switchover`: cancel the READY mirror, which leaves the target consistent.
+async fn mirror_complete(ctx: &mut Ctx) -> Result<Value> {
+    let stats = mirror_stats(ctx).await?;
+    ctx.src.execute_raw("block-job-cancel", json!({ "device": MIRROR_JOB })).await.context("block-job-cancel")?;
+    ctx.src
+        .wait_event(MIRROR_CANCEL_TIMEOUT, |e| e.name == "BLOCK_JOB_COMPLETED" || e.name == "BLOCK_JOB_CANCELLED")
+        .await
+        .context("the mirror did not complete")?;
+    let _ = ctx.src.execute_raw("blockdev-del", json!({ "node-name": MIRROR_NODE })).await;
+    ctx.mirror_started = false;
+    Ok(stats)
+}
+
+fn secs(t: &qmp_proto::Timestamp) -> f64 {
+    t.seconds as f64 + t.microseconds as f64 / 1e6
+}
+
+fn parse_nbd_uri(uri: &str) -> Result<(String, String, String)> {
+    let rest = uri
+        .strip_prefix("nbd://")
+        .ok_or_else(|| anyhow!("--disk-uri for qemu-mirror must be nbd://HOST:PORT/EXPORT"))?;
+    let (hostport, export) = rest.split_once('/').unwrap_or((rest, ""));
+    let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "10809"));
+    Ok((host.to_string(), port.to_string(), export.to_string()))
+}
