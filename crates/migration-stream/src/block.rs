@@ -1,6 +1,6 @@
 //! Block payload encoding and zero detection.
 
-use crate::{Codec, StreamError, MAX_PAYLOAD};
+use crate::{Codec, StreamError, MAX_BLOCK_LEN};
 
 /// Encodes a block for a `Data` frame: LZ4 when `compress` is set and that is strictly smaller,
 /// raw otherwise, so the payload is never larger than `data`.
@@ -14,11 +14,11 @@ pub fn encode_block(data: &[u8], compress: bool) -> (Codec, Vec<u8>) {
     (Codec::Raw, data.to_vec())
 }
 
-/// Decodes a `Data` payload to exactly `logical_len` bytes (1..=[`MAX_PAYLOAD`]). A size
+/// Decodes a `Data` payload to exactly `logical_len` bytes (1..=[`MAX_BLOCK_LEN`]). A size
 /// mismatch or corrupt LZ4 is an error; at most `logical_len` bytes are allocated.
 pub fn decode_block(codec: Codec, payload: &[u8], logical_len: u32) -> Result<Vec<u8>, StreamError> {
     let len = logical_len as usize;
-    if len == 0 || len > MAX_PAYLOAD {
+    if len == 0 || len > MAX_BLOCK_LEN {
         return Err(StreamError::Corrupt("logical length out of range"));
     }
     if codec == Codec::Raw {
@@ -130,7 +130,7 @@ mod tests {
             assert!(matches!(decode_block(codec, &payload, wrong), Err(StreamError::Corrupt(_))), "{wrong}");
         }
         assert!(decode_block(codec, &payload, 0).is_err());
-        assert!(decode_block(codec, &payload, MAX_PAYLOAD as u32 + 1).is_err());
+        assert!(decode_block(codec, &payload, MAX_BLOCK_LEN as u32 + 1).is_err());
         assert!(decode_block(codec, &payload, u32::MAX).is_err());
         assert!(decode_block(Codec::Raw, &data, 4095).is_err());
         assert!(decode_block(Codec::Raw, &data, 4097).is_err());

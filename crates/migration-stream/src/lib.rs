@@ -14,7 +14,7 @@
 //! +0  type         u8    message type (1 = ServerHello ... 15 = Revoked)
 //! +1  flags        u8    must be 0
 //! +2  reserved     u16   must be 0
-//! +4  payload_len  u32   at most MAX_FRAME_PAYLOAD (MAX_PAYLOAD + 13)
+//! +4  payload_len  u32   at most MAX_FRAME_PAYLOAD (MAX_BLOCK_LEN + 13)
 //! +8  payload      payload_len bytes, layout per type (below)
 //! +8+payload_len   crc32 u32   CRC-32 (IEEE) over header and payload
 //! ```
@@ -50,7 +50,7 @@
 //! Session parameters (29 bytes): `session_id[16] disk_size:u64 block_size:u32 strategy:u8`
 //! (strategy 0 row, 1 bitmap; block_size never 0).
 //!
-//! A `Data` frame's `logical_len` is 1..=[`MAX_PAYLOAD`]; with the raw codec the data is exactly
+//! A `Data` frame's `logical_len` is 1..=[`MAX_BLOCK_LEN`]; with the raw codec the data is exactly
 //! `logical_len` bytes; with lz4 it is an LZ4 *block* (no frame header) that
 //! [`decode_block`] inflates to exactly `logical_len` bytes. [`Message::decode`] checks the
 //! structure only; decompression is the receiver's call to [`decode_block`].
@@ -87,4 +87,4 @@ pub const VERSION: u16 = 2;
 
 /// The largest block a `Data` frame carries (its `logical_len`), 8 MiB. A frame's whole
 /// payload may be up to [`MAX_FRAME_PAYLOAD`], which leaves room for the `Data` fields.
-pub const MAX_PAYLOAD: usize = 8 << 20;
+pub const MAX_BLOCK_LEN: usize = 8 << 20;

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::{StreamError, MAGIC, MAX_PAYLOAD, VERSION};
+use crate::{StreamError, MAGIC, MAX_BLOCK_LEN, VERSION};
 
 /// Size of a frame header: type, flags, reserved, payload_len.
 pub const HEADER_LEN: usize = 8;
@@ -11,8 +11,8 @@ pub const HEADER_LEN: usize = 8;
 pub const FRAME_OVERHEAD: usize = HEADER_LEN + 4;
 /// Size of a `Data` payload's fixed fields (offset, codec, logical_len) before the data.
 pub const DATA_HEADER_LEN: usize = 8 + 1 + 4;
-/// The largest frame payload accepted: a full [`MAX_PAYLOAD`] block plus the `Data` fields.
-pub const MAX_FRAME_PAYLOAD: usize = MAX_PAYLOAD + DATA_HEADER_LEN;
+/// The largest frame payload accepted: a full [`MAX_BLOCK_LEN`] block plus the `Data` fields.
+pub const MAX_FRAME_PAYLOAD: usize = MAX_BLOCK_LEN + DATA_HEADER_LEN;
 /// The longest `Reject`/`Discard`/`Error` text, in bytes; the encoder truncates longer text
 /// (at a character boundary) and the decoder refuses it.
 pub const MAX_REASON_LEN: usize = 4096;
@@ -229,7 +229,7 @@ pub enum Message {
         offset: u64,
         /// How `payload` is encoded.
         codec: Codec,
-        /// Length of the block once decoded, 1..=[`MAX_PAYLOAD`].
+        /// Length of the block once decoded, 1..=[`MAX_BLOCK_LEN`].
         logical_len: u32,
         /// The encoded bytes; see [`decode_block`](crate::decode_block).
         payload: Vec<u8>,
@@ -270,10 +270,10 @@ pub enum Message {
 }
 
 impl Message {
-    /// A `Data` message for `block` (1..=[`MAX_PAYLOAD`] bytes), LZ4-compressed when `compress`
+    /// A `Data` message for `block` (1..=[`MAX_BLOCK_LEN`] bytes), LZ4-compressed when `compress`
     /// is set and that makes it smaller.
     pub fn data(offset: u64, block: &[u8], compress: bool) -> Self {
-        debug_assert!(!block.is_empty() && block.len() <= MAX_PAYLOAD);
+        debug_assert!(!block.is_empty() && block.len() <= MAX_BLOCK_LEN);
         let (codec, payload) = crate::encode_block(block, compress);
         Self::Data { offset, codec, logical_len: block.len() as u32, payload }
     }
@@ -495,8 +495,8 @@ fn parse_payload(ty: u8, p: &[u8]) -> Result<Message, StreamError> {
             if logical_len == 0 {
                 return Err(StreamError::Malformed("Data with logical_len 0"));
             }
-            if logical_len as usize > MAX_PAYLOAD {
-                return Err(StreamError::Malformed("Data logical_len above MAX_PAYLOAD"));
+            if logical_len as usize > MAX_BLOCK_LEN {
+                return Err(StreamError::Malformed("Data logical_len above MAX_BLOCK_LEN"));
             }
             if offset.checked_add(logical_len.into()).is_none() {
                 return Err(StreamError::Malformed("Data extends past the end of a 64-bit disk"));
@@ -804,7 +804,7 @@ mod tests {
         malformed(T_DATA, &data(0, 0, 1, b"ab"));
         malformed(T_DATA, &data(0, 0, 0, b"a"));
         malformed(T_DATA, &data(0, 1, 0, b"a"));
-        malformed(T_DATA, &data(0, 1, MAX_PAYLOAD as u32 + 1, b"a"));
+        malformed(T_DATA, &data(0, 1, MAX_BLOCK_LEN as u32 + 1, b"a"));
         malformed(T_DATA, &data(0, 2, 1, b"a"));
         malformed(T_DATA, &data(u64::MAX, 0, 1, b"a"));
         let mut zero = 5u64.to_le_bytes().to_vec();

@@ -19,7 +19,7 @@ pub const MIN_BLOCK_SIZE: u32 = 512;
 /// The block size that avoids read-modify-write in the layers below.
 pub const PREFERRED_BLOCK_SIZE: u32 = row_store::BLOCK_SIZE as u32;
 /// Largest READ or WRITE payload accepted.
-pub const MAX_PAYLOAD: u32 = 32 << 20;
+pub const MAX_REQUEST_LEN: u32 = 32 << 20;
 /// Suffix of the frozen-base export's name.
 pub const BASE_SUFFIX: &str = "@base";
 

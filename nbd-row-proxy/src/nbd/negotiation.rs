@@ -6,7 +6,7 @@ use nbd_proto::consts::*;
 use nbd_proto::option::{InfoRequest, InvalidOption, MetaContextRequest};
 use nbd_proto::{ClientOption, ExportNameReply, InfoReply, OptionReply, OptionReplyKind, RawOption};
 
-use super::export::{Catalog, Export, MAX_PAYLOAD, PREFERRED_BLOCK_SIZE};
+use super::export::{Catalog, Export, MAX_REQUEST_LEN, PREFERRED_BLOCK_SIZE};
 
 /// Context id of `base:allocation` on every connection.
 pub const BASE_ALLOCATION_ID: u32 = 1;
@@ -154,7 +154,7 @@ impl Negotiation {
         info(InfoReply::BlockSize {
             minimum: export.min_block_size(),
             preferred: PREFERRED_BLOCK_SIZE,
-            maximum: MAX_PAYLOAD,
+            maximum: MAX_REQUEST_LEN,
         })
         .encode(&mut out);
         OptionReply::ack(code).encode(&mut out);

@@ -11,7 +11,7 @@ use nbd_proto::{Command, Request};
 use row_store::ZeroFlags;
 
 use super::errno::errno_of;
-use super::export::MAX_PAYLOAD;
+use super::export::MAX_REQUEST_LEN;
 use super::negotiation::{Session, BASE_ALLOCATION_ID};
 
 /// A request refused before touching the image: errno and a short reason.
@@ -68,7 +68,7 @@ pub fn validate(session: &Session, req: &Request) -> Result<(), Refusal> {
     if req.command == Command::BlockStatus && !session.base_allocation {
         return Err(refuse(NBD_EINVAL, "no metadata context negotiated"));
     }
-    if matches!(req.command, Command::Read | Command::Write) && req.length > MAX_PAYLOAD {
+    if matches!(req.command, Command::Read | Command::Write) && req.length > MAX_REQUEST_LEN {
         return Err(refuse(NBD_EINVAL, "payload larger than 32 MiB"));
     }
     if req.length == 0 {
@@ -274,7 +274,7 @@ mod tests {
         assert_eq!(refusal(&s, req(Command::Read, 0, (1 << 20) - 512, 1024)), NBD_EINVAL, "past the end");
         assert_eq!(refusal(&s, req(Command::Write, 0, (1 << 20) - 512, 1024)), NBD_ENOSPC, "a write past the end");
         assert_eq!(refusal(&s, req(Command::Read, 0, u64::MAX - 511, 512)), NBD_EINVAL, "offset overflow");
-        assert_eq!(refusal(&s, req(Command::Read, 0, 0, MAX_PAYLOAD + 512)), NBD_EINVAL, "too large");
+        assert_eq!(refusal(&s, req(Command::Read, 0, 0, MAX_REQUEST_LEN + 512)), NBD_EINVAL, "too large");
         assert_eq!(refusal(&s, req(Command::Flush, 0, 0, 0)), 0, "flush has no range");
         // Without block sizes negotiated, any alignment goes.
         assert_eq!(refusal(&session(true, true, 1), req(Command::Read, 0, 1, 3)), 0);

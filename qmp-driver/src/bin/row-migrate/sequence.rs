@@ -53,6 +53,8 @@ pub struct Ctx {
     pub finish_sent: bool,
     /// `migrate-continue` has been (or is being) sent: from here on nothing is undone.
     pub continue_sent: bool,
+    /// The proxies' block size (from `query-status`), for progress in bytes.
+    pub block_size: u64,
 }
 
 fn refused(error: anyhow::Error) -> Failure {
@@ -84,6 +86,7 @@ pub async fn run(args: Args) -> Result<Value, Failure> {
         mirror_started: false,
         finish_sent: false,
         continue_sent: false,
+        block_size: 0,
     };
     preflight(&mut ctx).await.map_err(refused)?;
     let outcome = tokio::select! {
@@ -139,6 +142,7 @@ async fn preflight(ctx: &mut Ctx) -> Result<()> {
     }
     let sp: StatusReply = status(&mut ctx.src_proxy).await.context("query-status on the source proxy")?;
     let dp: StatusReply = status(&mut ctx.dst_proxy).await.context("query-status on the destination proxy")?;
+    ctx.block_size = sp.block_size;
     if sp.image_size != dp.image_size {
         bail!("disk sizes differ: source {} bytes, destination {} bytes", sp.image_size, dp.image_size);
     }
@@ -253,6 +257,7 @@ async fn precopy_disk(ctx: &mut Ctx) -> Result<Value> {
     disk.start(args).await.context("migrate-start on the source proxy")?;
     ctx.disk_started = true;
     let mut last_round = 0;
+    let block_size = ctx.block_size;
     let ready = DiskMigration { source: &mut ctx.src_proxy }
         .wait_ready(|m| {
             let kind = if m.rounds.is_empty() { "base" } else { "update" };
