@@ -60,7 +60,11 @@ fn write(server: &Server, block: u64, byte: u8) -> u32 {
 }
 
 fn alive(host: &mut Host, what: &str) {
-    assert!(host.server.proc.child.try_wait().unwrap().is_none(), "the {what} proxy died:\n{}", host.server.proc.log_text());
+    assert!(
+        host.server.proc.child.try_wait().unwrap().is_none(),
+        "the {what} proxy died:\n{}",
+        host.server.proc.log_text()
+    );
 }
 
 fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {

@@ -106,24 +106,29 @@ fn wait_status(host: &Host, what: &str, cond: impl Fn(&Value) -> bool) -> Value 
 }
 
 /// Speaks the migration protocol to the destination as a source holding the key would, with
-/// `session` (hex), and sends `first` as the session's first message; returns the answer.
+/// `session` (hex), and sends `first` as the session's first message (sealed, as the key's
+/// protection wants after the handshake); returns the answer.
 fn as_source(port: u16, session: &str, first: &Message) -> Message {
+    use migration_stream::seal::{derive, Opener, Sealer};
     use std::io::{Read, Write};
     let key = migration_stream::Key::from_bytes(KEY.as_bytes());
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut buf = Vec::new();
-    let mut next = |s: &mut std::net::TcpStream| loop {
-        if let Some((m, n)) = Message::decode(&buf).unwrap() {
-            buf.drain(..n);
-            return m;
-        }
+    let mut wire = Vec::new();
+    let fill = |s: &mut std::net::TcpStream, wire: &mut Vec<u8>| {
         let mut chunk = [0u8; 4096];
         let n = s.read(&mut chunk).unwrap();
         assert!(n > 0, "the destination closed the connection");
-        buf.extend_from_slice(&chunk[..n]);
+        wire.extend_from_slice(&chunk[..n]);
     };
-    let Message::ServerHello { nonce: server_nonce, .. } = next(&mut s) else { panic!("no greeting") };
+    let next_plain = |s: &mut std::net::TcpStream, wire: &mut Vec<u8>| loop {
+        if let Some((m, n)) = Message::decode(wire).unwrap() {
+            wire.drain(..n);
+            return m;
+        }
+        fill(s, wire);
+    };
+    let Message::ServerHello { nonce: server_nonce, .. } = next_plain(&mut s, &mut wire) else { panic!("no greeting") };
     let mut session_id = [0u8; 16];
     for (i, b) in session_id.iter_mut().enumerate() {
         *b = u8::from_str_radix(&session[2 * i..2 * i + 2], 16).unwrap();
@@ -137,11 +142,28 @@ fn as_source(port: u16, session: &str, first: &Message) -> Message {
     let nonce = migration_stream::nonce();
     let mac = migration_stream::client_mac(&key, &server_nonce, &nonce, &params);
     let mut out = Vec::new();
-    Message::ClientHello { version: migration_stream::VERSION, params, nonce, mac }.encode(&mut out);
-    first.encode(&mut out);
+    Message::ClientHello { version: migration_stream::VERSION, params: params.clone(), nonce, mac }.encode(&mut out);
     s.write_all(&out).unwrap();
-    assert!(matches!(next(&mut s), Message::Accept { .. }), "the destination did not accept the session");
-    next(&mut s)
+    assert!(matches!(next_plain(&mut s, &mut wire), Message::Accept { .. }), "the destination did not accept");
+    let keys = derive(&key, &server_nonce, &nonce, &params);
+    let mut plain = Vec::new();
+    first.encode(&mut plain);
+    let mut sealed = Vec::new();
+    Sealer::new(&keys.to_destination).seal(&plain, &mut sealed);
+    s.write_all(&sealed).unwrap();
+    let mut opener = Opener::new(&keys.to_source);
+    let mut frames = Vec::new();
+    loop {
+        if let Some((m, _)) = Message::decode(&frames).unwrap() {
+            return m;
+        }
+        match opener.open(&wire, &mut frames).unwrap() {
+            Some(n) => {
+                wire.drain(..n);
+            }
+            None => fill(&mut s, &mut wire),
+        }
+    }
 }
 
 fn error_text(m: Message) -> String {

@@ -2,6 +2,8 @@
 //! by pid, running real client tools, and a small synchronous NBD client built on `nbd-proto`
 //! for the cases real clients refuse to produce (bad magic, pipelined floods).
 
+pub mod rig;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -413,6 +415,14 @@ impl ControlClient {
         self.execute(command, arguments).unwrap_or_else(|e| panic!("{command} failed: {e}"))
     }
 
+    /// Runs control command `C` with typed arguments and reply (the schema of `control_api`).
+    pub fn call<C: control_api::Command>(&mut self, args: C::Args) -> Result<C::Reply, String> {
+        let arguments = serde_json::to_value(args).map_err(|e| e.to_string())?;
+        let reply = self.execute(C::NAME, arguments)?;
+        serde_json::from_value(reply)
+            .map_err(|e| format!("{} replied something the schema does not know: {e}", C::NAME))
+    }
+
     /// Waits for the next event.
     pub fn next_event(&mut self, timeout: Duration) -> Option<qmp_proto::Event> {
         self.rt.block_on(self.client.next_event(timeout)).unwrap()
@@ -422,24 +432,21 @@ impl ControlClient {
 /// Starts a TCG guest like [`start_guest`], running `guest.cmd=CMD` with `guest.args=ARGS`
 /// (joined with commas; the guest's /init splits them back into argv).
 pub fn start_guest_with_args(drive_uri: &str, cmd: &str, args: &[&str], log: &Path) -> Proc {
-    require_tool("qemu-system-x86_64");
+    let mut qemu = guest_command();
+    qemu.args(["--drive", drive_uri, "--cmd", cmd]);
     for a in args {
-        assert!(!a.is_empty() && !a.contains([',', ' ', '"']), "guest argument {a:?} cannot be passed in guest.args");
+        qemu.args(["--arg", a]);
     }
-    let (kernel, initrd) = guest_image();
-    let mut append = format!("console=ttyS0 panic=-1 quiet guest.cmd={cmd}");
-    if !args.is_empty() {
-        append.push_str(&format!(" guest.args={}", args.join(",")));
-    }
-    let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-accel", "tcg", "-m", "256", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", &append])
-        .args(["-drive", &format!("file={drive_uri},format=raw,if=virtio,cache=none")]);
     Proc::spawn("qemu", &mut qemu, log)
+}
+
+/// `scripts/guest`, the one launcher of the test guest (the demo and the benches use it too),
+/// with the guest built.
+pub fn guest_command() -> Command {
+    require_tool("qemu-system-x86_64");
+    static BUILT: std::sync::OnceLock<(PathBuf, PathBuf)> = std::sync::OnceLock::new();
+    BUILT.get_or_init(guest_image);
+    Command::new(repo_root().join("scripts/guest"))
 }
 
 /// Waits until the log of `proc` contains `needle` and returns the log; panics (with the log)
@@ -475,7 +482,7 @@ pub mod migration {
     use std::time::{Duration, Instant};
 
     use nbd_proto::Command as Cmd;
-    use serde_json::{json, Value};
+    use serde_json::Value;
 
     use super::*;
 
@@ -655,14 +662,15 @@ pub mod migration {
 
     /// Polls `query-migrate` until the phase is `want`; panics on `failed` or after `timeout`.
     pub fn wait_phase(ctl: &mut ControlClient, want: &str, timeout: Duration) -> Value {
+        use control_api::{NoArgs, Phase, QueryMigrate};
         let start = Instant::now();
         loop {
-            let status = ctl.ok("query-migrate", json!({}));
-            if status["phase"] == want {
-                return status;
+            let status = ctl.call::<QueryMigrate>(NoArgs {}).expect("query-migrate");
+            if status.phase.as_str() == want {
+                return serde_json::to_value(status).unwrap();
             }
-            assert!(status["phase"] != "failed", "migration failed: {status}");
-            assert!(start.elapsed() < timeout, "phase {want} not reached within {timeout:?}: {status}");
+            assert!(status.phase != Phase::Failed, "migration failed: {status:?}");
+            assert!(start.elapsed() < timeout, "phase {want} not reached within {timeout:?}: {status:?}");
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -684,23 +692,25 @@ pub mod migration {
         let writer = Writer::start(&src.server.socket, start_model, seed, 1500);
         std::thread::sleep(Duration::from_millis(300));
         let mut ctl = src.ctl();
-        ctl.ok(
-            "migrate-start",
-            json!({"uri": format!("tcp:127.0.0.1:{dst_port}"), "strategy": strategy, "max-bandwidth": 40 << 20}),
+        let mut args = control_api::MigrateStartArgs::new(
+            format!("tcp:127.0.0.1:{dst_port}"),
+            strategy.parse().expect("a strategy name"),
         );
+        args.max_bandwidth = Some(40 << 20);
+        ctl.call::<control_api::MigrateStart>(args).expect("migrate-start");
         wait_phase(&mut ctl, "ready", Duration::from_secs(120));
         // Keep writing a little while pre-copy is done, as a VM would until it pauses.
         std::thread::sleep(Duration::from_millis(300));
         let (model, writes) = writer.stop();
         assert!(writes > 200, "the writer should have been busy during the rounds ({writes} writes)");
-        let finished = ctl.ok("migrate-finish", json!({}));
-        assert_eq!(finished["phase"], "handed-over", "{finished}");
-        (finished, model)
+        let finished = ctl.call::<control_api::MigrateFinish>(control_api::NoArgs {}).expect("migrate-finish");
+        assert_eq!(finished.phase, control_api::Phase::HandedOver, "{finished:?}");
+        (serde_json::to_value(finished).unwrap(), model)
     }
 }
 
 /// Two test "hosts": network namespaces A (192.0.2.1) and B (192.0.2.2, TEST-NET-1) joined by
-/// a veth pair, optionally rate-limited on A's side with tbf; deleted when dropped (deleting a
+/// a veth pair, optionally rate-limited with tbf (`scripts/two-hosts`); deleted when dropped (deleting a
 /// namespace deletes its end of the pair, and the pair with it).
 pub struct TwoHosts {
     /// Namespace of host A.
@@ -724,51 +734,31 @@ pub fn ip(args: &[&str]) {
 }
 
 impl TwoHosts {
-    /// Creates the pair; `rate` (e.g. `100mbit`) limits what A sends.
+    /// Creates the pair with `scripts/two-hosts` (the one set-up the demo and the benches use
+    /// too); `rate` (e.g. `100mbit`) limits the link in both directions.
     pub fn create(rate: Option<&str>) -> Self {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         require_tool("ip");
-        let tag = format!("nrt{}x{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-        let hosts =
-            Self { a: format!("{tag}a"), b: format!("{tag}b"), veth_a: format!("{tag}a"), veth_b: format!("{tag}b") };
-        let out = Command::new("ip").args(["netns", "add", &hosts.a]).output().expect("cannot run `ip`");
+        let tag =
+            format!("nrt{}x{}", std::process::id() % 100_000, NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let short = &tag[..tag.len().min(10)];
+        let hosts = Self {
+            a: format!("{tag}-a"),
+            b: format!("{tag}-b"),
+            veth_a: format!("{short}-va"),
+            veth_b: format!("{short}-vb"),
+        };
+        let out = Command::new(repo_root().join("scripts/two-hosts"))
+            .args(["up", &tag])
+            .args(rate)
+            .output()
+            .expect("cannot run scripts/two-hosts");
         assert!(
             out.status.success(),
-            "`ip netns add {}` failed ({}): these tests need root (CAP_SYS_ADMIN and CAP_NET_ADMIN): {}",
-            hosts.a,
+            "`scripts/two-hosts up {tag}` failed ({}): these tests need root (CAP_SYS_ADMIN and CAP_NET_ADMIN): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        ip(&["netns", "add", &hosts.b]);
-        // Created straight inside the namespaces, so nothing is left in ours if we crash.
-        ip(&[
-            "link",
-            "add",
-            &hosts.veth_a,
-            "netns",
-            &hosts.a,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &hosts.veth_b,
-            "netns",
-            &hosts.b,
-        ]);
-        ip(&["-n", &hosts.a, "addr", "add", &format!("{ADDR_A}/24"), "dev", &hosts.veth_a]);
-        ip(&["-n", &hosts.b, "addr", "add", &format!("{ADDR_B}/24"), "dev", &hosts.veth_b]);
-        for (ns, dev) in [(&hosts.a, &hosts.veth_a), (&hosts.b, &hosts.veth_b)] {
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-            ip(&["-n", ns, "link", "set", dev, "up"]);
-        }
-        if let Some(rate) = rate {
-            require_tool("tc");
-            run_ok(
-                Command::new("ip")
-                    .args(["netns", "exec", &hosts.a, "tc", "qdisc", "add", "dev", &hosts.veth_a])
-                    .args(["root", "tbf", "rate", rate, "burst", "256kb", "latency", "50ms"]),
-            );
-        }
         hosts
     }
 }

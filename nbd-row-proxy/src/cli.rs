@@ -10,6 +10,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use migration_stream::Key;
+
+use crate::migration::transport::Protection;
+use crate::tls::TlsCreds;
 use row_store::storage::suffixed;
 
 /// How long a read on an incoming disk waits for the commit by default.
@@ -29,6 +32,20 @@ pub enum Cmd {
     /// Receive a disk by migration, serving it over NBD from the start (reads wait for the
     /// commit); once committed, the disk is served read-write.
     Receive(ReceiveArgs),
+    /// Write a throwaway CA and server and client certificates for a lab or a test, in the
+    /// layout --tls-creds reads (production uses the site's own PKI, e.g. libvirt's).
+    TlsCerts(TlsCertsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TlsCertsArgs {
+    /// Directory to write ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem and
+    /// client-key.pem into.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// A name the server certificate carries (DNS name or IP address); repeatable.
+    #[arg(long = "host", required = true)]
+    pub hosts: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -72,9 +89,18 @@ pub struct ServeArgs {
     /// Blocks written at least this many times count as hot (high-frequency).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub hot_threshold: u32,
-    /// Pre-shared key (a file, mode 0600, at least 16 bytes) that authenticates migrations.
+    /// Pre-shared key (a file, mode 0600, at least 16 bytes) that authenticates migrations; with
+    /// --tls-creds a second factor, without it the stream is sealed with keys derived from it.
     #[arg(long)]
     pub auth_key_file: Option<PathBuf>,
+    /// TLS credentials directory (ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem,
+    /// client-key.pem, as QEMU and libvirt lay them out, e.g. /etc/pki/qemu): migrations run over
+    /// TLS 1.3 with mutual certificates.
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+    /// Allow migration streams with neither TLS nor a key (a trusted test network only).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 /// A validated configuration.
@@ -96,8 +122,8 @@ pub struct Config {
     pub read_only: bool,
     /// Default hot threshold.
     pub hot_threshold: u32,
-    /// The migration key.
-    pub key: Option<Arc<Key>>,
+    /// How migration streams are protected.
+    pub protection: Protection,
     /// `receive`: where to listen for the migration.
     pub listen: Option<SocketAddr>,
     /// `receive`: how long reads wait for the commit.
@@ -135,6 +161,7 @@ impl Cli {
     /// Checks every argument; nothing is created or bound yet.
     pub fn validate(self) -> Result<Config> {
         let (args, listen, read_wait) = match self.command {
+            Cmd::TlsCerts(_) => bail!("tls-certs is not a server"),
             Cmd::Serve(a) => (a, None, Duration::ZERO),
             Cmd::Receive(r) => {
                 let wait = Duration::try_from_secs_f64(r.read_wait).map_err(|_| {
@@ -164,11 +191,31 @@ impl Cli {
             }
         }
         let tcp = args.tcp.as_deref().map(|t| address("--tcp", t)).transpose()?;
-        let key = match &args.auth_key_file {
-            Some(path) => Some(Arc::new(Key::from_file(path)?)),
-            None if listen.is_some() => bail!("receive needs --auth-key-file: migrations are authenticated"),
-            None => None,
-        };
+        let key = args.auth_key_file.as_deref().map(Key::from_file).transpose()?.map(Arc::new);
+        let tls = args
+            .tls_creds
+            .as_deref()
+            .map(|dir| {
+                let creds = TlsCreds::load(dir)?;
+                // The identities present are checked now, so a typo fails at start-up, not in the
+                // middle of a migration.
+                let (server, client) = (dir.join("server-cert.pem"), dir.join("client-cert.pem"));
+                if !server.exists() && !client.exists() {
+                    bail!("--tls-creds {}: neither server-cert.pem nor client-cert.pem is there", dir.display());
+                }
+                if server.exists() {
+                    creds.acceptor()?;
+                }
+                if client.exists() {
+                    creds.connector()?;
+                }
+                Ok::<_, anyhow::Error>(creds)
+            })
+            .transpose()?;
+        let protection = Protection { tls, key, insecure: args.insecure };
+        if listen.is_some() {
+            protection.usable()?;
+        }
         if listen.is_some() && args.read_only {
             bail!("receive writes the disk it receives: --read-only does not apply");
         }
@@ -181,7 +228,7 @@ impl Cli {
             export: args.export,
             read_only: args.read_only,
             hot_threshold: args.hot_threshold,
-            key,
+            protection,
             listen,
             read_wait,
         })

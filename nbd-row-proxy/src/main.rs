@@ -8,6 +8,7 @@ mod nbd;
 mod ownership;
 mod proxy;
 mod server;
+mod tls;
 
 use std::time::Duration;
 
@@ -37,6 +38,11 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: cli::Cli) -> Result<()> {
+    if let cli::Cmd::TlsCerts(a) = &cli.command {
+        tls::make_lab_pki(&a.dir, &a.hosts)?;
+        println!("wrote a lab CA and certificates for {} into {}", a.hosts.join(", "), a.dir.display());
+        return Ok(());
+    }
     let config = cli.validate()?;
     let (disk, record_file, record) = server::open_disk(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

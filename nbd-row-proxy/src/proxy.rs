@@ -8,10 +8,10 @@ use control_api::{
     ErrorData, Event, RowMergeFailed, RowMergeProgress, RowMergeProgressData, RowMergeStarted, RowMergeStartedData,
     RowStopped, RowStoppedData,
 };
-use migration_stream::Key;
 use row_store::{Disk, StoreError};
 use tokio::sync::{broadcast, watch};
 
+use crate::migration::transport::Protection;
 use crate::ownership::{Gate, RecordFile};
 
 /// How often a running merge reports progress.
@@ -67,8 +67,8 @@ pub struct Proxy {
     pub export: String,
     /// Default write count that makes a block hot.
     pub hot_threshold: u32,
-    /// The pre-shared key of migration sessions, if one was given.
-    pub key: Option<Arc<Key>>,
+    /// How migration streams are protected.
+    pub protection: Protection,
 }
 
 impl Proxy {

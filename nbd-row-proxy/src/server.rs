@@ -80,22 +80,26 @@ impl Drop for Created {
     }
 }
 
-/// Serves the disk until SIGTERM or SIGINT, then drains connections and flushes.
-pub async fn run(config: Config, disk: Arc<Disk>, record_file: RecordFile, record: Option<Ownership>) -> Result<()> {
+/// The shared state of the proxy, its migration state machines, and the control commands,
+/// as the ownership record says: a destination (receiving, or holding a committed disk), or a
+/// source (perhaps fenced by a hand-over).
+async fn assemble(
+    config: &Config,
+    disk: &Arc<Disk>,
+    record_file: RecordFile,
+    record: Option<Ownership>,
+) -> Arc<Control> {
     let receiving = config.listen.is_some();
-    let gate = Gate::new(Access::Open);
     let proxy = Arc::new(Proxy {
         disk: disk.clone(),
-        gate: gate.clone(),
+        gate: Gate::new(Access::Open),
         record: record_file,
         events: Events::new(EVENT_BACKLOG),
         merger: Merger::default(),
         export: config.export.clone(),
         hot_threshold: config.hot_threshold,
-        key: config.key.clone(),
+        protection: config.protection.clone(),
     });
-    // The record decides who may write: a destination (receiving, or holding a committed
-    // disk), or a source (perhaps fenced by a hand-over).
     let dest_record = match &record {
         Some(r @ Ownership::Destination { .. }) => Some(DestSession::restore(r).0),
         _ => None,
@@ -106,8 +110,19 @@ pub async fn run(config: Config, disk: Arc<Disk>, record_file: RecordFile, recor
         (false, None) => None,
     };
     let outgoing = Outgoing::spawn(proxy.clone(), if receiving { None } else { record.as_ref() }).await;
-    let control = Arc::new(Control { proxy: proxy.clone(), outgoing, incoming: incoming.clone() });
+    Arc::new(Control { proxy, outgoing, incoming })
+}
 
+/// Everything the proxy listens on; the socket files it created go when it is dropped.
+struct Listeners {
+    unix: UnixListener,
+    tcp: Option<TcpListener>,
+    migration: Option<TcpListener>,
+    control: Option<UnixListener>,
+    _created: Created,
+}
+
+async fn bind(config: &Config) -> Result<Listeners> {
     let mut created = Created::default();
     let unix = bind_unix(&config.socket)?;
     created.0.push(config.socket.clone());
@@ -115,13 +130,13 @@ pub async fn run(config: Config, disk: Arc<Disk>, record_file: RecordFile, recor
         Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?),
         None => None,
     };
-    let migration_listener = match config.listen {
+    let migration = match config.listen {
         Some(addr) => {
             Some(TcpListener::bind(addr).await.with_context(|| format!("binding migration listener {addr}"))?)
         }
         None => None,
     };
-    let control_listener = match &config.control {
+    let control = match &config.control {
         Some(path) => {
             check_socket_path("--control", path)?;
             let l = qmp_proto::bind_control_socket(path)
@@ -131,55 +146,70 @@ pub async fn run(config: Config, disk: Arc<Disk>, record_file: RecordFile, recor
         }
         None => None,
     };
+    Ok(Listeners { unix, tcp, migration, control, _created: created })
+}
 
-    let live: Arc<dyn BlockBackend> = Arc::new(Guarded::new(disk.clone(), gate.clone()));
-    let catalog = Catalog::new(config.export.clone(), disk.clone(), live, gate.subscribe(), config.read_wait);
+/// Serves the disk until SIGTERM or SIGINT, then drains connections and flushes.
+pub async fn run(config: Config, disk: Arc<Disk>, record_file: RecordFile, record: Option<Ownership>) -> Result<()> {
+    let control = assemble(&config, &disk, record_file, record).await;
+    let proxy = control.proxy.clone();
+    let mut listeners = bind(&config).await?;
+    let live: Arc<dyn BlockBackend> = Arc::new(Guarded::new(disk.clone(), proxy.gate.clone()));
+    let catalog = Catalog::new(config.export.clone(), disk.clone(), live, proxy.gate.subscribe(), config.read_wait);
     tracing::info!(
         socket = %config.socket.display(),
         tcp = config.tcp.map(|a| a.to_string()).as_deref().unwrap_or("-"),
         export = %config.export,
         size = disk.size(),
         mode = disk.mode().as_str(),
-        access = ?gate.access(),
+        access = ?proxy.gate.access(),
         "serving"
     );
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    if let (Some(listener), Some(incoming)) = (migration_listener, &incoming) {
-        let key = config.key.clone().context("receive needs --auth-key-file")?;
-        tracing::info!(listen = ?config.listen, phase = %incoming.phase(), "waiting for an incoming migration");
-        tokio::spawn(incoming.clone().listen(listener, key, shutdown_rx.clone()));
+    if let (Some(listener), Some(incoming)) = (listeners.migration.take(), &control.incoming) {
+        tracing::info!(listen = ?config.listen, phase = %incoming.phase(), protection = ?config.protection, "waiting for an incoming migration");
+        tokio::spawn(incoming.clone().listen(listener, shutdown_rx.clone()));
     }
-    let mut control_task = None;
-    if let Some(listener) = control_listener {
+    let control_task = listeners.control.take().map(|listener| {
         let greeting = Greeting::new(
             Version { major: 0, minor: 1, micro: 0 },
             concat!("nbd-row-proxy ", env!("CARGO_PKG_VERSION")),
         );
         let handler: Arc<dyn qmp_proto::Handler> = Arc::new(ControlHandler(control.clone()));
         let events = proxy.events.sender().clone();
-        control_task = Some(tokio::spawn(qmp_proto::serve(listener, greeting, handler, events, shutdown_rx.clone())));
         tracing::info!(control = ?config.control, "control socket ready");
-    }
+        tokio::spawn(qmp_proto::serve(listener, greeting, handler, events, shutdown_rx.clone()))
+    });
     if disk.mode() == Mode::Merging {
         tracing::info!("resuming the merge interrupted by the last exit");
         let p = proxy.clone();
         tokio::task::spawn_blocking(move || p.start_merge()).await?.context("resuming the merge")?;
     }
+    let conns = serve_until_signal(&listeners, catalog, &shutdown_rx).await?;
+    drop(listeners);
+    let _ = shutdown_tx.send(true);
+    if let Some(task) = control_task {
+        let _ = task.await;
+    }
+    shut_down(conns, &disk).await
+}
 
+/// Accepts NBD connections until SIGTERM or SIGINT; returns the connections still running.
+async fn serve_until_signal(l: &Listeners, catalog: Catalog, shutdown: &watch::Receiver<bool>) -> Result<JoinSet<()>> {
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
     let mut conns = JoinSet::new();
     let mut next_id = 0u64;
     loop {
         let accepted = tokio::select! {
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break }
-            _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break }
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(conns) }
+            _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(conns) }
             Some(done) = conns.join_next(), if !conns.is_empty() => {
                 if let Err(e) = done { tracing::error!(error = %e, "connection task failed"); }
                 continue;
             }
-            c = unix.accept() => c.map(|(s, _)| { let (r, w) = s.into_split(); (Box::new(r) as Reader, Box::new(w) as Writer, "unix".to_string()) }),
-            c = accept_tcp(tcp.as_ref()) => c.map(|(s, addr)| {
+            c = l.unix.accept() => c.map(|(s, _)| { let (r, w) = s.into_split(); (Box::new(r) as Reader, Box::new(w) as Writer, "unix".to_string()) }),
+            c = accept_tcp(l.tcp.as_ref()) => c.map(|(s, addr)| {
                 let _ = s.set_nodelay(true);
                 let (r, w) = s.into_split();
                 (Box::new(r) as Reader, Box::new(w) as Writer, addr.to_string())
@@ -195,20 +225,17 @@ pub async fn run(config: Config, disk: Arc<Disk>, record_file: RecordFile, recor
         };
         next_id += 1;
         let peer = format!("{kind}#{next_id}");
-        let (catalog, rx) = (catalog.clone(), shutdown_rx.clone());
+        let (catalog, rx) = (catalog.clone(), shutdown.clone());
         conns.spawn(async move {
             if let Err(e) = crate::nbd::connection::serve(reader, writer, catalog, peer.clone(), rx).await {
                 tracing::warn!(%peer, "connection ended: {e:#}");
             }
         });
     }
-    drop(unix);
-    drop(tcp);
-    let _ = shutdown_tx.send(true);
-    if let Some(task) = control_task {
-        let _ = task.await;
-    }
-    drop(created);
+}
+
+/// Lets in-flight requests finish (for at most [`DRAIN_TIMEOUT`]), then flushes the disk.
+async fn shut_down(mut conns: JoinSet<()>, disk: &Arc<Disk>) -> Result<()> {
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async { while conns.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         tracing::warn!("connections still busy after {DRAIN_TIMEOUT:?}; closing them");

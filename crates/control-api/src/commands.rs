@@ -199,6 +199,9 @@ pub struct MigrateStartArgs {
     /// rate (default 50; 0 = the paper's three rounds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_budget_ms: Option<u64>,
+    /// With TLS: the name the destination's certificate must carry (default: the URI's host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_hostname: Option<String>,
 }
 
 impl MigrateStartArgs {
@@ -213,6 +216,7 @@ impl MigrateStartArgs {
             compress: true,
             bitmap_granularity: None,
             final_budget_ms: None,
+            tls_hostname: None,
         }
     }
 }

@@ -56,3 +56,30 @@ pub struct NoArgs {}
 /// The empty reply (`{}`) of a command that returns nothing but success.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize, JsonSchema)]
 pub struct Empty {}
+
+/// The environment variable of [`pause_at`].
+pub const PAUSE_VAR: &str = "NBD_ROW_PAUSE";
+
+/// A test hook: with `NBD_ROW_PAUSE=point:millis[,point:millis...]` in its environment,
+/// `nbd-row-proxy` and `row-migrate` wait that long at the named points of a migration
+/// (`final-round`, `update-round`, `before-continue`, `before-complete`), so a fault test can
+/// act at an exact moment. Unset, as in production, nothing waits.
+pub fn pause_at(point: &str) -> Option<std::time::Duration> {
+    let spec = std::env::var(PAUSE_VAR).ok()?;
+    spec.split(',')
+        .find_map(|p| p.strip_prefix(point)?.strip_prefix(':')?.parse().ok())
+        .map(std::time::Duration::from_millis)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pause_points_are_read_from_the_environment() {
+        assert_eq!(super::pause_at("nowhere"), None);
+        std::env::set_var(super::PAUSE_VAR, "final-round:1500,before-complete:20");
+        assert_eq!(super::pause_at("final-round"), Some(std::time::Duration::from_millis(1500)));
+        assert_eq!(super::pause_at("before-complete"), Some(std::time::Duration::from_millis(20)));
+        assert_eq!(super::pause_at("final"), None);
+        std::env::remove_var(super::PAUSE_VAR);
+    }
+}

@@ -322,10 +322,13 @@ impl SourceSession {
         Ok(vec![SourceAction::Persist(self.record(SourceStage::HandedOver))])
     }
 
-    /// `migrate-complete`, after the switchover: the destination owns the disk.
+    /// `migrate-complete`, after the switchover: the destination owns the disk. Also accepted
+    /// while finishing once the commit may have arrived (a source restarted during the
+    /// hand-over does not know): whoever says the switchover happened knows better, and the
+    /// source only stays fenced for good.
     pub fn complete(&mut self) -> Step {
         match self.phase {
-            Phase::HandedOver => {
+            Phase::HandedOver | Phase::Finishing if self.commit_sent => {
                 self.phase = Phase::Completed;
                 Ok(vec![SourceAction::Persist(self.record(SourceStage::Completed)), SourceAction::SendDone])
             }
@@ -573,6 +576,7 @@ mod tests {
             match p {
                 Phase::HandedOver => assert_eq!(s.phase(), Phase::Completed),
                 Phase::Completed => assert_eq!(r, Ok(vec![])),
+                // Finishing here has not sent the commit yet: the destination cannot own the disk.
                 Phase::Idle => assert_eq!(r, Err(SourceRefusal::NoMigration)),
                 Phase::Cancelled | Phase::Failed => assert!(matches!(r, Err(SourceRefusal::Over { .. }))),
                 _ => assert_eq!(r, Err(SourceRefusal::NotHandedOver(p))),
@@ -581,6 +585,12 @@ mod tests {
                 assert_eq!(s, before, "{p}");
             }
         }
+        // Once the commit may have arrived (a restarted source does not know), complete is taken.
+        let mut s = at(Phase::Finishing);
+        s.commit_sent();
+        assert!(s.complete().is_ok());
+        assert_eq!(s.phase(), Phase::Completed);
+        assert!(s.fenced());
     }
 
     #[test]

@@ -101,6 +101,11 @@ impl Key {
         Ok(Key { bytes })
     }
 
+    /// The key's bytes, for the derivations of this crate.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
     /// A key from bytes as they are; no length check (for tests and callers that checked).
     pub fn from_bytes(bytes: &[u8]) -> Key {
         Key { bytes: bytes.to_vec() }

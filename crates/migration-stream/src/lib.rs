@@ -70,6 +70,7 @@ mod auth;
 mod block;
 mod error;
 mod message;
+pub mod seal;
 
 pub use auth::{client_mac, nonce, server_mac, verify, Key, KeyError, MAX_KEY_LEN, MIN_KEY_LEN};
 pub use block::{decode_block, decode_block_into, encode_block, is_zero};

@@ -31,6 +31,7 @@ pub async fn run(c: Arc<Control>, args: MigrateStartArgs) -> Result<MigrateStart
         max_bandwidth: args.max_bandwidth.filter(|b| *b > 0),
         compress: args.compress,
         bitmap_granularity_blocks: (args.bitmap_granularity.unwrap_or(DEFAULT_BITMAP_GRANULARITY) / BLOCK_SIZE).max(1),
+        tls_hostname: args.tls_hostname,
         final_budget: match args.final_budget_ms.map(Duration::from_millis).unwrap_or(DEFAULT_FINAL_BUDGET) {
             d if d.is_zero() => None,
             d => Some(d),

@@ -16,12 +16,12 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use control_api::{IncomingData, IncomingPhase, MigrationIncoming, Strategy};
 use migration_session::{DestAction, DestRefusal, DestSession, SessionId};
-use migration_stream::{Key, Message, SessionParams};
+use migration_stream::Message;
 use row_store::{BlockBackend, ZeroFlags, BLOCK_SIZE};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
+use super::transport::{accept, Protection, Reader, Writer};
 use super::{last_word, send, FrameReader, FIRST_MESSAGE_TIMEOUT, HANDSHAKE_TIMEOUT};
 use crate::ownership::Access;
 use crate::proxy::Proxy;
@@ -128,7 +128,7 @@ impl Incoming {
     }
 
     /// Accepts migration connections until `shutdown`.
-    pub async fn listen(self: Arc<Self>, listener: TcpListener, key: Arc<Key>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn listen(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
             let (stream, peer) = tokio::select! {
@@ -146,13 +146,13 @@ impl Incoming {
                 tracing::warn!(%peer, "too many migration connections; closing this one");
                 continue;
             };
-            let (me, key) = (self.clone(), key.clone());
+            let me = self.clone();
             let mut stop = shutdown.clone();
             tokio::spawn(async move {
                 let _slot = slot;
                 tokio::select! {
                     _ = stopped(&mut stop) => {}
-                    r = me.connection(stream, &key) => if let Err(e) = r {
+                    r = me.connection(stream) => if let Err(e) = r {
                         tracing::warn!(%peer, "migration connection: {e:#}");
                     }
                 }
@@ -161,12 +161,19 @@ impl Incoming {
     }
 
     /// One connection: handshake, then what its first message asks for.
-    async fn connection(self: &Arc<Self>, stream: TcpStream, key: &Key) -> Result<()> {
-        let _ = stream.set_nodelay(true);
-        super::set_dead_peer_timeouts(&stream);
-        let (rd, mut wr) = stream.into_split();
-        let mut reader = FrameReader::new(rd);
-        let params = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut reader, &mut wr, key))
+    async fn connection(self: &Arc<Self>, stream: TcpStream) -> Result<()> {
+        let size = self.proxy.disk.size();
+        let check = |params: &migration_stream::SessionParams| {
+            if params.disk_size != size {
+                Some(format!("disk size differs: the source has {} bytes, this image {size}", params.disk_size))
+            } else if params.block_size as u64 != BLOCK_SIZE {
+                Some(format!("block size {} is not supported", params.block_size))
+            } else {
+                None
+            }
+        };
+        let protection: &Protection = &self.proxy.protection;
+        let (params, mut reader, mut wr) = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(stream, protection, check))
             .await
             .map_err(|_| anyhow!("no authenticated session request within {HANDSHAKE_TIMEOUT:?}"))??;
         let session = SessionId(params.session_id);
@@ -194,39 +201,6 @@ impl Incoming {
         }
     }
 
-    async fn handshake(
-        &self,
-        reader: &mut FrameReader<OwnedReadHalf>,
-        wr: &mut OwnedWriteHalf,
-        key: &Key,
-    ) -> Result<SessionParams> {
-        let server_nonce = migration_stream::nonce();
-        send(wr, &Message::ServerHello { version: migration_stream::VERSION, nonce: server_nonce }).await?;
-        let Message::ClientHello { params, nonce: client_nonce, mac, .. } =
-            reader.next_within(HANDSHAKE_TIMEOUT, "session request").await?
-        else {
-            bail!("the peer did not ask for a migration session");
-        };
-        let want = migration_stream::client_mac(key, &server_nonce, &client_nonce, &params);
-        let size = self.proxy.disk.size();
-        let refusal = if !migration_stream::verify(&want, &mac) {
-            Some("authentication failed (different --auth-key-file?)".to_string())
-        } else if params.disk_size != size {
-            Some(format!("disk size differs: the source has {} bytes, this image {size}", params.disk_size))
-        } else if params.block_size as u64 != BLOCK_SIZE {
-            Some(format!("block size {} is not supported", params.block_size))
-        } else {
-            None
-        };
-        if let Some(reason) = refusal {
-            last_word(wr, &Message::Reject { reason: reason.clone() }).await;
-            bail!("refused the session: {reason}");
-        }
-        send(wr, &Message::Accept { mac: migration_stream::server_mac(key, &server_nonce, &client_nonce, &params) })
-            .await?;
-        Ok(params)
-    }
-
     async fn blocking<T: Send + 'static>(self: &Arc<Self>, f: impl FnOnce(&Arc<Self>) -> T + Send + 'static) -> T {
         let me = self.clone();
         tokio::task::spawn_blocking(move || f(&me)).await.expect("blocking task panicked")
@@ -234,7 +208,7 @@ impl Incoming {
 
     /// A revoke: give the disk back unless this host has written to it. Decided while no write
     /// is in flight, so it cannot race the first write after the commit.
-    async fn revoke(self: &Arc<Self>, session: SessionId, wr: &mut OwnedWriteHalf) -> Result<()> {
+    async fn revoke(self: &Arc<Self>, session: SessionId, wr: &mut Writer) -> Result<()> {
         let r = self
             .blocking(move |me| {
                 me.proxy.gate.exclusive(|gate| -> Result<bool> {
@@ -272,8 +246,8 @@ impl Incoming {
         session: SessionId,
         strategy: Strategy,
         first_round: u32,
-        mut reader: FrameReader<OwnedReadHalf>,
-        mut wr: OwnedWriteHalf,
+        mut reader: FrameReader<Reader>,
+        mut wr: Writer,
     ) -> Result<()> {
         let begun = self
             .blocking(move |me| -> Result<()> {
@@ -309,8 +283,8 @@ impl Incoming {
     async fn frames(
         self: &Arc<Self>,
         session: SessionId,
-        reader: &mut FrameReader<OwnedReadHalf>,
-        wr: &mut OwnedWriteHalf,
+        reader: &mut FrameReader<Reader>,
+        wr: &mut Writer,
     ) -> Result<()> {
         let disk = self.proxy.disk.clone();
         let size = disk.size();

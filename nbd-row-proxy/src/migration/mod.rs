@@ -8,14 +8,14 @@
 pub mod dest;
 pub mod rounds;
 pub mod source;
+pub mod transport;
 
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use migration_session::SessionId;
-use migration_stream::{Key, Message, SessionParams};
+use migration_stream::{Message, SessionParams};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// How long connecting to the destination may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -73,6 +73,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The read half back, with the bytes read from it but not decoded yet (what follows the
+    /// handshake when the stream switches to sealed records).
+    pub fn into_parts(self) -> (R, Vec<u8>) {
+        (self.inner, self.buf[self.pos..].to_vec())
+    }
+
     /// The next message, which must arrive within `timeout`.
     pub async fn next_within(&mut self, timeout: Duration, what: &str) -> Result<Message> {
         match tokio::time::timeout(timeout, self.next()).await {
@@ -84,11 +90,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
-/// Encodes and writes one message.
+/// Encodes, writes and flushes one message.
 pub async fn send<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> Result<usize> {
     let mut out = Vec::new();
     msg.encode(&mut out);
     w.write_all(&out).await.context("sending to the peer")?;
+    w.flush().await.context("sending to the peer")?;
     Ok(out.len())
 }
 
@@ -169,48 +176,6 @@ pub fn session_params(session: SessionId, disk_size: u64, strategy: control_api:
             control_api::Strategy::Bitmap => migration_stream::Strategy::Bitmap,
         },
     }
-}
-
-/// An authenticated connection to a destination.
-pub struct Connection {
-    /// Frames from the destination.
-    pub reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    /// Frames to it.
-    pub writer: tokio::net::tcp::OwnedWriteHalf,
-}
-
-/// Connects to `uri` (`tcp:HOST:PORT`) and runs the source's side of the handshake: the
-/// destination proves it knows the key, and so do we.
-pub async fn connect(uri: &str, key: &Key, params: &SessionParams) -> Result<Connection> {
-    let addr = parse_uri(uri)?;
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
-        .await
-        .map_err(|_| anyhow!("connecting to {addr} timed out"))?
-        .with_context(|| format!("connecting to {addr}"))?;
-    stream.set_nodelay(true)?;
-    set_dead_peer_timeouts(&stream);
-    let (rd, mut writer) = stream.into_split();
-    let mut reader = FrameReader::new(rd);
-    let Message::ServerHello { nonce: server_nonce, .. } = reader.next_within(HANDSHAKE_TIMEOUT, "greeting").await?
-    else {
-        bail!("{addr} did not greet like a migration destination");
-    };
-    let client_nonce = migration_stream::nonce();
-    let mac = migration_stream::client_mac(key, &server_nonce, &client_nonce, params);
-    let hello =
-        Message::ClientHello { version: migration_stream::VERSION, params: params.clone(), nonce: client_nonce, mac };
-    send(&mut writer, &hello).await?;
-    match reader.next_within(HANDSHAKE_TIMEOUT, "authentication reply").await? {
-        Message::Accept { mac } => {
-            let want = migration_stream::server_mac(key, &server_nonce, &client_nonce, params);
-            if !migration_stream::verify(&want, &mac) {
-                bail!("the destination failed authentication (different --auth-key-file?)");
-            }
-        }
-        Message::Reject { reason } => bail!("the destination refused the session: {reason}"),
-        other => bail!("unexpected {} in reply to the session request", other.name()),
-    }
-    Ok(Connection { reader, writer })
 }
 
 /// Writes `msg` and closes, without waiting more than [`LAST_WORD_TIMEOUT`].

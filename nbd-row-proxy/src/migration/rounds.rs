@@ -39,7 +39,7 @@ pub struct Progress {
 /// Where a round's bytes go: the session's connection, paced.
 pub struct Out {
     /// The connection's write half.
-    pub writer: tokio::net::tcp::OwnedWriteHalf,
+    pub writer: super::transport::Writer,
     /// The pacing.
     pub limit: RateLimit,
 }
@@ -96,6 +96,9 @@ impl Rounds {
             RoundKind::Final => migration_stream::RoundKind::Final,
         };
         stats.wire_bytes += send(&mut out.writer, &Message::RoundBegin { round, kind: wire_kind }).await? as u64;
+        if kind == RoundKind::Update {
+            super::source::pause("update-round").await;
+        }
         let (tx, mut rx) = mpsc::channel::<std::io::Result<Chunk>>(READ_AHEAD);
         let (disk, compress) = (self.disk.clone(), self.compress);
         let producer = tokio::task::spawn_blocking(move || produce(&*view, &disk, ranges, compress, &tx));

@@ -28,9 +28,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::rounds::{Out, Progress, Rounds, Sent};
-use super::{
-    connect, last_word, send, session_params, Connection, FrameReader, RateLimit, COMMIT_TIMEOUT, REVOKE_TIMEOUT,
-};
+use super::transport::{connect, Reader, Writer};
+use super::{last_word, send, session_params, FrameReader, RateLimit, COMMIT_TIMEOUT, REVOKE_TIMEOUT};
 use crate::ownership::Access;
 use crate::proxy::Proxy;
 
@@ -38,6 +37,8 @@ use crate::proxy::Proxy;
 const MAX_SETTLE_PASSES: u32 = 6;
 /// How long a cancelled pre-copy may take to stop before it is aborted.
 const PRECOPY_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a failing session waits for the destination's reason.
+const REASON_WAIT: Duration = Duration::from_millis(500);
 /// Requests queued for the actor.
 const REQUEST_QUEUE: usize = 8;
 
@@ -61,6 +62,8 @@ pub struct MigrateArgs {
     /// Row: what the final round may hold, in time at the measured link rate; while more is
     /// outstanding, blocks not written since the previous pass are sent in settle passes.
     pub final_budget: Option<Duration>,
+    /// The name the destination's TLS certificate must carry (default: the URI's host).
+    pub tls_hostname: Option<String>,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
@@ -214,10 +217,19 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(c: Connection, max_bandwidth: Option<u64>) -> Self {
+    fn new(reader: FrameReader<Reader>, writer: Writer, max_bandwidth: Option<u64>) -> Self {
         let (tx, rx) = mpsc::channel(16);
-        let reader = tokio::spawn(forward_frames(c.reader, tx));
-        Self { out: Out { writer: c.writer, limit: RateLimit::new(max_bandwidth) }, from_dest: rx, reader }
+        let reader = tokio::spawn(forward_frames(reader, tx));
+        Self { out: Out { writer, limit: RateLimit::new(max_bandwidth) }, from_dest: rx, reader }
+    }
+
+    /// A broken pipe often hides the destination's own reason, sent just before it closed: the
+    /// `Error` it sent, if one arrives within [`REASON_WAIT`].
+    async fn destination_reason(&mut self) -> Option<String> {
+        match tokio::time::timeout(REASON_WAIT, self.from_dest.recv()).await {
+            Ok(Some(Ok(Message::Error { message }))) => Some(format!("the destination failed: {message}")),
+            _ => None,
+        }
     }
 
     /// Best-effort last message, then close.
@@ -234,7 +246,7 @@ impl Drop for Conn {
 }
 
 /// Forwards the destination's frames; the last item is the error or end that stopped it.
-async fn forward_frames(mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>, tx: mpsc::Sender<Result<Message>>) {
+async fn forward_frames(mut reader: FrameReader<Reader>, tx: mpsc::Sender<Result<Message>>) {
     loop {
         let item = match reader.next().await {
             Ok(Some(m)) => Ok(m),
@@ -467,9 +479,7 @@ impl Actor {
     }
 
     async fn start(&mut self, args: MigrateArgs) -> Result<String, String> {
-        if self.proxy.key.is_none() {
-            return Err("no --auth-key-file was given to this server".into());
-        }
+        self.proxy.protection.usable().map_err(|e| e.to_string())?;
         if self.proxy.gate.access() == Access::Incoming {
             return Err("this disk is still arriving by migration".into());
         }
@@ -502,18 +512,18 @@ impl Actor {
         let session = self.session.as_ref().expect("a session is starting");
         let args = session.args.clone();
         let id = lock(&self.shared.machine).session().expect("started");
-        let key = self.proxy.key.clone().expect("checked at start");
         let params = session_params(id, self.proxy.disk.size(), args.strategy);
+        let protection = &self.proxy.protection;
         let connected = async {
-            let c = connect(&args.uri, &key, &params).await?;
+            let (reader, writer) = connect(&args.uri, protection, &params, args.tls_hostname.as_deref()).await?;
             let plan = self.prepare(&args).await?;
-            Ok::<_, anyhow::Error>((c, plan))
+            Ok::<_, anyhow::Error>((reader, writer, plan))
         }
         .await;
         match connected {
-            Ok((c, plan)) => {
-                tracing::info!(uri = %args.uri, strategy = %args.strategy, session = %id, "migration session authenticated");
-                let conn = Conn::new(c, args.max_bandwidth);
+            Ok((reader, writer, plan)) => {
+                tracing::info!(uri = %args.uri, strategy = %args.strategy, session = %id, protection = protection.describe(), "migration session authenticated");
+                let conn = Conn::new(reader, writer, args.max_bandwidth);
                 self.session.as_mut().expect("starting").link = Link::Idle(conn, plan);
                 let actions = self.step(SourceSession::connected)?;
                 self.perform(actions).await
@@ -574,8 +584,8 @@ impl Actor {
                 session.link = Link::Idle(conn, plan);
                 let _ = self.step(SourceSession::precopy_done);
             }
-            Ok((conn, plan, Err(e))) => {
-                let why = format!("{e:#}");
+            Ok((mut conn, plan, Err(e))) => {
+                let why = conn.destination_reason().await.unwrap_or_else(|| format!("{e:#}"));
                 session.link = Link::Idle(conn, plan);
                 self.fail(&why).await;
             }
@@ -624,6 +634,7 @@ impl Actor {
         let rounds = session.rounds.clone();
         let disk = self.proxy.disk.clone();
         let result: Result<()> = async {
+            pause("final-round").await;
             let log = DiskLog(&disk);
             let ranges = match &mut plan {
                 Plan::Row(row) => block_runs(&row.final_blocks(&log)),
@@ -656,9 +667,10 @@ impl Actor {
                 self.perform(actions).await
             }
             Err(e) => {
+                let why = conn.destination_reason().await.unwrap_or_else(|| format!("{e:#}"));
                 // Put the connection back so a discard can still be sent on it.
                 self.session.as_mut().expect("session").link = Link::Idle(conn, plan);
-                Err(format!("the final disk round failed: {e:#}"))
+                Err(format!("the final disk round failed: {why}"))
             }
         }
     }
@@ -681,29 +693,32 @@ impl Actor {
             let actions = self.step(|m| m.revoke_answered(Err(Err("no session to revoke".into()))));
             return actions.map(|_| ());
         };
-        let answer = match self.proxy.key.clone() {
-            None => Err(Err("no --auth-key-file was given to this server".to_string())),
-            Some(key) => {
-                let params = session_params(id, self.proxy.disk.size(), strategy);
-                let asked = async {
-                    let mut c = connect(&peer, &key, &params).await?;
-                    send(&mut c.writer, &Message::Revoke).await?;
-                    c.reader.next_within(REVOKE_TIMEOUT, "answer to the revoke").await
-                }
-                .await;
-                match asked {
-                    Ok(Message::Revoked) => Ok(()),
-                    Ok(Message::Error { message }) => Err(Ok(message)),
-                    Ok(other) => Err(Err(format!("unexpected {} in answer to the revoke", other.name()))),
-                    Err(e) => Err(Err(format!("{e:#}"))),
-                }
-            }
+        let params = session_params(id, self.proxy.disk.size(), strategy);
+        let asked = async {
+            let (mut reader, mut writer) = connect(&peer, &self.proxy.protection, &params, None).await?;
+            send(&mut writer, &Message::Revoke).await?;
+            reader.next_within(REVOKE_TIMEOUT, "answer to the revoke").await
+        }
+        .await;
+        let answer = match asked {
+            Ok(Message::Revoked) => Ok(()),
+            Ok(Message::Error { message }) => Err(Ok(message)),
+            Ok(other) => Err(Err(format!("unexpected {} in answer to the revoke", other.name()))),
+            Err(e) => Err(Err(format!("{e:#}"))),
         };
         if answer.is_ok() {
             tracing::info!(%peer, "the destination gave the disk back");
         }
         let actions = self.step(|m| m.revoke_answered(answer))?;
         self.perform(actions).await
+    }
+}
+
+/// Waits at a named point when the `NBD_ROW_PAUSE` test hook asks for it.
+pub async fn pause(point: &str) {
+    if let Some(d) = control_api::pause_at(point) {
+        tracing::warn!(point, ?d, "pausing ({})", control_api::PAUSE_VAR);
+        tokio::time::sleep(d).await;
     }
 }
 

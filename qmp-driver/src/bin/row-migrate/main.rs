@@ -10,6 +10,7 @@
 //! (the disk is given back to the source first, and the guest resumed only once it is); once
 //! `migrate-continue` has been sent, nothing is undone and the source guest stays paused.
 
+mod recover;
 mod report;
 mod rollback;
 mod sequence;
@@ -44,7 +45,9 @@ const EXIT_CODES: &str = "Exit status:
   2  refused before changing anything (usage error, failed check)
   3  failed and rolled back: the guest runs on the source with its disk
   4  the rollback failed too: state unknown; the source guest is left paused (the message says what to check)
-  5  failed after the switchover was requested: the guest is on the destination; the source stays paused";
+  5  failed after the switchover: the guest runs on the destination; nothing was undone
+row-migrate --recover (same sockets) brings a migration that was killed, or ended with 4, to one
+consistent state: completed if the guest runs on the destination, otherwise undone.";
 
 /// How the disk moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -99,11 +102,11 @@ pub struct Args {
     pub dst_proxy: PathBuf,
     /// Where the disk goes: `tcp:HOST:PORT` of `receive --listen` (row, bitmap), or
     /// `nbd://HOST:PORT/EXPORT` of the destination proxy (qemu-mirror).
-    #[arg(long)]
-    pub disk_uri: String,
+    #[arg(long, required_unless_present = "recover")]
+    pub disk_uri: Option<String>,
     /// Where QEMU's memory migration goes, e.g. `tcp:HOST:4444`.
-    #[arg(long)]
-    pub mem_uri: String,
+    #[arg(long, required_unless_present = "recover")]
+    pub mem_uri: Option<String>,
     /// Migration method.
     #[arg(long, value_enum, default_value_t = Strategy::Row)]
     pub strategy: Strategy,
@@ -134,6 +137,24 @@ pub struct Args {
     /// as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Instead of migrating: after a row-migrate that was killed or ended with status 4, bring
+    /// the four components to one consistent state. If the guest runs on the destination, the
+    /// source proxy completes; otherwise the disk goes back to the source and the guest resumes
+    /// there. Exit 0 when done (the report says where the guest runs), 4 with what to do if not.
+    #[arg(long)]
+    pub recover: bool,
+}
+
+impl Args {
+    /// `--disk-uri` (required unless `--recover`).
+    pub fn disk_uri(&self) -> &str {
+        self.disk_uri.as_deref().unwrap_or_default()
+    }
+
+    /// `--mem-uri` (required unless `--recover`).
+    pub fn mem_uri(&self) -> &str {
+        self.mem_uri.as_deref().unwrap_or_default()
+    }
 }
 
 /// Bytes (or bytes/s) with an optional binary K/M/G suffix; more than zero.
@@ -180,10 +201,14 @@ async fn main() -> ExitCode {
         .init();
     let args = Args::parse();
     let json = args.json;
-    match sequence::run(args).await {
+    let recovering = args.recover;
+    let result = if recovering { recover::recover(args).await } else { sequence::run(args).await };
+    match result {
         Ok(report) => {
             if json {
                 println!("{}", serde_json::to_string(&report).expect("report serialises"));
+            } else if recovering {
+                println!("{}", report::recovered(&report));
             } else {
                 report::print(&report);
             }

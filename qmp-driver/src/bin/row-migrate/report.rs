@@ -75,3 +75,14 @@ pub fn print(r: &Value) {
     }
     println!("disk on the wire      {} MB", mb(&disk["total-wire-bytes"]));
 }
+
+/// The one line `--recover` prints.
+pub fn recovered(r: &Value) -> String {
+    let actions: Vec<&str> =
+        r["actions"].as_array().map_or(Vec::new(), |a| a.iter().filter_map(Value::as_str).collect());
+    format!(
+        "the guest runs on the {} ({})",
+        r["guest"].as_str().unwrap_or("?"),
+        if actions.is_empty() { "nothing to do".to_string() } else { actions.join(", ") }
+    )
+}

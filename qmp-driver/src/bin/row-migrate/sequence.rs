@@ -101,15 +101,18 @@ pub async fn run(args: Args) -> Result<Value, Failure> {
         Err(e) => e,
     };
     if ctx.continue_sent {
+        // Nothing is undone once the switchover was requested; say where the guest is.
         let state = crate::rollback::states(&mut ctx).await;
-        return Err(Failure {
-            code: exit::AFTER_SWITCHOVER,
-            error: error.context(
-                "after the switchover was requested: nothing was undone and the source guest was not resumed; \
-                 the guest runs on the destination (check its QEMU with query-status)",
-            ),
-            state,
-        });
+        let on_destination = state["destination-qemu"]["status"] == "running";
+        let (code, what) = if on_destination {
+            (exit::AFTER_SWITCHOVER, "after the switchover: the guest runs on the destination; nothing was undone")
+        } else {
+            (
+                exit::ROLLBACK_FAILED,
+                "after the switchover was requested, and the destination guest does not run: nothing was undone                  and the source guest was not resumed; run row-migrate --recover with the same sockets",
+            )
+        };
+        return Err(Failure { code, error: error.context(what), state });
     }
     let undone = crate::rollback::rollback(&mut ctx).await;
     let state = crate::rollback::states(&mut ctx).await;
@@ -174,9 +177,9 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
     // Unlimited unless asked (QEMU's default is 128 MiB/s; libvirt sets it unlimited too).
     params["max-bandwidth"] = json!(ctx.args.max_bandwidth.unwrap_or(u64::MAX >> 20));
     ctx.src.migrate_set_parameters(params).await.context("migrate-set-parameters")?;
-    ctx.dst.migrate_incoming(&ctx.args.mem_uri).await.context("migrate-incoming on the destination")?;
+    ctx.dst.migrate_incoming(ctx.args.mem_uri()).await.context("migrate-incoming on the destination")?;
     ctx.mem_started = true;
-    ctx.src.migrate(&ctx.args.mem_uri).await.context("migrate on the source")?;
+    ctx.src.migrate(ctx.args.mem_uri()).await.context("migrate on the source")?;
     progress_line("memory", "copying RAM");
     let stop = wait_migration(&mut ctx.src, "pre-switchover").await?;
     let paused_at = Instant::now();
@@ -198,6 +201,7 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
     let verify_seconds = if verified.is_some() { verify_started.elapsed().as_secs_f64() } else { 0.0 };
     // From the moment this is sent the switchover may happen: no rollback after it.
     ctx.continue_sent = true;
+    pause("before-continue").await;
     ctx.src.migrate_continue("pre-switchover").await.context("migrate-continue")?;
     wait_migration(&mut ctx.src, "completed").await?;
     let resume = ctx
@@ -206,6 +210,7 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
         .await
         .context("the destination guest did not resume")?;
     if ctx.args.strategy.by_proxies() {
+        pause("before-complete").await;
         DiskMigration { source: &mut ctx.src_proxy }.complete().await.context("migrate-complete")?;
     }
     let mem = ctx.src.query_migrate().await.context("query-migrate on the source")?;
@@ -244,7 +249,7 @@ async fn verify_disk(ctx: &mut Ctx) -> Result<Value> {
 /// Starts the proxies' pre-copy rounds and follows them until `ready`.
 async fn precopy_disk(ctx: &mut Ctx) -> Result<Value> {
     let mut args = MigrateStartArgs::new(
-        ctx.args.disk_uri.clone(),
+        ctx.args.disk_uri().to_string(),
         match ctx.args.strategy {
             Strategy::Bitmap => control_api::Strategy::Bitmap,
             _ => control_api::Strategy::Row,
@@ -264,7 +269,11 @@ async fn precopy_disk(ctx: &mut Ctx) -> Result<Value> {
             if m.round != last_round || std::io::IsTerminal::is_terminal(&std::io::stderr()) {
                 progress_line(
                     &format!("disk round {}", m.round),
-                    &format!("{kind}: {} MiB left, {:.0} MB/s", (m.round_remaining_blocks * 4096) >> 20, m.rate / 1e6),
+                    &format!(
+                        "{kind}: {} MiB left, {:.0} MB/s",
+                        (m.round_remaining_blocks * block_size) >> 20,
+                        m.rate / 1e6
+                    ),
                 );
                 last_round = m.round;
             }
@@ -300,7 +309,7 @@ async fn wait_migration(qemu: &mut Qmp, status: &str) -> Result<qmp_proto::Times
 
 /// qemu-mirror: `blockdev-mirror` onto the destination proxy until the job is READY.
 async fn mirror_until_ready(ctx: &mut Ctx) -> Result<Value> {
-    let (host, port, export) = parse_nbd_uri(&ctx.args.disk_uri)?;
+    let (host, port, export) = parse_nbd_uri(ctx.args.disk_uri())?;
     let blocks = ctx.src.execute_raw("query-block", json!({})).await?;
     let node = blocks
         .as_array()
@@ -360,6 +369,14 @@ async fn mirror_complete(ctx: &mut Ctx) -> Result<Value> {
     let _ = ctx.src.execute_raw("blockdev-del", json!({ "node-name": MIRROR_NODE })).await;
     ctx.mirror_started = false;
     Ok(stats)
+}
+
+/// Waits at a named point when the `NBD_ROW_PAUSE` test hook asks for it.
+async fn pause(point: &str) {
+    if let Some(d) = control_api::pause_at(point) {
+        eprintln!("row-migrate: pausing {d:?} at {point} ({})", control_api::PAUSE_VAR);
+        tokio::time::sleep(d).await;
+    }
 }
 
 fn secs(t: &qmp_proto::Timestamp) -> f64 {

@@ -1,0 +1,235 @@
+//! TLS 1.3 with X.509 credentials in the directory layout QEMU and libvirt use (`ca-cert.pem`,
+//! `server-cert.pem`, `server-key.pem`, `client-cert.pem`, `client-key.pem`; e.g.
+//! `/etc/pki/qemu`), so an existing libvirt PKI works as it is. Both ends authenticate: the
+//! server's certificate must name the host the client connects to and be signed by the CA, and
+//! so must the client's certificate (mutual TLS).
+//!
+//! [`make_lab_pki`] writes a throwaway CA and certificates for a lab or a test (`nbd-row-proxy
+//! tls-certs`); production uses the site's own PKI.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::crypto::ring;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// Why credentials could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file is missing or unreadable.
+    #[error("TLS credentials: {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    /// The files do not make a valid configuration.
+    #[error("TLS credentials in {}: {source}", dir.display())]
+    Config {
+        /// The directory.
+        dir: PathBuf,
+        /// The cause.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The CA does not make a client verifier.
+    #[error("TLS credentials in {}: the CA cannot verify clients: {why}", dir.display())]
+    Verifier {
+        /// The directory.
+        dir: PathBuf,
+        /// The cause.
+        why: String,
+    },
+    /// Writing the lab PKI failed.
+    #[error("writing {}: {source}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Generating the lab PKI failed.
+    #[error("generating certificates: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect())
+        .map_err(|source| TlsError::Read { path: path.to_owned(), source })
+}
+
+fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::Read { path: path.to_owned(), source })
+}
+
+/// Loaded credentials: what this host presents and whom it trusts.
+#[derive(Clone)]
+pub struct TlsCreds {
+    dir: PathBuf,
+    roots: Arc<RootCertStore>,
+}
+
+impl std::fmt::Debug for TlsCreds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsCreds").field("dir", &self.dir).finish()
+    }
+}
+
+impl TlsCreds {
+    /// Reads the CA of a credentials directory; the server and client identities are read when
+    /// first needed ([`TlsCreds::acceptor`], [`TlsCreds::connector`]), since a host may only
+    /// have one of them.
+    pub fn load(dir: &Path) -> Result<Self, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for cert in certs(&dir.join("ca-cert.pem"))? {
+            roots.add(cert).map_err(|source| TlsError::Config { dir: dir.to_owned(), source })?;
+        }
+        let creds = Self { dir: dir.to_owned(), roots: Arc::new(roots) };
+        Ok(creds)
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn cfg_err(&self) -> impl Fn(rustls::Error) -> TlsError + '_ {
+        |source| TlsError::Config { dir: self.dir.clone(), source }
+    }
+
+    /// The server side: presents `server-cert.pem`, requires a client certificate signed by
+    /// the CA. TLS 1.3 only.
+    pub fn acceptor(&self) -> Result<TlsAcceptor, TlsError> {
+        let provider = Arc::new(ring::default_provider());
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| TlsError::Verifier { dir: self.dir.clone(), why: e.to_string() })?;
+        let config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(self.cfg_err())?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs(&self.dir.join("server-cert.pem"))?, key(&self.dir.join("server-key.pem"))?)
+            .map_err(self.cfg_err())?;
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+
+    /// The client side: presents `client-cert.pem`, trusts servers signed by the CA. TLS 1.3
+    /// only.
+    pub fn connector(&self) -> Result<TlsConnector, TlsError> {
+        let config = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(self.cfg_err())?
+            .with_root_certificates(self.roots.clone())
+            .with_client_auth_cert(certs(&self.dir.join("client-cert.pem"))?, key(&self.dir.join("client-key.pem"))?)
+            .map_err(self.cfg_err())?;
+        Ok(TlsConnector::from(Arc::new(config)))
+    }
+}
+
+/// The name a server certificate must carry for `host` (a DNS name or an IP address).
+pub fn server_name(host: &str) -> Option<ServerName<'static>> {
+    ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']').to_string()).ok()
+}
+
+/// Writes a throwaway CA and a server and a client certificate signed by it into `dir`, in the
+/// layout above; the server certificate names `hosts` (DNS names or IP addresses). Keys are
+/// written with mode 0600.
+pub fn make_lab_pki(dir: &Path, hosts: &[String]) -> Result<(), TlsError> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let write = |name: &str, text: &str, secret: bool| -> Result<(), TlsError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = dir.join(name);
+        let err = |source| TlsError::Write { path: path.clone(), source };
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(if secret { 0o600 } else { 0o644 })
+            .open(&path)
+            .map_err(err)?;
+        f.write_all(text.as_bytes()).map_err(err)
+    };
+    std::fs::create_dir_all(dir).map_err(|source| TlsError::Write { path: dir.to_owned(), source })?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.distinguished_name.push(DnType::CommonName, "nbd-row-proxy lab CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca.self_signed(&ca_key)?;
+    write("ca-cert.pem", &ca_cert.pem(), false)?;
+    let issuer = Issuer::new(ca, ca_key);
+    for (role, names) in [("server", hosts.to_vec()), ("client", vec!["nbd-row-proxy-client".to_string()])] {
+        let mut params = CertificateParams::new(names.clone())?;
+        params.distinguished_name.push(DnType::CommonName, names.first().cloned().unwrap_or_default());
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &issuer)?;
+        write(&format!("{role}-cert.pem"), &cert.pem(), false)?;
+        write(&format!("{role}-key.pem"), &key.serialize_pem(), true)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn mutual_tls_with_a_lab_pki_and_refusals_without_the_right_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        make_lab_pki(dir.path(), &["127.0.0.1".into(), "localhost".into()]).unwrap();
+        let creds = TlsCreds::load(dir.path()).unwrap();
+        let (acceptor, connector) = (creds.acceptor().unwrap(), creds.connector().unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(s).await.unwrap();
+            let mut buf = [0u8; 5];
+            tls.read_exact(&mut buf).await.unwrap();
+            tls.write_all(&buf).await.unwrap();
+            tls.shutdown().await.unwrap();
+        });
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut tls = connector.connect(server_name("127.0.0.1").unwrap(), tcp).await.unwrap();
+        tls.write_all(b"hello").await.unwrap();
+        let mut back = [0u8; 5];
+        tls.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"hello");
+        server.await.unwrap();
+
+        // Another CA's client is refused, and the server's certificate must name the host.
+        let other = tempfile::tempdir().unwrap();
+        make_lab_pki(other.path(), &["127.0.0.1".into()]).unwrap();
+        let stranger = TlsCreds::load(other.path()).unwrap().connector().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = creds.acceptor().unwrap();
+        let server = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            acceptor.accept(s).await.is_err()
+        });
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(stranger.connect(server_name("127.0.0.1").unwrap(), tcp).await.is_err());
+        assert!(server.await.unwrap(), "the server accepted a client of another CA");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = creds.acceptor().unwrap();
+        tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let _ = acceptor.accept(s).await;
+        });
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(connector.connect(server_name("192.0.2.9").unwrap(), tcp).await.is_err(), "wrong host name accepted");
+        assert!(TlsCreds::load(Path::new("/nonexistent")).is_err());
+    }
+}

@@ -1,0 +1,128 @@
+//! `--recover`: after `row-migrate` was killed, or stopped with exit status 4, finishes what is
+//! consistent. If the guest runs on the destination, the source proxy is told the migration is
+//! complete; otherwise the migration is undone the safe way round (the disk is given back to the
+//! source before QEMU's migration is cancelled and the guest resumed). Components that are
+//! gone are reported, never guessed at.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use control_api::{MigrateCancel, MigrateComplete, NoArgs, Phase, QueryMigrate};
+use qmp_driver::Qmp;
+use serde_json::{json, Value};
+
+use crate::sequence::{Failure, CMD};
+use crate::{exit, Args};
+
+/// How long a component may take to answer before it counts as gone.
+const REACH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the source proxy may take to give the disk back (it may ask the destination).
+const DISK_CANCEL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Tries, 100 ms apart, to get a guest running.
+const RESUME_TRIES: u32 = 50;
+
+async fn reach(path: &Path) -> Option<Qmp> {
+    let mut q = tokio::time::timeout(REACH_TIMEOUT, Qmp::connect(path, REACH_TIMEOUT)).await.ok()?.ok()?;
+    q.set_timeout(CMD);
+    Some(q)
+}
+
+async fn run_state(q: &mut Option<Qmp>) -> Option<String> {
+    match q {
+        Some(q) => q.query_status().await.ok().map(|s| s.status),
+        None => None,
+    }
+}
+
+/// Resumes a guest that is paused for any reason but a finished migration.
+async fn resume(qemu: &mut Qmp) -> Result<()> {
+    for _ in 0..RESUME_TRIES {
+        let s = qemu.query_status().await?;
+        match s.status.as_str() {
+            _ if s.running => return Ok(()),
+            "postmigrate" | "inmigrate" => {
+                return Err(anyhow!("the guest cannot be resumed there (status {})", s.status))
+            }
+            "finish-migrate" => tokio::time::sleep(Duration::from_millis(100)).await,
+            _ => {
+                if qemu.cont().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    Err(anyhow!("the guest did not resume"))
+}
+
+/// Brings the four components to one consistent state; the report says where the guest runs.
+pub async fn recover(args: Args) -> Result<Value, Failure> {
+    let fail = |e: anyhow::Error| Failure { code: exit::ROLLBACK_FAILED, error: e, state: Value::Null };
+    let mut src = reach(&args.src_qmp).await;
+    let mut dst = reach(&args.dst_qmp).await;
+    let mut src_proxy = reach(&args.src_proxy).await;
+    let src_state = run_state(&mut src).await;
+    let dst_state = run_state(&mut dst).await;
+    let mut actions = Vec::new();
+    let disk_phase = match &mut src_proxy {
+        Some(p) => p.call::<QueryMigrate>(NoArgs {}).await.ok().map(|m| m.phase),
+        None => None,
+    };
+    if dst_state.as_deref() == Some("running") {
+        // The switchover happened: the destination owns the disk; the source only confirms it.
+        if let (Some(p), Some(Phase::HandedOver | Phase::Finishing)) = (&mut src_proxy, disk_phase) {
+            p.call::<MigrateComplete>(NoArgs {}).await.context("migrate-complete on the source proxy").map_err(fail)?;
+            actions.push("migrate-complete on the source proxy");
+        }
+        return Ok(json!({ "guest": "destination", "actions": actions }));
+    }
+    if src_state.as_deref() == Some("postmigrate") {
+        // QEMU switched over, but the destination guest does not run.
+        return match (&mut dst, dst_state.as_deref()) {
+            (Some(q), Some(s)) if s != "inmigrate" => {
+                resume(q).await.context("resuming the guest on the destination").map_err(fail)?;
+                if let (Some(p), Some(Phase::HandedOver | Phase::Finishing)) = (&mut src_proxy, disk_phase) {
+                    let _ = p.call::<MigrateComplete>(NoArgs {}).await;
+                }
+                Ok(json!({ "guest": "destination", "actions": ["cont on the destination QEMU"] }))
+            }
+            _ => Err(fail(anyhow!(
+                "the source QEMU finished the migration (postmigrate) but the destination QEMU is {}: the guest \
+                 stopped; its disk is on the destination proxy: start the VM there from it",
+                dst_state.as_deref().unwrap_or("gone")
+            ))),
+        };
+    }
+    // No switchover: the guest belongs on the source. The disk first.
+    match (&mut src_proxy, disk_phase) {
+        (Some(p), Some(phase)) if phase != Phase::Idle && phase != Phase::Completed => {
+            p.call_within::<MigrateCancel>(NoArgs {}, DISK_CANCEL_TIMEOUT)
+                .await
+                .context("giving the disk back to the source proxy (migrate-cancel)")
+                .map_err(fail)?;
+            actions.push("migrate-cancel on the source proxy");
+        }
+        (Some(_), _) => {}
+        (None, _) => {
+            return Err(fail(anyhow!(
+                "the source proxy does not answer at {}: restart it (it keeps refusing writes if it handed the \
+                 disk over), then run --recover again",
+                args.src_proxy.display()
+            )))
+        }
+    }
+    let Some(q) = &mut src else {
+        return Err(fail(anyhow!(
+            "the source QEMU does not answer at {}: the guest stopped; its disk is back on the source proxy: start \
+             the VM there from it",
+            args.src_qmp.display()
+        )));
+    };
+    let migrating = q.query_migrate().await.map(|m| !m.is_finished() && m.status != "none").unwrap_or(false);
+    if migrating || src_state.as_deref() != Some("running") {
+        let _ = q.migrate_cancel().await;
+        actions.push("migrate_cancel on the source QEMU");
+    }
+    resume(q).await.context("resuming the guest on the source").map_err(fail)?;
+    Ok(json!({ "guest": "source", "actions": actions }))
+}
