@@ -119,6 +119,7 @@ class MigrateStartArgs(Record):
         "compress": ("compress", None, False),
         "bitmap_granularity": ("bitmap-granularity", None, False),
         "final_budget_ms": ("final-budget-ms", None, False),
+        "tls_hostname": ("tls-hostname", None, False),
     }
 
 
@@ -293,7 +294,7 @@ COMMANDS = {
     "row-start": ((), None),
     "row-stop": (("wait",), "RowStopReply"),
     "query-row": (("hot-threshold",), "RowReport"),
-    "migrate-start": (("uri", "strategy", "rounds", "hot-threshold", "max-bandwidth", "compress", "bitmap-granularity", "final-budget-ms",), "MigrateStartReply"),
+    "migrate-start": (("uri", "strategy", "rounds", "hot-threshold", "max-bandwidth", "compress", "bitmap-granularity", "final-budget-ms", "tls-hostname",), "MigrateStartReply"),
     "query-migrate": ((), "MigrationStatus"),
     "migrate-finish": ((), "MigrationStatus"),
     "migrate-cancel": ((), None),
