@@ -354,7 +354,18 @@ fn typos_destroy_nothing_and_a_failed_start_leaves_no_file() {
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy = busy.local_addr().unwrap().to_string();
     refused(
-        &["serve", "--image", img, "--socket", &d("nbd.sock"), "--control", &d("ctl.sock"), "--tcp", &busy],
+        &[
+            "serve",
+            "--image",
+            img,
+            "--socket",
+            &d("nbd.sock"),
+            "--control",
+            &d("ctl.sock"),
+            "--tcp",
+            &busy,
+            "--insecure",
+        ],
         "binding",
     );
     assert_eq!(std::fs::read(&image).unwrap(), data, "the image changed");

@@ -55,6 +55,22 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// A throwaway CA with server and client certificates (`nbd-row-proxy tls-certs`) in `dir`, for
+/// the test hosts' addresses and loopback; returns `dir`.
+pub fn lab_pki(dir: &Path) -> PathBuf {
+    run_ok(Command::new(bin("nbd-row-proxy")).args(["tls-certs", "--dir"]).arg(dir).args([
+        "--host",
+        ADDR_A,
+        "--host",
+        ADDR_B,
+        "--host",
+        "127.0.0.1",
+        "--host",
+        "localhost",
+    ]));
+    dir.to_path_buf()
+}
+
 /// Creates a sparse file of `size` bytes.
 pub fn sparse_file(path: &Path, size: u64) {
     std::fs::File::create(path).unwrap().set_len(size).unwrap();
@@ -523,26 +539,32 @@ pub mod migration {
 
     /// `nbd-row-proxy serve` of `image` in `dir` with a control socket and a key.
     pub fn source(dir: &Path, image: &Path, key: &Path) -> Host {
+        source_with(dir, image, &["--auth-key-file", key.to_str().unwrap()])
+    }
+
+    /// `nbd-row-proxy serve` of `image` in `dir` with a control socket and `protection` (its
+    /// --auth-key-file, --tls-creds, --insecure arguments).
+    pub fn source_with(dir: &Path, image: &Path, protection: &[&str]) -> Host {
         let control = dir.join("control.sock");
-        let server = Server::start(
-            dir,
-            image,
-            &["--control", control.to_str().unwrap(), "--auth-key-file", key.to_str().unwrap()],
-        );
+        let mut args = vec!["--control", control.to_str().unwrap()];
+        args.extend_from_slice(protection);
+        let server = Server::start(dir, image, &args);
         wait_for_socket(&control, Duration::from_secs(10));
         Host { server, control, image: image.to_path_buf() }
     }
 
     /// `nbd-row-proxy receive` into `image`, listening on 127.0.0.1:`port`.
     pub fn destination(dir: &Path, image: &Path, key: &Path, port: u16) -> Host {
+        destination_with(dir, image, &["--auth-key-file", key.to_str().unwrap()], port)
+    }
+
+    /// Like [`destination`] with `protection` as [`source_with`] takes it.
+    pub fn destination_with(dir: &Path, image: &Path, protection: &[&str], port: u16) -> Host {
         let control = dir.join("control.sock");
         let listen = format!("127.0.0.1:{port}");
-        let server = Server::start_with(
-            dir,
-            "receive",
-            image,
-            &["--control", control.to_str().unwrap(), "--auth-key-file", key.to_str().unwrap(), "--listen", &listen],
-        );
+        let mut args = vec!["--control", control.to_str().unwrap(), "--listen", &listen];
+        args.extend_from_slice(protection);
+        let server = Server::start_with(dir, "receive", image, &args);
         wait_for_socket(&control, Duration::from_secs(10));
         Host { server, control, image: image.to_path_buf() }
     }

@@ -142,6 +142,8 @@ pub struct Side {
     pub qemu: Option<Proc>,
     /// Extra environment of its proxy (e.g. the `NBD_ROW_PAUSE` test hook).
     pub proxy_env: Vec<(String, String)>,
+    /// The TLS credentials its proxy uses (the rig's lab PKI).
+    pub tls_creds: Option<PathBuf>,
     /// How its guests run.
     pub guest: Guest,
 }
@@ -189,6 +191,7 @@ impl Side {
             proxy: None,
             qemu: None,
             proxy_env: Vec::new(),
+            tls_creds: None,
             guest: Guest::default(),
         }
     }
@@ -209,6 +212,9 @@ impl Side {
             .arg(&self.ctl)
             .arg("--auth-key-file")
             .arg(key);
+        if let Some(dir) = &self.tls_creds {
+            cmd.arg("--tls-creds").arg(dir);
+        }
         match role {
             Role::Source => {}
             Role::Receive => {
@@ -238,6 +244,15 @@ impl Side {
 
     /// Starts QEMU running `row-workload` with `args`; `incoming` adds `-incoming defer`.
     pub fn start_guest(&mut self, args: &[String], incoming: bool) {
+        // A guest booted again on this host gets a fresh console; the last one's is kept beside it
+        // (the console is opened for appending, so nothing an earlier QEMU wrote is lost).
+        if std::fs::metadata(&self.console).is_ok_and(|m| m.len() > 0) {
+            let mut n = 1;
+            while self.console.with_extension(format!("{n}.log")).exists() {
+                n += 1;
+            }
+            let _ = std::fs::rename(&self.console, self.console.with_extension(format!("{n}.log")));
+        }
         let mut cmd = guest_command();
         cmd.args(["--netns", &self.ns, "--socket"])
             .arg(&self.nbd)
@@ -366,6 +381,8 @@ pub struct Rig {
     pub net: TwoHosts,
     /// The migration key file.
     pub key: PathBuf,
+    /// The lab PKI every proxy and QEMU uses (TLS for the disk stream, the RAM and the mirror).
+    pub pki: PathBuf,
     /// Where everything lives.
     pub dir: tempfile::TempDir,
     /// When the rig started.
@@ -443,9 +460,11 @@ impl Rig {
         let net = TwoHosts::create(None);
         let dir = tempfile::tempdir().unwrap();
         let key = key_file(dir.path(), "qemu-migrate-test-key-0123456789abcdef");
+        let pki = lab_pki(&dir.path().join("pki"));
         let mut a = Side::new(HostId::A, &net.a, dir.path(), "a1");
         let mut b = Side::new(HostId::B, &net.b, dir.path(), "b1");
         for side in [&mut a, &mut b] {
+            side.tls_creds = Some(pki.clone());
             side.guest = guest.clone();
             side.proxy_env = proxy_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         }
@@ -458,7 +477,8 @@ impl Rig {
         }
         a.start_proxy(Role::Source, &key);
         b.start_proxy(dst_role, &key);
-        let mut rig = Self { sides: Vec::new(), net, key, dir, t0, driver_logs: Vec::new(), driver_env: Vec::new() };
+        let mut rig =
+            Self { sides: Vec::new(), net, key, pki, dir, t0, driver_logs: Vec::new(), driver_env: Vec::new() };
         rig.sides.push(a);
         rig.sides.push(b);
         eprintln!("[{:5.1}s] proxies up", rig.secs());
@@ -502,6 +522,7 @@ impl Rig {
             HostId::B => (self.net.b.clone(), "b"),
         };
         let mut side = Side::new(host, &ns, self.dir.path(), &format!("{prefix}{n}"));
+        side.tls_creds = Some(self.pki.clone());
         sparse_file(&side.image, DISK_SIZE);
         side.start_proxy(role, &self.key);
         side.start_qemu(seconds, true);
@@ -545,6 +566,8 @@ impl Rig {
                 strategy,
                 "--json",
             ])
+            .arg("--tls-creds")
+            .arg(&self.pki)
             .args(extra)
             .envs(self.driver_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

@@ -18,13 +18,16 @@ use row_store::storage::suffixed;
 /// How long a read on an incoming disk waits for the commit by default.
 const DEFAULT_READ_WAIT: &str = "2";
 
+/// The command line.
 #[derive(Debug, Parser)]
 #[command(name = "nbd-row-proxy", version, about = "NBD server for live migration of a VM with its local disk")]
 pub struct Cli {
+    /// What to run.
     #[command(subcommand)]
     pub command: Cmd,
 }
 
+/// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Serve a raw image over NBD.
@@ -37,6 +40,7 @@ pub enum Cmd {
     TlsCerts(TlsCertsArgs),
 }
 
+/// `tls-certs`: where and for which names.
 #[derive(Debug, clap::Args)]
 pub struct TlsCertsArgs {
     /// Directory to write ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem and
@@ -48,6 +52,7 @@ pub struct TlsCertsArgs {
     pub hosts: Vec<String>,
 }
 
+/// `receive`: `serve`'s arguments and where the migration arrives.
 #[derive(Debug, clap::Args)]
 pub struct ReceiveArgs {
     /// TCP address to accept the migration on, e.g. 0.0.0.0:10810.
@@ -58,10 +63,12 @@ pub struct ReceiveArgs {
     /// its monitor is stuck for as long as that read waits.
     #[arg(long, default_value = DEFAULT_READ_WAIT, value_name = "SECONDS")]
     pub read_wait: f64,
+    /// Everything `serve` takes.
     #[command(flatten)]
     pub serve: ServeArgs,
 }
 
+/// `serve`: the image, the sockets, and how the migration is protected.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// Raw disk image (file or block device).
@@ -71,7 +78,8 @@ pub struct ServeArgs {
     /// may be there already.
     #[arg(long)]
     pub socket: PathBuf,
-    /// Also listen on this TCP address, e.g. 127.0.0.1:10809.
+    /// Also listen on this TCP address, e.g. 127.0.0.1:10809 (needs --tls-creds, whose
+    /// certificates clients must then present, or --insecure).
     #[arg(long)]
     pub tcp: Option<String>,
     /// Export name; the empty name selects it too.
@@ -101,6 +109,9 @@ pub struct ServeArgs {
     /// Allow migration streams with neither TLS nor a key (a trusted test network only).
     #[arg(long)]
     pub insecure: bool,
+    /// NBD connections served at once; more are refused (the ones being served go on).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
 }
 
 /// A validated configuration.
@@ -128,6 +139,8 @@ pub struct Config {
     pub listen: Option<SocketAddr>,
     /// `receive`: how long reads wait for the commit.
     pub read_wait: Duration,
+    /// NBD connections served at once.
+    pub max_connections: usize,
 }
 
 fn address(what: &str, s: &str) -> Result<SocketAddr> {
@@ -191,6 +204,13 @@ impl Cli {
             }
         }
         let tcp = args.tcp.as_deref().map(|t| address("--tcp", t)).transpose()?;
+        if tcp.is_some() && args.tls_creds.is_none() && !args.insecure {
+            bail!(
+                "--tcp needs --tls-creds DIR (NBD clients then negotiate TLS with client certificates), or \
+                 --insecure for a trusted test network: an NBD export over TCP is otherwise open to anyone who \
+                 can reach it, in clear"
+            );
+        }
         let key = args.auth_key_file.as_deref().map(Key::from_file).transpose()?.map(Arc::new);
         let tls = args
             .tls_creds
@@ -231,6 +251,7 @@ impl Cli {
             protection,
             listen,
             read_wait,
+            max_connections: args.max_connections as usize,
         })
     }
 }

@@ -1,19 +1,36 @@
 //! `nbd-row-proxy`: an NBD server that sits between QEMU and a disk image, and moves the disk to
 //! another host when the VM migrates.
 
-mod cli;
-mod control;
-mod migration;
-mod nbd;
-mod ownership;
-mod proxy;
-mod server;
-mod tls;
-
 use std::time::Duration;
 
 use anyhow::Result;
 use clap::Parser;
+use nbd_row_proxy::{cli, server, tls};
+
+/// File descriptors kept for the proxy itself (its files, listeners, control and migration
+/// connections) when sizing the NBD connection cap to the descriptor limit.
+const RESERVED_FDS: u64 = 64;
+
+/// Raises the soft descriptor limit to the hard one and returns how many NBD connections fit
+/// under it, so a flood of connections meets the cap before the limit (and never starves the
+/// control socket or the migration).
+fn fd_budget() -> usize {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a pointer to a live rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return usize::MAX;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    let budget = lim.rlim_cur.saturating_sub(RESERVED_FDS).max(1);
+    usize::try_from(budget).unwrap_or(usize::MAX)
+}
 
 /// How long a merge still running at exit may hold up the process (it resumes on the next start).
 const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(2);
@@ -43,7 +60,8 @@ fn run(cli: cli::Cli) -> Result<()> {
         println!("wrote a lab CA and certificates for {} into {}", a.hosts.join(", "), a.dir.display());
         return Ok(());
     }
-    let config = cli.validate()?;
+    let mut config = cli.validate()?;
+    config.max_connections = config.max_connections.min(fd_budget());
     let (disk, record_file, record) = server::open_disk(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let result = runtime.block_on(server::run(config, disk, record_file, record));

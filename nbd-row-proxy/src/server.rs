@@ -13,11 +13,13 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 
 use crate::cli::{check_socket_path, Config};
 use crate::control::{Control, ControlHandler};
 use crate::migration::dest::Incoming;
 use crate::migration::source::Outgoing;
+use crate::nbd::connection::Stream;
 use crate::nbd::export::Catalog;
 use crate::ownership::{Access, Gate, Guarded, RecordFile};
 use crate::proxy::{Events, Merger, Proxy};
@@ -82,8 +84,8 @@ impl Drop for Created {
 
 /// The shared state of the proxy, its migration state machines, and the control commands,
 /// as the ownership record says: a destination (receiving, or holding a committed disk), or a
-/// source (perhaps fenced by a hand-over).
-async fn assemble(
+/// source (perhaps fenced by a hand-over). Binds nothing: [`run`] adds the listeners.
+pub async fn assemble(
     config: &Config,
     disk: &Arc<Disk>,
     record_file: RecordFile,
@@ -185,7 +187,11 @@ pub async fn run(config: Config, disk: Arc<Disk>, record_file: RecordFile, recor
         let p = proxy.clone();
         tokio::task::spawn_blocking(move || p.start_merge()).await?.context("resuming the merge")?;
     }
-    let conns = serve_until_signal(&listeners, catalog, &shutdown_rx).await?;
+    let nbd_tls = match (&config.protection.tls, config.tcp) {
+        (Some(creds), Some(_)) => Some(creds.acceptor()?),
+        _ => None,
+    };
+    let conns = serve_until_signal(&listeners, catalog, nbd_tls, config.max_connections, &shutdown_rx).await?;
     drop(listeners);
     let _ = shutdown_tx.send(true);
     if let Some(task) = control_task {
@@ -195,7 +201,15 @@ pub async fn run(config: Config, disk: Arc<Disk>, record_file: RecordFile, recor
 }
 
 /// Accepts NBD connections until SIGTERM or SIGINT; returns the connections still running.
-async fn serve_until_signal(l: &Listeners, catalog: Catalog, shutdown: &watch::Receiver<bool>) -> Result<JoinSet<()>> {
+/// Beyond `max_connections` new connections are closed at once; the others go on. TCP
+/// connections must negotiate TLS when `tls` is given.
+async fn serve_until_signal(
+    l: &Listeners,
+    catalog: Catalog,
+    tls: Option<TlsAcceptor>,
+    max_connections: usize,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<JoinSet<()>> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut conns = JoinSet::new();
@@ -208,14 +222,13 @@ async fn serve_until_signal(l: &Listeners, catalog: Catalog, shutdown: &watch::R
                 if let Err(e) = done { tracing::error!(error = %e, "connection task failed"); }
                 continue;
             }
-            c = l.unix.accept() => c.map(|(s, _)| { let (r, w) = s.into_split(); (Box::new(r) as Reader, Box::new(w) as Writer, "unix".to_string()) }),
+            c = l.unix.accept() => c.map(|(s, _)| (Box::new(s) as Box<dyn Stream>, "unix".to_string(), None)),
             c = accept_tcp(l.tcp.as_ref()) => c.map(|(s, addr)| {
                 let _ = s.set_nodelay(true);
-                let (r, w) = s.into_split();
-                (Box::new(r) as Reader, Box::new(w) as Writer, addr.to_string())
+                (Box::new(s) as Box<dyn Stream>, addr.to_string(), tls.clone())
             }),
         };
-        let (reader, writer, kind) = match accepted {
+        let (stream, kind, tls) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -223,11 +236,15 @@ async fn serve_until_signal(l: &Listeners, catalog: Catalog, shutdown: &watch::R
                 continue;
             }
         };
+        if conns.len() >= max_connections {
+            tracing::warn!(peer = %kind, max_connections, "too many NBD connections: refusing this one");
+            continue;
+        }
         next_id += 1;
         let peer = format!("{kind}#{next_id}");
         let (catalog, rx) = (catalog.clone(), shutdown.clone());
         conns.spawn(async move {
-            if let Err(e) = crate::nbd::connection::serve(reader, writer, catalog, peer.clone(), rx).await {
+            if let Err(e) = crate::nbd::connection::serve(stream, tls, catalog, peer.clone(), rx).await {
                 tracing::warn!(%peer, "connection ended: {e:#}");
             }
         });
@@ -247,9 +264,6 @@ async fn shut_down(mut conns: JoinSet<()>, disk: &Arc<Disk>) -> Result<()> {
     tracing::info!("stopped cleanly");
     Ok(())
 }
-
-type Reader = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
-type Writer = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
 
 async fn accept_tcp(l: Option<&TcpListener>) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
     match l {

@@ -76,6 +76,11 @@ impl DiskMigration<'_> {
         }
     }
 
+    /// `query-migrate` once.
+    pub async fn status(&mut self) -> Result<MigrationStatus, QmpError> {
+        self.source.call::<QueryMigrate>(NoArgs {}).await
+    }
+
     /// `migrate-finish` (the guest is paused): the final round and the destination's commit.
     pub async fn finish(&mut self, timeout: Duration) -> Result<MigrationStatus, QmpError> {
         self.source.call_within::<MigrateFinish>(NoArgs {}, timeout).await

@@ -319,7 +319,11 @@ impl SourceSession {
         self.expect(Phase::Finishing)?;
         self.phase = Phase::HandedOver;
         self.error = None;
-        Ok(vec![SourceAction::Persist(self.record(SourceStage::HandedOver))])
+        // Writes stay refused; the reason says where the disk is now.
+        Ok(vec![
+            SourceAction::Persist(self.record(SourceStage::HandedOver)),
+            SourceAction::RefuseWrites(self.fence_reason()),
+        ])
     }
 
     /// `migrate-complete`, after the switchover: the destination owns the disk. Also accepted
@@ -330,7 +334,11 @@ impl SourceSession {
         match self.phase {
             Phase::HandedOver | Phase::Finishing if self.commit_sent => {
                 self.phase = Phase::Completed;
-                Ok(vec![SourceAction::Persist(self.record(SourceStage::Completed)), SourceAction::SendDone])
+                Ok(vec![
+                    SourceAction::Persist(self.record(SourceStage::Completed)),
+                    SourceAction::RefuseWrites(self.fence_reason()),
+                    SourceAction::SendDone,
+                ])
             }
             Phase::Completed => Ok(Vec::new()),
             Phase::Idle => Err(SourceRefusal::NoMigration),

@@ -11,7 +11,7 @@
 //! All integers are little-endian. Every message is one frame:
 //!
 //! ```text
-//! +0  type         u8    message type (1 = ServerHello ... 15 = Revoked)
+//! +0  type         u8    message type (1 = ServerHello ... 16 = Keepalive)
 //! +1  flags        u8    must be 0
 //! +2  reserved     u16   must be 0
 //! +4  payload_len  u32   at most MAX_FRAME_PAYLOAD (MAX_BLOCK_LEN + 13)
@@ -46,6 +46,7 @@
 //! | 13   | `Error`       | message, UTF-8                                                   |
 //! | 14   | `Revoke`      | empty: the first message of a session asking for its disk back   |
 //! | 15   | `Revoked`     | empty                                                            |
+//! | 16   | `Keepalive`   | empty: the source is alive with nothing to send                  |
 //!
 //! Session parameters (29 bytes): `session_id[16] disk_size:u64 block_size:u32 strategy:u8`
 //! (strategy 0 row, 1 bitmap; block_size never 0).
@@ -84,7 +85,7 @@ pub use message::{
 pub const MAGIC: [u8; 8] = *b"NBDROWM1";
 
 /// The protocol version this crate speaks.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 
 /// The largest block a `Data` frame carries (its `logical_len`), 8 MiB. A frame's whole
 /// payload may be up to [`MAX_FRAME_PAYLOAD`], which leaves room for the `Data` fields.

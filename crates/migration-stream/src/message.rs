@@ -38,6 +38,7 @@ const T_DONE: u8 = 12;
 const T_ERROR: u8 = 13;
 const T_REVOKE: u8 = 14;
 const T_REVOKED: u8 = 15;
+const T_KEEPALIVE: u8 = 16;
 
 /// How the source tracks which blocks changed between rounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -267,6 +268,9 @@ pub enum Message {
     Revoke,
     /// dest → source: the disk of the session is given back (or was never held).
     Revoked,
+    /// source → dest: the session is alive though it has nothing to send (while the VM's
+    /// memory moves); a session silent for long is dropped.
+    Keepalive,
 }
 
 impl Message {
@@ -296,6 +300,7 @@ impl Message {
             Self::Error { .. } => "Error",
             Self::Revoke => "Revoke",
             Self::Revoked => "Revoked",
+            Self::Keepalive => "Keepalive",
         }
     }
 
@@ -316,6 +321,7 @@ impl Message {
             Self::Error { .. } => T_ERROR,
             Self::Revoke => T_REVOKE,
             Self::Revoked => T_REVOKED,
+            Self::Keepalive => T_KEEPALIVE,
         }
     }
 
@@ -329,7 +335,7 @@ impl Message {
             Self::Data { payload, .. } => DATA_HEADER_LEN + payload.len(),
             Self::Zero { .. } => 16,
             Self::RoundEnd { .. } => 4,
-            Self::Commit | Self::Committed | Self::Done | Self::Revoke | Self::Revoked => 0,
+            Self::Commit | Self::Committed | Self::Done | Self::Revoke | Self::Revoked | Self::Keepalive => 0,
         }
     }
 
@@ -381,7 +387,7 @@ impl Message {
                 out.extend_from_slice(&len.to_le_bytes());
             }
             Self::RoundEnd { round } => out.extend_from_slice(&round.to_le_bytes()),
-            Self::Commit | Self::Committed | Self::Done | Self::Revoke | Self::Revoked => {}
+            Self::Commit | Self::Committed | Self::Done | Self::Revoke | Self::Revoked | Self::Keepalive => {}
         }
         debug_assert_eq!(out.len() - start, HEADER_LEN + payload_len);
         let crc = crc32fast::hash(&out[start..]);
@@ -397,7 +403,7 @@ impl Message {
         };
         let ty = header[0];
         let len = u32::from_le_bytes(header[4..8].try_into().unwrap());
-        if !(T_SERVER_HELLO..=T_REVOKED).contains(&ty) {
+        if !(T_SERVER_HELLO..=T_KEEPALIVE).contains(&ty) {
             return Err(StreamError::UnknownType(ty));
         }
         if header[1] != 0 || header[2] != 0 || header[3] != 0 {
@@ -433,7 +439,9 @@ fn check_len(ty: u8, len: usize) -> Result<(), StreamError> {
         T_DATA => (len > DATA_HEADER_LEN, "Data payload too short"),
         T_ZERO => (len == 16, "Zero payload is not 16 bytes"),
         T_ROUND_END => (len == 4, "RoundEnd payload is not 4 bytes"),
-        T_COMMIT | T_COMMITTED | T_DONE | T_REVOKE | T_REVOKED => (len == 0, "unexpected payload on an empty message"),
+        T_COMMIT | T_COMMITTED | T_DONE | T_REVOKE | T_REVOKED | T_KEEPALIVE => {
+            (len == 0, "unexpected payload on an empty message")
+        }
         _ => return Err(StreamError::UnknownType(ty)),
     };
     if ok {
@@ -524,6 +532,7 @@ fn parse_payload(ty: u8, p: &[u8]) -> Result<Message, StreamError> {
         T_DONE => Message::Done,
         T_REVOKE => Message::Revoke,
         T_REVOKED => Message::Revoked,
+        T_KEEPALIVE => Message::Keepalive,
         _ => return Err(StreamError::UnknownType(ty)),
     };
     Ok(msg)
@@ -642,6 +651,7 @@ mod tests {
             Message::Error { message: "disk full".into() },
             Message::Revoke,
             Message::Revoked,
+            Message::Keepalive,
         ]
     }
 
@@ -870,6 +880,7 @@ mod tests {
             Just(Message::Done),
             Just(Message::Revoke),
             Just(Message::Revoked),
+            Just(Message::Keepalive),
             text.prop_map(|message| Message::Error { message }),
         ]
     }
@@ -886,7 +897,7 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_frames_never_panic(ty in 0u8..18, payload in proptest::collection::vec(any::<u8>(), 0..256)) {
+        fn arbitrary_frames_never_panic(ty in 0u8..19, payload in proptest::collection::vec(any::<u8>(), 0..256)) {
             let frame = raw_frame(ty, &payload);
             if let Ok(Some((m, n))) = Message::decode(&frame) {
                 prop_assert_eq!(n, frame.len());

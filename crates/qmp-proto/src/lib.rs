@@ -26,4 +26,4 @@ pub use message::{
     parse_arguments, BadRequest, CommandError, DecodeError, ErrorClass, Event, Greeting, Request, Response,
     ServerMessage, Timestamp, Version,
 };
-pub use server::{bind_control_socket, serve, Handler, HandlerFuture};
+pub use server::{bind_control_socket, serve, serve_connection, Handler, HandlerFuture};

@@ -29,6 +29,8 @@ use crate::message::{BadRequest, CommandError, ErrorClass, Event, Greeting, Requ
 
 /// Requests read ahead of the one running; past this we stop reading (backpressure).
 const MAX_QUEUED: usize = 64;
+/// Clients served at once; a client beyond this is closed at once.
+pub const MAX_CLIENTS: usize = 16;
 
 /// The future a [`Handler`] returns for one command.
 pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<Value, CommandError>> + Send + 'a>>;
@@ -102,6 +104,9 @@ pub async fn serve(
                 }
             }
             accepted = listener.accept() => match accepted {
+                Ok(_) if conns.len() >= MAX_CLIENTS => {
+                    tracing::warn!(max = MAX_CLIENTS, "too many control clients: refusing one");
+                }
                 Ok((stream, _)) => {
                     next_peer += 1;
                     let conn = Connection {
@@ -121,6 +126,19 @@ pub async fn serve(
     }
     drop(listener);
     while conns.join_next().await.is_some() {}
+}
+
+/// Serves one accepted connection as [`serve`] serves each of its clients, until it closes (the
+/// property tests and fuzz targets drive the server this way over a socket pair).
+pub async fn serve_connection(
+    stream: UnixStream,
+    greeting: &Greeting,
+    handler: Arc<dyn Handler>,
+    events: broadcast::Sender<Event>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let conn = Connection { peer: 0, handler, events, shutdown };
+    conn.run(stream, greeting.to_line().into()).await;
 }
 
 /// Resolves once shutdown is requested or nobody can request it any more.

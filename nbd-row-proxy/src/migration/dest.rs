@@ -10,24 +10,32 @@
 //! the commit, writes are refused and reads wait; after it, the disk is served read-write and
 //! its first write makes this host the owner.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use control_api::{IncomingData, IncomingPhase, MigrationIncoming, Strategy};
 use migration_session::{DestAction, DestRefusal, DestSession, SessionId};
-use migration_stream::Message;
+use migration_stream::{Message, SessionParams};
 use row_store::{BlockBackend, ZeroFlags, BLOCK_SIZE};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch, Semaphore};
 
-use super::transport::{accept, Protection, Reader, Writer};
-use super::{last_word, send, FrameReader, FIRST_MESSAGE_TIMEOUT, HANDSHAKE_TIMEOUT};
+use super::transport::{accept, tune_accepted, Reader, Writer};
+use super::{last_word, send, FrameReader, FIRST_MESSAGE_TIMEOUT, SESSION_IDLE_TIMEOUT};
 use crate::ownership::Access;
 use crate::proxy::Proxy;
 
-/// Migration connections served at once; more are closed at once.
-const MAX_CONNECTIONS: usize = 4;
+/// Connections still in their handshake; a new one beyond this drops the oldest.
+const MAX_UNAUTHENTICATED: usize = 16;
+/// Connections that have not authenticated yet, oldest first: an id and what evicts it.
+type Unauthenticated = VecDeque<(u64, oneshot::Sender<()>)>;
+/// How long a connection may take to authenticate (TLS and the session request).
+const UNAUTHENTICATED_TIMEOUT: Duration = Duration::from_secs(5);
+/// Authenticated connections served at once (a session, and revokes or `Done`s beside it).
+const MAX_SESSIONS: usize = 4;
 
 /// The destination's state, shared by its connections, the NBD write gate and `query-status`.
 pub struct Incoming {
@@ -129,7 +137,9 @@ impl Incoming {
 
     /// Accepts migration connections until `shutdown`.
     pub async fn listen(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let sessions = Arc::new(Semaphore::new(MAX_SESSIONS));
+        let waiting: Arc<Mutex<Unauthenticated>> = Arc::default();
+        let mut next_id = 0u64;
         loop {
             let (stream, peer) = tokio::select! {
                 _ = stopped(&mut shutdown) => return,
@@ -142,17 +152,49 @@ impl Incoming {
                     }
                 },
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, "too many migration connections; closing this one");
-                continue;
-            };
-            let me = self.clone();
+            tune_accepted(&stream);
+            // Connections that have not authenticated yet are many and short-lived; when there
+            // are too many, the oldest goes, so strangers can never keep the real source out.
+            next_id += 1;
+            let id = next_id;
+            let (evict, evicted) = oneshot::channel();
+            {
+                let mut w = waiting.lock().unwrap_or_else(|e| e.into_inner());
+                if w.len() >= MAX_UNAUTHENTICATED {
+                    if let Some((old, tx)) = w.pop_front() {
+                        tracing::warn!(
+                            connection = old,
+                            "too many unauthenticated migration connections: dropping the oldest"
+                        );
+                        let _ = tx.send(());
+                    }
+                }
+                w.push_back((id, evict));
+            }
+            let (me, sessions, waiting) = (self.clone(), sessions.clone(), waiting.clone());
             let mut stop = shutdown.clone();
             tokio::spawn(async move {
-                let _slot = slot;
+                let authenticated = tokio::select! {
+                    _ = stopped(&mut stop) => None,
+                    _ = evicted => None,
+                    r = me.handshake(stream) => match r {
+                        Ok(a) => Some(a),
+                        Err(e) => {
+                            tracing::warn!(%peer, "migration connection: {e:#}");
+                            None
+                        }
+                    },
+                };
+                waiting.lock().unwrap_or_else(|e| e.into_inner()).retain(|(i, _)| *i != id);
+                let Some((params, reader, mut wr)) = authenticated else { return };
+                let Ok(_slot) = sessions.try_acquire_owned() else {
+                    let message = "too many migration sessions at once".to_string();
+                    last_word(&mut wr, &Message::Error { message }).await;
+                    return;
+                };
                 tokio::select! {
                     _ = stopped(&mut stop) => {}
-                    r = me.connection(stream) => if let Err(e) = r {
+                    r = me.connection(params, reader, wr) => if let Err(e) = r {
                         tracing::warn!(%peer, "migration connection: {e:#}");
                     }
                 }
@@ -160,10 +202,13 @@ impl Incoming {
         }
     }
 
-    /// One connection: handshake, then what its first message asks for.
-    async fn connection(self: &Arc<Self>, stream: TcpStream) -> Result<()> {
+    /// TLS and the session handshake, within [`UNAUTHENTICATED_TIMEOUT`].
+    pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static>(
+        &self,
+        stream: S,
+    ) -> Result<(SessionParams, FrameReader<Reader>, Writer)> {
         let size = self.proxy.disk.size();
-        let check = |params: &migration_stream::SessionParams| {
+        let check = |params: &SessionParams| {
             if params.disk_size != size {
                 Some(format!("disk size differs: the source has {} bytes, this image {size}", params.disk_size))
             } else if params.block_size as u64 != BLOCK_SIZE {
@@ -172,12 +217,26 @@ impl Incoming {
                 None
             }
         };
-        let protection: &Protection = &self.proxy.protection;
-        let (params, mut reader, mut wr) = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(stream, protection, check))
+        tokio::time::timeout(UNAUTHENTICATED_TIMEOUT, accept(stream, &self.proxy.protection, check))
             .await
-            .map_err(|_| anyhow!("no authenticated session request within {HANDSHAKE_TIMEOUT:?}"))??;
+            .map_err(|_| anyhow!("no authenticated session request within {UNAUTHENTICATED_TIMEOUT:?}"))?
+    }
+
+    /// An authenticated connection: what its first message asks for.
+    pub async fn connection(
+        self: &Arc<Self>,
+        params: SessionParams,
+        mut reader: FrameReader<Reader>,
+        mut wr: Writer,
+    ) -> Result<()> {
         let session = SessionId(params.session_id);
-        let first = reader.next_within(FIRST_MESSAGE_TIMEOUT, "the session's first message").await?;
+        let first = match reader.next_within(FIRST_MESSAGE_TIMEOUT, "the session's first message").await {
+            Ok(m) => m,
+            Err(e) => {
+                last_word(&mut wr, &Message::Error { message: format!("{e:#}") }).await;
+                return Err(e);
+            }
+        };
         match first {
             Message::RoundBegin { round, .. } => {
                 self.receive(session, strategy_of(params.strategy), round, reader, wr).await
@@ -290,7 +349,10 @@ impl Incoming {
         let size = disk.size();
         let mut background_sync: Option<tokio::task::JoinHandle<std::io::Result<()>>> = None;
         loop {
-            let Some(msg) = reader.next().await? else {
+            let next = tokio::time::timeout(SESSION_IDLE_TIMEOUT, reader.next())
+                .await
+                .map_err(|_| anyhow!("the source sent nothing for {SESSION_IDLE_TIMEOUT:?}"))?;
+            let Some(msg) = next? else {
                 return match self.phase() {
                     IncomingPhase::Committed | IncomingPhase::Owner => Ok(()),
                     _ => Err(anyhow!("the source closed the connection before committing")),
@@ -354,6 +416,7 @@ impl Incoming {
                         return Ok(());
                     }
                 },
+                Message::Keepalive => {}
                 Message::Done => {
                     self.blocking(move |me| me.apply(|m| m.done(session))).await?;
                     tracing::info!(%session, "incoming migration complete: this host owns the disk");

@@ -27,6 +27,9 @@ pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(120);
 pub const REVOKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a best-effort last word (a discard, an error) may take to send.
 pub const LAST_WORD_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the destination waits for a session's next frame (an idle source sends
+/// keepalives every few seconds).
+pub const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the destination waits for an authenticated connection's first message.
 pub const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Unacknowledged data fails the connection after this long (`TCP_USER_TIMEOUT`).

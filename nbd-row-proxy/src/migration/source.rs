@@ -37,6 +37,8 @@ use crate::proxy::Proxy;
 const MAX_SETTLE_PASSES: u32 = 6;
 /// How long a cancelled pre-copy may take to stop before it is aborted.
 const PRECOPY_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often an idle session tells the destination it is alive.
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(5);
 /// How long a failing session waits for the destination's reason.
 const REASON_WAIT: Duration = Duration::from_millis(500);
 /// Requests queued for the actor.
@@ -299,6 +301,8 @@ enum Wake {
     Request(Option<Request>),
     PrecopyEnded(std::result::Result<(Conn, Plan, Result<()>), tokio::task::JoinError>),
     FromDest(Option<Result<Message>>),
+    /// Nothing happened for [`KEEPALIVE_EVERY`] on an idle session.
+    Quiet,
 }
 
 impl Actor {
@@ -336,6 +340,7 @@ impl Actor {
                     Some(Link::Idle(conn, _)) => tokio::select! {
                         r = requests.recv() => Wake::Request(r),
                         m = conn.from_dest.recv() => Wake::FromDest(m),
+                        _ = tokio::time::sleep(KEEPALIVE_EVERY) => Wake::Quiet,
                     },
                     _ => Wake::Request(requests.recv().await),
                 }
@@ -344,6 +349,15 @@ impl Actor {
                 Wake::Request(None) => return,
                 Wake::Request(Some(req)) => self.handle(req).await,
                 Wake::PrecopyEnded(done) => self.precopy_ended(done).await,
+                Wake::Quiet => {
+                    if let Some(Link::Idle(conn, _)) = self.session.as_mut().map(|s| &mut s.link) {
+                        if let Err(e) = send(&mut conn.out.writer, &Message::Keepalive).await {
+                            let why = format!("{e:#}");
+                            self.session.as_mut().expect("idle").link = Link::None;
+                            self.fail(&why).await;
+                        }
+                    }
+                }
                 Wake::FromDest(msg) => {
                     // Between rounds nothing is expected: the destination failed or went away.
                     let why = dest_problem(msg);

@@ -135,16 +135,21 @@ pub async fn connect(
     Ok((reader, wr))
 }
 
+/// Socket options for an accepted migration connection: no Nagle delay, and keepalives and a
+/// send timeout that notice a dead peer.
+pub fn tune_accepted(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    set_dead_peer_timeouts(stream);
+}
+
 /// The destination's side: TLS (if configured) and the session handshake on an accepted
-/// connection; the session's parameters and the protected halves. `check` refuses parameters
+/// connection (tuned with [`tune_accepted`] if it is TCP); the session's parameters and the protected halves. `check` refuses parameters
 /// (e.g. another disk size) with a reason sent back to the source.
-pub async fn accept(
-    stream: TcpStream,
+pub async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static>(
+    stream: S,
     p: &Protection,
     check: impl FnOnce(&SessionParams) -> Option<String>,
 ) -> Result<(SessionParams, FrameReader<Reader>, Writer)> {
-    let _ = stream.set_nodelay(true);
-    set_dead_peer_timeouts(&stream);
     let (rd, mut wr) = match &p.tls {
         Some(creds) => {
             let tls = creds

@@ -1,26 +1,43 @@
 //! One client connection: moves bytes between the socket and the sans-I/O negotiation and
-//! transmission code. Requests are pipelined: cheap ones run on this task, slow ones on the
-//! blocking pool, and replies go out in completion order through a writer task that batches
-//! them into vectored writes.
+//! transmission code. Negotiation (with STARTTLS on TCP exports that require TLS) must end
+//! within [`NEGOTIATION_TIMEOUT`]. Requests are pipelined: cheap ones run on this task, slow
+//! ones on the blocking pool, and replies go out in completion order through a writer task that
+//! batches them into vectored writes. A request holds a share of the connection's byte budget
+//! ([`MAX_IN_FLIGHT_BYTES`]) from before its payload is read until its reply is on the socket,
+//! so a client that stops reading replies stops being read: back-pressure, not buffering.
 
 use std::io::{self, IoSlice};
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use nbd_proto::consts::*;
 use nbd_proto::{ClientFlags, Command, Greeting, ProtocolError, RawOption, Request};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
 
-use super::export::Catalog;
+use super::export::{Catalog, MAX_REQUEST_LEN};
 use super::negotiation::{Negotiation, Session, Step};
 use super::transmission::{error_reply, execute, runs_inline, validate};
 use crate::ownership::Access;
 
-/// Replies queued for the writer; bounds memory when a client stops reading.
+/// Replies queued for the writer.
 const REPLY_QUEUE: usize = 256;
 /// Most replies gathered into one vectored write.
 const MAX_BATCH: usize = 64;
+/// How long a client may take from connecting to starting transmission.
+pub const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes of request payloads and replies a connection may have in flight (two of the largest
+/// requests).
+pub const MAX_IN_FLIGHT_BYTES: u32 = 2 * MAX_REQUEST_LEN;
+
+/// A connection's byte stream: Unix, TCP, or TLS over TCP.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// A reply and the share of the byte budget its request holds until it is written.
+type Reply = (Vec<u8>, Option<OwnedSemaphorePermit>);
 
 /// Reads framed messages out of a byte stream with the sans-I/O decoders.
 struct FrameReader<R> {
@@ -31,7 +48,22 @@ struct FrameReader<R> {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     fn new(inner: R) -> Self {
-        Self { inner, buf: Vec::with_capacity(256 * 1024), pos: 0 }
+        Self::with_buffered(inner, Vec::new())
+    }
+
+    /// Reads from `inner`, after the bytes already read from it.
+    fn with_buffered(inner: R, mut buffered: Vec<u8>) -> Self {
+        buffered.reserve(256 * 1024);
+        Self { inner, buf: buffered, pos: 0 }
+    }
+
+    /// The stream back, with what was read from it but not decoded yet.
+    fn into_parts(self) -> (R, Vec<u8>) {
+        (self.inner, self.buf[self.pos..].to_vec())
+    }
+
+    fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
     }
 
     /// Next message, or `None` on a clean end of stream between messages.
@@ -105,45 +137,22 @@ struct Stats {
     bytes_written: u64,
 }
 
-/// Serves one connection to completion. `peer` names it in logs.
-pub async fn serve<R, W>(
-    reader: R,
-    mut writer: W,
+/// Serves one connection to completion. `tls`: the export requires TLS on this connection
+/// (STARTTLS before any other option). `peer` names it in logs.
+pub async fn serve(
+    stream: Box<dyn Stream>,
+    tls: Option<TlsAcceptor>,
     catalog: Catalog,
     peer: String,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<()>
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let mut reader = FrameReader::new(reader);
-    let mut greeting = Vec::new();
-    Greeting { handshake_flags: NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES }.encode(&mut greeting);
-    writer.write_all(&greeting).await.context("sending greeting")?;
-    let Some(flags) = reader.next(ClientFlags::decode).await.context("reading client flags")? else {
-        return Ok(());
-    };
-    let mut negotiation = Negotiation::new(catalog, flags.no_zeroes());
-    let session = loop {
-        let Some(raw) = reader.next(RawOption::decode).await.context("reading option")? else {
-            tracing::debug!(%peer, "client left during negotiation");
-            return Ok(());
-        };
-        match negotiation.on_option(&raw) {
-            Step::Continue(bytes) => writer.write_all(&bytes).await?,
-            Step::Close(bytes) => {
-                writer.write_all(&bytes).await?;
-                tracing::debug!(%peer, option = raw.option, "negotiation ended by the client");
-                return Ok(());
-            }
-            Step::Transmission(bytes, session) => {
-                writer.write_all(&bytes).await?;
-                break session;
-            }
-        }
-    };
-    writer.flush().await?;
+) -> Result<()> {
+    let negotiated = tokio::time::timeout(NEGOTIATION_TIMEOUT, negotiate(stream, tls, catalog, &peer))
+        .await
+        .map_err(|_| anyhow!("negotiation took longer than {NEGOTIATION_TIMEOUT:?}"))??;
+    let Some((reader, session)) = negotiated else { return Ok(()) };
+    let (stream, buffered) = reader.into_parts();
+    let (r, writer) = tokio::io::split(stream);
+    let mut reader = FrameReader::with_buffered(r, buffered);
     let session = Arc::new(session);
     tracing::info!(
         %peer,
@@ -153,7 +162,7 @@ where
         "connection open"
     );
 
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(REPLY_QUEUE);
+    let (tx, rx) = mpsc::channel::<Reply>(REPLY_QUEUE);
     let writer_task = tokio::spawn(write_replies(writer, rx));
     let mut stats = Stats::default();
     let outcome = transmission(&mut reader, &session, &tx, &mut shutdown, &mut stats).await;
@@ -173,13 +182,73 @@ where
     written.context("sending replies")
 }
 
+/// The handshake and option haggling, with the TLS upgrade when STARTTLS asks for it;
+/// `None` when the client left or ended negotiation.
+async fn negotiate(
+    stream: Box<dyn Stream>,
+    tls: Option<TlsAcceptor>,
+    catalog: Catalog,
+    peer: &str,
+) -> Result<Option<(FrameReader<Box<dyn Stream>>, Session)>> {
+    let mut reader = FrameReader::new(stream);
+    let mut greeting = Vec::new();
+    Greeting { handshake_flags: NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES }.encode(&mut greeting);
+    reader.get_mut().write_all(&greeting).await.context("sending greeting")?;
+    let Some(flags) = reader.next(ClientFlags::decode).await.context("reading client flags")? else {
+        return Ok(None);
+    };
+    let mut negotiation = Negotiation::new(catalog, flags.no_zeroes(), tls.is_some());
+    loop {
+        let Some(raw) = reader.next(RawOption::decode).await.context("reading option")? else {
+            tracing::debug!(%peer, "client left during negotiation");
+            return Ok(None);
+        };
+        match negotiation.on_option(&raw) {
+            Step::Continue(bytes) => reader.get_mut().write_all(&bytes).await?,
+            Step::Close(bytes) => {
+                reader.get_mut().write_all(&bytes).await?;
+                tracing::debug!(%peer, option = raw.option, "negotiation ended by the client");
+                return Ok(None);
+            }
+            Step::StartTls(bytes) => {
+                let stream = reader.get_mut();
+                stream.write_all(&bytes).await?;
+                stream.flush().await?;
+                let (plain, buffered) = reader.into_parts();
+                if !buffered.is_empty() {
+                    bail!("the client sent data before the TLS handshake");
+                }
+                let acceptor = tls.as_ref().context("STARTTLS without TLS credentials")?;
+                let secured = acceptor.accept(plain).await.context("TLS handshake")?;
+                tracing::debug!(%peer, "TLS established");
+                reader = FrameReader::new(Box::new(secured));
+            }
+            Step::Transmission(bytes, session) => {
+                let stream = reader.get_mut();
+                stream.write_all(&bytes).await?;
+                stream.flush().await?;
+                return Ok(Some((reader, session)));
+            }
+        }
+    }
+}
+
+/// What a request costs of the byte budget: its payload or its reply.
+fn cost(req: &Request) -> u32 {
+    match req.command {
+        Command::Read | Command::Write => req.length.clamp(1, MAX_IN_FLIGHT_BYTES),
+        _ => 1,
+    }
+}
+
 async fn transmission<R: AsyncRead + Unpin>(
     reader: &mut FrameReader<R>,
     session: &Arc<Session>,
-    tx: &mpsc::Sender<Vec<u8>>,
+    tx: &mpsc::Sender<Reply>,
     shutdown: &mut watch::Receiver<bool>,
     stats: &mut Stats,
 ) -> Result<()> {
+    let budget = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES as usize));
     loop {
         if *shutdown.borrow() {
             return Ok(());
@@ -201,11 +270,13 @@ async fn transmission<R: AsyncRead + Unpin>(
             if req.has_payload() {
                 reader.discard(req.length as u64).await.context("discarding refused payload")?;
             }
-            if tx.send(error_reply(session, req.cookie, refusal.errno, refusal.reason)).await.is_err() {
+            if tx.send((error_reply(session, req.cookie, refusal.errno, refusal.reason), None)).await.is_err() {
                 return Ok(());
             }
             continue;
         }
+        // Its share of the budget comes before its payload is read or its reply made.
+        let permit = Some(budget.clone().acquire_many_owned(cost(&req)).await.expect("the budget is never closed"));
         let payload = if req.has_payload() {
             let mut payload = Vec::with_capacity(req.length as usize);
             reader.read_payload(req.length as usize, &mut payload).await.context("reading write payload")?;
@@ -226,7 +297,7 @@ async fn transmission<R: AsyncRead + Unpin>(
             if matches!(req.command, Command::Write | Command::Trim | Command::WriteZeroes) {
                 let reply =
                     error_reply(session, req.cookie, NBD_EPERM, "the disk is still being migrated to this host");
-                if tx.send(reply).await.is_err() {
+                if tx.send((reply, permit)).await.is_err() {
                     return Ok(());
                 }
                 continue;
@@ -245,35 +316,42 @@ async fn transmission<R: AsyncRead + Unpin>(
                 } else {
                     error_reply(&session, req.cookie, NBD_EIO, "the disk has not been migrated here yet")
                 };
-                let _ = tx.send(reply).await;
+                let _ = tx.send((reply, permit)).await;
             });
             continue;
         }
         if runs_inline(&req) {
-            if tx.send(execute(session, &req, payload)).await.is_err() {
+            if tx.send((execute(session, &req, payload), permit)).await.is_err() {
                 return Ok(());
             }
         } else {
             let (session, tx) = (session.clone(), tx.clone());
             tokio::task::spawn_blocking(move || {
-                let _ = tx.blocking_send(execute(&session, &req, payload));
+                let _ = tx.blocking_send((execute(&session, &req, payload), permit));
             });
         }
     }
 }
 
-async fn write_replies<W: AsyncWrite + Unpin>(mut writer: W, mut rx: mpsc::Receiver<Vec<u8>>) -> Result<()> {
+async fn write_replies<W: AsyncWrite + Unpin>(mut writer: W, mut rx: mpsc::Receiver<Reply>) -> Result<()> {
     let mut batch: Vec<Vec<u8>> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.recv().await {
+    let mut permits = Vec::with_capacity(MAX_BATCH);
+    while let Some((first, permit)) = rx.recv().await {
         batch.push(first);
+        permits.push(permit);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(reply) => batch.push(reply),
+                Ok((reply, permit)) => {
+                    batch.push(reply);
+                    permits.push(permit);
+                }
                 Err(_) => break,
             }
         }
         write_all_vectored(&mut writer, &batch).await?;
         batch.clear();
+        // Written: the budget these replies held is free again.
+        permits.clear();
     }
     writer.flush().await?;
     let _ = writer.shutdown().await;

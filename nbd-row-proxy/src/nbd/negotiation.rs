@@ -29,10 +29,24 @@ pub struct Session {
 pub enum Step {
     /// Send the bytes and read the next option.
     Continue(Vec<u8>),
+    /// Send the bytes (STARTTLS's acknowledgement), run the TLS handshake, then read the next
+    /// option over TLS.
+    StartTls(Vec<u8>),
     /// Send the bytes, then close the connection.
     Close(Vec<u8>),
     /// Send the bytes, then enter transmission.
     Transmission(Vec<u8>, Session),
+}
+
+/// Where TLS is on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tls {
+    /// Not offered (a Unix socket, or no credentials).
+    Off,
+    /// Required: only STARTTLS (and ABORT) before it.
+    Required,
+    /// Negotiated.
+    On,
 }
 
 /// Negotiation state of one connection.
@@ -40,15 +54,18 @@ pub enum Step {
 pub struct Negotiation {
     catalog: Catalog,
     no_zeroes: bool,
+    tls: Tls,
     structured: bool,
     /// Export name the meta contexts were set for, and whether `base:allocation` was selected.
     meta: Option<(String, bool)>,
 }
 
 impl Negotiation {
-    /// Starts negotiation once the client flags are known.
-    pub fn new(catalog: Catalog, no_zeroes: bool) -> Self {
-        Self { catalog, no_zeroes, structured: false, meta: None }
+    /// Starts negotiation once the client flags are known; with `tls_required`, every option
+    /// but STARTTLS and ABORT is refused (`NBD_REP_ERR_TLS_REQD`) until TLS is on.
+    pub fn new(catalog: Catalog, no_zeroes: bool, tls_required: bool) -> Self {
+        let tls = if tls_required { Tls::Required } else { Tls::Off };
+        Self { catalog, no_zeroes, tls, structured: false, meta: None }
     }
 
     /// Handles one framed option.
@@ -62,6 +79,26 @@ impl Negotiation {
             }
         };
         let code = option.code();
+        if self.tls == Tls::Required {
+            return match option {
+                ClientOption::StartTls => {
+                    self.tls = Tls::On;
+                    OptionReply::ack(code).encode(&mut out);
+                    Step::StartTls(out)
+                }
+                ClientOption::Abort => {
+                    OptionReply::ack(code).encode(&mut out);
+                    Step::Close(out)
+                }
+                // EXPORT_NAME cannot carry an error: the spec says close.
+                ClientOption::ExportName(_) => Step::Close(out),
+                _ => {
+                    OptionReply::error(code, NBD_REP_ERR_TLS_REQD, "this export requires TLS: NBD_OPT_STARTTLS first")
+                        .encode(&mut out);
+                    Step::Continue(out)
+                }
+            };
+        }
         match option {
             ClientOption::ExportName(name) => match self.catalog.find(&name) {
                 Some(export) => {
@@ -110,8 +147,13 @@ impl Negotiation {
                 self.meta_context(code, req, true, &mut out);
                 Step::Continue(out)
             }
+            ClientOption::StartTls if self.tls == Tls::On => {
+                OptionReply::error(code, NBD_REP_ERR_INVALID, "TLS is already on").encode(&mut out);
+                Step::Continue(out)
+            }
             ClientOption::StartTls => {
-                OptionReply::error(code, NBD_REP_ERR_UNSUP, "TLS is not supported").encode(&mut out);
+                OptionReply::error(code, NBD_REP_ERR_UNSUP, "TLS is offered on TCP exports started with --tls-creds")
+                    .encode(&mut out);
                 Step::Continue(out)
             }
             ClientOption::ExtendedHeaders | ClientOption::Unknown(_) => {
@@ -231,7 +273,7 @@ mod tests {
     #[test]
     fn go_with_meta_context_and_block_size() {
         let (_d, cat) = catalog();
-        let mut n = Negotiation::new(cat, true);
+        let mut n = Negotiation::new(cat, true, false);
         let Step::Continue(b) = n.on_option(&raw(ClientOption::StructuredReply)) else { panic!() };
         assert_eq!(replies(&b), vec![OptionReply::ack(NBD_OPT_STRUCTURED_REPLY)]);
         let meta = MetaContextRequest {
@@ -257,7 +299,7 @@ mod tests {
     #[test]
     fn unknown_options_and_exports_keep_the_session() {
         let (_d, cat) = catalog();
-        let mut n = Negotiation::new(cat, false);
+        let mut n = Negotiation::new(cat, false, false);
         let Step::Continue(b) = n.on_option(&raw(ClientOption::Unknown(200))) else { panic!() };
         assert!(matches!(replies(&b)[0].kind, OptionReplyKind::Error { code: NBD_REP_ERR_UNSUP, .. }));
         let go = InfoRequest { export: "nope".into(), requests: vec![] };
@@ -276,18 +318,44 @@ mod tests {
     #[test]
     fn export_name_fallback() {
         let (_d, cat) = catalog();
-        let mut n = Negotiation::new(cat.clone(), false);
+        let mut n = Negotiation::new(cat.clone(), false, false);
         let Step::Transmission(b, s) = n.on_option(&raw(ClientOption::ExportName("vm1".into()))) else { panic!() };
         assert_eq!(b.len(), 134);
         assert!(!s.structured && s.alignment == 1);
-        let mut n = Negotiation::new(cat, true);
+        let mut n = Negotiation::new(cat, true, false);
         assert!(matches!(n.on_option(&raw(ClientOption::ExportName("other".into()))), Step::Close(_)));
+    }
+
+    #[test]
+    fn tls_comes_first_when_required_and_only_once() {
+        let (_d, cat) = catalog();
+        let mut n = Negotiation::new(cat.clone(), true, true);
+        for opt in [
+            ClientOption::List,
+            ClientOption::StructuredReply,
+            ClientOption::Go(InfoRequest { export: "".into(), requests: vec![] }),
+        ] {
+            let Step::Continue(b) = n.on_option(&raw(opt)) else { panic!() };
+            assert!(matches!(replies(&b)[0].kind, OptionReplyKind::Error { code: NBD_REP_ERR_TLS_REQD, .. }));
+        }
+        assert!(matches!(n.on_option(&raw(ClientOption::ExportName("vm1".into()))), Step::Close(_)));
+        let mut n = Negotiation::new(cat.clone(), true, true);
+        let Step::StartTls(b) = n.on_option(&raw(ClientOption::StartTls)) else { panic!() };
+        assert_eq!(replies(&b), vec![OptionReply::ack(NBD_OPT_STARTTLS)]);
+        let Step::Continue(b) = n.on_option(&raw(ClientOption::StartTls)) else { panic!() };
+        assert!(matches!(replies(&b)[0].kind, OptionReplyKind::Error { code: NBD_REP_ERR_INVALID, .. }));
+        let go = InfoRequest { export: "".into(), requests: vec![] };
+        assert!(matches!(n.on_option(&raw(ClientOption::Go(go))), Step::Transmission(..)));
+        // Without TLS configured, STARTTLS is unsupported and nothing else changes.
+        let mut n = Negotiation::new(cat, true, false);
+        let Step::Continue(b) = n.on_option(&raw(ClientOption::StartTls)) else { panic!() };
+        assert!(matches!(replies(&b)[0].kind, OptionReplyKind::Error { code: NBD_REP_ERR_UNSUP, .. }));
     }
 
     #[test]
     fn list_meta_context_lists_base_allocation() {
         let (_d, cat) = catalog();
-        let mut n = Negotiation::new(cat, false);
+        let mut n = Negotiation::new(cat, false, false);
         for queries in [vec![], vec!["base:".to_string()]] {
             let req = MetaContextRequest { export: "vm1".into(), queries };
             let Step::Continue(b) = n.on_option(&raw(ClientOption::ListMetaContext(req))) else { panic!() };

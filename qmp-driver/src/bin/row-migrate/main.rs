@@ -46,8 +46,8 @@ const EXIT_CODES: &str = "Exit status:
   3  failed and rolled back: the guest runs on the source with its disk
   4  the rollback failed too: state unknown; the source guest is left paused (the message says what to check)
   5  failed after the switchover: the guest runs on the destination; nothing was undone
-row-migrate --recover (same sockets) brings a migration that was killed, or ended with 4, to one
-consistent state: completed if the guest runs on the destination, otherwise undone.";
+row-migrate --recover (same sockets) brings a migration that was killed, or ended with 4 or 5, to
+one consistent state: completed if the guest runs on the destination, otherwise undone.";
 
 /// How the disk moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -126,9 +126,20 @@ pub struct Args {
     /// qemu-mirror's copy mode.
     #[arg(long, value_enum, default_value_t = MirrorMode::Background)]
     pub mirror_copy_mode: MirrorMode,
+    /// Roll back when QEMU's memory migration moves no byte for this long (a dead link is
+    /// otherwise noticed only after TCP gives up, minutes later), e.g. 10s.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub stall_timeout: Duration,
     /// Give up (and roll back) after this long, e.g. 10m or 1h30m.
     #[arg(long, default_value = "15m", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// TLS credentials directory (ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem,
+    /// client-key.pem, as libvirt lays them out, e.g. /etc/pki/qemu), readable by both QEMUs:
+    /// the guest's RAM then moves over TLS (QEMU's tls-creds-x509 objects), and so does the disk
+    /// with qemu-mirror (the destination proxy's --tcp export with its own --tls-creds). The
+    /// proxies' disk stream is protected by their own --tls-creds or key.
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
     /// Before switchover, check that both proxies hold the same disk (SHA-256 of every byte);
     /// a mismatch rolls back. Costs downtime in proportion to the disk size.
     #[arg(long)]
@@ -137,7 +148,7 @@ pub struct Args {
     /// as one JSON object.
     #[arg(long)]
     pub json: bool,
-    /// Instead of migrating: after a row-migrate that was killed or ended with status 4, bring
+    /// Instead of migrating: after a row-migrate that was killed or ended with status 4 or 5, bring
     /// the four components to one consistent state. If the guest runs on the destination, the
     /// source proxy completes; otherwise the disk goes back to the source and the guest resumes
     /// there. Exit 0 when done (the report says where the guest runs), 4 with what to do if not.

@@ -109,7 +109,7 @@ pub async fn run(args: Args) -> Result<Value, Failure> {
         } else {
             (
                 exit::ROLLBACK_FAILED,
-                "after the switchover was requested, and the destination guest does not run: nothing was undone                  and the source guest was not resumed; run row-migrate --recover with the same sockets",
+                "after the switchover was requested, and the destination guest does not run: nothing was undone and the source guest was not resumed; run row-migrate --recover with the same sockets",
             )
         };
         return Err(Failure { code, error: error.context(what), state });
@@ -166,7 +166,26 @@ async fn preflight(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
+/// The id of the TLS credentials object row-migrate adds to both QEMUs.
+pub const TLS_OBJECT: &str = "rowmig-tls";
+
+/// Adds QEMU's `tls-creds-x509` object to a QEMU (replacing one left by an earlier run).
+async fn add_tls_object(qemu: &mut Qmp, dir: &std::path::Path, endpoint: &str) -> Result<()> {
+    let _ = qemu.execute_raw("object-del", json!({ "id": TLS_OBJECT })).await;
+    qemu.execute_raw(
+        "object-add",
+        json!({ "qom-type": "tls-creds-x509", "id": TLS_OBJECT, "dir": dir, "endpoint": endpoint, "verify-peer": true }),
+    )
+    .await
+    .with_context(|| format!("adding TLS credentials from {} ({endpoint})", dir.display()))?;
+    Ok(())
+}
+
 async fn migrate(ctx: &mut Ctx) -> Result<Value> {
+    if let Some(dir) = ctx.args.tls_creds.clone() {
+        add_tls_object(&mut ctx.src, &dir, "client").await.context("on the source QEMU")?;
+        add_tls_object(&mut ctx.dst, &dir, "server").await.context("on the destination QEMU")?;
+    }
     let disk_done =
         if ctx.args.strategy.by_proxies() { precopy_disk(ctx).await? } else { mirror_until_ready(ctx).await? };
     let precopy_seconds = ctx.started.elapsed().as_secs_f64();
@@ -176,12 +195,19 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
     let mut params = json!({ "downtime-limit": ctx.args.downtime_limit.as_millis() as u64 });
     // Unlimited unless asked (QEMU's default is 128 MiB/s; libvirt sets it unlimited too).
     params["max-bandwidth"] = json!(ctx.args.max_bandwidth.unwrap_or(u64::MAX >> 20));
+    if ctx.args.tls_creds.is_some() {
+        params["tls-creds"] = json!(TLS_OBJECT);
+        ctx.dst
+            .migrate_set_parameters(json!({ "tls-creds": TLS_OBJECT }))
+            .await
+            .context("migrate-set-parameters tls-creds on the destination")?;
+    }
     ctx.src.migrate_set_parameters(params).await.context("migrate-set-parameters")?;
     ctx.dst.migrate_incoming(ctx.args.mem_uri()).await.context("migrate-incoming on the destination")?;
     ctx.mem_started = true;
     ctx.src.migrate(ctx.args.mem_uri()).await.context("migrate on the source")?;
     progress_line("memory", "copying RAM");
-    let stop = wait_migration(&mut ctx.src, "pre-switchover").await?;
+    let stop = wait_memory_copy(ctx).await?;
     let paused_at = Instant::now();
     // The guest is paused and its block layer flushed: everything from here is downtime.
     let final_disk = if ctx.args.strategy.by_proxies() {
@@ -286,6 +312,54 @@ async fn precopy_disk(ctx: &mut Ctx) -> Result<Value> {
     Ok(serde_json::to_value(ready)?)
 }
 
+/// How often the memory copy is checked for progress and the disk migration for failure.
+const MEMORY_WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// Waits for the memory migration to reach `pre-switchover` (returns the STOP event's time),
+/// while checking that it moves (RAM transferred grows within `--stall-timeout`) and that the
+/// disk migration has not failed meanwhile: on a dead link QEMU would only notice when TCP gives
+/// up, and the guest must not be left waiting on a migration that can no longer finish.
+async fn wait_memory_copy(ctx: &mut Ctx) -> Result<qmp_proto::Timestamp> {
+    let mut stop = None;
+    let mut moved = (None, Instant::now());
+    loop {
+        if let Some(e) = ctx.src.next_event(MEMORY_WATCH_EVERY).await? {
+            match e.name.as_str() {
+                "STOP" => stop = Some(e.timestamp),
+                "MIGRATION" => match e.data["status"].as_str().unwrap_or_default() {
+                    "pre-switchover" => return Ok(stop.unwrap_or(e.timestamp)),
+                    s @ ("failed" | "cancelled" | "cancelling") => {
+                        let info = ctx.src.query_migrate().await?;
+                        bail!("QEMU's memory migration {s}: {}", info.error_desc().unwrap_or("no reason given"));
+                    }
+                    _ => {}
+                },
+                _ => {}
+            }
+            continue;
+        }
+        let transferred = ctx.src.query_migrate().await?.ram_transferred();
+        if transferred != moved.0 {
+            moved = (transferred, Instant::now());
+        } else if moved.1.elapsed() >= ctx.args.stall_timeout {
+            bail!(
+                "QEMU's memory migration moved no byte for {} (is the link to the destination down?)",
+                humantime::format_duration(ctx.args.stall_timeout)
+            );
+        }
+        if ctx.args.strategy.by_proxies() {
+            let disk = DiskMigration { source: &mut ctx.src_proxy }.status().await.context("the source proxy")?;
+            if matches!(disk.phase, Phase::Failed | Phase::Cancelled | Phase::Idle) {
+                bail!(
+                    "the disk migration ended during the memory copy ({}): {}",
+                    disk.phase,
+                    disk.error.as_deref().unwrap_or("no reason given")
+                );
+            }
+        }
+    }
+}
+
 /// Waits for the source QEMU's MIGRATION event with `status`; returns the STOP event's time
 /// when waiting for `pre-switchover`, otherwise the event's own time.
 async fn wait_migration(qemu: &mut Qmp, status: &str) -> Result<qmp_proto::Timestamp> {
@@ -315,14 +389,12 @@ async fn mirror_until_ready(ctx: &mut Ctx) -> Result<Value> {
         .as_array()
         .and_then(|b| b.iter().find_map(|d| d["inserted"]["node-name"].as_str().map(str::to_string)))
         .ok_or_else(|| anyhow!("the source QEMU has no drive to mirror"))?;
-    ctx.src
-        .execute_raw(
-            "blockdev-add",
-            json!({ "driver": "nbd", "node-name": MIRROR_NODE,
-                    "server": { "type": "inet", "host": host, "port": port }, "export": export }),
-        )
-        .await
-        .context("connecting the source QEMU to the destination proxy")?;
+    let mut target = json!({ "driver": "nbd", "node-name": MIRROR_NODE,
+                             "server": { "type": "inet", "host": host, "port": port }, "export": export });
+    if ctx.args.tls_creds.is_some() {
+        target["tls-creds"] = json!(TLS_OBJECT);
+    }
+    ctx.src.execute_raw("blockdev-add", target).await.context("connecting the source QEMU to the destination proxy")?;
     ctx.mirror_started = true;
     let mode = match ctx.args.mirror_copy_mode {
         MirrorMode::Background => "background",

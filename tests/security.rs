@@ -1,0 +1,569 @@
+//! The transport's protection and the bounds every peer meets, against the real binaries:
+//! - NBD over TCP needs TLS (STARTTLS, client certificates) and works with `qemu-io`,
+//!   `qemu-img` and `nbdinfo` given the credentials; without them, or with another CA's, it is
+//!   refused;
+//! - the migration stream, over TLS or sealed with the key, never shows the disk in clear (a
+//!   sniffer between the hosts looks for a known 4 KiB pattern), and a relay that flips a byte,
+//!   replays a record or drops one makes the migration fail and roll back, nothing committed;
+//! - a stream with neither TLS nor a key needs `--insecure` on both ends;
+//! - bounds: negotiation times out, connections are capped, a client that does not read its
+//!   replies is not read either (memory stays bounded), strangers cannot keep the source out of
+//!   `receive`, a silent session times out, the control socket caps its clients.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use e2e::migration::*;
+use e2e::*;
+use nbd_proto::Command as Cmd;
+use serde_json::{json, Value};
+
+const KEY: &str = "security-test-key-0123456789abcdef";
+
+fn qemu_tls_object(pki: &Path) -> String {
+    format!("tls-creds-x509,id=tls0,dir={},endpoint=client", pki.display())
+}
+
+fn nbd_opts(port: u16, tls: bool) -> String {
+    let mut o = format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port}");
+    if tls {
+        o.push_str(",tls-creds=tls0");
+    }
+    o
+}
+
+#[test]
+fn nbd_over_tcp_needs_tls_and_works_with_qemu_tools_and_libnbd() {
+    require_tool("qemu-io");
+    require_tool("nbdinfo");
+    let dir = tempfile::tempdir().unwrap();
+    let pki = lab_pki(&dir.path().join("pki"));
+    let stranger = lab_pki(&dir.path().join("stranger"));
+    let image = dir.path().join("disk.raw");
+    sparse_file(&image, 8 << 20);
+    let img = image.to_str().unwrap();
+    let port = free_port();
+    let tcp = format!("127.0.0.1:{port}");
+    // --tcp without TLS is refused unless the operator says the network is trusted.
+    let out = Command::new(bin("nbd-row-proxy"))
+        .args(["serve", "--image", img, "--socket", dir.path().join("x.sock").to_str().unwrap(), "--tcp", &tcp])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-creds"), "{}", String::from_utf8_lossy(&out.stderr));
+    let _server = Server::start(dir.path(), &image, &["--tcp", &tcp, "--tls-creds", pki.to_str().unwrap()]);
+
+    // qemu-io over TLS with the site's credentials: write, then read back.
+    let io = Command::new("qemu-io")
+        .args(["--object", &qemu_tls_object(&pki), "--image-opts", &nbd_opts(port, true)])
+        .args(["-c", "write -P 0x5a 65536 65536", "-c", "read -P 0x5a 65536 65536"])
+        .output()
+        .unwrap();
+    assert!(io.status.success(), "qemu-io over TLS: {}", String::from_utf8_lossy(&io.stderr));
+    let info = Command::new("qemu-img")
+        .args(["info", "--object", &qemu_tls_object(&pki), "--image-opts", &nbd_opts(port, true)])
+        .output()
+        .unwrap();
+    assert!(info.status.success(), "qemu-img info over TLS: {}", String::from_utf8_lossy(&info.stderr));
+    assert!(String::from_utf8_lossy(&info.stdout).contains("8 MiB"), "{}", String::from_utf8_lossy(&info.stdout));
+    let uri = format!("nbds://127.0.0.1:{port}/?tls-certificates={}", pki.display());
+    let ni = Command::new("nbdinfo").args(["--size", &uri]).output().unwrap();
+    assert!(ni.status.success(), "nbdinfo over TLS: {}", String::from_utf8_lossy(&ni.stderr));
+    assert_eq!(String::from_utf8_lossy(&ni.stdout).trim(), (8u64 << 20).to_string());
+
+    // Without TLS: refused (NBD_REP_ERR_TLS_REQD); with another CA's certificate: refused.
+    let plain =
+        Command::new("qemu-io").args(["--image-opts", &nbd_opts(port, false), "-c", "read 0 512"]).output().unwrap();
+    assert!(!plain.status.success(), "qemu-io without TLS got in");
+    let err = String::from_utf8_lossy(&plain.stderr);
+    assert!(err.contains("TLS") || err.contains("tls"), "{err}");
+    let ni = Command::new("nbdinfo").arg(format!("nbd://127.0.0.1:{port}/")).output().unwrap();
+    assert!(!ni.status.success(), "nbdinfo without TLS got in");
+    let io = Command::new("qemu-io")
+        .args(["--object", &qemu_tls_object(&stranger), "--image-opts", &nbd_opts(port, true), "-c", "read 0 512"])
+        .output()
+        .unwrap();
+    assert!(!io.status.success(), "a client of another CA got in");
+}
+
+/// One side's protection arguments.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Protection {
+    /// The key alone: sealed records.
+    Key,
+    /// TLS (and the key as a second factor).
+    Tls,
+    /// Neither (`--insecure` on both ends).
+    Insecure,
+}
+
+fn protection_args(p: Protection, key: &Path, pki: &Path) -> Vec<String> {
+    match p {
+        Protection::Key => vec!["--auth-key-file".into(), key.display().to_string()],
+        Protection::Tls => {
+            vec!["--tls-creds".into(), pki.display().to_string(), "--auth-key-file".into(), key.display().to_string()]
+        }
+        Protection::Insecure => vec!["--insecure".into()],
+    }
+}
+
+/// What the relay does to the source→destination stream.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Tamper {
+    None,
+    Flip,
+    Replay,
+    Drop,
+}
+
+/// A TCP relay between source and destination that records what the source sends and can
+/// tamper with one unit of it (a sealed record, or a TLS record) once the handshake is over.
+struct Relay {
+    port: u16,
+    recorded: Arc<Mutex<Vec<u8>>>,
+    tampered: Arc<AtomicBool>,
+    forwarded: Arc<AtomicU64>,
+}
+
+impl Relay {
+    fn start(target: u16, protection: Protection, tamper: Tamper) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let recorded = Arc::new(Mutex::new(Vec::new()));
+        let tampered = Arc::new(AtomicBool::new(false));
+        let forwarded = Arc::new(AtomicU64::new(0));
+        let (rec, tam, fwd) = (recorded.clone(), tampered.clone(), forwarded.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else { return };
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                // Destination → source: copied as it is.
+                std::thread::spawn(move || {
+                    let (mut from, mut to) = (s2, c2);
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+                let (rec, tam, fwd) = (rec.clone(), tam.clone(), fwd.clone());
+                std::thread::spawn(move || relay_units(client, server, protection, tamper, &rec, &tam, &fwd));
+            }
+        });
+        Self { port, recorded, tampered, forwarded }
+    }
+
+    fn sniffed(&self) -> Vec<u8> {
+        self.recorded.lock().unwrap().clone()
+    }
+}
+
+/// The source→destination direction, unit by unit: the plain handshake frame(s), then sealed
+/// records; or TLS records throughout.
+fn relay_units(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    protection: Protection,
+    tamper: Tamper,
+    rec: &Mutex<Vec<u8>>,
+    tampered: &AtomicBool,
+    forwarded: &AtomicU64,
+) {
+    let mut buf = Vec::new();
+    let mut units = 0u64;
+    let mut previous: Vec<u8> = Vec::new();
+    loop {
+        let len = match protection {
+            // The ClientHello is one plain frame: 8-byte header (payload length at 4..8), payload, CRC.
+            Protection::Key | Protection::Insecure if units == 0 => {
+                buf.get(4..8).map(|l| 8 + u32::from_le_bytes(l.try_into().unwrap()) as usize + 4)
+            }
+            Protection::Key => buf.get(..4).map(|l| 4 + u32::from_le_bytes(l.try_into().unwrap()) as usize),
+            Protection::Tls => buf.get(3..5).map(|l| 5 + u16::from_be_bytes(l.try_into().unwrap()) as usize),
+            // Insecure: frames all the way (header, payload, CRC).
+            Protection::Insecure => buf.get(4..8).map(|l| 8 + u32::from_le_bytes(l.try_into().unwrap()) as usize + 4),
+        };
+        match len {
+            Some(n) if buf.len() >= n => {
+                let mut unit: Vec<u8> = buf.drain(..n).collect();
+                units += 1;
+                rec.lock().unwrap().extend_from_slice(&unit);
+                // Tamper with a data-carrying unit well into the stream, once.
+                let data_unit = match protection {
+                    Protection::Tls => unit[0] == 0x17 && units > 12,
+                    _ => units > 6,
+                };
+                let mut out = Vec::new();
+                if data_unit && tamper != Tamper::None && !tampered.swap(true, Ordering::SeqCst) {
+                    match tamper {
+                        Tamper::Flip => {
+                            let i = unit.len() / 2;
+                            unit[i] ^= 0x20;
+                            out.extend_from_slice(&unit);
+                        }
+                        Tamper::Replay => {
+                            out.extend_from_slice(&previous);
+                            out.extend_from_slice(&unit);
+                        }
+                        Tamper::Drop => {}
+                        Tamper::None => unreachable!(),
+                    }
+                } else {
+                    out.extend_from_slice(&unit);
+                }
+                previous = unit;
+                if to.write_all(&out).is_err() {
+                    return;
+                }
+                forwarded.fetch_add(out.len() as u64, Ordering::SeqCst);
+            }
+            _ => {
+                let mut chunk = [0u8; 65536];
+                match from.read(&mut chunk) {
+                    Ok(0) | Err(_) => {
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        }
+    }
+}
+
+/// A source whose image holds a known random 4 KiB pattern in many places, and a destination
+/// behind a relay; both with `protection`.
+struct Hosts {
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+    src: Host,
+    dst: Host,
+    relay: Relay,
+    pattern: Vec<u8>,
+    data: Vec<u8>,
+}
+
+fn hosts(protection: Protection, tamper: Tamper, seed: u64) -> Hosts {
+    let (sd, dd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let key = key_file(sd.path(), KEY);
+    let pki = lab_pki(&sd.path().join("pki"));
+    let (image, mut data) = source_image(sd.path(), seed);
+    let pattern = random_bytes(seed ^ 0x5eed_5eed, BS);
+    for i in 0..64 {
+        let off = (1000 + i * 13) * BS;
+        data[off..off + BS].copy_from_slice(&pattern);
+    }
+    std::fs::write(&image, &data).unwrap();
+    let args = protection_args(protection, &key, &pki);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let src = source_with(sd.path(), &image, &args);
+    let dst_image = dd.path().join("disk.raw");
+    sparse_file(&dst_image, SIZE as u64);
+    let port = free_port();
+    let dst = destination_with(dd.path(), &dst_image, &args, port);
+    let relay = Relay::start(port, protection, tamper);
+    Hosts { _dirs: (sd, dd), src, dst, relay, pattern, data }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn migrate(h: &Hosts) -> Result<Value, String> {
+    let mut ctl = h.src.ctl();
+    let args = json!({ "uri": format!("tcp:127.0.0.1:{}", h.relay.port), "strategy": "row", "compress": false });
+    ctl.execute("migrate-start", args)?;
+    let start = Instant::now();
+    loop {
+        let m = ctl.ok("query-migrate", json!({}));
+        match m["phase"].as_str() {
+            Some("ready") => break,
+            Some("failed") => return Err(m["error"].as_str().unwrap_or_default().to_string()),
+            _ => {}
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "pre-copy did not end: {m}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ctl.execute("migrate-finish", json!({}))
+}
+
+#[test]
+fn the_disk_never_crosses_the_wire_in_clear_unless_insecure() {
+    for (protection, seed) in [(Protection::Key, 1), (Protection::Tls, 2), (Protection::Insecure, 3)] {
+        let h = hosts(protection, Tamper::None, seed);
+        let status = migrate(&h).unwrap_or_else(|e| panic!("{protection:?}: {e}"));
+        assert_eq!(status["phase"], "handed-over", "{protection:?}: {status}");
+        assert!(read_all(&h.dst.server) == h.data, "{protection:?}: the destination's disk differs");
+        let sniffed = h.relay.sniffed();
+        assert!(sniffed.len() > 12 << 20, "{protection:?}: the relay saw {} bytes", sniffed.len());
+        // The control: without protection the sniffer does see the pattern.
+        assert_eq!(
+            contains(&sniffed, &h.pattern),
+            protection == Protection::Insecure,
+            "{protection:?}: the known 4 KiB pattern {} on the wire",
+            if protection == Protection::Insecure { "was not found" } else { "appeared in clear" }
+        );
+        eprintln!(
+            "{protection:?}: {} bytes on the wire, pattern in clear: {}",
+            sniffed.len(),
+            contains(&sniffed, &h.pattern)
+        );
+    }
+}
+
+#[test]
+fn a_flipped_replayed_or_dropped_record_fails_the_migration_and_nothing_is_committed() {
+    let mut seed = 10;
+    for protection in [Protection::Key, Protection::Tls] {
+        for tamper in [Tamper::Flip, Tamper::Replay, Tamper::Drop] {
+            seed += 1;
+            let h = hosts(protection, tamper, seed);
+            let r = migrate(&h);
+            assert!(h.relay.tampered.load(Ordering::SeqCst), "{protection:?} {tamper:?}: the relay never tampered");
+            let error = r.expect_err(&format!("{protection:?} {tamper:?}: the migration went through"));
+            eprintln!("{protection:?} {tamper:?}: {error} (after {} bytes)", h.relay.forwarded.load(Ordering::SeqCst));
+            // Nothing committed: the destination still waits, and refuses writes.
+            let d = h.dst.ctl().ok("query-status", json!({}));
+            assert_eq!(d["incoming"], true, "{protection:?} {tamper:?}: {d}");
+            assert_ne!(d["incoming-phase"], "committed", "{d}");
+            // The source rolled back: direct mode again, every byte as it was, writable.
+            let start = Instant::now();
+            loop {
+                let s = h.src.ctl().ok("query-status", json!({}));
+                if s["mode"] == "direct" {
+                    break;
+                }
+                assert!(start.elapsed() < Duration::from_secs(30), "{s}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            assert!(read_all(&h.src.server) == h.data, "{protection:?} {tamper:?}: the source changed");
+        }
+    }
+}
+
+#[test]
+fn a_stream_with_neither_tls_nor_key_needs_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    sparse_file(&image, 1 << 20);
+    let out = Command::new(bin("nbd-row-proxy"))
+        .args(["receive", "--image", image.to_str().unwrap(), "--socket"])
+        .arg(dir.path().join("n.sock"))
+        .args(["--listen", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--insecure"), "{}", String::from_utf8_lossy(&out.stderr));
+    let src = source_with(dir.path(), &image, &[]);
+    let e = src.ctl().execute("migrate-start", json!({ "uri": "tcp:127.0.0.1:1" })).unwrap_err();
+    assert!(e.contains("--tls-creds") && e.contains("--insecure"), "{e}");
+    drop(src); // it holds the image's lock
+               // A source with a key against a destination with TLS: a clear error, not a hang.
+    let h_dir = tempfile::tempdir().unwrap();
+    let key = key_file(h_dir.path(), KEY);
+    let pki = lab_pki(&h_dir.path().join("pki"));
+    let dst_image = h_dir.path().join("d.raw");
+    sparse_file(&dst_image, 1 << 20);
+    let port = free_port();
+    let _dst = destination_with(h_dir.path(), &dst_image, &["--tls-creds", pki.to_str().unwrap()], port);
+    let keyed = tempfile::tempdir().unwrap();
+    let src = source_with(keyed.path(), &image, &["--auth-key-file", key.to_str().unwrap()]);
+    let started = Instant::now();
+    let e = src.ctl().execute("migrate-start", json!({ "uri": format!("tcp:127.0.0.1:{port}") })).unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+    assert!(e.contains("TLS") || e.contains("greet"), "{e}");
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn threads(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("Threads:")).unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn a_client_that_does_not_read_its_replies_is_not_read_either() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    std::fs::write(&image, random_bytes(7, 64 << 20)).unwrap();
+    let server = Server::start(dir.path(), &image, &[]);
+    let pid = server.proc.pid();
+    let before = rss_kib(pid);
+    // 300 pipelined 2 MiB READs (600 MiB of replies) from a client that reads none of them.
+    let mut c = RawClient::connect(&server.socket, "", true).unwrap();
+    let mut wire = Vec::new();
+    for i in 0..300u64 {
+        request(Cmd::Read, i, (i % 32) * (2 << 20), 2 << 20).encode(&mut wire);
+    }
+    c.send_raw(&wire).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let (rss, th) = (rss_kib(pid), threads(pid));
+    eprintln!("300 unread 2 MiB reads: RSS {} -> {} KiB, {} threads", before, rss, th);
+    assert!(rss < before + 100 * 1024, "RSS grew by {} MiB", (rss - before) / 1024);
+    assert!(th < 64, "{th} threads");
+    // Once the client reads, every reply comes, right.
+    for _ in 0..300 {
+        let r = c.recv().unwrap();
+        assert_eq!((r.error, r.data.len()), (0, 2 << 20));
+    }
+    // Writes: the payloads are not read before there is room for them.
+    let mut w = RawClient::connect(&server.socket, "", true).unwrap();
+    let writer = std::thread::spawn(move || {
+        let payload = vec![0xabu8; 2 << 20];
+        let mut sent = 0;
+        for i in 0..300u64 {
+            let mut req = Vec::new();
+            request(Cmd::Write, i, (i % 32) * (2 << 20), 2 << 20).encode(&mut req);
+            if w.send_raw(&req).is_err() || w.send_raw(&payload).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let rss = rss_kib(pid);
+    eprintln!("300 pipelined 2 MiB writes, replies unread: RSS {} KiB", rss);
+    assert!(rss < before + 100 * 1024, "RSS grew by {} MiB with unread write replies", (rss - before) / 1024);
+    drop(server);
+    let _ = writer.join();
+}
+
+#[test]
+fn negotiation_times_out_and_connections_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    sparse_file(&image, 1 << 20);
+    let control = dir.path().join("ctl.sock");
+    let server = Server::start(dir.path(), &image, &["--max-connections", "4", "--control", control.to_str().unwrap()]);
+    // Four idle connections fill the cap; a fifth is closed at once; the control socket answers.
+    let idle: Vec<std::os::unix::net::UnixStream> =
+        (0..4).map(|_| std::os::unix::net::UnixStream::connect(&server.socket).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut fifth = std::os::unix::net::UnixStream::connect(&server.socket).unwrap();
+    fifth.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(fifth.read(&mut buf).unwrap_or(0), 0, "a connection beyond the cap was served");
+    ControlClient::connect(&control).ok("query-status", json!({}));
+    // The idle ones are dropped when negotiation takes too long; then clients get in again.
+    let start = Instant::now();
+    for mut s in idle {
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut greeting = Vec::new();
+        let _ = s.read_to_end(&mut greeting);
+    }
+    let waited = start.elapsed();
+    assert!(waited < Duration::from_secs(14), "idle connections lasted {waited:?}");
+    RawClient::connect(&server.socket, "", true).expect("a client after the idle ones timed out");
+
+    // The control socket caps its clients too, and keeps serving those it has.
+    let mut clients: Vec<ControlClient> = (0..16).map(|_| ControlClient::connect(&control)).collect();
+    let mut extra = std::os::unix::net::UnixStream::connect(&control).unwrap();
+    extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(extra.read(&mut buf).unwrap_or(0), 0, "a control client beyond the cap was served");
+    clients[0].ok("query-status", json!({}));
+}
+
+#[test]
+fn strangers_cannot_keep_the_source_out_and_a_silent_session_times_out() {
+    let (sd, dd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let key = key_file(sd.path(), KEY);
+    let (image, data) = source_image(sd.path(), 21);
+    let src = source(sd.path(), &image, &key);
+    let dst_image = dd.path().join("disk.raw");
+    sparse_file(&dst_image, SIZE as u64);
+    let port = free_port();
+    let dst = destination(dd.path(), &dst_image, &key, port);
+    // Forty idle strangers on the migration port; the real source still gets in at once.
+    let strangers: Vec<TcpStream> = (0..40).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    let started = Instant::now();
+    let mut ctl = src.ctl();
+    ctl.ok("migrate-start", json!({ "uri": format!("tcp:127.0.0.1:{port}") }));
+    wait_phase(&mut ctl, "ready", Duration::from_secs(60));
+    assert!(started.elapsed() < Duration::from_secs(30), "the source waited {:?}", started.elapsed());
+    assert_eq!(ctl.ok("migrate-finish", json!({}))["phase"], "handed-over");
+    assert!(read_all(&dst.server) == data);
+    drop(strangers);
+
+    // An authenticated session that goes silent (no frame, no keepalive) is dropped.
+    let image2 = dd.path().join("d2.raw");
+    sparse_file(&image2, SIZE as u64);
+    let port2 = free_port();
+    let d2 = destination(&dd.path().join("second").tap_mkdir(), &image2, &key, port2);
+    let silent = std::thread::spawn(move || hold_silent_session(port2));
+    let start = Instant::now();
+    let closed_after = silent.join().unwrap();
+    eprintln!("silent session closed after {closed_after:?}");
+    assert!(closed_after < Duration::from_secs(45), "a silent session lasted {closed_after:?}");
+    assert!(start.elapsed() >= Duration::from_secs(20));
+    assert_eq!(d2.ctl().ok("query-status", json!({}))["incoming-phase"], "waiting");
+}
+
+trait Mkdir {
+    fn tap_mkdir(self) -> PathBuf;
+}
+
+impl Mkdir for PathBuf {
+    fn tap_mkdir(self) -> PathBuf {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}
+
+/// Authenticates as a source (sealed), begins a session, then sends nothing; returns how long
+/// the destination kept the connection.
+fn hold_silent_session(port: u16) -> Duration {
+    use migration_stream::seal::{derive, Sealer};
+    use migration_stream::{Message, SessionParams};
+    let key = migration_stream::Key::from_bytes(KEY.as_bytes());
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut buf = Vec::new();
+    let mut next = |s: &mut TcpStream| loop {
+        if let Some((m, n)) = Message::decode(&buf).unwrap() {
+            buf.drain(..n);
+            return m;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0);
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let Message::ServerHello { nonce: sn, .. } = next(&mut s) else { panic!() };
+    let params = SessionParams {
+        session_id: [7; 16],
+        disk_size: SIZE as u64,
+        block_size: 4096,
+        strategy: migration_stream::Strategy::Row,
+    };
+    let cn = migration_stream::nonce();
+    let mac = migration_stream::client_mac(&key, &sn, &cn, &params);
+    let mut out = Vec::new();
+    Message::ClientHello { version: migration_stream::VERSION, params: params.clone(), nonce: cn, mac }
+        .encode(&mut out);
+    s.write_all(&out).unwrap();
+    assert!(matches!(next(&mut s), Message::Accept { .. }));
+    let keys = derive(&key, &sn, &cn, &params);
+    let mut plain = Vec::new();
+    Message::RoundBegin { round: 1, kind: migration_stream::RoundKind::Base }.encode(&mut plain);
+    let mut sealed = Vec::new();
+    Sealer::new(&keys.to_destination).seal(&plain, &mut sealed);
+    s.write_all(&sealed).unwrap();
+    let start = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    start.elapsed()
+}
