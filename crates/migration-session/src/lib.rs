@@ -8,6 +8,8 @@
 //!   a hand-over: a source that handed its disk over keeps refusing writes, a destination that
 //!   committed one keeps serving it and never takes a new session over it.
 //! - [`plan`]: the round planners of the row and bitmap strategies.
+//! - [`world`]: both machines and a lossy network, stepped by bytes, for the property test and
+//!   the fuzz target of the hand-over protocol.
 //!
 //! Like `nbd-proto` and `migration-stream`, this is the logic the proxy's tokio code drives:
 //! every input is a method returning the actions to perform (in order) or a typed refusal
@@ -17,6 +19,7 @@ pub mod dest;
 pub mod durable;
 pub mod plan;
 pub mod source;
+pub mod world;
 
 pub use dest::{DestAction, DestRefusal, DestSession};
 pub use durable::{now_rfc3339, BadRecord, DestStage, Ownership, SessionId, SourceStage};
