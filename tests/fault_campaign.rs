@@ -14,7 +14,8 @@
 //! writes it to `target/fault-campaign.md` (and `.json`).
 //!
 //! `FAULT_CAMPAIGN=full` runs all 36 cases (about an hour, `scripts/fault-campaign`); the
-//! default runs the CI subset below. `FAULT_CASES=fault/phase,...` picks cases by name.
+//! default runs the CI subset below. `FAULT_CASES=fault/phase,...` picks cases by name;
+//! `FAULT_KEEP_LOGS=1` keeps every case's logs under target/fault-campaign-failures.
 
 use std::fmt;
 use std::process::Command;
@@ -258,8 +259,9 @@ fn run_case(fault: Fault, phase: Phase) -> Outcome {
         link(&rig, true);
     }
     split_brain |= two_owners(&mut rig);
-    // The driver died, or asked for it: bring everything to one state.
-    let needs_recover = driver_exit.is_none_or(|c| c == 4);
+    // The driver died, or asked for it, or failed after the switchover (the source proxy may not
+    // have heard that the migration completed): bring everything to one state.
+    let needs_recover = driver_exit.is_none_or(|c| c == 4 || c == 5);
     let recover_exit = needs_recover.then(|| recover(&mut rig));
     split_brain |= two_owners(&mut rig);
 
@@ -320,8 +322,8 @@ fn run_case(fault: Fault, phase: Phase) -> Outcome {
         seconds: started.elapsed().as_secs_f64(),
     };
     eprintln!("===== {fault} at {phase}: {outcome:?}");
-    if !verified || split_brain {
-        // Keep the logs of a failed case.
+    if !verified || split_brain || std::env::var_os("FAULT_KEEP_LOGS").is_some() {
+        // Keep the logs of a failed case (or of every case, with FAULT_KEEP_LOGS set).
         let keep = repo_root().join("target").join("fault-campaign-failures").join(slug(&format!("{fault} {phase}")));
         let _ = std::fs::create_dir_all(&keep);
         for s in &rig.sides {
