@@ -94,8 +94,9 @@ pub struct ServeArgs {
     /// Control socket (QMP-shaped JSON, mode 0600) for row-start, row-stop, query-status, ...
     #[arg(long)]
     pub control: Option<PathBuf>,
-    /// Blocks written at least this many times count as hot (high-frequency).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Blocks written at least this many times count as hot (high-frequency); 1 to 127 (write
+    /// counts saturate at 127).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=127))]
     pub hot_threshold: u32,
     /// Pre-shared key (a file, mode 0600, at least 16 bytes) that authenticates migrations; with
     /// --tls-creds a second factor, without it the stream is sealed with keys derived from it.

@@ -41,8 +41,25 @@ impl Events {
     }
 }
 
+/// Why a merge back failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MergeError {
+    /// The store failed (the merge resumes on the next `row-stop` or restart).
+    #[error("{0}")]
+    Store(Arc<str>),
+    /// The merge task ended without an outcome (the proxy is stopping).
+    #[error("the merge task ended")]
+    Ended,
+}
+
+impl From<StoreError> for MergeError {
+    fn from(e: StoreError) -> Self {
+        Self::Store(format!("{:#}", anyhow::Error::from(e)).into())
+    }
+}
+
 /// The outcome of a merge: `None` while it runs, then its error if it failed.
-pub type MergeOutcome = watch::Receiver<Option<Result<(), String>>>;
+pub type MergeOutcome = watch::Receiver<Option<Result<(), MergeError>>>;
 
 /// The merge back into the image, at most one at a time.
 #[derive(Debug, Default)]
@@ -105,9 +122,9 @@ impl Proxy {
                     Ok(())
                 }
                 Err(e) => {
-                    let error = format!("{:#}", anyhow::Error::from(e));
+                    let error = MergeError::from(e);
                     tracing::error!("merge failed: {error}");
-                    this.events.emit::<RowMergeFailed>(ErrorData { error: error.clone() });
+                    this.events.emit::<RowMergeFailed>(ErrorData { error: error.to_string() });
                     Err(error)
                 }
             };
@@ -117,18 +134,15 @@ impl Proxy {
     }
 
     /// Waits for a merge's outcome.
-    pub async fn merge_finished(mut rx: MergeOutcome) -> Result<(), String> {
-        let outcome = rx.wait_for(|o| o.is_some()).await.map_err(|_| "the merge task ended".to_string())?.clone();
+    pub async fn merge_finished(mut rx: MergeOutcome) -> Result<(), MergeError> {
+        let outcome = rx.wait_for(|o| o.is_some()).await.map_err(|_| MergeError::Ended)?.clone();
         outcome.expect("waited for an outcome")
     }
 
     /// Starts the merge from async code and waits for it.
-    pub async fn merge(self: &Arc<Self>) -> Result<(), String> {
+    pub async fn merge(self: &Arc<Self>) -> Result<(), MergeError> {
         let this = self.clone();
-        let rx = tokio::task::spawn_blocking(move || this.start_merge())
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
+        let rx = tokio::task::spawn_blocking(move || this.start_merge()).await.map_err(|_| MergeError::Ended)??;
         Self::merge_finished(rx).await
     }
 }

@@ -230,6 +230,8 @@ class RowReport(Record):
         "generation": ("generation", None, True),
         "reserved_bytes": ("reserved-bytes", None, True),
         "block_size": ("block-size", None, True),
+        "map_runs": ("map-runs", None, False),
+        "map_bytes": ("map-bytes", None, False),
     }
 
 

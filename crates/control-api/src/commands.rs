@@ -163,12 +163,18 @@ pub struct RowReport {
     pub cold_blocks: u64,
     /// The threshold used.
     pub hot_threshold: u32,
-    /// The write generation (one per write request since ROW started).
+    /// The write epoch (it advances each time a migration marks what it has read).
     pub generation: u64,
     /// Logical bytes in the reserved file.
     pub reserved_bytes: u64,
     /// Tracking granularity in bytes.
     pub block_size: u64,
+    /// Runs of blocks the mapping holds: its memory follows them, not the blocks.
+    #[serde(default)]
+    pub map_runs: u64,
+    /// Memory the mapping holds, in bytes.
+    #[serde(default)]
+    pub map_bytes: u64,
 }
 
 /// Arguments of `migrate-start`.

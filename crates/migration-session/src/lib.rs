@@ -23,5 +23,5 @@ pub mod world;
 
 pub use dest::{DestAction, DestRefusal, DestSession};
 pub use durable::{now_rfc3339, BadRecord, DestStage, Ownership, SessionId, SourceStage};
-pub use plan::{BitmapPlan, RowPlan, WriteLog};
+pub use plan::{BitmapPlan, RowPlan, Span, WriteLog, Written};
 pub use source::{SourceAction, SourceRefusal, SourceSession};

@@ -18,13 +18,17 @@ fn main() {
     let mut table = Table::default();
     let mut x = 0x2545_f491_4f6c_dd1du64;
     let mut n = 0;
-    while (table.len() as u64) < blocks {
+    while table.len() < blocks {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         let b = x % disk_blocks;
-        table.record_write(b..=b);
+        table.record_write(b, b + 1, false);
         n += 1;
+        if n % 65536 == 0 {
+            // A flush journals and drops the pending changes.
+            let _ = table.take_pending();
+        }
     }
     let _ = table.take_pending();
     let used = rss_bytes() - before;

@@ -14,7 +14,7 @@ use crate::journal::Journal;
 use crate::merge::{self, MergeProgress};
 use crate::overlay::Overlay;
 use crate::storage::{suffixed, Extent, Posix, Storage, SyncLatch};
-use crate::table::{BlockStat, Table};
+use crate::table::{Table, WrittenRun};
 use crate::tracking::DirtyTracker;
 use crate::{Mode, StoreError, BLOCK_SIZE};
 
@@ -41,8 +41,13 @@ pub struct RowStatus {
     pub reserved_bytes: u64,
     /// Bytes the reserved file occupies on disk.
     pub reserved_allocated: u64,
-    /// Current write generation.
+    /// The current write epoch: it advances each time a migration marks what it has read, so
+    /// blocks written later can be told apart.
     pub generation: u64,
+    /// Runs of blocks the overlay's mapping holds (its memory follows them).
+    pub runs: u64,
+    /// Heap bytes of the mapping.
+    pub map_bytes: u64,
     /// Number of ROW sessions started since the process began (tells frozen bases apart).
     pub epoch: u64,
 }
@@ -169,17 +174,15 @@ impl Disk {
         }
         tracing::info!(
             merging = replayed.merging,
-            blocks = replayed.mapped.len(),
+            blocks = replayed.mapped.blocks(),
+            runs = replayed.mapped.runs(),
             journal = %journal_path.display(),
             "recovered ROW overlay"
         );
-        Ok(Some(Overlay::recovered(
-            image.clone(),
-            reserved,
-            Table::recovered(replayed.mapped),
-            journal,
-            replayed.merging,
-        )))
+        let overlay =
+            Overlay::recovered(image.clone(), reserved, Table::recovered(replayed.mapped), journal, replayed.merging)
+                .map_err(io_err("punching zeroed ranges in the reserved file", reserved_path))?;
+        Ok(Some(overlay))
     }
 
     /// Size in bytes.
@@ -341,13 +344,10 @@ impl Disk {
     /// Mode and overlay counters.
     pub fn status(&self) -> RowStatus {
         let g = self.gate();
-        let (blocks, generation, allocated) = match &g.overlay {
-            Some(o) => {
-                let allocated = o.reserved().allocated_bytes().unwrap_or(0);
-                let t = o.table();
-                (t.len() as u64, t.generation(), allocated)
-            }
-            None => (0, self.tracker.with(|t| t.generation()).unwrap_or(0), 0),
+        let counts = |t: &Table| (t.len(), t.epoch(), t.runs() as u64, t.heap_bytes() as u64);
+        let ((blocks, generation, runs, map_bytes), allocated) = match &g.overlay {
+            Some(o) => (counts(&o.table()), o.reserved().allocated_bytes().unwrap_or(0)),
+            None => (self.tracker.with(|t| counts(t)).unwrap_or_default(), 0),
         };
         RowStatus {
             mode: g.mode(),
@@ -355,49 +355,62 @@ impl Disk {
             reserved_bytes: blocks * BLOCK_SIZE,
             reserved_allocated: allocated,
             generation,
+            runs,
+            map_bytes,
             epoch: g.epoch,
         }
     }
 
     /// Runs `f` on the table that tracks writes now: the overlay's, or the dirty tracker's.
-    fn with_table<T>(&self, f: impl FnOnce(&Table) -> T) -> Option<T> {
+    fn with_table<T>(&self, f: impl FnOnce(&mut Table) -> T) -> Option<T> {
         let g = self.gate();
         match &g.overlay {
-            Some(o) => Some(f(&o.table())),
+            Some(o) => Some(f(&mut o.table())),
             None => self.tracker.with(f),
         }
     }
 
-    /// The current write generation (cheaper than [`Disk::status`], which also stats the
-    /// reserved file).
-    pub fn generation(&self) -> u64 {
-        self.with_table(|t| t.generation()).unwrap_or(0)
+    /// The current write epoch (cheaper than [`Disk::status`], which also stats the reserved
+    /// file).
+    pub fn epoch(&self) -> u64 {
+        self.with_table(|t| t.epoch()).unwrap_or(0)
     }
 
-    /// Every updated block with its statistics, in block order.
-    pub fn block_stats(&self) -> Vec<(u64, BlockStat)> {
+    /// Starts a new write epoch and returns the last: blocks written from now on have a
+    /// greater one. A migration marks before it reads blocks to send.
+    pub fn mark(&self) -> u64 {
+        self.with_table(|t| t.mark()).unwrap_or(0)
+    }
+
+    /// Starts a new write epoch (as [`Disk::mark`]) and, in the same step, says what holds
+    /// blocks `[start, end)` now: a zeroed range found here stays zeroed until a write of a
+    /// later epoch.
+    pub fn mark_segments(&self, start: u64, end: u64) -> (u64, Vec<crate::table::Segment>) {
+        self.with_table(|t| (t.mark(), t.segments(start, end)))
+            .unwrap_or_else(|| (0, vec![crate::table::Segment { start, end, held: crate::table::Held::Base }]))
+    }
+
+    /// Every written run with its statistics, in block order (a copy, taken under the lock
+    /// writes take: proportional to the number of runs, not blocks).
+    pub fn written_runs(&self) -> Vec<WrittenRun> {
         self.with_table(|t| t.iter().collect()).unwrap_or_default()
     }
 
-    /// Blocks written by a request of generation greater than `generation`.
-    pub fn blocks_written_since(&self, generation: u64) -> Vec<u64> {
-        self.with_table(|t| t.iter().filter(|(_, s)| s.generation > generation).map(|(b, _)| b).collect())
-            .unwrap_or_default()
+    /// Runs whose last write is of an epoch after `epoch`.
+    pub fn written_since(&self, epoch: u64) -> Vec<WrittenRun> {
+        self.with_table(|t| t.iter().filter(|r| r.epoch > epoch).collect()).unwrap_or_default()
     }
 
     /// The paper's partition: blocks written at least `threshold` times are hot (high
-    /// frequency), the others cold. Returns `(hot, cold)`.
-    pub fn hot_cold(&self, threshold: u32) -> (Vec<u64>, Vec<u64>) {
-        let mut hot = Vec::new();
-        let mut cold = Vec::new();
-        for (b, s) in self.block_stats() {
-            if s.writes >= threshold {
-                hot.push(b);
-            } else {
-                cold.push(b);
-            }
-        }
-        (hot, cold)
+    /// frequency), the others cold. Returns the block counts `(hot, cold)`.
+    pub fn hot_cold(&self, threshold: u32) -> (u64, u64) {
+        self.with_table(|t| {
+            t.iter().fold(
+                (0, 0),
+                |(hot, cold), r| if r.writes >= threshold { (hot + r.len, cold) } else { (hot, cold + r.len) },
+            )
+        })
+        .unwrap_or_default()
     }
 }
 
@@ -575,7 +588,7 @@ mod tests {
         d.set_tracking(true).unwrap();
         assert!(matches!(d.row_start(), Err(StoreError::Mode(_))));
         d.write_at(&[1; 4096], 8192, false).unwrap();
-        assert_eq!(d.blocks_written_since(0), vec![2]);
+        assert_eq!(d.written_runs().iter().map(|r| (r.start, r.len)).collect::<Vec<_>>(), vec![(2, 1)]);
         d.set_tracking(false).unwrap();
         d.row_start().unwrap();
 
@@ -593,10 +606,11 @@ mod tests {
         d.row_start().unwrap();
         d.write_at(&[1; 4096], 0, false).unwrap();
         d.write_at(&[2; 4096], 0, false).unwrap();
+        assert_eq!(d.mark(), 0);
         d.write_at(&[3; 8192], 4096 * 10, false).unwrap();
         let st = d.status();
-        assert_eq!((st.blocks_updated, st.generation, st.epoch), (3, 3, 1));
-        assert_eq!(d.hot_cold(2), (vec![0], vec![10, 11]));
-        assert_eq!(d.blocks_written_since(2), vec![10, 11]);
+        assert_eq!((st.blocks_updated, st.generation, st.epoch, st.runs), (3, 1, 1, 2));
+        assert_eq!(d.hot_cold(2), (1, 2));
+        assert_eq!(d.written_since(0).iter().map(|r| (r.start, r.len)).collect::<Vec<_>>(), vec![(10, 2)]);
     }
 }

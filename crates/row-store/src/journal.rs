@@ -5,16 +5,19 @@
 //! describes is durable, and the journal is synced before a FLUSH is acknowledged. A torn last
 //! record (the process died while appending) fails its CRC and is cut off on replay.
 
-use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use runmap::RunMap;
+
 use crate::storage::{BlockFile, LockMode, OpenMode, Storage, SyncLatch};
+use crate::table::{Change, Held, Table};
 use crate::StoreError;
 
 const MAGIC: &[u8; 8] = b"NBDROWJ1";
-const VERSION: u32 = 1;
+/// Version 2 added zeroed ranges; version 1 journals (without them) are still read.
+const VERSION: u32 = 2;
 const HEADER_LEN: u64 = 64;
 const RECORD_LEN: usize = 17;
 
@@ -37,6 +40,14 @@ pub enum Record {
     },
     /// The merge back into the image has begun: the store is leaving ROW mode.
     MergeBegin,
+    /// Blocks `start..start + count` were zeroed: they read as zeroes (a hole in the reserved
+    /// file).
+    Zero {
+        /// First block.
+        start: u64,
+        /// Number of blocks.
+        count: u32,
+    },
 }
 
 impl Record {
@@ -45,6 +56,7 @@ impl Record {
             Record::Map { start, count } => (1u8, start, count),
             Record::Unmap { start, count } => (2, start, count),
             Record::MergeBegin => (3, 0, 0),
+            Record::Zero { start, count } => (4, start, count),
         };
         let mut out = [0u8; RECORD_LEN];
         out[0] = kind;
@@ -65,6 +77,7 @@ impl Record {
             1 => Some(Record::Map { start, count }),
             2 => Some(Record::Unmap { start, count }),
             3 => Some(Record::MergeBegin),
+            4 => Some(Record::Zero { start, count }),
             _ => None,
         }
     }
@@ -73,8 +86,8 @@ impl Record {
 /// What replaying a journal recovers.
 #[derive(Debug, Default)]
 pub struct Replayed {
-    /// Blocks mapped to the reserved file.
-    pub mapped: BTreeSet<u64>,
+    /// The blocks in the overlay: data or zeroed.
+    pub mapped: RunMap,
     /// Whether a merge had begun.
     pub merging: bool,
 }
@@ -145,8 +158,8 @@ impl Journal {
         let version = u32::from_le_bytes(header[8..12].try_into().unwrap());
         let bs = u32::from_le_bytes(header[12..16].try_into().unwrap());
         let size = u64::from_le_bytes(header[16..24].try_into().unwrap());
-        if version != VERSION {
-            return Err(bad(format!("version {version}, expected {VERSION}")));
+        if version != VERSION && version != 1 {
+            return Err(bad(format!("version {version}, this program reads 1 and {VERSION}")));
         }
         if bs != block_size || size != image_size {
             return Err(bad(format!(
@@ -159,13 +172,11 @@ impl Journal {
         let mut good = 0usize;
         for chunk in rest.chunks_exact(RECORD_LEN) {
             let Some(record) = Record::decode(chunk.try_into().unwrap()) else { break };
+            let m = &mut replayed.mapped;
             match record {
-                Record::Map { start, count } => replayed.mapped.extend(start..start + count as u64),
-                Record::Unmap { start, count } => {
-                    for b in start..start + count as u64 {
-                        replayed.mapped.remove(&b);
-                    }
-                }
+                Record::Map { start, count } => Table::replay(m, start, start + u64::from(count), Held::Data),
+                Record::Zero { start, count } => Table::replay(m, start, start + u64::from(count), Held::Zero),
+                Record::Unmap { start, count } => Table::replay(m, start, start + u64::from(count), Held::Base),
                 Record::MergeBegin => replayed.merging = true,
             }
             good += RECORD_LEN;
@@ -206,28 +217,19 @@ impl Journal {
     }
 }
 
-/// Coalesces sorted, deduplicated blocks into `(first, count)` runs.
-pub fn block_runs(blocks: &[u64]) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &b in blocks {
-        match out.last_mut() {
-            Some((first, count)) if *first + *count == b => *count += 1,
-            _ => out.push((b, 1)),
-        }
-    }
-    out
-}
-
-/// Coalesces sorted, deduplicated blocks into runs of records (a record counts at most
-/// `u32::MAX` blocks).
-pub fn runs(blocks: &[u64], make: impl Fn(u64, u32) -> Record) -> Vec<Record> {
+/// The records of mapping changes, in order (a record counts at most `u32::MAX` blocks).
+pub fn records(changes: &[Change]) -> Vec<Record> {
     let mut out = Vec::new();
-    for (mut start, mut count) in block_runs(blocks) {
-        while count > 0 {
-            let n = count.min(u32::MAX as u64);
+    for c in changes {
+        let (mut start, end, make): (u64, u64, fn(u64, u32) -> Record) = match *c {
+            Change::Data(s, e) => (s, e, |start, count| Record::Map { start, count }),
+            Change::Zero(s, e) => (s, e, |start, count| Record::Zero { start, count }),
+            Change::Unmap(s, e) => (s, e, |start, count| Record::Unmap { start, count }),
+        };
+        while start < end {
+            let n = (end - start).min(u64::from(u32::MAX));
             out.push(make(start, n as u32));
             start += n;
-            count -= n;
         }
     }
     out
@@ -245,15 +247,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
         let mut j = Journal::create(&Posix, &path, 4096, 1 << 20, SyncLatch::new()).unwrap();
-        j.append(&runs(&[1, 2, 3, 7, 9, 10], |start, count| Record::Map { start, count })).unwrap();
-        j.append(&[Record::MergeBegin, Record::Unmap { start: 2, count: 2 }]).unwrap();
+        j.append(&records(&[Change::Data(1, 4), Change::Data(7, 8), Change::Zero(9, 11), Change::Zero(20, 30)]))
+            .unwrap();
+        j.append(&[Record::MergeBegin, Record::Unmap { start: 2, count: 2 }, Record::Map { start: 25, count: 1 }])
+            .unwrap();
         let good_len = j.size();
         drop(j);
         // A torn record: half of one appended.
         let f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all_at(&Record::Unmap { start: 9, count: 1 }.encode()[..9], good_len).unwrap();
         let (j, r) = Journal::open(&Posix, &path, 4096, 1 << 20, SyncLatch::new()).unwrap().unwrap();
-        assert_eq!(r.mapped.into_iter().collect::<Vec<_>>(), vec![1, 7, 9, 10]);
+        let t = Table::recovered(r.mapped);
+        let seg = |s, e, held| crate::table::Segment { start: s, end: e, held };
+        assert_eq!(
+            t.segments(0, 31),
+            vec![
+                seg(0, 1, Held::Base),
+                seg(1, 2, Held::Data),
+                seg(2, 7, Held::Base),
+                seg(7, 8, Held::Data),
+                seg(8, 9, Held::Base),
+                seg(9, 11, Held::Zero),
+                seg(11, 20, Held::Base),
+                seg(20, 25, Held::Zero),
+                seg(25, 26, Held::Data),
+                seg(26, 30, Held::Zero),
+                seg(30, 31, Held::Base),
+            ]
+        );
         assert!(r.merging);
         assert_eq!(j.size(), good_len);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), good_len);
@@ -276,9 +297,10 @@ mod tests {
     }
 
     #[test]
-    fn runs_coalesce() {
-        let r = runs(&[0, 1, 2, 5], |start, count| Record::Map { start, count });
-        assert_eq!(r, vec![Record::Map { start: 0, count: 3 }, Record::Map { start: 5, count: 1 }]);
-        assert!(runs(&[], |start, count| Record::Map { start, count }).is_empty());
+    fn huge_changes_split_into_records() {
+        let r = records(&[Change::Zero(0, 1 << 33)]);
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[0], Record::Zero { start: 0, count: u32::MAX });
+        assert!(records(&[]).is_empty());
     }
 }

@@ -56,6 +56,7 @@ pub use disk::{Disk, DiskOptions, FrozenBase, RowStatus};
 pub use image::Image;
 pub use merge::MergeProgress;
 pub use storage::{Extent, LockMode, Posix, SimStorage, Storage};
+pub use table::{Held, Segment, WrittenRun, MAX_WRITES};
 
 /// Tracking granularity and the unit of copy-up (see the crate docs for why 4 KiB). Every
 /// layer above (NBD, migration) uses this one constant.

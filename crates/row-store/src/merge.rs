@@ -5,12 +5,13 @@
 //! copied) or in the image after the block is unmapped. Every [`CHECKPOINT`] bytes the image is
 //! synced and the merged blocks are journaled as unmapped, so a killed merge resumes from there.
 
-use crate::journal::block_runs;
+use crate::image::Image;
 use crate::overlay::Overlay;
+use crate::table::Held;
 use crate::{StoreError, BLOCK_SIZE};
 
-/// Blocks merged per step.
-const BATCH: usize = 256;
+/// Blocks merged per step (zeroed runs count one block each: they merge as one punch).
+const BATCH: u64 = 256;
 /// Bytes merged between two checkpoints (sync + journal).
 pub const CHECKPOINT: u64 = 64 << 20;
 
@@ -39,37 +40,52 @@ pub fn copy_back(
         if limit.is_some_and(|l| merged >= l) {
             return Ok(false);
         }
-        let batch = overlay.table().first_mapped(BATCH);
+        let batch = overlay.table().first_runs(BATCH);
         if batch.is_empty() {
             break;
         }
-        for (start, count) in block_runs(&batch) {
-            let last = start + count - 1;
-            let _stripes = overlay.lock_stripes(start, last);
-            let (from, to) = (start * BLOCK_SIZE, overlay.block_end(last));
-            let mut buf = Vec::new();
-            let mut pos = from;
-            for e in reserved.file_extents(from, to - from, usize::MAX).map_err(err)? {
-                if e.hole {
-                    image.zero(pos, e.length, true, false).map_err(err)?;
-                } else {
-                    buf.resize(e.length as usize, 0);
-                    reserved.read_at(&mut buf, pos).map_err(err)?;
-                    image.write_at(&buf, pos, false).map_err(err)?;
+        for run in batch {
+            let (start, end) = (run.start, run.start + run.len);
+            let _stripes = overlay.lock_stripes(start, end - 1);
+            let (from, to) = (start * BLOCK_SIZE, overlay.block_end(end - 1));
+            // Under the stripe locks a write may have turned part of a zeroed run into data:
+            // what the table says now decides.
+            let segments = overlay.table().segments(start, end);
+            for seg in segments {
+                let (a, b) = (seg.start * BLOCK_SIZE, overlay.block_end(seg.end - 1));
+                match seg.held {
+                    Held::Base => {}
+                    Held::Zero => image.zero(a, b - a, true, false).map_err(err)?,
+                    Held::Data => copy(reserved, image, a, b).map_err(err)?,
                 }
-                pos += e.length;
             }
-            let blocks: Vec<u64> = (start..=last).collect();
-            overlay.table().unmap(&blocks);
-            merged += count;
-            since_checkpoint += to - from;
+            overlay.table().unmap(start, end);
+            merged += run.len;
+            since_checkpoint += if run.zero { BLOCK_SIZE } else { to - from };
         }
         if since_checkpoint >= CHECKPOINT {
             overlay.sync_overlay().map_err(err)?;
             since_checkpoint = 0;
         }
-        progress(MergeProgress { merged_blocks: merged, remaining_blocks: overlay.table().len() as u64 });
+        progress(MergeProgress { merged_blocks: merged, remaining_blocks: overlay.table().len() });
     }
     overlay.sync_overlay().map_err(err)?;
     Ok(true)
+}
+
+/// Copies `[from, to)` of the reserved file into the image, holes as holes.
+fn copy(reserved: &Image, image: &Image, from: u64, to: u64) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    let mut pos = from;
+    for e in reserved.file_extents(from, to - from, usize::MAX)? {
+        if e.hole {
+            image.zero(pos, e.length, true, false)?;
+        } else {
+            buf.resize(e.length as usize, 0);
+            reserved.read_at(&mut buf, pos)?;
+            image.write_at(&buf, pos, false)?;
+        }
+        pos += e.length;
+    }
+    Ok(())
 }

@@ -3,16 +3,16 @@
 //!
 //! Reads of mapped blocks come from the reserved file, the rest from the base. A write maps
 //! its blocks; a block the write covers only partly is first copied up whole from the base
-//! (under its stripe lock), so a mapped block always holds its full content. Zeroing maps the
-//! blocks and punches them in the reserved file: a zeroed block never falls through to stale
-//! base data. A flush syncs the reserved file, then journals the blocks mapped since the last
-//! flush and syncs the journal; only then is it acknowledged.
+//! (under its stripe lock), so a mapped block always holds its full content. Zeroing records
+//! the range as zeroed (one run however long) and punches it in the reserved file: it reads as
+//! zeroes without touching a file, never falls through to stale base data, migrates as one zero
+//! extent and merges back as one punch. A flush syncs the reserved file, then journals the
+//! mapping changes since the last flush and syncs the journal; only then is it acknowledged.
 //!
 //! While *merging* (see [`crate::merge`]), writes to blocks still mapped go to the reserved
 //! file and the rest to the image, under the stripe locks the merge takes.
 
 use std::io;
-use std::ops::RangeInclusive;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,7 +21,7 @@ use crate::backend::{BlockBackend, Caps, ZeroFlags};
 use crate::image::Image;
 use crate::journal::{self, Journal, Record};
 use crate::storage::{Extent, Storage, SyncLatch};
-use crate::table::Table;
+use crate::table::{Held, Table};
 use crate::{StoreError, BLOCK_SIZE};
 
 /// Striped locks that serialise copy-up and merge against writes to the same block.
@@ -64,8 +64,22 @@ impl Overlay {
     }
 
     /// An overlay recovered after a restart: the journal replayed, the reserved file reopened.
-    pub fn recovered(base: Arc<Image>, reserved: Image, table: Table, journal: Journal, merging: bool) -> Self {
-        Self::assemble(base, reserved, table, journal, merging)
+    /// Zeroed runs are punched again: writes into them that a crash cut short (never
+    /// acknowledged, never journaled) may have left bytes there, and a later partial write into
+    /// such a block must find zeroes around it.
+    pub fn recovered(
+        base: Arc<Image>,
+        reserved: Image,
+        table: Table,
+        journal: Journal,
+        merging: bool,
+    ) -> io::Result<Self> {
+        let size = base.size();
+        for r in table.iter().filter(|r| r.zero) {
+            let (from, to) = (r.start * BLOCK_SIZE, ((r.start + r.len) * BLOCK_SIZE).min(size));
+            reserved.zero(from, to - from, true, false)?;
+        }
+        Ok(Self::assemble(base, reserved, table, journal, merging))
     }
 
     fn assemble(base: Arc<Image>, reserved: Image, table: Table, journal: Journal, merging: bool) -> Self {
@@ -132,41 +146,22 @@ impl Overlay {
         idx.into_iter().map(|i| lock(&self.stripes[i])).collect()
     }
 
-    fn mapped_in(&self, range: RangeInclusive<u64>) -> Vec<u64> {
-        lock(&self.table).mapped_in(range)
-    }
-
-    /// Calls `f(start, end, mapped)` for each maximal run of mapped or unmapped blocks within
-    /// `[offset, offset + len)`, given the sorted mapped blocks of that range.
+    /// Calls `f(start, end, held)` for each maximal byte range within `[offset, offset + len)`
+    /// held by the base, the reserved file, or nothing (zeroed).
     fn for_segments(
         &self,
         offset: u64,
         len: u64,
-        mapped: &[u64],
-        mut f: impl FnMut(u64, u64, bool) -> io::Result<()>,
+        mut f: impl FnMut(u64, u64, Held) -> io::Result<()>,
     ) -> io::Result<()> {
         let end = offset + len;
-        let mut pos = offset;
-        let mut i = 0;
-        while pos < end {
-            let block = pos / BLOCK_SIZE;
-            let seg_end = if i < mapped.len() && mapped[i] == block {
-                // A run of consecutive mapped blocks.
-                let mut last = block;
-                while i + 1 < mapped.len() && mapped[i + 1] == last + 1 {
-                    i += 1;
-                    last += 1;
-                }
-                i += 1;
-                let e = self.block_end(last).min(end);
-                f(pos, e, true)?;
-                e
-            } else {
-                let next_mapped = mapped.get(i).map_or(end, |b| (b * BLOCK_SIZE).min(end));
-                f(pos, next_mapped, false)?;
-                next_mapped
-            };
-            pos = seg_end;
+        let (fb, lb) = Self::block_range(offset, len);
+        let segments = lock(&self.table).segments(fb, lb + 1);
+        for s in segments {
+            let (a, b) = ((s.start * BLOCK_SIZE).max(offset), (s.end * BLOCK_SIZE).min(end));
+            if a < b {
+                f(a, b, s.held)?;
+            }
         }
         Ok(())
     }
@@ -176,10 +171,11 @@ impl Overlay {
         let len = buf.len() as u64;
         let end = offset + len;
         let (fb, lb) = Self::block_range(offset, len);
-        if lock(&self.table).all_mapped(fb..=lb) {
-            // Every block already has its full content in the reserved file: write in place.
+        if lock(&self.table).covers(fb, lb + 1) {
+            // Every block already has its full content in the reserved file (zeroed ones as a
+            // hole): write in place.
             self.reserved.write_at(buf, offset, false)?;
-            lock(&self.table).record_write(fb..=lb);
+            lock(&self.table).record_write(fb, lb + 1, false);
             return Ok(());
         }
         let _stripes = self.lock_stripes(fb, lb);
@@ -213,29 +209,39 @@ impl Overlay {
                 false,
             )?;
         }
-        lock(&self.table).record_write(fb..=lb);
+        lock(&self.table).record_write(fb, lb + 1, false);
         Ok(())
     }
 
     /// During a merge: parts of the range still mapped go to the reserved file, the rest to
     /// the image, under the stripe locks so the merge never copies a block mid-write.
+    /// A data write into a zeroed range makes those blocks data (they merge by copying).
     fn merging_write(
         &self,
         offset: u64,
         len: u64,
+        data: bool,
         mut op: impl FnMut(&Image, u64, u64) -> io::Result<()>,
     ) -> io::Result<()> {
         let (fb, lb) = Self::block_range(offset, len);
         let _stripes = self.lock_stripes(fb, lb);
-        let mapped = self.mapped_in(fb..=lb);
-        self.for_segments(offset, len, &mapped, |start, end, is_mapped| {
-            op(if is_mapped { &self.reserved } else { &self.base }, start, end)
-        })
+        let mut was_zero = Vec::new();
+        self.for_segments(offset, len, |start, end, held| {
+            if data && held == Held::Zero {
+                was_zero.push((start / BLOCK_SIZE, (end - 1) / BLOCK_SIZE + 1));
+            }
+            op(if held == Held::Base { &self.base } else { &self.reserved }, start, end)
+        })?;
+        let mut t = lock(&self.table);
+        for (s, e) in was_zero {
+            t.record_write(s, e, false);
+        }
+        Ok(())
     }
 
     /// Zeroes in ROW mode: whole blocks are zeroed (punched) in the reserved file and mapped,
     /// so they never fall through to stale base data; partial edge blocks take the write path.
-    fn row_zero(&self, offset: u64, len: u64, may_punch: bool, fast_only: bool) -> io::Result<()> {
+    fn row_zero(&self, offset: u64, len: u64, fast_only: bool) -> io::Result<()> {
         let size = self.base.size();
         let end = offset + len;
         let first_full = offset.div_ceil(BLOCK_SIZE);
@@ -249,8 +255,10 @@ impl Overlay {
         }
         {
             let _stripes = self.lock_stripes(first_full, full_end_block - 1);
-            self.reserved.zero(zs, ze - zs, may_punch, fast_only)?;
-            lock(&self.table).record_write(first_full..=full_end_block - 1);
+            // Always a hole in the reserved file, whatever the guest asked for its own view: the
+            // range is recorded as zeroed, and a later partial write must find zeroes around it.
+            self.reserved.zero(zs, ze - zs, true, fast_only)?;
+            lock(&self.table).record_write(first_full, full_end_block, true);
         }
         if ze < end {
             self.row_write(&vec![0u8; (end - ze) as usize], ze)?;
@@ -263,18 +271,16 @@ impl Overlay {
         let mut journal = lock(&self.journal);
         // Take the pending changes first: their data writes completed before this point, so
         // the syncs below cover them. Changes made later wait for the next flush.
-        let (maps, unmaps) = lock(&self.table).take_pending();
+        let changes = lock(&self.table).take_pending();
         let result = (|| {
             self.reserved.sync()?;
             if self.is_merging() {
                 self.base.sync()?;
             }
-            let mut records = journal::runs(&maps, |start, count| Record::Map { start, count });
-            records.extend(journal::runs(&unmaps, |start, count| Record::Unmap { start, count }));
-            journal.append(&records)
+            journal.append(&journal::records(&changes))
         })();
         if result.is_err() {
-            lock(&self.table).restore_pending(maps, unmaps);
+            lock(&self.table).restore_pending(changes);
         }
         result
     }
@@ -284,14 +290,13 @@ impl Overlay {
         if len == 0 {
             return Ok(());
         }
-        let (fb, lb) = Self::block_range(offset, len as u64);
-        let mapped = self.mapped_in(fb..=lb);
-        if mapped.is_empty() {
-            return self.base.read_append(out, len, offset);
-        }
-        self.for_segments(offset, len as u64, &mapped, |start, end, is_mapped| {
-            let file = if is_mapped { &self.reserved } else { &*self.base };
-            file.read_append(out, (end - start) as usize, start)
+        self.for_segments(offset, len as u64, |start, end, held| match held {
+            Held::Base => self.base.read_append(out, (end - start) as usize, start),
+            Held::Data => self.reserved.read_append(out, (end - start) as usize, start),
+            Held::Zero => {
+                out.resize(out.len() + (end - start) as usize, 0);
+                Ok(())
+            }
         })
     }
 }
@@ -315,7 +320,7 @@ impl BlockBackend for Overlay {
             return Ok(());
         }
         if self.is_merging() {
-            self.merging_write(offset, buf.len() as u64, |img, start, end| {
+            self.merging_write(offset, buf.len() as u64, true, |img, start, end| {
                 img.write_at(&buf[(start - offset) as usize..(end - offset) as usize], start, false)
             })?;
         } else {
@@ -332,9 +337,9 @@ impl BlockBackend for Overlay {
             return Ok(());
         }
         if self.is_merging() {
-            self.merging_write(offset, len, |img, s, e| img.zero(s, e - s, flags.may_punch, flags.fast_only))?;
+            self.merging_write(offset, len, false, |img, s, e| img.zero(s, e - s, flags.may_punch, flags.fast_only))?;
         } else {
-            self.row_zero(offset, len, flags.may_punch, flags.fast_only)?;
+            self.row_zero(offset, len, flags.fast_only)?;
         }
         if flags.fua {
             self.sync_overlay()?;
@@ -361,20 +366,18 @@ impl BlockBackend for Overlay {
         if len == 0 {
             return Ok(Vec::new());
         }
-        let (fb, lb) = Self::block_range(offset, len);
-        let mapped = self.mapped_in(fb..=lb);
         let mut out: Vec<Extent> = Vec::new();
         let mut full = false;
-        self.for_segments(offset, len, &mapped, |start, end, is_mapped| {
+        self.for_segments(offset, len, |start, end, held| {
             if full {
                 return Ok(());
             }
-            // Updated blocks count as data: asking the reserved file would cost two seeks per
-            // run of them, and a punched one there is still "allocated" from the guest's side.
-            let pieces = if is_mapped {
-                vec![Extent { length: end - start, hole: false }]
-            } else {
-                self.base.extents(start, end - start, max)?
+            // Updated blocks count as data (asking the reserved file would cost two seeks per
+            // run of them); zeroed ranges as holes.
+            let pieces = match held {
+                Held::Data => vec![Extent { length: end - start, hole: false }],
+                Held::Zero => vec![Extent { length: end - start, hole: true }],
+                Held::Base => self.base.extents(start, end - start, max)?,
             };
             for e in pieces {
                 if let Some(last) = out.last_mut().filter(|last| last.hole == e.hole) {

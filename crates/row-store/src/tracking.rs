@@ -3,11 +3,10 @@
 //! While it is on, every write request records its blocks with a generation and a count, as a
 //! dirty bitmap would; nothing is journaled (a restart ends the migration that wanted it).
 
-use std::ops::RangeInclusive;
 use std::sync::Mutex;
 
 use crate::overlay::lock;
-use crate::table::{BlockStat, Table};
+use crate::table::{Table, WrittenRun};
 use crate::BLOCK_SIZE;
 
 /// Dirty tracking, on or off.
@@ -33,23 +32,19 @@ impl DirtyTracker {
             return;
         }
         if let Some(t) = lock(&self.table).as_mut() {
-            t.record_write(blocks(offset, len));
+            t.record_write(offset / BLOCK_SIZE, (offset + len - 1) / BLOCK_SIZE + 1, false);
         }
     }
 
     /// Runs `f` on the statistics, if tracking is on.
-    pub fn with<T>(&self, f: impl FnOnce(&Table) -> T) -> Option<T> {
-        lock(&self.table).as_ref().map(f)
+    pub fn with<T>(&self, f: impl FnOnce(&mut Table) -> T) -> Option<T> {
+        lock(&self.table).as_mut().map(f)
     }
 
-    /// Every dirtied block with its statistics (empty when off).
-    pub fn stats(&self) -> Vec<(u64, BlockStat)> {
+    /// Every dirtied run with its statistics (empty when off).
+    pub fn stats(&self) -> Vec<WrittenRun> {
         self.with(|t| t.iter().collect()).unwrap_or_default()
     }
-}
-
-fn blocks(offset: u64, len: u64) -> RangeInclusive<u64> {
-    offset / BLOCK_SIZE..=(offset + len - 1) / BLOCK_SIZE
 }
 
 #[cfg(test)]
@@ -63,10 +58,10 @@ mod tests {
         assert!(!t.is_on() && t.stats().is_empty());
         t.set(true);
         t.record(4096, 8192);
+        assert_eq!(t.with(|t| t.mark()), Some(0));
         t.record(4096 * 5, 1);
-        let blocks: Vec<u64> = t.stats().iter().map(|(b, _)| *b).collect();
-        assert_eq!(blocks, vec![1, 2, 5]);
-        assert_eq!(t.with(|t| t.generation()), Some(2));
+        let runs: Vec<(u64, u64, u64)> = t.stats().iter().map(|r| (r.start, r.len, r.epoch)).collect();
+        assert_eq!(runs, vec![(1, 2, 0), (5, 1, 1)]);
         t.set(false);
         assert!(t.stats().is_empty());
     }

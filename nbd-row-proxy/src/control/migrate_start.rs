@@ -27,7 +27,7 @@ pub async fn run(c: Arc<Control>, args: MigrateStartArgs) -> Result<MigrateStart
         uri: args.uri,
         strategy: args.strategy,
         rounds: args.rounds.unwrap_or(default_rounds).max(1),
-        hot_threshold: args.hot_threshold.unwrap_or(c.proxy.hot_threshold),
+        hot_threshold: super::hot_threshold(&c, args.hot_threshold)?,
         max_bandwidth: args.max_bandwidth.filter(|b| *b > 0),
         compress: args.compress,
         bitmap_granularity_blocks: (args.bitmap_granularity.unwrap_or(DEFAULT_BITMAP_GRANULARITY) / BLOCK_SIZE).max(1),

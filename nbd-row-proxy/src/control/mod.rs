@@ -39,6 +39,18 @@ pub fn failed(e: impl std::fmt::Display) -> CommandError {
     CommandError::generic(e.to_string())
 }
 
+/// A hot threshold from a command's arguments, or the server's; write counts saturate at
+/// [`row_store::MAX_WRITES`], so higher thresholds are refused.
+pub fn hot_threshold(c: &Control, asked: Option<u32>) -> Result<u32, CommandError> {
+    match asked.unwrap_or(c.proxy.hot_threshold) {
+        t @ 1..=row_store::MAX_WRITES => Ok(t),
+        t => Err(failed(format!(
+            "hot-threshold {t} is out of range: 1 to {} (write counts saturate there)",
+            row_store::MAX_WRITES
+        ))),
+    }
+}
+
 /// Parses the arguments of command `C`, runs `f`, and serialises its reply.
 async fn call<C, F, Fut>(control: &Arc<Control>, arguments: Map<String, Value>, f: F) -> Result<Value, CommandError>
 where

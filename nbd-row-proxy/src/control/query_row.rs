@@ -10,17 +10,19 @@ use super::query_status::mode;
 use super::Control;
 
 pub async fn run(c: Arc<Control>, args: QueryRowArgs) -> Result<RowReport, CommandError> {
-    let threshold = args.hot_threshold.unwrap_or(c.proxy.hot_threshold);
+    let threshold = super::hot_threshold(&c, args.hot_threshold)?;
     let s = c.proxy.disk.status();
     let (hot, cold) = c.proxy.disk.hot_cold(threshold);
     Ok(RowReport {
         mode: mode(s.mode),
         blocks_updated: s.blocks_updated,
-        hot_blocks: hot.len() as u64,
-        cold_blocks: cold.len() as u64,
+        hot_blocks: hot,
+        cold_blocks: cold,
         hot_threshold: threshold,
         generation: s.generation,
         reserved_bytes: s.reserved_bytes,
         block_size: BLOCK_SIZE,
+        map_runs: s.runs,
+        map_bytes: s.map_bytes,
     })
 }

@@ -1,13 +1,15 @@
 //! Sending a round: reading block ranges on the blocking pool, splitting zero blocks from data,
-//! compressing, framing, pacing, and counting what went on the wire.
+//! compressing, framing, pacing, and counting what went on the wire. Zeroed runs go as one zero
+//! extent each, without being read.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use control_api::{MigrationRoundCompleted, MigrationRoundStarted, RoundKind, RoundStartedData, RoundStats};
+use migration_session::Span;
 use migration_stream::{Codec, Message};
-use row_store::{BlockBackend, BLOCK_SIZE};
+use row_store::{BlockBackend, Held, BLOCK_SIZE};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
@@ -44,7 +46,7 @@ pub struct Out {
     pub limit: RateLimit,
 }
 
-/// What a round sent: `(first block, count, write generation when read)` per chunk.
+/// What a round sent: `(first block, count, write epoch when read)` per chunk.
 pub type Sent = Vec<(u64, u64, u64)>;
 
 /// Sends rounds for one session and keeps their figures.
@@ -69,16 +71,16 @@ impl Rounds {
         lock(&self.progress).rounds.first().filter(|r| r.seconds > 0.0).map(|r| r.wire_bytes as f64 / r.seconds)
     }
 
-    /// Reads `ranges` (`(first block, count)`) through `view`, frames and sends them as round
-    /// `kind`; returns what was sent with each chunk's write generation as of its read.
+    /// Reads `spans` through `view` (zeroed ones are not read), frames and sends them as round
+    /// `kind`; returns what was sent with each chunk's write epoch as of its read.
     pub async fn send(
         &self,
         out: &mut Out,
         kind: RoundKind,
         view: Arc<dyn BlockBackend>,
-        ranges: Vec<(u64, u64)>,
+        spans: Vec<Span>,
     ) -> Result<Sent> {
-        let total: u64 = ranges.iter().map(|r| r.1).sum();
+        let total: u64 = spans.iter().map(|s| s.count).sum();
         let round = {
             let mut p = lock(&self.progress);
             p.round += 1;
@@ -101,7 +103,7 @@ impl Rounds {
         }
         let (tx, mut rx) = mpsc::channel::<std::io::Result<Chunk>>(READ_AHEAD);
         let (disk, compress) = (self.disk.clone(), self.compress);
-        let producer = tokio::task::spawn_blocking(move || produce(&*view, &disk, ranges, compress, &tx));
+        let producer = tokio::task::spawn_blocking(move || produce(&*view, &disk, spans, compress, &tx));
         let mut sent = Vec::new();
         let mut window = (Instant::now(), 0u64);
         while let Some(chunk) = rx.recv().await {
@@ -143,39 +145,82 @@ struct Chunk {
     frames: Vec<u8>,
 }
 
-/// Runs on the blocking pool: reads ranges in chunks, splits zero blocks from data, compresses
-/// and frames them.
+/// Runs on the blocking pool: reads spans in chunks, splits zero blocks from data, compresses
+/// and frames them. A zeroed span is checked again at the moment of sending (the epoch mark and
+/// the check are one step under the disk's lock): the parts still zeroed go as zero extents, any
+/// part written since is read like data.
 fn produce(
     view: &dyn BlockBackend,
     disk: &row_store::Disk,
-    ranges: Vec<(u64, u64)>,
+    spans: Vec<Span>,
     compress: bool,
     tx: &mpsc::Sender<std::io::Result<Chunk>>,
 ) {
     let size = view.size();
     let mut buf = Vec::with_capacity((CHUNK_BLOCKS * BLOCK_SIZE) as usize);
-    for (first, count) in ranges {
-        let mut b = first;
-        while b < first + count {
-            let n = (first + count - b).min(CHUNK_BLOCKS);
-            let start = b * BLOCK_SIZE;
-            let end = ((b + n) * BLOCK_SIZE).min(size);
-            // The generation before the read: a write after it makes the block outstanding again.
-            let generation = disk.generation();
-            buf.clear();
-            if let Err(e) = view.read_append(&mut buf, (end - start) as usize, start) {
-                let _ = tx.blocking_send(Err(e));
-                return;
+    let mut send = |chunk: std::io::Result<Chunk>| tx.blocking_send(chunk).is_ok();
+    for span in spans {
+        let (first, end_block) = (span.first, span.first + span.count);
+        if span.zero {
+            let (epoch, segments) = disk.mark_segments(first, end_block);
+            for seg in segments {
+                if seg.held == Held::Zero {
+                    let (start, end) = (seg.start * BLOCK_SIZE, (seg.end * BLOCK_SIZE).min(size));
+                    let mut chunk = Chunk {
+                        first: seg.start,
+                        blocks: seg.end - seg.start,
+                        logical: end - start,
+                        zero: end - start,
+                        generation: epoch,
+                        frames: Vec::new(),
+                    };
+                    Message::Zero { offset: start, len: end - start }.encode(&mut chunk.frames);
+                    if !send(Ok(chunk)) {
+                        return;
+                    }
+                } else if !read_and_send(view, disk, seg.start, seg.end, compress, &mut buf, &mut send) {
+                    return;
+                }
             }
-            let mut chunk =
-                Chunk { first: b, blocks: n, logical: end - start, zero: 0, generation, frames: Vec::new() };
-            frame_range(&buf, start, compress, &mut chunk);
-            if tx.blocking_send(Ok(chunk)).is_err() {
-                return;
-            }
-            b += n;
+        } else if !read_and_send(view, disk, first, end_block, compress, &mut buf, &mut send) {
+            return;
         }
     }
+}
+
+/// Reads blocks `[first, end)` in chunks and sends them framed; `false` once the receiver is
+/// gone or a read failed (the error was sent).
+fn read_and_send(
+    view: &dyn BlockBackend,
+    disk: &row_store::Disk,
+    first: u64,
+    end_block: u64,
+    compress: bool,
+    buf: &mut Vec<u8>,
+    send: &mut impl FnMut(std::io::Result<Chunk>) -> bool,
+) -> bool {
+    let size = view.size();
+    let mut b = first;
+    while b < end_block {
+        let n = (end_block - b).min(CHUNK_BLOCKS);
+        let start = b * BLOCK_SIZE;
+        let end = ((b + n) * BLOCK_SIZE).min(size);
+        // The epoch before the read: a write after it makes the block outstanding again.
+        let epoch = disk.mark();
+        buf.clear();
+        if let Err(e) = view.read_append(buf, (end - start) as usize, start) {
+            send(Err(e));
+            return false;
+        }
+        let mut chunk =
+            Chunk { first: b, blocks: n, logical: end - start, zero: 0, generation: epoch, frames: Vec::new() };
+        frame_range(buf, start, compress, &mut chunk);
+        if !send(Ok(chunk)) {
+            return false;
+        }
+        b += n;
+    }
+    true
 }
 
 /// Frames `data` (at byte `start`) as zero extents for all-zero blocks and data extents (one

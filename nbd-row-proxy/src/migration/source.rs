@@ -19,10 +19,9 @@ use control_api::{
     ErrorData, Fence, MigrationFailed, MigrationState, MigrationStateData, MigrationStatus, Phase, RoundKind, Strategy,
 };
 use migration_session::{
-    BitmapPlan, Ownership, RowPlan, SessionId, SourceAction, SourceRefusal, SourceSession, WriteLog,
+    BitmapPlan, Ownership, RowPlan, SessionId, SourceAction, SourceRefusal, SourceSession, Span, WriteLog, Written,
 };
 use migration_stream::Message;
-use row_store::journal::block_runs;
 use row_store::{BlockBackend, Disk, Mode, BLOCK_SIZE};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -68,7 +67,33 @@ pub struct MigrateArgs {
     pub tls_hostname: Option<String>,
 }
 
-type Reply<T> = oneshot::Sender<Result<T, String>>;
+/// Why an outgoing-migration request was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The session's state refuses it; nothing changed.
+    #[error(transparent)]
+    Refused(#[from] SourceRefusal),
+    /// It was tried and failed; the phase says what was left.
+    #[error("{0}")]
+    Failed(String),
+    /// The migration task is gone (the proxy is stopping).
+    #[error("the migration task has stopped")]
+    Stopped,
+}
+
+impl From<String> for MigrationError {
+    fn from(why: String) -> Self {
+        Self::Failed(why)
+    }
+}
+
+impl From<&str> for MigrationError {
+    fn from(why: &str) -> Self {
+        Self::Failed(why.to_string())
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, MigrationError>>;
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 enum Request {
@@ -118,34 +143,34 @@ impl Outgoing {
         Self { requests: tx, shared }
     }
 
-    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, String> {
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, MigrationError> {
         let (tx, rx) = oneshot::channel();
-        self.requests.send(make(tx)).await.map_err(|_| "the migration task has stopped".to_string())?;
-        rx.await.map_err(|_| "the migration task has stopped".to_string())?
+        self.requests.send(make(tx)).await.map_err(|_| MigrationError::Stopped)?;
+        rx.await.map_err(|_| MigrationError::Stopped)?
     }
 
     /// `migrate-start`; returns the session id.
-    pub async fn start(&self, args: MigrateArgs) -> Result<String, String> {
+    pub async fn start(&self, args: MigrateArgs) -> Result<String, MigrationError> {
         self.ask(|r| Request::Start(args, r)).await
     }
 
     /// `migrate-finish`.
-    pub async fn finish(&self) -> Result<MigrationStatus, String> {
+    pub async fn finish(&self) -> Result<MigrationStatus, MigrationError> {
         self.ask(Request::Finish).await
     }
 
     /// `migrate-cancel`.
-    pub async fn cancel(&self) -> Result<(), String> {
+    pub async fn cancel(&self) -> Result<(), MigrationError> {
         self.ask(Request::Cancel).await
     }
 
     /// `migrate-complete`.
-    pub async fn complete(&self) -> Result<(), String> {
+    pub async fn complete(&self) -> Result<(), MigrationError> {
         self.ask(Request::Complete).await
     }
 
     /// `reclaim`.
-    pub async fn reclaim(&self, force: bool) -> Result<(), String> {
+    pub async fn reclaim(&self, force: bool) -> Result<(), MigrationError> {
         self.ask(|r| Request::Reclaim(force, r)).await
     }
 
@@ -184,14 +209,14 @@ fn status_of(shared: &Shared) -> MigrationStatus {
 struct DiskLog<'a>(&'a Disk);
 
 impl WriteLog for DiskLog<'_> {
-    fn for_each_written(&self, f: &mut dyn FnMut(u64, u32, u64)) {
-        for (b, s) in self.0.block_stats() {
-            f(b, s.writes, s.generation);
+    fn for_each_written(&self, f: &mut dyn FnMut(Written)) {
+        for r in self.0.written_runs() {
+            f(Written { start: r.start, len: r.len, writes: r.writes, epoch: r.epoch, zero: r.zero });
         }
     }
 
-    fn generation(&self) -> u64 {
-        self.0.generation()
+    fn mark(&self) -> u64 {
+        self.0.mark()
     }
 }
 
@@ -204,8 +229,8 @@ enum Plan {
 impl Plan {
     fn mark(&mut self, sent: &Sent) {
         if let Plan::Row(row) = self {
-            for &(first, count, generation) in sent {
-                row.mark_sent(first, count, generation);
+            for &(first, count, epoch) in sent {
+                row.mark_sent(first, count, epoch);
             }
         }
     }
@@ -314,7 +339,7 @@ impl Actor {
     fn step(
         &self,
         f: impl FnOnce(&mut SourceSession) -> Result<Vec<SourceAction>, SourceRefusal>,
-    ) -> Result<Vec<SourceAction>, String> {
+    ) -> Result<Vec<SourceAction>, MigrationError> {
         let (before, after, result) = {
             let mut m = lock(&self.shared.machine);
             let before = m.phase();
@@ -325,7 +350,7 @@ impl Actor {
             tracing::info!(from = %before, to = %after, "migration phase");
             self.proxy.events.emit::<MigrationState>(MigrationStateData { phase: after });
         }
-        result.map_err(|e| e.to_string())
+        result.map_err(MigrationError::Refused)
     }
 
     async fn run(mut self) {
@@ -406,11 +431,11 @@ impl Actor {
 
     /// Performs actions in order: the quick ones here, the long ones by their own methods (which
     /// perform the actions of the inputs they feed back, hence the boxed future).
-    fn perform(&mut self, actions: Vec<SourceAction>) -> BoxFuture<'_, Result<(), String>> {
+    fn perform(&mut self, actions: Vec<SourceAction>) -> BoxFuture<'_, Result<(), MigrationError>> {
         Box::pin(self.perform_all(actions))
     }
 
-    async fn perform_all(&mut self, actions: Vec<SourceAction>) -> Result<(), String> {
+    async fn perform_all(&mut self, actions: Vec<SourceAction>) -> Result<(), MigrationError> {
         for action in actions {
             match action {
                 SourceAction::Persist(record) => {
@@ -492,17 +517,17 @@ impl Actor {
         }
     }
 
-    async fn start(&mut self, args: MigrateArgs) -> Result<String, String> {
+    async fn start(&mut self, args: MigrateArgs) -> Result<String, MigrationError> {
         self.proxy.protection.usable().map_err(|e| e.to_string())?;
         if self.proxy.gate.access() == Access::Incoming {
             return Err("this disk is still arriving by migration".into());
         }
         if lock(&self.shared.machine).phase().is_active() {
-            return Err(SourceRefusal::Busy(self.phase()).to_string());
+            return Err(SourceRefusal::Busy(self.phase()).into());
         }
         // A merge left by a cancelled or failed migration must end first.
         if self.proxy.disk.mode() == Mode::Merging {
-            self.proxy.merge().await?;
+            self.proxy.merge().await.map_err(|e| MigrationError::Failed(e.to_string()))?;
         }
         if args.strategy == Strategy::Bitmap && self.proxy.disk.mode() != Mode::Direct {
             return Err("the bitmap strategy needs the disk in direct mode (ROW is on)".into());
@@ -522,7 +547,7 @@ impl Actor {
     }
 
     /// Connects, authenticates and prepares the disk for the rounds.
-    async fn connect(&mut self) -> Result<(), String> {
+    async fn connect(&mut self) -> Result<(), MigrationError> {
         let session = self.session.as_ref().expect("a session is starting");
         let args = session.args.clone();
         let id = lock(&self.shared.machine).session().expect("started");
@@ -545,7 +570,7 @@ impl Actor {
             Err(e) => {
                 let why = format!("{e:#}");
                 self.fail(&why).await;
-                Err(why)
+                Err(why.into())
             }
         }
     }
@@ -626,21 +651,21 @@ impl Actor {
         }
     }
 
-    async fn finish(&mut self) -> Result<MigrationStatus, String> {
+    async fn finish(&mut self) -> Result<MigrationStatus, MigrationError> {
         let actions = self.step(SourceSession::finish)?;
         if let Err(e) = self.perform(actions).await {
             // Nothing was committed unless the commit went out: the machine decides whether to
             // roll back or to keep refusing writes.
             if self.phase() == Phase::Finishing {
-                self.fail(&e).await;
+                self.fail(&e.to_string()).await;
             }
-            return Err(lock(&self.shared.machine).error().map_or(e, str::to_string));
+            return Err(lock(&self.shared.machine).error().map_or(e, MigrationError::from));
         }
         Ok(status_of(&self.shared))
     }
 
     /// Sends the final round and the commit, and waits for the destination's answer.
-    async fn final_round(&mut self) -> Result<(), String> {
+    async fn final_round(&mut self) -> Result<(), MigrationError> {
         let session = self.session.as_mut().ok_or("no session connection: the migration restarted")?;
         let Link::Idle(mut conn, mut plan) = std::mem::replace(&mut session.link, Link::None) else {
             return Err("the session's connection is gone".into());
@@ -651,7 +676,7 @@ impl Actor {
             pause("final-round").await;
             let log = DiskLog(&disk);
             let ranges = match &mut plan {
-                Plan::Row(row) => block_runs(&row.final_blocks(&log)),
+                Plan::Row(row) => row.final_spans(&log),
                 Plan::Bitmap(bm) => bm.next_round(&log),
             };
             let live: Arc<dyn BlockBackend> = disk.clone();
@@ -684,18 +709,18 @@ impl Actor {
                 let why = conn.destination_reason().await.unwrap_or_else(|| format!("{e:#}"));
                 // Put the connection back so a discard can still be sent on it.
                 self.session.as_mut().expect("session").link = Link::Idle(conn, plan);
-                Err(format!("the final disk round failed: {why}"))
+                Err(format!("the final disk round failed: {why}").into())
             }
         }
     }
 
-    async fn cancel(&mut self) -> Result<(), String> {
+    async fn cancel(&mut self) -> Result<(), MigrationError> {
         let actions = self.step(SourceSession::cancel)?;
         self.perform(actions).await
     }
 
     /// Asks the destination to give the disk back, over a new connection.
-    async fn revoke(&mut self) -> Result<(), String> {
+    async fn revoke(&mut self) -> Result<(), MigrationError> {
         if let Some(conn) = self.take_conn().await {
             drop(conn);
         }
@@ -777,7 +802,7 @@ async fn precopy_rounds(
     rounds.send(out, RoundKind::Base, base, ranges).await?;
     for _ in 1..args.rounds {
         let ranges = match plan {
-            Plan::Row(row) => block_runs(&row.cold_unsent(&DiskLog(disk), args.hot_threshold)),
+            Plan::Row(row) => row.cold_unsent(&DiskLog(disk), args.hot_threshold),
             Plan::Bitmap(bm) => bm.next_round(&DiskLog(disk)),
         };
         let sent = rounds.send(out, RoundKind::Update, live.clone(), ranges).await?;
@@ -809,29 +834,32 @@ async fn settle(
         (None, None) => return Ok(()),
     };
     let budget_blocks = (rate * budget.as_secs_f64()) as u64 / BLOCK_SIZE;
-    let mut pass_start = disk.generation();
+    let mut pass_start = disk.mark();
     for _ in 0..MAX_SETTLE_PASSES {
         let Plan::Row(row) = plan else { return Ok(()) };
         let Some(settled) = row.settle_pass(&DiskLog(disk), pass_start, budget_blocks) else {
             break;
         };
-        pass_start = disk.generation();
-        let sent = rounds.send(out, RoundKind::Update, disk.clone(), block_runs(&settled)).await?;
+        pass_start = disk.mark();
+        let sent = rounds.send(out, RoundKind::Update, disk.clone(), settled).await?;
         plan.mark(&sent);
     }
     Ok(())
 }
 
-/// The allocated ranges of `view`, as `(first block, count)`.
-async fn allocated_blocks(view: Arc<dyn BlockBackend>) -> Result<Vec<(u64, u64)>> {
-    tokio::task::spawn_blocking(move || -> std::io::Result<Vec<(u64, u64)>> {
+/// The allocated ranges of `view`, as spans of data.
+async fn allocated_blocks(view: Arc<dyn BlockBackend>) -> Result<Vec<Span>> {
+    tokio::task::spawn_blocking(move || -> std::io::Result<Vec<Span>> {
         let mut pos = 0;
-        let mut out = Vec::new();
+        let mut out: Vec<Span> = Vec::new();
         for e in view.extents(0, view.size(), usize::MAX)? {
             if !e.hole {
                 let first = pos / BLOCK_SIZE;
                 let last = (pos + e.length - 1) / BLOCK_SIZE;
-                out.push((first, last - first + 1));
+                match out.last_mut() {
+                    Some(s) if s.first + s.count > first => s.count = last + 1 - s.first,
+                    _ => out.push(Span { first, count: last - first + 1, zero: false }),
+                }
             }
             pos += e.length;
         }

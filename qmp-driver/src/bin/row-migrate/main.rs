@@ -120,8 +120,8 @@ pub struct Args {
     /// Disk pre-copy rounds before the final one (row: 2, bitmap: 3).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub rounds: Option<u32>,
-    /// Writes that make a block hot (row).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Writes that make a block hot (row), 1 to 127.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=127))]
     pub hot_threshold: Option<u32>,
     /// qemu-mirror's copy mode.
     #[arg(long, value_enum, default_value_t = MirrorMode::Background)]
