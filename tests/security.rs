@@ -450,9 +450,18 @@ fn negotiation_times_out_and_connections_are_capped() {
     let control = dir.path().join("ctl.sock");
     let server = Server::start(dir.path(), &image, &["--max-connections", "4", "--control", control.to_str().unwrap()]);
     // Four idle connections fill the cap; a fifth is closed at once; the control socket answers.
-    let idle: Vec<std::os::unix::net::UnixStream> =
-        (0..4).map(|_| std::os::unix::net::UnixStream::connect(&server.socket).unwrap()).collect();
-    std::thread::sleep(Duration::from_millis(300));
+    // Each idle one is served (it gets the greeting); the probe connection Server::start made
+    // may hold a slot for a moment, so a refused one is tried again.
+    let idle: Vec<std::os::unix::net::UnixStream> = (0..4)
+        .map(|_| {
+            e2e::rig::wait_until("an idle connection to be served", Duration::from_secs(5), || {
+                let mut s = std::os::unix::net::UnixStream::connect(&server.socket).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut greeting = [0u8; 18];
+                s.read_exact(&mut greeting).ok().map(|_| s)
+            })
+        })
+        .collect();
     let mut fifth = std::os::unix::net::UnixStream::connect(&server.socket).unwrap();
     fifth.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut buf = [0u8; 16];

@@ -1,10 +1,13 @@
 //! One client connection: moves bytes between the socket and the sans-I/O negotiation and
 //! transmission code. Negotiation (with STARTTLS on TCP exports that require TLS) must end
 //! within [`NEGOTIATION_TIMEOUT`]. Requests are pipelined: cheap ones run on this task, slow
-//! ones on the blocking pool, and replies go out in completion order through a writer task that
-//! batches them into vectored writes. A request holds a share of the connection's byte budget
-//! ([`MAX_IN_FLIGHT_BYTES`]) from before its payload is read until its reply is on the socket,
-//! so a client that stops reading replies stops being read: back-pressure, not buffering.
+//! ones on the blocking pool. The task handles every request already buffered, gathering the
+//! replies, and writes them in one vectored write before it waits for more input: one system
+//! call and one wake-up of the client for a whole burst, instead of one per reply. Replies go
+//! out in completion order. A request sent to the blocking pool holds a share of the
+//! connection's byte budget ([`MAX_IN_FLIGHT_BYTES`]) from before its payload is read until its
+//! reply is on the socket, and nothing more is read while replies cannot be written, so a client
+//! that stops reading replies stops being read: back-pressure, not buffering.
 
 use std::io::{self, IoSlice};
 use std::sync::Arc;
@@ -22,10 +25,10 @@ use super::negotiation::{Negotiation, Session, Step};
 use super::transmission::{error_reply, execute, runs_inline, validate};
 use crate::ownership::Access;
 
-/// Replies queued for the writer.
-const REPLY_QUEUE: usize = 256;
 /// Most replies gathered into one vectored write.
-const MAX_BATCH: usize = 64;
+const MAX_BATCH: usize = 16;
+/// Bytes of replies gathered before they are written anyway.
+const MAX_BATCH_BYTES: usize = 1 << 20;
 /// How long a client may take from connecting to starting transmission.
 pub const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes of request payloads and replies a connection may have in flight (two of the largest
@@ -64,6 +67,27 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     fn get_mut(&mut self) -> &mut R {
         &mut self.inner
+    }
+
+    /// The next message if it is already buffered.
+    fn try_next<T>(
+        &mut self,
+        decode: impl Fn(&[u8]) -> Result<Option<(T, usize)>, ProtocolError>,
+    ) -> Result<Option<T>> {
+        Ok(decode(&self.buf[self.pos..])?.map(|(value, n)| {
+            self.pos += n;
+            value
+        }))
+    }
+
+    /// Whether `len` bytes are buffered.
+    fn has(&self, len: usize) -> bool {
+        self.buf.len() - self.pos >= len
+    }
+
+    /// Whether part of a message is buffered.
+    fn partial(&self) -> bool {
+        self.pos < self.buf.len()
     }
 
     /// Next message, or `None` on a clean end of stream between messages.
@@ -153,6 +177,7 @@ pub async fn serve(
     let (stream, buffered) = reader.into_parts();
     let (r, writer) = tokio::io::split(stream);
     let mut reader = FrameReader::with_buffered(r, buffered);
+    let mut replies = Replies { writer, batch: Vec::with_capacity(MAX_BATCH), bytes: 0, held: Vec::new() };
     let session = Arc::new(session);
     tracing::info!(
         %peer,
@@ -162,14 +187,30 @@ pub async fn serve(
         "connection open"
     );
 
-    let (tx, rx) = mpsc::channel::<Reply>(REPLY_QUEUE);
-    let writer_task = tokio::spawn(write_replies(writer, rx));
     let mut stats = Stats::default();
-    let outcome = transmission(&mut reader, &session, &tx, &mut shutdown, &mut stats).await;
-    // In-flight requests on the blocking pool hold their own senders: the writer ends once
-    // every reply has been written.
-    drop(tx);
-    let written = writer_task.await.context("reply writer panicked")?;
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Reply>();
+    let mut in_flight = 0usize;
+    let outcome = transmission(
+        &mut reader,
+        &mut replies,
+        &session,
+        (&done_tx, &mut done_rx, &mut in_flight),
+        &mut shutdown,
+        &mut stats,
+    )
+    .await;
+    // Requests still running elsewhere hold their own senders: their replies go out too.
+    drop(done_tx);
+    while in_flight > 0 {
+        let Some(reply) = done_rx.recv().await else { break };
+        in_flight -= 1;
+        replies.push(reply);
+        if replies.full() && replies.flush().await.is_err() {
+            break;
+        }
+    }
+    let written = replies.flush().await;
+    let _ = replies.writer.shutdown().await;
     tracing::info!(
         %peer,
         export = %session.export.name,
@@ -180,6 +221,38 @@ pub async fn serve(
     );
     outcome?;
     written.context("sending replies")
+}
+
+/// Replies gathered for one vectored write, with the budget shares they hold until written.
+struct Replies<W> {
+    writer: W,
+    batch: Vec<Vec<u8>>,
+    bytes: usize,
+    held: Vec<OwnedSemaphorePermit>,
+}
+
+impl<W: AsyncWrite + Unpin> Replies<W> {
+    fn push(&mut self, (reply, permit): Reply) {
+        self.bytes += reply.len();
+        self.batch.push(reply);
+        self.held.extend(permit);
+    }
+
+    fn full(&self) -> bool {
+        self.batch.len() >= MAX_BATCH || self.bytes >= MAX_BATCH_BYTES
+    }
+
+    /// Writes what was gathered; the budget it held is free again.
+    async fn flush(&mut self) -> io::Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        write_all_vectored(&mut self.writer, &self.batch).await?;
+        self.batch.clear();
+        self.bytes = 0;
+        self.held.clear();
+        Ok(())
+    }
 }
 
 /// The handshake and option haggling, with the TLS upgrade when STARTTLS asks for it;
@@ -241,10 +314,14 @@ fn cost(req: &Request) -> u32 {
     }
 }
 
-async fn transmission<R: AsyncRead + Unpin>(
+/// The reply channel of requests running elsewhere, and how many are.
+type Completions<'a> = (&'a mpsc::UnboundedSender<Reply>, &'a mut mpsc::UnboundedReceiver<Reply>, &'a mut usize);
+
+async fn transmission<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     reader: &mut FrameReader<R>,
+    replies: &mut Replies<W>,
     session: &Arc<Session>,
-    tx: &mpsc::Sender<Reply>,
+    (done_tx, done_rx, in_flight): Completions<'_>,
     shutdown: &mut watch::Receiver<bool>,
     stats: &mut Stats,
 ) -> Result<()> {
@@ -253,15 +330,36 @@ async fn transmission<R: AsyncRead + Unpin>(
         if *shutdown.borrow() {
             return Ok(());
         }
-        let next = tokio::select! {
-            biased;
-            _ = shutdown.changed() => return Ok(()),
-            next = reader.next(Request::decode) => next,
-        };
-        let req = match next {
-            Ok(Some(req)) => req,
-            Ok(None) => return Ok(()),
-            Err(e) => return Err(e.context("reading request")),
+        while let Ok(reply) = done_rx.try_recv() {
+            *in_flight -= 1;
+            replies.push(reply);
+        }
+        if replies.full() {
+            replies.flush().await.context("sending replies")?;
+        }
+        // The next request if it is buffered; else the gathered replies go out, then wait.
+        let req = match reader.try_next(Request::decode).context("reading request")? {
+            Some(req) => req,
+            None => {
+                replies.flush().await.context("sending replies")?;
+                tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => return Ok(()),
+                    Some(reply) = done_rx.recv() => {
+                        *in_flight -= 1;
+                        replies.push(reply);
+                    }
+                    n = reader.fill() => {
+                        if n.context("reading request")? == 0 {
+                            if reader.partial() {
+                                bail!("reading request: connection closed in the middle of a message");
+                            }
+                            return Ok(());
+                        }
+                    }
+                }
+                continue;
+            }
         };
         stats.requests += 1;
         tracing::trace!(?req, "request");
@@ -270,14 +368,40 @@ async fn transmission<R: AsyncRead + Unpin>(
             if req.has_payload() {
                 reader.discard(req.length as u64).await.context("discarding refused payload")?;
             }
-            if tx.send((error_reply(session, req.cookie, refusal.errno, refusal.reason), None)).await.is_err() {
-                return Ok(());
-            }
+            replies.push((error_reply(session, req.cookie, refusal.errno, refusal.reason), None));
             continue;
         }
-        // Its share of the budget comes before its payload is read or its reply made.
-        let permit = Some(budget.clone().acquire_many_owned(cost(&req)).await.expect("the budget is never closed"));
+        let inline = runs_inline(&req);
+        let waits = !matches!(req.command, Command::Flush | Command::Cache);
+        let incoming = waits && *session.export.access.borrow() == Access::Incoming;
+        // A request that runs elsewhere holds its share of the budget from before its payload
+        // is read; one that runs here is done before the next is read.
+        let permit = if inline && !incoming {
+            None
+        } else {
+            // The budget comes back as replies are written: while it is short, the gathered
+            // replies go out and the next completion is taken in, until there is room.
+            loop {
+                if let Ok(permit) = budget.clone().try_acquire_many_owned(cost(&req)) {
+                    break Some(permit);
+                }
+                replies.flush().await.context("sending replies")?;
+                if *in_flight == 0 {
+                    break Some(
+                        budget.clone().acquire_many_owned(cost(&req)).await.expect("the budget is never closed"),
+                    );
+                }
+                if let Some(reply) = done_rx.recv().await {
+                    *in_flight -= 1;
+                    replies.push(reply);
+                }
+            }
+        };
         let payload = if req.has_payload() {
+            if !reader.has(req.length as usize) {
+                // The client is still sending: what is gathered goes out meanwhile.
+                replies.flush().await.context("sending replies")?;
+            }
             let mut payload = Vec::with_capacity(req.length as usize);
             reader.read_payload(req.length as usize, &mut payload).await.context("reading write payload")?;
             stats.bytes_written += req.length as u64;
@@ -290,20 +414,16 @@ async fn transmission<R: AsyncRead + Unpin>(
             Command::Read => stats.bytes_read += req.length as u64,
             _ => {}
         }
-        // FLUSH and CACHE have nothing to wait for (QEMU flushes when it inactivates the
-        // drives of an incoming VM, before any migration has arrived).
-        let waits = !matches!(req.command, Command::Flush | Command::Cache);
-        if waits && *session.export.access.borrow() == Access::Incoming {
+        if incoming {
             if matches!(req.command, Command::Write | Command::Trim | Command::WriteZeroes) {
                 let reply =
                     error_reply(session, req.cookie, NBD_EPERM, "the disk is still being migrated to this host");
-                if tx.send((reply, permit)).await.is_err() {
-                    return Ok(());
-                }
+                replies.push((reply, permit));
                 continue;
             }
             // Reads wait for the commit, without holding up the rest of the connection.
-            let (session, tx) = (session.clone(), tx.clone());
+            let (session, tx) = (session.clone(), done_tx.clone());
+            *in_flight += 1;
             tokio::spawn(async move {
                 let mut access = session.export.access.clone();
                 let wait = access.wait_for(|a| *a != Access::Incoming);
@@ -316,46 +436,21 @@ async fn transmission<R: AsyncRead + Unpin>(
                 } else {
                     error_reply(&session, req.cookie, NBD_EIO, "the disk has not been migrated here yet")
                 };
-                let _ = tx.send((reply, permit)).await;
+                let _ = tx.send((reply, permit));
             });
             continue;
         }
-        if runs_inline(&req) {
-            if tx.send((execute(session, &req, payload), permit)).await.is_err() {
-                return Ok(());
-            }
+        if inline {
+            replies.push((execute(session, &req, payload), permit));
         } else {
-            let (session, tx) = (session.clone(), tx.clone());
+            let (session, tx) = (session.clone(), done_tx.clone());
+            *in_flight += 1;
             tokio::task::spawn_blocking(move || {
-                let _ = tx.blocking_send((execute(&session, &req, payload), permit));
+                let reply = execute(&session, &req, payload);
+                let _ = tx.send((reply, permit));
             });
         }
     }
-}
-
-async fn write_replies<W: AsyncWrite + Unpin>(mut writer: W, mut rx: mpsc::Receiver<Reply>) -> Result<()> {
-    let mut batch: Vec<Vec<u8>> = Vec::with_capacity(MAX_BATCH);
-    let mut permits = Vec::with_capacity(MAX_BATCH);
-    while let Some((first, permit)) = rx.recv().await {
-        batch.push(first);
-        permits.push(permit);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok((reply, permit)) => {
-                    batch.push(reply);
-                    permits.push(permit);
-                }
-                Err(_) => break,
-            }
-        }
-        write_all_vectored(&mut writer, &batch).await?;
-        batch.clear();
-        // Written: the budget these replies held is free again.
-        permits.clear();
-    }
-    writer.flush().await?;
-    let _ = writer.shutdown().await;
-    Ok(())
 }
 
 async fn write_all_vectored<W: AsyncWrite + Unpin>(writer: &mut W, bufs: &[Vec<u8>]) -> io::Result<()> {
