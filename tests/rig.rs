@@ -146,6 +146,11 @@ pub struct Side {
     pub tls_creds: Option<PathBuf>,
     /// How its guests run.
     pub guest: Guest,
+    /// The port its proxy listens on as [`Role::Receive`].
+    pub disk_port: u16,
+    /// The NBD socket of a second disk (another side's proxy) its QEMU attaches as /dev/vdb;
+    /// the guest then runs a second workload there (seed 2), beside the one on /dev/vda.
+    pub second_disk: Option<PathBuf>,
 }
 
 /// How a side's guest runs: what `row-workload` does, and how its drive behaves on errors.
@@ -193,6 +198,8 @@ impl Side {
             proxy_env: Vec::new(),
             tls_creds: None,
             guest: Guest::default(),
+            disk_port: DISK_PORT,
+            second_disk: None,
         }
     }
 
@@ -218,7 +225,7 @@ impl Side {
         match role {
             Role::Source => {}
             Role::Receive => {
-                cmd.args(["--listen", &format!("{}:{DISK_PORT}", self.host.addr())]);
+                cmd.args(["--listen", &format!("{}:{}", self.host.addr(), self.disk_port)]);
             }
             Role::MirrorTarget => {
                 cmd.args(["--tcp", &format!("{}:{MIRROR_PORT}", self.host.addr())]);
@@ -242,6 +249,14 @@ impl Side {
         self.start_guest(&args, incoming);
     }
 
+    /// The workload's arguments for the second disk: the same run on /dev/vdb with seed 2.
+    fn second_workload(args: &[String]) -> Vec<String> {
+        let mut second: Vec<String> =
+            args.iter().map(|a| if a == "/dev/vda" { "/dev/vdb".to_string() } else { a.clone() }).collect();
+        second.extend(["--seed".to_string(), "2".to_string()]);
+        second
+    }
+
     /// Starts QEMU running `row-workload` with `args`; `incoming` adds `-incoming defer`.
     pub fn start_guest(&mut self, args: &[String], incoming: bool) {
         // A guest booted again on this host gets a fresh console; the last one's is kept beside it
@@ -263,6 +278,9 @@ impl Side {
             .arg("--qmp")
             .arg(&self.mon)
             .args(["--cmd", "row-workload", "--args", &args.join(",")]);
+        if let Some(second) = &self.second_disk {
+            cmd.arg("--socket2").arg(second).args(["--args2", &Self::second_workload(args).join(",")]);
+        }
         if self.guest.resilient {
             cmd.arg("--resilient");
         }

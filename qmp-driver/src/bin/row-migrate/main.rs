@@ -10,6 +10,7 @@
 //! (the disk is given back to the source first, and the guest resumed only once it is); once
 //! `migrate-continue` has been sent, nothing is undone and the source guest stays paused.
 
+mod disks;
 mod recover;
 mod report;
 mod rollback;
@@ -94,16 +95,23 @@ pub struct Args {
     /// Destination QEMU's QMP socket (QEMU started with `-incoming defer`).
     #[arg(long)]
     pub dst_qmp: PathBuf,
-    /// Source nbd-row-proxy control socket.
+    /// Source nbd-row-proxy control socket (a VM with one disk; see --disk for more).
     #[arg(long)]
-    pub src_proxy: PathBuf,
-    /// Destination nbd-row-proxy control socket.
+    pub src_proxy: Option<PathBuf>,
+    /// Destination nbd-row-proxy control socket (a VM with one disk).
     #[arg(long)]
-    pub dst_proxy: PathBuf,
+    pub dst_proxy: Option<PathBuf>,
     /// Where the disk goes: `tcp:HOST:PORT` of `receive --listen` (row, bitmap), or
     /// `nbd://HOST:PORT/EXPORT` of the destination proxy (qemu-mirror).
-    #[arg(long, required_unless_present = "recover")]
+    #[arg(long)]
     pub disk_uri: Option<String>,
+    /// One disk of the VM: its source and destination proxies' control sockets and its stream
+    /// address, as SRC_CONTROL,DST_CONTROL,URI or src=...,dst=...,uri=...; repeat for every disk.
+    /// All disks pre-copy at once (sharing --max-bandwidth), their final rounds run in parallel
+    /// while the guest is paused, and QEMU switches over only when every destination has
+    /// committed; otherwise every disk is rolled back.
+    #[arg(long = "disk", value_name = "SRC,DST,URI", value_parser = disks::parse_disk)]
+    pub disks: Vec<disks::DiskSpec>,
     /// Where QEMU's memory migration goes, e.g. `tcp:HOST:4444`.
     #[arg(long, required_unless_present = "recover")]
     pub mem_uri: Option<String>,
@@ -140,6 +148,10 @@ pub struct Args {
     /// proxies' disk stream is protected by their own --tls-creds or key.
     #[arg(long, value_name = "DIR")]
     pub tls_creds: Option<PathBuf>,
+    /// Migrate even though the source guest has more writable drives than disks given (the
+    /// others must be on storage both hosts share, or the destination starts without their data).
+    #[arg(long)]
+    pub allow_unmoved_drives: bool,
     /// Before switchover, check that both proxies hold the same disk (SHA-256 of every byte);
     /// a mismatch rolls back. Costs downtime in proportion to the disk size.
     #[arg(long)]
@@ -157,11 +169,6 @@ pub struct Args {
 }
 
 impl Args {
-    /// `--disk-uri` (required unless `--recover`).
-    pub fn disk_uri(&self) -> &str {
-        self.disk_uri.as_deref().unwrap_or_default()
-    }
-
     /// `--mem-uri` (required unless `--recover`).
     pub fn mem_uri(&self) -> &str {
         self.mem_uri.as_deref().unwrap_or_default()

@@ -12,6 +12,7 @@ use control_api::{MigrateCancel, MigrateComplete, NoArgs, Phase, QueryMigrate};
 use qmp_driver::Qmp;
 use serde_json::{json, Value};
 
+use crate::disks::disk_specs;
 use crate::sequence::{Failure, CMD};
 use crate::{exit, Args};
 
@@ -55,25 +56,38 @@ async fn resume(qemu: &mut Qmp) -> Result<()> {
     Err(anyhow!("the guest did not resume"))
 }
 
-/// Brings the four components to one consistent state; the report says where the guest runs.
+/// One disk's source proxy as `--recover` finds it.
+struct Found {
+    name: String,
+    path: std::path::PathBuf,
+    proxy: Option<Qmp>,
+    phase: Option<Phase>,
+}
+
+/// Brings every component to one consistent state; the report says where the guest runs.
 pub async fn recover(args: Args) -> Result<Value, Failure> {
     let fail = |e: anyhow::Error| Failure { code: exit::ROLLBACK_FAILED, error: e, state: Value::Null };
+    let specs =
+        disk_specs(&args).map_err(|e| Failure { code: exit::REFUSED, error: anyhow!(e), state: Value::Null })?;
     let mut src = reach(&args.src_qmp).await;
     let mut dst = reach(&args.dst_qmp).await;
-    let mut src_proxy = reach(&args.src_proxy).await;
+    let several = specs.len() > 1;
+    let mut found = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let mut proxy = reach(&spec.src_proxy).await;
+        let phase = match &mut proxy {
+            Some(p) => p.call::<QueryMigrate>(NoArgs {}).await.ok().map(|m| m.phase),
+            None => None,
+        };
+        let name = if several { format!("disk {}", i + 1) } else { "disk".into() };
+        found.push(Found { name, path: spec.src_proxy.clone(), proxy, phase });
+    }
     let src_state = run_state(&mut src).await;
     let dst_state = run_state(&mut dst).await;
-    let mut actions = Vec::new();
-    let disk_phase = match &mut src_proxy {
-        Some(p) => p.call::<QueryMigrate>(NoArgs {}).await.ok().map(|m| m.phase),
-        None => None,
-    };
+    let mut actions: Vec<String> = Vec::new();
     if dst_state.as_deref() == Some("running") {
-        // The switchover happened: the destination owns the disk; the source only confirms it.
-        if let (Some(p), Some(Phase::HandedOver | Phase::Finishing)) = (&mut src_proxy, disk_phase) {
-            p.call::<MigrateComplete>(NoArgs {}).await.context("migrate-complete on the source proxy").map_err(fail)?;
-            actions.push("migrate-complete on the source proxy");
-        }
+        // The switchover happened: the destinations own the disks; the sources only confirm it.
+        complete_all(&mut found, &mut actions).await.map_err(fail)?;
         return Ok(json!({ "guest": "destination", "actions": actions }));
     }
     if src_state.as_deref() == Some("postmigrate") {
@@ -81,48 +95,63 @@ pub async fn recover(args: Args) -> Result<Value, Failure> {
         return match (&mut dst, dst_state.as_deref()) {
             (Some(q), Some(s)) if s != "inmigrate" => {
                 resume(q).await.context("resuming the guest on the destination").map_err(fail)?;
-                if let (Some(p), Some(Phase::HandedOver | Phase::Finishing)) = (&mut src_proxy, disk_phase) {
-                    let _ = p.call::<MigrateComplete>(NoArgs {}).await;
-                }
-                Ok(json!({ "guest": "destination", "actions": ["cont on the destination QEMU"] }))
+                actions.push("cont on the destination QEMU".into());
+                let _ = complete_all(&mut found, &mut actions).await;
+                Ok(json!({ "guest": "destination", "actions": actions }))
             }
             _ => Err(fail(anyhow!(
                 "the source QEMU finished the migration (postmigrate) but the destination QEMU is {}: the guest \
-                 stopped; its disk is on the destination proxy: start the VM there from it",
+                 stopped; its disks are on the destination proxies: start the VM there from them",
                 dst_state.as_deref().unwrap_or("gone")
             ))),
         };
     }
-    // No switchover: the guest belongs on the source. The disk first.
-    match (&mut src_proxy, disk_phase) {
-        (Some(p), Some(phase)) if phase != Phase::Idle && phase != Phase::Completed => {
-            p.call_within::<MigrateCancel>(NoArgs {}, DISK_CANCEL_TIMEOUT)
-                .await
-                .context("giving the disk back to the source proxy (migrate-cancel)")
-                .map_err(fail)?;
-            actions.push("migrate-cancel on the source proxy");
-        }
-        (Some(_), _) => {}
-        (None, _) => {
-            return Err(fail(anyhow!(
-                "the source proxy does not answer at {}: restart it (it keeps refusing writes if it handed the \
-                 disk over), then run --recover again",
-                args.src_proxy.display()
-            )))
+    // No switchover: the guest belongs on the source. Every disk first.
+    for f in &mut found {
+        match (&mut f.proxy, f.phase) {
+            (Some(p), Some(phase)) if phase != Phase::Idle && phase != Phase::Completed => {
+                p.call_within::<MigrateCancel>(NoArgs {}, DISK_CANCEL_TIMEOUT)
+                    .await
+                    .with_context(|| format!("giving the {} back to the source proxy (migrate-cancel)", f.name))
+                    .map_err(fail)?;
+                actions.push(format!("migrate-cancel on the source proxy ({})", f.name));
+            }
+            (Some(_), _) => {}
+            (None, _) => {
+                return Err(fail(anyhow!(
+                    "the source proxy of the {} does not answer at {}: restart it (it keeps refusing writes if it \
+                     handed the disk over), then run --recover again",
+                    f.name,
+                    f.path.display()
+                )))
+            }
         }
     }
     let Some(q) = &mut src else {
         return Err(fail(anyhow!(
-            "the source QEMU does not answer at {}: the guest stopped; its disk is back on the source proxy: start \
-             the VM there from it",
+            "the source QEMU does not answer at {}: the guest stopped; its disks are back on the source proxies: \
+             start the VM there from them",
             args.src_qmp.display()
         )));
     };
     let migrating = q.query_migrate().await.map(|m| !m.is_finished() && m.status != "none").unwrap_or(false);
     if migrating || src_state.as_deref() != Some("running") {
         let _ = q.migrate_cancel().await;
-        actions.push("migrate_cancel on the source QEMU");
+        actions.push("migrate_cancel on the source QEMU".into());
     }
     resume(q).await.context("resuming the guest on the source").map_err(fail)?;
     Ok(json!({ "guest": "source", "actions": actions }))
+}
+
+/// After the switchover: `migrate-complete` on every source proxy that handed its disk over.
+async fn complete_all(found: &mut [Found], actions: &mut Vec<String>) -> Result<()> {
+    for f in found {
+        if let (Some(p), Some(Phase::HandedOver | Phase::Finishing)) = (&mut f.proxy, f.phase) {
+            p.call::<MigrateComplete>(NoArgs {})
+                .await
+                .with_context(|| format!("migrate-complete on the source proxy ({})", f.name))?;
+            actions.push(format!("migrate-complete on the source proxy ({})", f.name));
+        }
+    }
+    Ok(())
 }

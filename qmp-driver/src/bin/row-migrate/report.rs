@@ -53,7 +53,19 @@ pub fn print(r: &Value) {
         println!("disk check            {ms:.0} ms of the downtime (--verify-disk: both digests equal)");
     }
     println!("memory                {} MB", mb(&r["memory-bytes"]));
-    let disk = &r["disk"];
+    match r["disk"].as_array() {
+        Some(disks) => {
+            for (i, disk) in disks.iter().enumerate() {
+                println!("--- disk {}", i + 1);
+                print_disk(disk);
+            }
+        }
+        None => print_disk(&r["disk"]),
+    }
+}
+
+/// One disk's rounds and bytes.
+fn print_disk(disk: &Value) {
     if let Some(rounds) = disk["rounds"].as_array() {
         println!("disk round  kind     blocks   logical MB   wire MB   seconds");
         for round in rounds {

@@ -31,19 +31,26 @@ pub async fn rollback(ctx: &mut Ctx) -> Result<()> {
         let _ = ctx.src.wait_event(MIRROR_ABORT_TIMEOUT, |e| e.name.starts_with("BLOCK_JOB_")).await;
         let _ = ctx.src.execute_raw("blockdev-del", json!({ "node-name": MIRROR_NODE })).await;
     }
-    // The disk first. Before migrate-finish the destination never got a commit, so the source may
-    // run whatever the proxy says; after it, only once the proxy has the disk back.
+    // The disks first. Before migrate-finish no destination got a commit, so the source may
+    // run whatever its proxies say; after it, only once every proxy has its disk back.
     let mut disk_back = true;
-    if ctx.disk_started {
-        if let Err(e) = (DiskMigration { source: &mut ctx.src_proxy }).cancel(DISK_CANCEL_TIMEOUT).await {
-            errors.push(format!("migrate-cancel on the source proxy: {e:#}"));
-            disk_back = !ctx.finish_sent;
+    let finish_sent = ctx.finish_sent;
+    let results = crate::sequence::each_disk(&mut ctx.disks, |d| async move {
+        if !d.started {
+            return None;
         }
+        let r = DiskMigration { source: &mut d.src_proxy }.cancel(DISK_CANCEL_TIMEOUT).await;
+        r.err().map(|e| format!("migrate-cancel on the source proxy ({}): {e:#}", d.name))
+    })
+    .await;
+    for e in results.into_iter().flatten() {
+        errors.push(e);
+        disk_back &= !finish_sent;
     }
     if !disk_back {
         errors.push(
-            "the guest is left paused on the source, because the destination may own its disk. Check \
-             `query-status` on the destination proxy: if its incoming phase is committed or owner, the destination \
+            "the guest is left paused on the source, because a destination may own its disk. Check \
+             `query-status` on each destination proxy named above: if its incoming phase is committed or owner, the destination \
              holds the disk; run `migrate-cancel` on the source proxy again once the destination is reachable, or, \
              if the destination is gone for good, `reclaim` with force: true on the source proxy, then `cont` on \
              the source QEMU"
@@ -100,23 +107,30 @@ pub async fn states(ctx: &mut Ctx) -> Value {
     };
     let src = qemu(within(ctx.src.query_status()).await);
     let dst = qemu(within(ctx.dst.query_status()).await);
-    let src_proxy =
-        match (within(status(&mut ctx.src_proxy)).await, within(ctx.src_proxy.call::<QueryMigrate>(NoArgs {})).await) {
-            (Ok(s), Ok(m)) => {
-                json!({ "phase": m.phase, "writes-refused": s.writes_refused, "fence": s.fence, "mode": s.mode })
+    let mut disks = Vec::new();
+    for d in &mut ctx.disks {
+        let src_proxy =
+            match (within(status(&mut d.src_proxy)).await, within(d.src_proxy.call::<QueryMigrate>(NoArgs {})).await) {
+                (Ok(s), Ok(m)) => {
+                    json!({ "phase": m.phase, "writes-refused": s.writes_refused, "fence": s.fence, "mode": s.mode })
+                }
+                (Err(e), _) | (_, Err(e)) => json!({ "error": e }),
+            };
+        let dst_proxy = match within(status(&mut d.dst_proxy)).await {
+            Ok(s) => {
+                json!({ "incoming": s.incoming, "incoming-phase": s.incoming_phase, "writes-refused": s.writes_refused })
             }
-            (Err(e), _) | (_, Err(e)) => json!({ "error": e }),
+            Err(e) => json!({ "error": e }),
         };
-    let dst_proxy = match within(status(&mut ctx.dst_proxy)).await {
-        Ok(s) => {
-            json!({ "incoming": s.incoming, "incoming-phase": s.incoming_phase, "writes-refused": s.writes_refused })
-        }
-        Err(e) => json!({ "error": e }),
-    };
-    json!({
-        "source-qemu": src,
-        "destination-qemu": dst,
-        "source-proxy": src_proxy,
-        "destination-proxy": dst_proxy,
-    })
+        disks.push(json!({ "name": d.name, "source-proxy": src_proxy, "destination-proxy": dst_proxy }));
+    }
+    // One disk keeps the flat shape scripts already read; several are listed under "disks".
+    let mut state = json!({ "source-qemu": src, "destination-qemu": dst });
+    if let [one] = disks.as_slice() {
+        state["source-proxy"] = one["source-proxy"].clone();
+        state["destination-proxy"] = one["destination-proxy"].clone();
+    } else {
+        state["disks"] = Value::Array(disks);
+    }
+    state
 }

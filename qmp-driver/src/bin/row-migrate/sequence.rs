@@ -9,6 +9,7 @@ use qmp_driver::proxy::status;
 use qmp_driver::{DiskMigration, Qmp};
 use serde_json::{json, Value};
 
+use crate::disks::{disk_specs, DiskSpec};
 use crate::report::{progress_done, progress_line};
 use crate::{exit, Args, MirrorMode, Strategy};
 
@@ -38,23 +39,55 @@ pub struct Failure {
     pub state: Value,
 }
 
-/// The four connections and what has been changed so far, so a rollback undoes exactly that.
+/// One disk's two proxies and how far its migration got.
+pub struct DiskPair {
+    /// What the command line said about it.
+    pub spec: DiskSpec,
+    /// Its source proxy's control connection.
+    pub src_proxy: Qmp,
+    /// Its destination proxy's control connection.
+    pub dst_proxy: Qmp,
+    /// `migrate-start` was sent to its source proxy.
+    pub started: bool,
+    /// The proxies' block size (from `query-status`), for progress in bytes.
+    pub block_size: u64,
+    /// Its name in messages: `disk` with one disk, `disk 2` with several.
+    pub name: String,
+}
+
+/// The connections and what has been changed so far, so a rollback undoes exactly that.
 pub struct Ctx {
     pub args: Args,
     pub src: Qmp,
     pub dst: Qmp,
-    pub src_proxy: Qmp,
-    pub dst_proxy: Qmp,
+    /// Every disk of the VM, in command-line order.
+    pub disks: Vec<DiskPair>,
     pub started: Instant,
-    pub disk_started: bool,
     pub mem_started: bool,
     pub mirror_started: bool,
-    /// `migrate-finish` has been (or is being) sent: the destination may commit the disk.
+    /// `migrate-finish` has been (or is being) sent: a destination may commit its disk.
     pub finish_sent: bool,
     /// `migrate-continue` has been (or is being) sent: from here on nothing is undone.
     pub continue_sent: bool,
-    /// The proxies' block size (from `query-status`), for progress in bytes.
-    pub block_size: u64,
+}
+
+/// Runs `f` on every disk at once and returns the results in disk order.
+pub async fn each_disk<'a, T, F, Fut>(disks: &'a mut [DiskPair], f: F) -> Vec<T>
+where
+    F: FnMut(&'a mut DiskPair) -> Fut,
+    Fut: std::future::Future<Output = T> + 'a,
+{
+    futures::future::join_all(disks.iter_mut().map(f)).await
+}
+
+/// The first error of per-disk results, with every failing disk named; the values otherwise.
+fn all_ok<T>(results: Vec<(String, Result<T>)>) -> Result<Vec<T>> {
+    let failed: Vec<String> =
+        results.iter().filter_map(|(name, r)| r.as_ref().err().map(|e| format!("{name}: {e:#}"))).collect();
+    if !failed.is_empty() {
+        bail!("{}", failed.join("; "));
+    }
+    Ok(results.into_iter().filter_map(|(_, r)| r.ok()).collect())
 }
 
 fn refused(error: anyhow::Error) -> Failure {
@@ -69,24 +102,28 @@ pub async fn run(args: Args) -> Result<Value, Failure> {
             Qmp::connect(&path, CMD).await.with_context(|| format!("cannot reach the {what} at {}", path.display()))
         }
     };
+    let specs = disk_specs(&args).map_err(|e| refused(anyhow!(e)))?;
     let src = connect(&args.src_qmp, "source QEMU").await.map_err(refused)?;
     let dst = connect(&args.dst_qmp, "destination QEMU").await.map_err(refused)?;
-    let src_proxy = connect(&args.src_proxy, "source proxy").await.map_err(refused)?;
-    let dst_proxy = connect(&args.dst_proxy, "destination proxy").await.map_err(refused)?;
+    let several = specs.len() > 1;
+    let mut disks = Vec::new();
+    for (i, spec) in specs.into_iter().enumerate() {
+        let name = if several { format!("disk {}", i + 1) } else { "disk".to_string() };
+        let src_proxy = connect(&spec.src_proxy, "source proxy").await.context(name.clone()).map_err(refused)?;
+        let dst_proxy = connect(&spec.dst_proxy, "destination proxy").await.context(name.clone()).map_err(refused)?;
+        disks.push(DiskPair { spec, src_proxy, dst_proxy, started: false, block_size: 0, name });
+    }
     let timeout = args.timeout;
     let mut ctx = Ctx {
         args,
         src,
         dst,
-        src_proxy,
-        dst_proxy,
+        disks,
         started: Instant::now(),
-        disk_started: false,
         mem_started: false,
         mirror_started: false,
         finish_sent: false,
         continue_sent: false,
-        block_size: 0,
     };
     preflight(&mut ctx).await.map_err(refused)?;
     let outcome = tokio::select! {
@@ -143,20 +180,56 @@ async fn preflight(ctx: &mut Ctx) -> Result<()> {
             dst_status.status
         );
     }
-    let sp: StatusReply = status(&mut ctx.src_proxy).await.context("query-status on the source proxy")?;
-    let dp: StatusReply = status(&mut ctx.dst_proxy).await.context("query-status on the destination proxy")?;
-    ctx.block_size = sp.block_size;
+    if !ctx.args.strategy.by_proxies() && ctx.disks.len() > 1 {
+        bail!("qemu-mirror moves one disk; use --strategy row or bitmap for a VM with several");
+    }
+    check_drive_count(ctx).await?;
+    let by_proxies = ctx.args.strategy.by_proxies();
+    for disk in &mut ctx.disks {
+        check_disk(disk, by_proxies).await.with_context(|| disk.name.clone())?;
+    }
+    Ok(())
+}
+
+/// Refuses a run that would leave one of the guest's writable drives behind: the destination
+/// QEMU would start on a disk nobody moved.
+async fn check_drive_count(ctx: &mut Ctx) -> Result<()> {
+    let blocks = ctx.src.execute_raw("query-block", json!({})).await.context("query-block on the source QEMU")?;
+    let writable: Vec<String> = blocks
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| b["inserted"].is_object() && b["inserted"]["ro"] != json!(true))
+        .map(|b| b["qdev"].as_str().or(b["device"].as_str()).unwrap_or("?").to_string())
+        .collect();
+    if writable.len() > ctx.disks.len() && !ctx.args.allow_unmoved_drives {
+        bail!(
+            "the source guest has {} writable drives ({}) but {} disk(s) were given: give --disk for each, or \
+             --allow-unmoved-drives if the others are on shared storage",
+            writable.len(),
+            writable.join(", "),
+            ctx.disks.len()
+        );
+    }
+    Ok(())
+}
+
+/// One disk's proxies: same size, the source owns its disk and is idle, the destination waits.
+async fn check_disk(disk: &mut DiskPair, by_proxies: bool) -> Result<()> {
+    let sp: StatusReply = status(&mut disk.src_proxy).await.context("query-status on the source proxy")?;
+    let dp: StatusReply = status(&mut disk.dst_proxy).await.context("query-status on the destination proxy")?;
+    disk.block_size = sp.block_size;
     if sp.image_size != dp.image_size {
         bail!("disk sizes differ: source {} bytes, destination {} bytes", sp.image_size, dp.image_size);
     }
     if let Some(why) = &sp.writes_refused {
         bail!("the source proxy refuses writes ({why}): its disk is not this host's to migrate");
     }
-    if ctx.args.strategy.by_proxies() {
+    if by_proxies {
         if !dp.incoming {
             bail!("the destination proxy is not waiting for a disk (run it as `nbd-row-proxy receive`)");
         }
-        let m = ctx.src_proxy.call::<QueryMigrate>(NoArgs {}).await?;
+        let m = disk.src_proxy.call::<QueryMigrate>(NoArgs {}).await?;
         if m.phase.is_active() {
             bail!("the source proxy is already migrating (phase {})", m.phase);
         }
@@ -212,12 +285,19 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
     // The guest is paused and its block layer flushed: everything from here is downtime.
     let final_disk = if ctx.args.strategy.by_proxies() {
         ctx.finish_sent = true;
-        let r = DiskMigration { source: &mut ctx.src_proxy }
-            .finish(FINISH_TIMEOUT)
-            .await
-            .context("the final disk round failed")?;
-        status(&mut ctx.dst_proxy).await.context("the destination proxy after the commit")?;
-        serde_json::to_value(r)?
+        // Every disk's final round at once; the switchover needs every commit.
+        let results = each_disk(&mut ctx.disks, |d| async move {
+            let r = async {
+                let r = DiskMigration { source: &mut d.src_proxy }.finish(FINISH_TIMEOUT).await?;
+                status(&mut d.dst_proxy).await.context("the destination proxy after the commit")?;
+                Ok(serde_json::to_value(r)?)
+            }
+            .await;
+            (d.name.clone(), r)
+        })
+        .await;
+        let finals = all_ok(results).context("the final disk round failed")?;
+        disks_value(finals)
     } else {
         mirror_complete(ctx).await?
     };
@@ -237,13 +317,19 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
         .context("the destination guest did not resume")?;
     if ctx.args.strategy.by_proxies() {
         pause("before-complete").await;
-        DiskMigration { source: &mut ctx.src_proxy }.complete().await.context("migrate-complete")?;
+        for d in &mut ctx.disks {
+            DiskMigration { source: &mut d.src_proxy }
+                .complete()
+                .await
+                .with_context(|| format!("migrate-complete ({})", d.name))?;
+        }
     }
     let mem = ctx.src.query_migrate().await.context("query-migrate on the source")?;
     let downtime = secs(&resume.timestamp) - secs(&stop);
     let disk = if ctx.args.strategy.by_proxies() { final_disk } else { disk_done };
     Ok(json!({
         "strategy": ctx.args.strategy.name(),
+        "disk-count": ctx.disks.len(),
         "total-seconds": ctx.started.elapsed().as_secs_f64(),
         "disk-precopy-seconds": precopy_seconds,
         "downtime-ms": downtime * 1000.0,
@@ -258,58 +344,87 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
     }))
 }
 
-/// Compares the disk digests of both proxies while the guest is paused.
+/// Compares the disk digests of both proxies of every disk while the guest is paused.
 async fn verify_disk(ctx: &mut Ctx) -> Result<Value> {
-    let (a, b) = tokio::join!(
-        ctx.src_proxy.call_within::<QueryDigest>(NoArgs {}, DIGEST_TIMEOUT),
-        ctx.dst_proxy.call_within::<QueryDigest>(NoArgs {}, DIGEST_TIMEOUT)
-    );
-    let a = a.context("digest of the source disk")?;
-    let b = b.context("digest of the destination disk")?;
-    if a.sha256 != b.sha256 {
-        bail!("the destination disk differs from the source (sha256 {} vs {})", b.sha256, a.sha256);
-    }
-    Ok(json!({ "sha256": a.sha256, "seconds": a.seconds + b.seconds }))
+    let results = each_disk(&mut ctx.disks, |d| async move {
+        let (a, b) = tokio::join!(
+            d.src_proxy.call_within::<QueryDigest>(NoArgs {}, DIGEST_TIMEOUT),
+            d.dst_proxy.call_within::<QueryDigest>(NoArgs {}, DIGEST_TIMEOUT)
+        );
+        let r = async {
+            let a = a.context("digest of the source disk")?;
+            let b = b.context("digest of the destination disk")?;
+            if a.sha256 != b.sha256 {
+                bail!("the destination disk differs from the source (sha256 {} vs {})", b.sha256, a.sha256);
+            }
+            Ok(json!({ "sha256": a.sha256, "seconds": a.seconds + b.seconds }))
+        }
+        .await;
+        (d.name.clone(), r)
+    })
+    .await;
+    Ok(disks_value(all_ok(results)?))
 }
 
-/// Starts the proxies' pre-copy rounds and follows them until `ready`.
-async fn precopy_disk(ctx: &mut Ctx) -> Result<Value> {
-    let mut args = MigrateStartArgs::new(
-        ctx.args.disk_uri().to_string(),
-        match ctx.args.strategy {
-            Strategy::Bitmap => control_api::Strategy::Bitmap,
-            _ => control_api::Strategy::Row,
-        },
-    );
-    args.rounds = ctx.args.rounds;
-    args.hot_threshold = ctx.args.hot_threshold;
-    args.max_bandwidth = ctx.args.max_bandwidth;
-    let mut disk = DiskMigration { source: &mut ctx.src_proxy };
-    disk.start(args).await.context("migrate-start on the source proxy")?;
-    ctx.disk_started = true;
-    let mut last_round = 0;
-    let block_size = ctx.block_size;
-    let ready = DiskMigration { source: &mut ctx.src_proxy }
-        .wait_ready(|m| {
-            let kind = if m.rounds.is_empty() { "base" } else { "update" };
-            if m.round != last_round || std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-                progress_line(
-                    &format!("disk round {}", m.round),
-                    &format!(
-                        "{kind}: {} MiB left, {:.0} MB/s",
-                        (m.round_remaining_blocks * block_size) >> 20,
-                        m.rate / 1e6
-                    ),
-                );
-                last_round = m.round;
-            }
-        })
-        .await?;
-    progress_done();
-    if ready.phase != Phase::Ready {
-        bail!("the disk migration ended in phase {}", ready.phase);
+/// One disk's value as it is, several as an array (the report's shape for one disk is kept).
+fn disks_value(mut values: Vec<Value>) -> Value {
+    if values.len() == 1 {
+        values.pop().unwrap_or_default()
+    } else {
+        Value::Array(values)
     }
-    Ok(serde_json::to_value(ready)?)
+}
+
+/// Starts every disk's pre-copy rounds (they share `--max-bandwidth` equally) and follows them
+/// until all are `ready`.
+async fn precopy_disk(ctx: &mut Ctx) -> Result<Value> {
+    let strategy = match ctx.args.strategy {
+        Strategy::Bitmap => control_api::Strategy::Bitmap,
+        _ => control_api::Strategy::Row,
+    };
+    let share = ctx.args.max_bandwidth.map(|b| (b / ctx.disks.len() as u64).max(1));
+    for d in &mut ctx.disks {
+        let mut args = MigrateStartArgs::new(d.spec.uri.clone(), strategy);
+        args.rounds = ctx.args.rounds;
+        args.hot_threshold = ctx.args.hot_threshold;
+        args.max_bandwidth = share;
+        d.started = true;
+        DiskMigration { source: &mut d.src_proxy }
+            .start(args)
+            .await
+            .with_context(|| format!("migrate-start on the source proxy ({})", d.name))?;
+    }
+    let results = each_disk(&mut ctx.disks, |d| async move {
+        let mut last_round = 0;
+        let (block_size, name) = (d.block_size, d.name.clone());
+        let ready = DiskMigration { source: &mut d.src_proxy }
+            .wait_ready(|m| {
+                let kind = if m.rounds.is_empty() { "base" } else { "update" };
+                if m.round != last_round || std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                    progress_line(
+                        &format!("{name} round {}", m.round),
+                        &format!(
+                            "{kind}: {} MiB left, {:.0} MB/s",
+                            (m.round_remaining_blocks * block_size) >> 20,
+                            m.rate / 1e6
+                        ),
+                    );
+                    last_round = m.round;
+                }
+            })
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|ready| {
+                if ready.phase != Phase::Ready {
+                    bail!("the disk migration ended in phase {}", ready.phase);
+                }
+                Ok(serde_json::to_value(ready)?)
+            });
+        (d.name.clone(), ready)
+    })
+    .await;
+    progress_done();
+    Ok(disks_value(all_ok(results)?))
 }
 
 /// How often the memory copy is checked for progress and the disk migration for failure.
@@ -348,13 +463,19 @@ async fn wait_memory_copy(ctx: &mut Ctx) -> Result<qmp_proto::Timestamp> {
             );
         }
         if ctx.args.strategy.by_proxies() {
-            let disk = DiskMigration { source: &mut ctx.src_proxy }.status().await.context("the source proxy")?;
-            if matches!(disk.phase, Phase::Failed | Phase::Cancelled | Phase::Idle) {
-                bail!(
-                    "the disk migration ended during the memory copy ({}): {}",
-                    disk.phase,
-                    disk.error.as_deref().unwrap_or("no reason given")
-                );
+            for d in &mut ctx.disks {
+                let disk = DiskMigration { source: &mut d.src_proxy }
+                    .status()
+                    .await
+                    .with_context(|| format!("the source proxy ({})", d.name))?;
+                if matches!(disk.phase, Phase::Failed | Phase::Cancelled | Phase::Idle) {
+                    bail!(
+                        "the {} migration ended during the memory copy ({}): {}",
+                        d.name,
+                        disk.phase,
+                        disk.error.as_deref().unwrap_or("no reason given")
+                    );
+                }
             }
         }
     }
@@ -383,7 +504,7 @@ async fn wait_migration(qemu: &mut Qmp, status: &str) -> Result<qmp_proto::Times
 
 /// qemu-mirror: `blockdev-mirror` onto the destination proxy until the job is READY.
 async fn mirror_until_ready(ctx: &mut Ctx) -> Result<Value> {
-    let (host, port, export) = parse_nbd_uri(ctx.args.disk_uri())?;
+    let (host, port, export) = parse_nbd_uri(&ctx.disks[0].spec.uri)?;
     let blocks = ctx.src.execute_raw("query-block", json!({})).await?;
     let node = blocks
         .as_array()
