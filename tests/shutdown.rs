@@ -12,7 +12,7 @@ use nbd_proto::{Command as Cmd, Request};
 use serde_json::json;
 
 /// The proxy's drain limit (`DRAIN_TIMEOUT` in nbd-row-proxy/src/server.rs) and a margin; the
-/// unit's TimeoutStopSec is checked against the same figure in tests/packaging.rs.
+/// unit's TimeoutStopSec is checked against DRAIN_TIMEOUT in tests/packaging.rs.
 const STOP_LIMIT: Duration = Duration::from_secs(35);
 
 /// A proxy with a control socket, started as systemd would start it: `NOTIFY_SOCKET` set.
