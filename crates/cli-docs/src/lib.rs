@@ -67,8 +67,7 @@ pub fn render(cmd: Command, related: &[&str]) -> io::Result<Vec<(PathBuf, Vec<u8
     let man = Path::new("man").join("man1");
     let mut files = Vec::new();
 
-    let sub_pages: Vec<String> = subcommands(&cmd).map(|s| format!("{name}-{}", s.get_name())).collect();
-    let mut see_also = sub_pages.clone();
+    let mut see_also: Vec<String> = subcommands(&cmd).map(|s| format!("{name}-{}", s.get_name())).collect();
     see_also.extend(related.iter().map(|r| r.to_string()));
     files.push((man.join(format!("{name}.1")), render_page(cmd.clone(), &see_also)?));
     for sub in subcommands(&cmd) {
@@ -130,8 +129,10 @@ pub fn hook(cmd: impl FnOnce() -> Command, related: &[&str]) -> Option<ExitCode>
     let name = cmd.get_name().to_string();
     Some(match generate(cmd, related, &dir) {
         Ok(files) => {
+            // The list is informative: a closed stdout (`| head`) is no failure.
+            let mut stdout = io::stdout().lock();
             for f in files {
-                println!("{}", f.display());
+                let _ = writeln!(stdout, "{}", f.display());
             }
             ExitCode::SUCCESS
         }
