@@ -6,6 +6,7 @@ pub mod control;
 pub mod harness;
 pub mod migration;
 pub mod nbd;
+pub mod notify;
 pub mod ownership;
 pub mod proxy;
 pub mod server;

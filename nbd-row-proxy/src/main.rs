@@ -36,6 +36,10 @@ fn fd_budget() -> usize {
 const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(2);
 
 fn main() -> std::process::ExitCode {
+    // `nbd-row-proxy --generate-docs DIR`: man pages and completions (scripts/package).
+    if let Some(code) = cli_docs::hook(<cli::Cli as clap::CommandFactory>::command, &["row-migrate"]) {
+        return code;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

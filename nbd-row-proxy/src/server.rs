@@ -10,7 +10,7 @@ use migration_session::{DestSession, DestStage, Ownership};
 use qmp_proto::{Greeting, Version};
 use row_store::{BlockBackend, Disk, DiskOptions, Mode};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
@@ -24,8 +24,9 @@ use crate::nbd::export::Catalog;
 use crate::ownership::{Access, Gate, Guarded, RecordFile};
 use crate::proxy::{Events, Merger, Proxy};
 
-/// How long in-flight requests may take to finish after SIGTERM.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long in-flight requests may take to finish after SIGTERM (the systemd unit's
+/// TimeoutStopSec leaves room for it and the flush after it).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Events kept for a control client that reads slowly.
 const EVENT_BACKLOG: usize = 1024;
 /// Pause after a failed accept (e.g. out of file descriptors).
@@ -191,7 +192,13 @@ pub async fn run(config: Config, disk: Arc<Disk>, record_file: RecordFile, recor
         (Some(creds), Some(_)) => Some(creds.acceptor()?),
         _ => None,
     };
-    let conns = serve_until_signal(&listeners, catalog, nbd_tls, config.max_connections, &shutdown_rx).await?;
+    // Every socket is bound and the control socket answers: a unit ordered after this one
+    // (a VM) finds them.
+    // The handlers are in place before READY: a stop right after it drains like any other.
+    let signals = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+    crate::notify::notify("READY=1");
+    let conns = serve_until_signal(&listeners, catalog, nbd_tls, config.max_connections, &shutdown_rx, signals).await?;
+    crate::notify::notify("STOPPING=1");
     drop(listeners);
     let _ = shutdown_tx.send(true);
     if let Some(task) = control_task {
@@ -209,9 +216,8 @@ async fn serve_until_signal(
     tls: Option<TlsAcceptor>,
     max_connections: usize,
     shutdown: &watch::Receiver<bool>,
+    (mut sigterm, mut sigint): (Signal, Signal),
 ) -> Result<JoinSet<()>> {
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
     let mut conns = JoinSet::new();
     let mut next_id = 0u64;
     loop {

@@ -209,6 +209,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    // `row-migrate --generate-docs DIR`: man pages and completions (scripts/package).
+    if let Some(code) = cli_docs::hook(<Args as clap::CommandFactory>::command, &["nbd-row-proxy"]) {
+        return code;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
