@@ -110,3 +110,68 @@ fn row_sends_less_update_data_than_bitmap_on_an_overwrite_heavy_workload() {
     assert!(row_wire < bitmap_wire, "row {row_wire} vs bitmap {bitmap_wire}");
     assert!(row_logical < bitmap_logical, "row {row_logical} vs bitmap {bitmap_logical}");
 }
+
+/// Polls `query-status` (a fresh client each time, as any operator's tool would) until
+/// `progress` names a task starting with `task`; returns that progress.
+fn progress_of(host: &Host, task: &str, timeout: std::time::Duration) -> serde_json::Value {
+    let start = std::time::Instant::now();
+    loop {
+        let st = host.ctl().ok("query-status", json!({}));
+        let p = &st["progress"];
+        if p["task"].as_str().is_some_and(|t| t.starts_with(task)) {
+            return p.clone();
+        }
+        assert!(start.elapsed() < timeout, "no {task} progress in query-status within {timeout:?}: {st}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn query_status_shows_migration_and_merge_progress_to_any_client() {
+    let _serial = serial();
+    let src_dir = tempfile::tempdir().unwrap();
+    let dst_dir = tempfile::tempdir().unwrap();
+    let key = key_file(src_dir.path(), "progress-test-key-0123456789abcdef");
+    let (image, _) = source_image(src_dir.path(), 41);
+    let src = source(src_dir.path(), &image, &key);
+    let dst_image = dst_dir.path().join("disk.raw");
+    sparse_file(&dst_image, SIZE as u64);
+    let port = free_port();
+    let _dst = destination(dst_dir.path(), &dst_image, &key, port);
+    // Round 1 of 32 MiB at 4 MiB/s: several seconds to watch.
+    let mut ctl = src.ctl();
+    ctl.ok(
+        "migrate-start",
+        json!({ "uri": format!("tcp:127.0.0.1:{port}"), "strategy": "row", "max-bandwidth": 4 << 20 }),
+    );
+    let p = progress_of(&src, "migration round 1", std::time::Duration::from_secs(20));
+    let p = if p["rate"].as_f64().unwrap_or(0.0) > 0.0 {
+        p
+    } else {
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        progress_of(&src, "migration round 1", std::time::Duration::from_secs(5))
+    };
+    eprintln!("migration progress: {p}");
+    let (done, total) = (p["done-bytes"].as_u64().unwrap(), p["total-bytes"].as_u64().unwrap());
+    assert!(total > 0 && done <= total, "{p}");
+    assert!(p["rate"].as_f64().unwrap() > 0.0, "{p}");
+    assert!(p["eta-seconds"].as_f64().is_some_and(|eta| eta > 0.0 && eta < 60.0), "{p}");
+    // Cancelling merges the overlay back; fill it first so the merge takes a moment.
+    ctl.ok("migrate-cancel", json!({}));
+    wait_phase(&mut ctl, "cancelled", std::time::Duration::from_secs(30));
+    assert!(src.ctl().ok("query-status", json!({}))["progress"].is_null(), "no task after the cancel");
+    ctl.ok("row-start", json!({}));
+    let mut c = RawClient::connect(&src.server.socket, "", true).unwrap();
+    let block = vec![0x5au8; BS];
+    for i in 0..(SIZE / BS) as u64 {
+        // Every other block, so the overlay is scattered.
+        if i % 2 == 0 {
+            assert_eq!(c.call(request(Cmd::Write, i, i * BS as u64, BS as u32), &block).unwrap().error, 0);
+        }
+    }
+    ctl.ok("row-stop", json!({ "wait": false }));
+    let p = progress_of(&src, "merge-back", std::time::Duration::from_secs(10));
+    eprintln!("merge progress: {p}");
+    assert_eq!(p["total-bytes"].as_u64(), Some((SIZE / 2) as u64), "{p}");
+    assert!(p["done-bytes"].as_u64().unwrap() <= (SIZE / 2) as u64, "{p}");
+}

@@ -65,6 +65,30 @@ pub type MergeOutcome = watch::Receiver<Option<Result<(), MergeError>>>;
 #[derive(Debug, Default)]
 pub struct Merger {
     running: Mutex<Option<MergeOutcome>>,
+    meter: Mutex<Option<MergeMeter>>,
+}
+
+/// How far the running merge is, for `query-status`.
+#[derive(Debug, Clone, Copy)]
+struct MergeMeter {
+    started: Instant,
+    merged_blocks: u64,
+    total_blocks: u64,
+}
+
+impl Merger {
+    /// The running merge's progress (bytes of blocks merged, rate since it began), if one runs.
+    pub fn progress(&self) -> Option<control_api::Progress> {
+        let m = (*self.meter.lock().unwrap_or_else(|e| e.into_inner()))?;
+        let done = m.merged_blocks * row_store::BLOCK_SIZE;
+        let secs = m.started.elapsed().as_secs_f64();
+        let rate = if secs > 0.0 && done > 0 { done as f64 / secs } else { 0.0 };
+        Some(control_api::Progress::new("merge-back".into(), done, m.total_blocks * row_store::BLOCK_SIZE, rate))
+    }
+
+    fn set_meter(&self, meter: Option<MergeMeter>) {
+        *self.meter.lock().unwrap_or_else(|e| e.into_inner()) = meter;
+    }
 }
 
 /// The shared state of one proxy.
@@ -105,7 +129,13 @@ impl Proxy {
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             let mut last = Instant::now();
+            this.merger.set_meter(Some(MergeMeter { started, merged_blocks: 0, total_blocks: blocks }));
             let result = this.disk.merge(None, |p| {
+                this.merger.set_meter(Some(MergeMeter {
+                    started,
+                    merged_blocks: p.merged_blocks,
+                    total_blocks: p.merged_blocks + p.remaining_blocks,
+                }));
                 if last.elapsed() >= MERGE_PROGRESS_EVERY {
                     last = Instant::now();
                     this.events.emit::<RowMergeProgress>(RowMergeProgressData {
@@ -114,6 +144,7 @@ impl Proxy {
                     });
                 }
             });
+            this.merger.set_meter(None);
             let outcome = match result {
                 Ok(_) => {
                     let seconds = started.elapsed().as_secs_f64();

@@ -149,6 +149,7 @@ class MigrationStatus(Record):
         "round": ("round", None, True),
         "rounds": ("rounds", ["RoundStats"], True),
         "round_remaining_blocks": ("round-remaining-blocks", None, True),
+        "round_blocks": ("round-blocks", None, False),
         "rate": ("rate", None, True),
         "error": ("error", None, False),
         "total_seconds": ("total-seconds", None, True),
@@ -158,6 +159,18 @@ class MigrationStatus(Record):
         "total_wire_bytes": ("total-wire-bytes", None, True),
         "final_wire_bytes": ("final-wire-bytes", None, True),
         "final_seconds": ("final-seconds", None, True),
+    }
+
+
+class Progress(Record):
+    """How far a long task is: done and total bytes, the recent rate and the estimated time left."""
+
+    FIELDS = {
+        "task": ("task", None, True),
+        "done_bytes": ("done-bytes", None, True),
+        "total_bytes": ("total-bytes", None, True),
+        "rate": ("rate", None, True),
+        "eta_seconds": ("eta-seconds", None, False),
     }
 
 
@@ -287,6 +300,7 @@ class StatusReply(Record):
         "incoming_phase": ("incoming-phase", None, False),
         "writes_refused": ("writes-refused", None, False),
         "fence": ("fence", "Fence", False),
+        "progress": ("progress", "Progress", False),
     }
 
 

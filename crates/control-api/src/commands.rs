@@ -112,6 +112,36 @@ pub struct StatusReply {
     pub writes_refused: Option<String>,
     /// The persisted hand-over that makes this proxy refuse writes, if any.
     pub fence: Option<Fence>,
+    /// The long task under way (a merge back, or an outgoing migration's round), for any client
+    /// at any time; absent when there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+}
+
+/// How far a long task is: done and total bytes, the recent rate and the estimated time left.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub struct Progress {
+    /// What is under way: `merge-back`, or `migration round N (base|update|final)`.
+    pub task: String,
+    /// Bytes done.
+    pub done_bytes: u64,
+    /// Bytes in all.
+    pub total_bytes: u64,
+    /// Recent rate, bytes/s (0 before the first measurement).
+    pub rate: f64,
+    /// Estimated seconds left at that rate; absent while the rate is unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<f64>,
+}
+
+impl Progress {
+    /// Progress of `total_bytes` with `done_bytes` done at `rate` bytes/s; the ETA follows.
+    pub fn new(task: String, done_bytes: u64, total_bytes: u64, rate: f64) -> Self {
+        let left = total_bytes.saturating_sub(done_bytes) as f64;
+        let eta_seconds = (rate > 0.0).then(|| left / rate);
+        Self { task, done_bytes, total_bytes, rate, eta_seconds }
+    }
 }
 
 /// Arguments of `row-stop`.

@@ -228,6 +228,9 @@ pub struct MigrationStatus {
     pub rounds: Vec<RoundStats>,
     /// Blocks of the round in progress still to send.
     pub round_remaining_blocks: u64,
+    /// Blocks of the round in progress (or last done), for done/total progress.
+    #[serde(default)]
+    pub round_blocks: u64,
     /// Recent rate on the wire, bytes/s.
     pub rate: f64,
     /// Why it failed.
@@ -263,6 +266,7 @@ impl MigrationStatus {
             round: 0,
             rounds: Vec::new(),
             round_remaining_blocks: 0,
+            round_blocks: 0,
             rate: 0.0,
             error: None,
             total_seconds: 0.0,

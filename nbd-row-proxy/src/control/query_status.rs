@@ -18,6 +18,16 @@ pub fn mode(m: row_store::Mode) -> Mode {
     }
 }
 
+/// The outgoing migration's round in progress, while the migration is active.
+fn migration_progress(m: &control_api::MigrationStatus) -> Option<control_api::Progress> {
+    if !m.phase.is_active() || m.round_blocks == 0 || m.round_remaining_blocks == 0 {
+        return None;
+    }
+    let total = m.round_blocks * BLOCK_SIZE;
+    let done = (m.round_blocks - m.round_remaining_blocks.min(m.round_blocks)) * BLOCK_SIZE;
+    Some(control_api::Progress::new(format!("migration round {}", m.round), done, total, m.rate))
+}
+
 pub async fn run(c: Arc<Control>, _: NoArgs) -> Result<StatusReply, CommandError> {
     let p = &c.proxy;
     let s = p.disk.status();
@@ -41,5 +51,6 @@ pub async fn run(c: Arc<Control>, _: NoArgs) -> Result<StatusReply, CommandError
         incoming_phase: c.incoming.as_ref().map(|i| i.phase()),
         writes_refused,
         fence: c.outgoing.fence(),
+        progress: p.merger.progress().or_else(|| migration_progress(&c.outgoing.status())),
     })
 }

@@ -32,6 +32,8 @@ pub struct Progress {
     pub rounds: Vec<RoundStats>,
     /// Blocks of the round in progress still to send.
     pub remaining_blocks: u64,
+    /// Blocks of the round in progress (or last done).
+    pub round_blocks: u64,
     /// Recent rate on the wire, bytes/s.
     pub rate: f64,
     /// When the migration started.
@@ -85,6 +87,7 @@ impl Rounds {
             let mut p = lock(&self.progress);
             p.round += 1;
             p.remaining_blocks = total;
+            p.round_blocks = total;
             p.round
         };
         self.events.emit::<MigrationRoundStarted>(RoundStartedData { round, kind, blocks: total });

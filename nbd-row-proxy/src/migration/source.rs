@@ -199,6 +199,7 @@ fn status_of(shared: &Shared) -> MigrationStatus {
     s.round = p.round;
     s.rounds = p.rounds.clone();
     s.round_remaining_blocks = p.remaining_blocks;
+    s.round_blocks = p.round_blocks;
     s.rate = p.rate;
     s.total_seconds = p.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
     s.update_totals();

@@ -27,6 +27,26 @@ pub fn progress_line(what: &str, detail: &str) {
     let _ = err.flush();
 }
 
+/// `done` of `total` bytes at `rate` bytes/s: a bar (on a terminal), the share, MiB, the rate and
+/// the estimated time left.
+pub fn progress_detail(done: u64, total: u64, rate: f64) -> String {
+    let share = if total > 0 { done.min(total) as f64 / total as f64 } else { 0.0 };
+    let left = total.saturating_sub(done) as f64;
+    let eta = if rate > 0.0 && left > 0.0 {
+        format!(", ETA {}", humantime::format_duration(Duration::from_secs((left / rate).ceil() as u64)))
+    } else {
+        String::new()
+    };
+    let bar = if std::io::stderr().is_terminal() {
+        const WIDTH: usize = 24;
+        let filled = (share * WIDTH as f64).round() as usize;
+        format!("[{}{}] ", "#".repeat(filled), "-".repeat(WIDTH - filled))
+    } else {
+        String::new()
+    };
+    format!("{bar}{:>3.0}% {} / {} MiB, {:.0} MB/s{eta}", share * 100.0, done >> 20, total >> 20, rate / 1e6)
+}
+
 /// Ends a progress line on a terminal.
 pub fn progress_done() {
     let mut err = std::io::stderr();

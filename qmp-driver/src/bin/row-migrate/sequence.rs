@@ -10,7 +10,7 @@ use qmp_driver::{DiskMigration, Qmp};
 use serde_json::{json, Value};
 
 use crate::disks::{disk_specs, DiskSpec};
-use crate::report::{progress_done, progress_line};
+use crate::report::{progress_detail, progress_done, progress_line};
 use crate::{exit, Args, MirrorMode, Strategy};
 
 /// Short command timeout; long ones get their own.
@@ -281,6 +281,7 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
     ctx.src.migrate(ctx.args.mem_uri()).await.context("migrate on the source")?;
     progress_line("memory", "copying RAM");
     let stop = wait_memory_copy(ctx).await?;
+    progress_done();
     let paused_at = Instant::now();
     // The guest is paused and its block layer flushed: everything from here is downtime.
     let final_disk = if ctx.args.strategy.by_proxies() {
@@ -395,22 +396,16 @@ async fn precopy_disk(ctx: &mut Ctx) -> Result<Value> {
             .with_context(|| format!("migrate-start on the source proxy ({})", d.name))?;
     }
     let results = each_disk(&mut ctx.disks, |d| async move {
-        let mut last_round = 0;
         let (block_size, name) = (d.block_size, d.name.clone());
         let ready = DiskMigration { source: &mut d.src_proxy }
             .wait_ready(|m| {
                 let kind = if m.rounds.is_empty() { "base" } else { "update" };
-                if m.round != last_round || std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-                    progress_line(
-                        &format!("{name} round {}", m.round),
-                        &format!(
-                            "{kind}: {} MiB left, {:.0} MB/s",
-                            (m.round_remaining_blocks * block_size) >> 20,
-                            m.rate / 1e6
-                        ),
-                    );
-                    last_round = m.round;
-                }
+                let total = m.round_blocks.max(m.round_remaining_blocks) * block_size;
+                let done = total - m.round_remaining_blocks * block_size;
+                progress_line(
+                    &format!("{name} round {}", m.round),
+                    &format!("{kind}: {}", progress_detail(done, total, m.rate)),
+                );
             })
             .await
             .map_err(anyhow::Error::from)
@@ -453,7 +448,15 @@ async fn wait_memory_copy(ctx: &mut Ctx) -> Result<qmp_proto::Timestamp> {
             }
             continue;
         }
-        let transferred = ctx.src.query_migrate().await?.ram_transferred();
+        let info = ctx.src.query_migrate().await?;
+        let transferred = info.ram_transferred();
+        if let (Some(done), Some(left)) = (transferred, info.ram_remaining()) {
+            let rate = match moved.0 {
+                Some(before) if done > before => (done - before) as f64 / moved.1.elapsed().as_secs_f64().max(0.001),
+                _ => 0.0,
+            };
+            progress_line("memory", &progress_detail(done, done + left, rate));
+        }
         if transferred != moved.0 {
             moved = (transferred, Instant::now());
         } else if moved.1.elapsed() >= ctx.args.stall_timeout {
