@@ -222,18 +222,23 @@ pub struct MigrateStartArgs {
     /// Writes that make a block hot (row; default: the server's `--hot-threshold`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hot_threshold: Option<u32>,
-    /// Cap on the stream in bytes/s (unlimited by default).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Cap on the stream: bytes/s, or a string like `"100mbit"`, `"12MiB/s"` (unlimited by
+    /// default).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "units::serde::opt_rate")]
+    #[schemars(schema_with = "crate::types::number_or_unit_string")]
     pub max_bandwidth: Option<u64>,
     /// lz4-compress data frames.
     #[serde(default = "yes")]
     pub compress: bool,
-    /// Bitmap: dirty granularity in bytes (default 1 MiB, as QEMU's old block migration).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Bitmap: dirty granularity in bytes, or a string like `"64KiB"` (default 1 MiB, as QEMU's old
+    /// block migration).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "units::serde::opt_size")]
+    #[schemars(schema_with = "crate::types::number_or_unit_string")]
     pub bitmap_granularity: Option<u64>,
-    /// Row: settle passes keep the final round under this many milliseconds at the link's
-    /// rate (default 50; 0 = the paper's three rounds).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Row: settle passes keep the final round under this many milliseconds, or a string like
+    /// `"50ms"`, `"1s"`, at the link's rate (default 50; 0 = the paper's three rounds).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "units::serde::opt_millis")]
+    #[schemars(schema_with = "crate::types::number_or_unit_string")]
     pub final_budget_ms: Option<u64>,
     /// With TLS: the name the destination's certificate must carry (default: the URI's host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -306,5 +311,31 @@ mod tests {
         // Optional members left out when serialised, so an older server accepts them.
         assert_eq!(serde_json::to_value(MigrateStartArgs::new("u", Strategy::Bitmap)).unwrap()["strategy"], "bitmap");
         assert!(serde_json::to_value(QueryRowArgs::default()).unwrap().as_object().unwrap().is_empty());
+    }
+
+    #[test]
+    fn sizes_rates_and_durations_take_numbers_or_strings_with_units() {
+        let plain: MigrateStartArgs = serde_json::from_str(
+            r#"{"uri": "tcp:h:1", "max-bandwidth": 1000, "bitmap-granularity": 65536, "final-budget-ms": 50}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (plain.max_bandwidth, plain.bitmap_granularity, plain.final_budget_ms),
+            (Some(1000), Some(65536), Some(50))
+        );
+        let units: MigrateStartArgs = serde_json::from_str(
+            r#"{"uri": "tcp:h:1", "max-bandwidth": "100MiB", "bitmap-granularity": "64KiB", "final-budget-ms": "2s"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (units.max_bandwidth, units.bitmap_granularity, units.final_budget_ms),
+            (Some(100 << 20), Some(64 << 10), Some(2000))
+        );
+        let bits: MigrateStartArgs = serde_json::from_str(r#"{"uri": "u", "max-bandwidth": "100mbit"}"#).unwrap();
+        assert_eq!(bits.max_bandwidth, Some(12_500_000));
+        // Sent as plain numbers, which every server reads.
+        assert_eq!(serde_json::to_value(&units).unwrap()["max-bandwidth"], 100 << 20);
+        let e = serde_json::from_str::<MigrateStartArgs>(r#"{"uri": "u", "max-bandwidth": "10 parsecs"}"#).unwrap_err();
+        assert!(e.to_string().contains("expected a rate like 100mbit, 12MiB/s or bytes per second"), "{e}");
     }
 }
