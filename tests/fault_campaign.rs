@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 /// Guest time the workload writes before it verifies (time stands still while it is paused).
 const GUEST_SECONDS: u32 = 45;
 /// Disk and memory bandwidth cap, so the phases last long enough to be hit.
-const BANDWIDTH: &str = "8M";
+const BANDWIDTH: &str = "8MiB";
 /// How long the test hooks hold each phase.
 const HOLD_MS: u64 = 4000;
 /// How long a killed proxy stays down (QEMU's NBD client waits up to 30 s for it).

@@ -265,7 +265,7 @@ fn rollback_when_the_destination_proxy_dies_during_precopy() {
     rollback_case(
         "the destination proxy killed",
         ROLLBACK_SECONDS,
-        &["--max-bandwidth", "4M"],
+        &["--max-bandwidth", "4MiB"],
         "disk migration failed",
         |rig, _| {
             wait_precopy(rig, Duration::from_secs(2));
@@ -276,7 +276,7 @@ fn rollback_when_the_destination_proxy_dies_during_precopy() {
 
 #[test]
 fn rollback_on_ctrl_c_during_precopy() {
-    rollback_case("Ctrl-C", ROLLBACK_SECONDS, &["--max-bandwidth", "4M"], "interrupted", |rig, driver| {
+    rollback_case("Ctrl-C", ROLLBACK_SECONDS, &["--max-bandwidth", "4MiB"], "interrupted", |rig, driver| {
         wait_precopy(rig, Duration::from_secs(2));
         signal(driver.pid(), libc::SIGINT);
     });
@@ -287,7 +287,7 @@ fn rollback_on_timeout() {
     rollback_case(
         "--timeout 3s",
         ROLLBACK_SECONDS,
-        &["--max-bandwidth", "2M", "--timeout", "3s"],
+        &["--max-bandwidth", "2MiB", "--timeout", "3s"],
         "did not finish within 3s",
         |rig, _| {
             wait_precopy(rig, Duration::from_millis(500));
@@ -302,7 +302,7 @@ fn rollback_when_the_network_drops_during_precopy() {
     rollback_case(
         "the network dropped",
         NETWORK_DROP_SECONDS,
-        &["--max-bandwidth", "4M", "--timeout", "6s"],
+        &["--max-bandwidth", "4MiB", "--timeout", "6s"],
         "did not finish within 6s",
         |rig, _| {
             wait_precopy(rig, Duration::from_secs(2));
@@ -318,7 +318,7 @@ fn rollback_when_the_destination_qemu_dies_during_the_memory_migration() {
     rollback_case(
         "the destination QEMU killed",
         ROLLBACK_SECONDS,
-        &["--max-bandwidth", "8M"],
+        &["--max-bandwidth", "8MiB"],
         "memory migration failed",
         |rig, _| {
             let a = rig.a();

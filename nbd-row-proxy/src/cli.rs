@@ -58,11 +58,13 @@ pub struct ReceiveArgs {
     /// TCP address to accept the migration on, e.g. 0.0.0.0:10810.
     #[arg(long)]
     pub listen: String,
-    /// How long an NBD read waits for the migration to commit before failing with EIO.
+    /// How long an NBD read waits for the migration to commit before failing with EIO, e.g.
+    /// 500ms or 2s (a plain number is seconds).
+    ///
     /// Keep it short: QEMU reads sector 0 synchronously while it sets up a virtio disk, and
     /// its monitor is stuck for as long as that read waits.
-    #[arg(long, default_value = DEFAULT_READ_WAIT, value_name = "SECONDS")]
-    pub read_wait: f64,
+    #[arg(long, default_value = DEFAULT_READ_WAIT, value_parser = units::seconds, value_name = "DURATION")]
+    pub read_wait: Duration,
     /// Everything `serve` takes.
     #[command(flatten)]
     pub serve: ServeArgs,
@@ -177,12 +179,7 @@ impl Cli {
         let (args, listen, read_wait) = match self.command {
             Cmd::TlsCerts(_) => bail!("tls-certs is not a server"),
             Cmd::Serve(a) => (a, None, Duration::ZERO),
-            Cmd::Receive(r) => {
-                let wait = Duration::try_from_secs_f64(r.read_wait).map_err(|_| {
-                    anyhow::anyhow!("--read-wait {} is not a duration in seconds (e.g. 2)", r.read_wait)
-                })?;
-                (r.serve, Some(address("--listen", &r.listen)?), wait)
-            }
+            Cmd::Receive(r) => (r.serve, Some(address("--listen", &r.listen)?), r.read_wait),
         };
         let meta = std::fs::metadata(&args.image).with_context(|| format!("--image {}", args.image.display()))?;
         if !(meta.is_file() || meta.file_type().is_block_device()) {
@@ -254,5 +251,29 @@ impl Cli {
             read_wait,
             max_connections: args.max_connections as usize,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_wait(value: &str) -> Result<Duration, String> {
+        let argv = ["nbd-row-proxy", "receive", "--listen", "127.0.0.1:1", "--image", "i", "--socket", "s"];
+        let cli = Cli::try_parse_from(argv.iter().chain(&["--read-wait", value])).map_err(|e| e.to_string())?;
+        match cli.command {
+            Cmd::Receive(r) => Ok(r.read_wait),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn read_wait_takes_plain_seconds_as_before_or_a_unit() {
+        assert_eq!(read_wait("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(read_wait("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(read_wait("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(read_wait("1m"), Ok(Duration::from_secs(60)));
+        let e = read_wait("10 parsecs").unwrap_err();
+        assert!(e.contains("invalid value '10 parsecs' for '--read-wait <DURATION>': expected a duration"), "{e}");
     }
 }

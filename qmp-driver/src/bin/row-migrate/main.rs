@@ -118,12 +118,13 @@ pub struct Args {
     /// Migration method.
     #[arg(long, value_enum, default_value_t = Strategy::Row)]
     pub strategy: Strategy,
-    /// Bandwidth cap for disk and memory, bytes/s with an optional K/M/G suffix (powers of 1024,
-    /// e.g. 100M); unlimited by default.
-    #[arg(long, value_parser = parse_size)]
+    /// Bandwidth cap for disk and memory: bits per second (100mbit, 1Gbit/s) or bytes per
+    /// second (12MB/s SI, 12MiB/s IEC; a plain number is bytes/s). Unlimited by default.
+    #[arg(long, value_parser = units::positive_rate, value_name = "RATE")]
     pub max_bandwidth: Option<u64>,
-    /// QEMU's downtime limit for the memory stop-and-copy, e.g. 300ms or 1s.
-    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
+    /// QEMU's downtime limit for the memory stop-and-copy, e.g. 300ms or 1s (a plain number is
+    /// seconds).
+    #[arg(long, default_value = "300ms", value_parser = units::positive_seconds, value_name = "DURATION")]
     pub downtime_limit: Duration,
     /// Disk pre-copy rounds before the final one (row: 2, bitmap: 3).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
@@ -136,10 +137,10 @@ pub struct Args {
     pub mirror_copy_mode: MirrorMode,
     /// Roll back when QEMU's memory migration moves no byte for this long (a dead link is
     /// otherwise noticed only after TCP gives up, minutes later), e.g. 10s.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = units::positive_seconds, value_name = "DURATION")]
     pub stall_timeout: Duration,
     /// Give up (and roll back) after this long, e.g. 10m or 1h30m.
-    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    #[arg(long, default_value = "15m", value_parser = units::positive_seconds, value_name = "DURATION")]
     pub timeout: Duration,
     /// TLS credentials directory (ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem,
     /// client-key.pem, as libvirt lays them out, e.g. /etc/pki/qemu), readable by both QEMUs:
@@ -173,38 +174,6 @@ impl Args {
     pub fn mem_uri(&self) -> &str {
         self.mem_uri.as_deref().unwrap_or_default()
     }
-}
-
-/// Bytes (or bytes/s) with an optional binary K/M/G suffix; more than zero.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
-        Some((i, 'm' | 'M')) => (&t[..i], 1 << 20),
-        Some((i, 'g' | 'G')) => (&t[..i], 1 << 30),
-        _ => (t, 1),
-    };
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 100M)"))?;
-    if !n.is_finite() || n <= 0.0 {
-        return Err(format!("{s:?}: a size must be more than zero"));
-    }
-    Ok((n * mult as f64) as u64)
-}
-
-/// A duration with units (`300ms`, `2s`, `1h30m`; a bare number is seconds); more than zero.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let d = match t.parse::<f64>() {
-        Ok(secs) if secs.is_finite() && secs > 0.0 => Duration::from_secs_f64(secs),
-        Ok(_) => return Err(format!("{s:?}: a duration must be more than zero")),
-        Err(_) => {
-            humantime::parse_duration(t).map_err(|e| format!("{s:?} is not a duration (e.g. 300ms, 2s, 1h30m): {e}"))?
-        }
-    };
-    if d.is_zero() {
-        return Err(format!("{s:?}: a duration must be more than zero"));
-    }
-    Ok(d)
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -252,17 +221,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_and_durations_refuse_zero_negative_and_garbage() {
-        assert_eq!(parse_size("100M"), Ok(100 << 20));
-        assert_eq!(parse_size("1.5k"), Ok(1536));
-        for bad in ["0", "-1M", "abc", "", "NaNM"] {
-            assert!(parse_size(bad).is_err(), "{bad}");
-        }
-        assert_eq!(parse_duration("300ms"), Ok(Duration::from_millis(300)));
-        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        for bad in ["0s", "-1s", "-5", "0", "soon", ""] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
+    fn units_follow_the_convention_and_old_forms_still_parse() {
+        let base = ["row-migrate", "--src-qmp", "a", "--dst-qmp", "b", "--src-proxy", "c", "--dst-proxy", "d"];
+        let parse = |extra: &[&str]| {
+            let argv = base.iter().chain(extra).chain(&["--disk-uri", "tcp:h:1", "--mem-uri", "tcp:h:2"]);
+            Args::try_parse_from(argv).map_err(|e| e.to_string())
+        };
+        let a = parse(&["--max-bandwidth", "100mbit", "--timeout", "1h30m", "--downtime-limit", "1"]).unwrap();
+        assert_eq!(a.max_bandwidth, Some(12_500_000));
+        assert_eq!(a.timeout, Duration::from_secs(5400));
+        assert_eq!(a.downtime_limit, Duration::from_secs(1));
+        assert_eq!(parse(&["--max-bandwidth", "100MiB"]).unwrap().max_bandwidth, Some(100 << 20));
+        assert_eq!(parse(&["--max-bandwidth", "100M"]).unwrap().max_bandwidth, Some(100_000_000));
+        assert_eq!(parse(&["--max-bandwidth", "12MB/s"]).unwrap().max_bandwidth, Some(12_000_000));
+        let e = parse(&["--max-bandwidth", "10 parsecs"]).unwrap_err();
+        assert!(
+            e.contains(
+                "invalid value '10 parsecs' for '--max-bandwidth <RATE>': expected a rate like 100mbit, 12MiB/s or bytes per second"
+            ),
+            "{e}"
+        );
+        for bad in [["--max-bandwidth", "0"], ["--timeout", "0s"], ["--stall-timeout", "-1"], ["--timeout", "soon"]] {
+            assert!(parse(&bad).is_err(), "{bad:?}");
         }
     }
 
