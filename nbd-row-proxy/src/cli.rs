@@ -22,6 +22,10 @@ const DEFAULT_READ_WAIT: &str = "2";
 #[derive(Debug, Parser)]
 #[command(name = "nbd-row-proxy", version, about = "NBD server for live migration of a VM with its local disk")]
 pub struct Cli {
+    /// Log lines on stderr as text or as one JSON object per line (filtered by RUST_LOG,
+    /// default info).
+    #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text)]
+    pub log_format: logging::LogFormat,
     /// What to run.
     #[command(subcommand)]
     pub command: Cmd,

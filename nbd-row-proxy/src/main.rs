@@ -35,20 +35,19 @@ fn fd_budget() -> usize {
 /// How long a merge still running at exit may hold up the process (it resumes on the next start).
 const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(2);
 
+/// Exit status of a usage error (clap's) or an invalid `RUST_LOG`.
+const EXIT_USAGE: u8 = 2;
+
 fn main() -> std::process::ExitCode {
     // `nbd-row-proxy --generate-docs DIR`: man pages and completions (scripts/package).
     if let Some(code) = cli_docs::hook(<cli::Cli as clap::CommandFactory>::command, &["row-migrate"]) {
         return code;
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = cli::Cli::parse();
+    if let Err(e) = logging::init(cli.log_format, "info") {
+        eprintln!("nbd-row-proxy: {e}");
+        return std::process::ExitCode::from(EXIT_USAGE);
+    }
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

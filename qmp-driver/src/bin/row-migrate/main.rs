@@ -161,6 +161,10 @@ pub struct Args {
     /// as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Log lines on stderr as text or as one JSON object per line (filtered by RUST_LOG,
+    /// default warn).
+    #[arg(long, value_enum, default_value_t = logging::LogFormat::Text)]
+    pub log_format: logging::LogFormat,
     /// Instead of migrating: after a row-migrate that was killed or ended with status 4 or 5, bring
     /// the four components to one consistent state. If the guest runs on the destination, the
     /// source proxy completes; otherwise the disk goes back to the source and the guest resumes
@@ -182,15 +186,11 @@ async fn main() -> ExitCode {
     if let Some(code) = cli_docs::hook(<Args as clap::CommandFactory>::command, &["nbd-row-proxy"]) {
         return code;
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let args = Args::parse();
+    if let Err(e) = logging::init(args.log_format, "warn") {
+        eprintln!("row-migrate: {e}");
+        return ExitCode::from(exit::REFUSED);
+    }
     let json = args.json;
     let recovering = args.recover;
     let result = if recovering { recover::recover(args).await } else { sequence::run(args).await };
