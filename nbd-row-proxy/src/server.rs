@@ -250,11 +250,28 @@ async fn serve_until_signal(
         let peer = format!("{kind}#{next_id}");
         let (catalog, rx) = (catalog.clone(), shutdown.clone());
         conns.spawn(async move {
-            if let Err(e) = crate::nbd::connection::serve(stream, tls, catalog, peer.clone(), rx).await {
-                tracing::warn!(%peer, "connection ended: {e:#}");
+            match crate::nbd::connection::serve(stream, tls, catalog, peer.clone(), rx).await {
+                Ok(()) => {}
+                Err(e) if client_hung_up(&e) => tracing::debug!(%peer, "the client hung up: {e:#}"),
+                Err(e) => tracing::warn!(%peer, "connection ended: {e:#}"),
             }
         });
     }
+}
+
+/// Whether a connection's error is only the client going away (closing its socket, in the middle
+/// of a reply or a message): ordinary, logged at debug rather than as a warning.
+fn client_hung_up(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::UnexpectedEof
+            )
+        })
+    })
 }
 
 /// Lets in-flight requests finish (for at most [`DRAIN_TIMEOUT`]), then flushes the disk.

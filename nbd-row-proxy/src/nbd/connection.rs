@@ -104,7 +104,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 if self.pos == self.buf.len() {
                     return Ok(None);
                 }
-                bail!("connection closed in the middle of a message");
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed in the middle of a message",
+                )
+                .into());
             }
         }
     }
@@ -279,7 +283,9 @@ async fn negotiate(
         match negotiation.on_option(&raw) {
             Step::Continue(bytes) => reader.get_mut().write_all(&bytes).await?,
             Step::Close(bytes) => {
-                reader.get_mut().write_all(&bytes).await?;
+                // Clients may hang up without reading the reply to NBD_OPT_ABORT (nbdinfo does
+                // after an unknown export): nothing to report then.
+                let _ = reader.get_mut().write_all(&bytes).await;
                 tracing::debug!(%peer, option = raw.option, "negotiation ended by the client");
                 return Ok(None);
             }

@@ -176,6 +176,8 @@ impl Negotiation {
 
     fn info_or_go(&mut self, code: u32, req: InfoRequest, mut out: Vec<u8>) -> Step {
         let Some(export) = self.catalog.find(&req.export) else {
+            // Ordinary for a client that probes; a misconfigured QEMU shows up here too.
+            tracing::debug!(export = ?req.export, "a client asked for an export that is not served");
             OptionReply::error(code, NBD_REP_ERR_UNKNOWN, format!("no export named {:?}", req.export)).encode(&mut out);
             return Step::Continue(out);
         };
