@@ -18,9 +18,65 @@ use row_store::storage::suffixed;
 /// How long a read on an incoming disk waits for the commit by default.
 const DEFAULT_READ_WAIT: &str = "2";
 
+/// Examples after `nbd-row-proxy --help`.
+const EXAMPLES: &str = "Examples:
+  # Serve a disk to QEMU, with a control socket for row-migrate
+  nbd-row-proxy serve --image /var/lib/vm1/disk.raw --socket /run/vm1/disk.sock --export vm1 \\
+      --control /run/vm1/disk.ctl --auth-key-file /etc/nbd-row-proxy/key
+  # QEMU then opens: -drive file=nbd+unix:///vm1?socket=/run/vm1/disk.sock,format=raw,if=virtio,cache=none
+
+  # On the destination host: wait for the disk to arrive by migration
+  nbd-row-proxy receive --image /var/lib/vm1/disk.raw --listen 0.0.0.0:10810 \\
+      --socket /run/vm1/disk.sock --control /run/vm1/disk.ctl --auth-key-file /etc/nbd-row-proxy/key
+
+  # Then migrate with row-migrate (row-migrate --help). `nbd-row-proxy serve --help` lists the
+  # control-socket commands.
+
+Logs: stderr, filtered by RUST_LOG (default info; e.g. RUST_LOG=debug); --log-format json for one
+JSON object per line. An invalid RUST_LOG exits with status 2.";
+
+/// Examples after `serve --help`.
+const SERVE_EXAMPLES: &str = "Examples:
+  # A disk for one VM, with its control socket
+  nbd-row-proxy serve --image disk.raw --socket /run/vm1/disk.sock --export vm1 --control /run/vm1/disk.ctl
+
+  # Also over TCP with TLS client certificates (libvirt's layout), for qemu-mirror or backups
+  nbd-row-proxy serve --image disk.raw --socket /run/vm1/disk.sock --tcp 0.0.0.0:10809 \\
+      --tls-creds /etc/pki/qemu --control /run/vm1/disk.ctl
+
+  # Ask the control socket something (one JSON object per line, QMP-shaped)
+  printf '%s\\n' '{\"execute\":\"qmp_capabilities\"}' '{\"execute\":\"query-status\"}' | socat - UNIX:/run/vm1/disk.ctl
+
+The image should be a multiple of 4 KiB; one smaller than 4 KiB is refused.";
+
+/// Examples after `receive --help`.
+const RECEIVE_EXAMPLES: &str = "Examples:
+  # Receive a disk authenticated by a shared key (at least 16 bytes, mode 0600)
+  nbd-row-proxy receive --image dst.raw --listen 0.0.0.0:10810 --auth-key-file /etc/nbd-row-proxy/key \\
+      --socket /run/vm1/disk.sock --control /run/vm1/disk.ctl
+
+  # Over TLS with mutual certificates; reads wait up to 500 ms for the commit
+  nbd-row-proxy receive --image dst.raw --listen 0.0.0.0:10810 --tls-creds /etc/pki/qemu \\
+      --socket /run/vm1/disk.sock --control /run/vm1/disk.ctl --read-wait 500ms";
+
+/// Examples after `tls-certs --help`.
+const TLS_EXAMPLES: &str = "Example:
+  # A lab PKI for two hosts; copy the directory to both and pass it as --tls-creds
+  nbd-row-proxy tls-certs --dir /tmp/pki --host host-a --host host-b --host 127.0.0.1";
+
+/// `serve --help`'s epilogue: examples, then the control-socket commands from the schema.
+fn serve_help() -> String {
+    format!("{SERVE_EXAMPLES}\n\n{}", control_api::catalog::text_commands())
+}
+
 /// The command line.
 #[derive(Debug, Parser)]
-#[command(name = "nbd-row-proxy", version, about = "NBD server for live migration of a VM with its local disk")]
+#[command(
+    name = "nbd-row-proxy",
+    version,
+    about = "NBD server for live migration of a VM with its local disk",
+    after_long_help = EXAMPLES
+)]
 pub struct Cli {
     /// Log lines on stderr as text or as one JSON object per line (filtered by RUST_LOG,
     /// default info).
@@ -35,12 +91,15 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Serve a raw image over NBD.
+    #[command(after_long_help = serve_help())]
     Serve(ServeArgs),
     /// Receive a disk by migration, serving it over NBD from the start (reads wait for the
     /// commit); once committed, the disk is served read-write.
+    #[command(after_long_help = format!("{RECEIVE_EXAMPLES}\n\n{}", control_api::catalog::text_commands()))]
     Receive(ReceiveArgs),
     /// Write a throwaway CA and server and client certificates for a lab or a test, in the
     /// layout --tls-creds reads (production uses the site's own PKI, e.g. libvirt's).
+    #[command(after_long_help = TLS_EXAMPLES)]
     TlsCerts(TlsCertsArgs),
 }
 
@@ -268,6 +327,22 @@ mod tests {
         match cli.command {
             Cmd::Receive(r) => Ok(r.read_wait),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn help_has_examples_and_the_control_commands_from_the_schema() {
+        use clap::CommandFactory;
+        let mut cli = Cli::command();
+        cli.build();
+        for sub in ["serve", "receive", "tls-certs"] {
+            let help = cli.find_subcommand_mut(sub).unwrap().render_long_help().to_string();
+            assert!(help.contains("Examples:") || help.contains("Example:"), "{sub}: {help}");
+        }
+        let serve = cli.find_subcommand_mut("serve").unwrap().render_long_help().to_string();
+        let (commands, _) = control_api::catalog();
+        for c in commands {
+            assert!(serve.contains(&format!("  {} ", c.name)), "{} missing from serve --help", c.name);
         }
     }
 

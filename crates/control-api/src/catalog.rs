@@ -126,6 +126,21 @@ pub fn markdown_commands() -> String {
     out
 }
 
+/// The commands and events as plain text for `--help`: one line each, name and what it does.
+pub fn text_commands() -> String {
+    let (commands, events) = catalog();
+    let width = commands.iter().map(|c| c.name.len()).chain(events.iter().map(|e| e.name.len())).max().unwrap_or(0);
+    let mut out = String::from("Control-socket commands (QMP-shaped JSON on --control; arguments in the README):\n");
+    for c in &commands {
+        out.push_str(&format!("  {:width$}  {}\n", c.name, first_sentence(c.doc).replace('`', "")));
+    }
+    out.push_str("Events:\n");
+    for e in &events {
+        out.push_str(&format!("  {:width$}  {}\n", e.name, first_sentence(e.doc).replace('`', "")));
+    }
+    out
+}
+
 /// Every named object type in the schemas: the roots (by title) and their `$defs`.
 fn named_types() -> BTreeMap<String, Value> {
     let (commands, events) = catalog();
@@ -304,6 +319,15 @@ mod tests {
         for e in &events {
             assert!(e.name.chars().all(|c| c.is_ascii_uppercase() || c == '_'), "{}", e.name);
             assert!(e.data.get("properties").is_some() || e.data.get("$ref").is_some(), "{}", e.name);
+        }
+    }
+
+    #[test]
+    fn the_text_list_names_every_command_and_event() {
+        let text = text_commands();
+        let (commands, events) = catalog();
+        for name in commands.iter().map(|c| c.name).chain(events.iter().map(|e| e.name)) {
+            assert!(text.lines().any(|l| l.trim_start().starts_with(name)), "{name} missing from\n{text}");
         }
     }
 

@@ -50,6 +50,28 @@ const EXIT_CODES: &str = "Exit status:
 row-migrate --recover (same sockets) brings a migration that was killed, or ended with 4 or 5, to
 one consistent state: completed if the guest runs on the destination, otherwise undone.";
 
+const EXAMPLES: &str = "Examples:
+  # Host A runs the guest (QMP at /run/a/qmp.sock) on `nbd-row-proxy serve --control /run/a/vm1.ctl`;
+  # host B runs QEMU with the same devices and -incoming defer, on `nbd-row-proxy receive
+  # --listen 0.0.0.0:10810 --control /run/b/vm1.ctl`. Migrate, capped at 1 Gbit/s:
+  row-migrate --src-qmp /run/a/qmp.sock --dst-qmp /run/b/qmp.sock \\
+      --src-proxy /run/a/vm1.ctl --dst-proxy /run/b/vm1.ctl \\
+      --disk-uri tcp:host-b:10810 --mem-uri tcp:host-b:4444 --max-bandwidth 1gbit
+
+  # The same with the disk checked before switchover, a 1 h limit and a JSON report
+  row-migrate ... --verify-disk --timeout 1h --json
+
+  # libvirt's way for comparison: QEMU mirrors onto B's `serve --tcp` export
+  row-migrate ... --strategy qemu-mirror --disk-uri nbd://host-b:10809/vm1 --tls-creds /etc/pki/qemu
+
+  # After a row-migrate that was killed or ended with status 4 or 5
+  row-migrate --src-qmp /run/a/qmp.sock --dst-qmp /run/b/qmp.sock \\
+      --src-proxy /run/a/vm1.ctl --dst-proxy /run/b/vm1.ctl --recover
+
+Units: rates as 100mbit, 1Gbit/s (bits) or 12MB/s (SI), 12MiB/s (IEC), a plain number is bytes/s;
+durations as 500ms, 2s, 1h30m, a plain number is seconds.
+Logs: stderr, filtered by RUST_LOG (default warn); --log-format json for one JSON object per line.";
+
 /// How the disk moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Strategy {
@@ -87,7 +109,13 @@ pub enum MirrorMode {
 
 /// The command line.
 #[derive(Debug, Parser)]
-#[command(name = "row-migrate", version, about = "Live-migrate a QEMU guest with its local disk", after_help = EXIT_CODES)]
+#[command(
+    name = "row-migrate",
+    version,
+    about = "Live-migrate a QEMU guest with its local disk",
+    after_help = EXIT_CODES,
+    after_long_help = format!("{EXAMPLES}\n\n{EXIT_CODES}")
+)]
 pub struct Args {
     /// Source QEMU's QMP socket.
     #[arg(long)]
@@ -252,5 +280,6 @@ mod tests {
         Args::command().debug_assert();
         let help = Args::command().render_long_help().to_string();
         assert!(help.contains("5  failed after the switchover"), "{help}");
+        assert!(help.contains("Examples:") && help.contains("--recover"), "{help}");
     }
 }
