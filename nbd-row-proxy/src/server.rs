@@ -176,7 +176,7 @@ pub async fn run(config: Config, disk: Arc<Disk>, record_file: RecordFile, recor
     let control_task = listeners.control.take().map(|listener| {
         let greeting = Greeting::new(
             Version { major: 0, minor: 1, micro: 0 },
-            concat!("nbd-row-proxy ", env!("CARGO_PKG_VERSION")),
+            format!("{} {}", control_api::GREETING_PACKAGE, env!("CARGO_PKG_VERSION")),
         );
         let handler: Arc<dyn qmp_proto::Handler> = Arc::new(ControlHandler(control.clone()));
         let events = proxy.events.sender().clone();

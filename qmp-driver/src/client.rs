@@ -19,6 +19,23 @@ pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Events set aside by [`Qmp::wait_event`] at most; the oldest are dropped (logged) beyond.
 const MAX_PENDING_EVENTS: usize = 65_536;
 
+/// Which QMP server a socket should be, for [`Qmp::connect_to`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// QEMU's monitor.
+    Qemu,
+    /// An nbd-row-proxy's control socket.
+    Proxy,
+}
+
+fn describe_package(package: &str) -> String {
+    if package.trim().is_empty() {
+        String::new()
+    } else {
+        format!(", {}", package.trim())
+    }
+}
+
 /// An async QMP connection to QEMU or to one of our proxies' control sockets.
 ///
 /// Built on [`qmp_proto::Client`]: one command at a time, each with a timeout; events that
@@ -41,6 +58,33 @@ impl Qmp {
             .await
             .map_err(|e| QmpError::from_client(e, "qmp_capabilities", "QMP greeting and negotiation", timeout))?;
         Ok(Self::from_client(client))
+    }
+
+    /// Like [`connect`](Self::connect), and checks from the greeting that the server is the
+    /// kind expected: a socket that is not QMP (an NBD server's), or QEMU's monitor given for a
+    /// proxy's control socket (or the reverse), fails at once with an error that names what the
+    /// socket really is.
+    pub async fn connect_to(path: impl AsRef<Path>, timeout: Duration, peer: Peer) -> Result<Self, QmpError> {
+        let qmp = Self::connect(path, timeout).await?;
+        let package = &qmp.greeting().package;
+        let is_proxy = package.starts_with(control_api::GREETING_PACKAGE);
+        match (peer, is_proxy) {
+            (Peer::Qemu, true) => Err(QmpError::WrongPeer {
+                expected: "QEMU's QMP socket (-qmp unix:PATH,server)".into(),
+                found: format!("it is an nbd-row-proxy control socket (--control; greeting {package:?})"),
+            }),
+            (Peer::Proxy, false) => Err(QmpError::WrongPeer {
+                expected: "an nbd-row-proxy control socket (--control)".into(),
+                found: format!(
+                    "it is QEMU's QMP socket (QEMU {}.{}.{}{})",
+                    qmp.version().major,
+                    qmp.version().minor,
+                    qmp.version().micro,
+                    describe_package(package)
+                ),
+            }),
+            _ => Ok(qmp),
+        }
     }
 
     /// Like [`connect`](Self::connect), on an already connected stream.

@@ -30,6 +30,18 @@ pub enum QmpError {
     /// reply to the command in flight may have been that line.
     #[error("QMP protocol violation: {0}")]
     Protocol(String),
+    /// The socket is not a QMP server at all (e.g. an NBD server's socket).
+    #[error("not a QMP socket: {0}")]
+    NotQmp(String),
+    /// The socket is QMP, but not the server that was expected: QEMU's monitor where a proxy's
+    /// control socket was wanted, or the reverse.
+    #[error("{found}, not {expected}")]
+    WrongPeer {
+        /// What was expected, e.g. `QEMU's QMP socket`.
+        expected: String,
+        /// What the greeting says it is.
+        found: String,
+    },
     /// The command ran and the server answered with an error.
     #[error("QMP command {command} failed: {error}")]
     Command {
@@ -66,6 +78,7 @@ impl QmpError {
             ClientError::Timeout => Self::Timeout { what: what.to_owned(), timeout },
             ClientError::Protocol(p) => Self::Protocol(p),
             ClientError::Command(error) => Self::Command { command: command.to_owned(), error },
+            ClientError::NotQmp(what) => Self::NotQmp(what),
         }
     }
 

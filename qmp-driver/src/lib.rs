@@ -44,7 +44,7 @@ pub mod error;
 pub mod event;
 pub mod proxy;
 
-pub use client::{Qmp, DEFAULT_COMMAND_TIMEOUT};
+pub use client::{Peer, Qmp, DEFAULT_COMMAND_TIMEOUT};
 pub use commands::{parse_capabilities, BlockJob, CapabilityState, MigrationInfo, VmStatus};
 pub use decoded::Decoded;
 pub use error::QmpError;

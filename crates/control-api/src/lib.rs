@@ -57,6 +57,10 @@ pub struct NoArgs {}
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize, JsonSchema)]
 pub struct Empty {}
 
+/// How the control socket's greeting names the server: its `package` starts with this (then a
+/// space and the version), which tells it from QEMU's monitor.
+pub const GREETING_PACKAGE: &str = "nbd-row-proxy";
+
 /// The environment variable of [`pause_at`].
 pub const PAUSE_VAR: &str = "NBD_ROW_PAUSE";
 

@@ -41,6 +41,35 @@ pub enum ClientError {
     /// The command ran and failed; the server's error reply.
     #[error(transparent)]
     Command(#[from] CommandError),
+    /// The socket speaks another protocol: the text says which, as far as its first bytes
+    /// tell (e.g. an NBD server, which greets with `NBDMAGIC`).
+    #[error("not a QMP socket: {0}")]
+    NotQmp(String),
+}
+
+/// The magic an NBD server greets with (old-style and newstyle alike).
+const NBD_MAGIC: &[u8] = b"NBDMAGIC";
+
+/// What the first bytes a server sent say about it, if they already rule out QMP: `None` while
+/// they may still be the start of a QMP greeting (or of `NBDMAGIC`, to name it).
+fn not_qmp(first: &[u8]) -> Option<String> {
+    let start = first.iter().position(|b| !b.is_ascii_whitespace())?;
+    let first = &first[start..];
+    if first.starts_with(NBD_MAGIC) {
+        return Some(
+            "it is an NBD server's socket (it greets with NBDMAGIC), the kind a QEMU -drive or nbdinfo connects to"
+                .into(),
+        );
+    }
+    if NBD_MAGIC.starts_with(first) {
+        return None;
+    }
+    if first[0] != b'{' {
+        let shown: String =
+            first.iter().take(16).flat_map(|b| std::ascii::escape_default(*b)).map(char::from).collect();
+        return Some(format!("it greets with \"{shown}\", not a JSON object"));
+    }
+    None
 }
 
 /// A negotiated QMP connection.
@@ -74,7 +103,7 @@ impl Client {
             next_id: 0,
             broken: false,
         };
-        client.greeting = match tokio::time::timeout(timeout, client.read_message()).await {
+        client.greeting = match tokio::time::timeout(timeout, client.read_greeting()).await {
             Err(_) => return Err(ClientError::Timeout),
             Ok(Ok(ServerMessage::Greeting(g))) => g,
             Ok(Ok(other)) => return Err(ClientError::Protocol(format!("expected a greeting, got {other:?}"))),
@@ -160,6 +189,41 @@ impl Client {
         self.events.push_back(event);
     }
 
+    /// Reads the greeting like [`read_message`](Self::read_message), but gives up as soon as the
+    /// first bytes show that the server is not QMP (an NBD server sends `NBDMAGIC` and waits,
+    /// without a newline: waiting for a line would last until the timeout).
+    async fn read_greeting(&mut self) -> Result<ServerMessage, ClientError> {
+        let mut first = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            match self.lines.next_line() {
+                Ok(Some(line)) if line.iter().all(u8::is_ascii_whitespace) => continue,
+                Ok(Some(line)) => {
+                    if let Some(what) = not_qmp(&line) {
+                        return Err(ClientError::NotQmp(what));
+                    }
+                    return ServerMessage::decode(&line).map_err(|e| ClientError::Protocol(e.to_string()));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(ClientError::Protocol(e.to_string())),
+            }
+            let n = self.stream.read(&mut buf).await?;
+            if n == 0 {
+                return Err(match not_qmp(&first) {
+                    Some(what) => ClientError::NotQmp(what),
+                    None => ClientError::Closed,
+                });
+            }
+            if first.len() < 64 {
+                first.extend_from_slice(&buf[..n.min(64 - first.len())]);
+                if let Some(what) = not_qmp(&first) {
+                    return Err(ClientError::NotQmp(what));
+                }
+            }
+            self.lines.push(&buf[..n]);
+        }
+    }
+
     /// Reads the next message. Cancel-safe: bytes read are buffered before any await.
     async fn read_message(&mut self) -> Result<ServerMessage, ClientError> {
         let mut buf = [0u8; 8192];
@@ -178,5 +242,20 @@ impl Client {
             }
             self.lines.push(&buf[..n]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::not_qmp;
+
+    #[test]
+    fn first_bytes_tell_nbd_and_other_protocols_from_qmp() {
+        assert!(not_qmp(b"NBDMAGICIHAVEOPT\0\x03").unwrap().contains("NBD server"));
+        assert_eq!(not_qmp(b"NBDM"), None, "could still be NBDMAGIC: wait for more");
+        assert_eq!(not_qmp(b""), None);
+        assert_eq!(not_qmp(b"  \n"), None);
+        assert_eq!(not_qmp(br#"{"QMP": {"#), None);
+        assert!(not_qmp(b"SSH-2.0-OpenSSH").unwrap().contains(r#"greets with "SSH-2.0-OpenSSH""#));
     }
 }

@@ -376,3 +376,23 @@ async fn shutdown_closes_connections_even_mid_command() {
     assert!(rest.is_empty());
     assert!(matches!(idle.next_event(T).await, Err(ClientError::Closed)));
 }
+
+/// A socket that greets with NBD's magic and waits (as an NBD server does) is named at once,
+/// not after the timeout.
+#[tokio::test]
+async fn an_nbd_socket_is_recognised_before_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbd.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.write_all(b"NBDMAGICIHAVEOPT\x00\x03").await.unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+    });
+    let started = Instant::now();
+    let err = Client::connect(&path, Duration::from_secs(30)).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+    assert!(matches!(&err, ClientError::NotQmp(what) if what.contains("NBD server")), "{err}");
+    server.await.unwrap();
+}

@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use control_api::{MigrateCancel, MigrateComplete, NoArgs, Phase, QueryMigrate};
-use qmp_driver::Qmp;
+use qmp_driver::{Peer, Qmp, QmpError};
 use serde_json::{json, Value};
 
 use crate::disks::disk_specs;
-use crate::sequence::{Failure, CMD};
+use crate::sequence::{proxy_flags, Failure, CMD};
 use crate::{exit, Args};
 
 /// How long a component may take to answer before it counts as gone.
@@ -23,10 +23,20 @@ const DISK_CANCEL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Tries, 100 ms apart, to get a guest running.
 const RESUME_TRIES: u32 = 50;
 
-async fn reach(path: &Path) -> Option<Qmp> {
-    let mut q = tokio::time::timeout(REACH_TIMEOUT, Qmp::connect(path, REACH_TIMEOUT)).await.ok()?.ok()?;
+/// The component at `path`, or `None` if it is gone. A socket that answers as something else
+/// (an NBD socket, QEMU where a proxy was expected, or the reverse) is a usage error: refused
+/// before anything changes.
+async fn reach(path: &Path, flag: &str, peer: Peer) -> Result<Option<Qmp>, Failure> {
+    let mut q = match tokio::time::timeout(REACH_TIMEOUT, Qmp::connect_to(path, REACH_TIMEOUT, peer)).await {
+        Ok(Ok(q)) => q,
+        Ok(Err(e @ (QmpError::NotQmp(_) | QmpError::WrongPeer { .. }))) => {
+            let error = anyhow!(e).context(format!("{flag} {}", path.display())).context("nothing was changed");
+            return Err(Failure { code: exit::REFUSED, error, state: Value::Null });
+        }
+        Ok(Err(_)) | Err(_) => return Ok(None),
+    };
     q.set_timeout(CMD);
-    Some(q)
+    Ok(Some(q))
 }
 
 async fn run_state(q: &mut Option<Qmp>) -> Option<String> {
@@ -69,12 +79,13 @@ pub async fn recover(args: Args) -> Result<Value, Failure> {
     let fail = |e: anyhow::Error| Failure { code: exit::ROLLBACK_FAILED, error: e, state: Value::Null };
     let specs =
         disk_specs(&args).map_err(|e| Failure { code: exit::REFUSED, error: anyhow!(e), state: Value::Null })?;
-    let mut src = reach(&args.src_qmp).await;
-    let mut dst = reach(&args.dst_qmp).await;
+    let mut src = reach(&args.src_qmp, "--src-qmp", Peer::Qemu).await?;
+    let mut dst = reach(&args.dst_qmp, "--dst-qmp", Peer::Qemu).await?;
     let several = specs.len() > 1;
     let mut found = Vec::new();
     for (i, spec) in specs.iter().enumerate() {
-        let mut proxy = reach(&spec.src_proxy).await;
+        let (flag, _) = proxy_flags(&args, i);
+        let mut proxy = reach(&spec.src_proxy, &flag, Peer::Proxy).await?;
         let phase = match &mut proxy {
             Some(p) => p.call::<QueryMigrate>(NoArgs {}).await.ok().map(|m| m.phase),
             None => None,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use control_api::{MigrateStartArgs, NoArgs, Phase, QueryDigest, QueryMigrate, StatusReply};
 use qmp_driver::proxy::status;
-use qmp_driver::{DiskMigration, Qmp};
+use qmp_driver::{DiskMigration, Peer, Qmp};
 use serde_json::{json, Value};
 
 use crate::disks::{disk_specs, DiskSpec};
@@ -96,21 +96,36 @@ fn refused(error: anyhow::Error) -> Failure {
 
 /// Runs the whole migration; a failure says how it ended (see [`exit`]).
 pub async fn run(args: Args) -> Result<Value, Failure> {
-    let connect = |path: &std::path::Path, what: &'static str| {
+    let connect = |path: &std::path::Path, flag: String, what: &'static str, peer: Peer| {
         let path = path.to_path_buf();
         async move {
-            Qmp::connect(&path, CMD).await.with_context(|| format!("cannot reach the {what} at {}", path.display()))
+            Qmp::connect_to(&path, CMD, peer).await.map_err(|e| {
+                let busy = if e.is_timeout() {
+                    " (a QMP socket serves one client at a time: is another one, e.g. libvirt, connected?)"
+                } else {
+                    ""
+                };
+                anyhow::Error::new(e).context(format!("{flag} {}: cannot reach the {what}{busy}", path.display()))
+            })
         }
     };
     let specs = disk_specs(&args).map_err(|e| refused(anyhow!(e)))?;
-    let src = connect(&args.src_qmp, "source QEMU").await.map_err(refused)?;
-    let dst = connect(&args.dst_qmp, "destination QEMU").await.map_err(refused)?;
+    distinct_sockets(&args, &specs).map_err(refused)?;
+    let src = connect(&args.src_qmp, "--src-qmp".into(), "source QEMU", Peer::Qemu).await.map_err(refused)?;
+    let dst = connect(&args.dst_qmp, "--dst-qmp".into(), "destination QEMU", Peer::Qemu).await.map_err(refused)?;
     let several = specs.len() > 1;
     let mut disks = Vec::new();
     for (i, spec) in specs.into_iter().enumerate() {
         let name = if several { format!("disk {}", i + 1) } else { "disk".to_string() };
-        let src_proxy = connect(&spec.src_proxy, "source proxy").await.context(name.clone()).map_err(refused)?;
-        let dst_proxy = connect(&spec.dst_proxy, "destination proxy").await.context(name.clone()).map_err(refused)?;
+        let (src_flag, dst_flag) = proxy_flags(&args, i);
+        let src_proxy = connect(&spec.src_proxy, src_flag, "source proxy", Peer::Proxy)
+            .await
+            .context(name.clone())
+            .map_err(refused)?;
+        let dst_proxy = connect(&spec.dst_proxy, dst_flag, "destination proxy", Peer::Proxy)
+            .await
+            .context(name.clone())
+            .map_err(refused)?;
         disks.push(DiskPair { spec, src_proxy, dst_proxy, started: false, block_size: 0, name });
     }
     let timeout = args.timeout;
@@ -165,6 +180,43 @@ pub async fn run(args: Args) -> Result<Value, Failure> {
             state,
         }),
     }
+}
+
+/// The flags that named disk `i`'s two control sockets, for messages: the single-disk flags for
+/// the first disk when they were used, `--disk` otherwise.
+pub fn proxy_flags(args: &Args, i: usize) -> (String, String) {
+    if i == 0 && args.src_proxy.is_some() {
+        ("--src-proxy".into(), "--dst-proxy".into())
+    } else {
+        let n = if args.src_proxy.is_some() { i } else { i + 1 };
+        (format!("--disk #{n} (source)"), format!("--disk #{n} (destination)"))
+    }
+}
+
+/// The QMP sockets must differ from each other and from every control socket (the disks'
+/// control sockets are checked against each other by `disk_specs`): a QMP socket serves one
+/// client at a time, so a path given twice would otherwise wait for itself until the timeout.
+fn distinct_sockets(args: &Args, specs: &[DiskSpec]) -> Result<()> {
+    let same = |a: &std::path::Path, b: &std::path::Path| {
+        a == b || std::fs::canonicalize(a).is_ok_and(|p| std::fs::canonicalize(b).is_ok_and(|q| p == q))
+    };
+    if same(&args.src_qmp, &args.dst_qmp) {
+        bail!("--src-qmp and --dst-qmp are the same socket ({}): each names a different QEMU", args.src_qmp.display());
+    }
+    for (qmp_flag, qmp) in [("--src-qmp", &args.src_qmp), ("--dst-qmp", &args.dst_qmp)] {
+        for (i, spec) in specs.iter().enumerate() {
+            let (src_flag, dst_flag) = proxy_flags(args, i);
+            for (flag, path) in [(src_flag, &spec.src_proxy), (dst_flag, &spec.dst_proxy)] {
+                if same(qmp, path) {
+                    bail!(
+                        "{qmp_flag} and {flag} are the same socket ({}): each names a different component",
+                        qmp.display()
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Checks both sides before anything changes.
