@@ -56,10 +56,47 @@ pub fn open_disk(config: &Config) -> Result<(Arc<Disk>, RecordFile, Option<Owner
     };
     let disk =
         Disk::open(&config.image, options).with_context(|| format!("opening disk {}", config.image.display()))?;
-    if disk.size() == 0 {
-        bail!("{} is empty: there is no disk to serve", config.image.display());
-    }
+    check_size(&config.image, disk.size())?;
     Ok((Arc::new(disk), record_file, record))
+}
+
+/// Sector size of the guests' block layer: QEMU sizes NBD disks in whole 512-byte sectors.
+const SECTOR: u64 = 512;
+
+/// Refuses an image smaller than one block, and warns about one that does not end on a block
+/// boundary, saying what becomes of its tail.
+fn check_size(image: &Path, size: u64) -> Result<()> {
+    let block = row_store::BLOCK_SIZE;
+    if size < block {
+        bail!(
+            "{} is {size} bytes, smaller than one {} block: there is no disk to serve (a disk image is at least one block, \
+             ideally a whole number of them)",
+            image.display(),
+            units::format_size(block)
+        );
+    }
+    let tail = size % block;
+    if size % SECTOR != 0 {
+        tracing::warn!(
+            image = %image.display(),
+            size,
+            tail = size % SECTOR,
+            "the image is not a whole number of 512-byte sectors: it is served and migrated byte for byte, but \
+             QEMU rounds the disk up to {} bytes, and the guest's last sector extends past the image; resize it to \
+             a multiple of 4 KiB",
+            size.div_ceil(SECTOR) * SECTOR
+        );
+    } else if tail != 0 {
+        tracing::warn!(
+            image = %image.display(),
+            size,
+            tail,
+            "the image is not a whole number of 4 KiB blocks: its last {tail} bytes are a short block, served, \
+             tracked and migrated like the others, but a guest with 4 KiB sectors cannot use them; resize it to a \
+             multiple of 4 KiB"
+        );
+    }
+    Ok(())
 }
 
 /// Binds a Unix socket at a path `check_socket_path` accepted: a stale socket is replaced.
