@@ -132,26 +132,26 @@ fn sockets_mixed_up_are_named_within_a_second() {
     sparse_file(&image, 1 << 20);
     let key = key_file(dir.path(), "0123456789abcdef0123456789abcdef");
     let host = source(dir.path(), &image, &key);
-    let nbd = host.server.socket.clone();
-    let control = host.control.clone();
+    let nbd = host.server.socket.as_path();
+    let control = host.control.as_path();
     let (dst_qmp, dst_proxy) = (dir.path().join("dst-qmp.sock"), dir.path().join("dst.ctl"));
 
     // The proxy's NBD socket given as QEMU's QMP socket.
-    let (out, took) = row_migrate([&nbd, &dst_qmp, &control, &dst_proxy], &[]);
+    let (out, took) = row_migrate([nbd, &dst_qmp, control, &dst_proxy], &[]);
     let text = stderr(&out);
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(took < Duration::from_secs(1), "took {took:?}: {text}");
     assert!(text.contains("--src-qmp") && text.contains("NBD server's socket"), "{text}");
 
     // The proxy's control socket given as QEMU's QMP socket.
-    let (out, took) = row_migrate([&control, &dst_qmp, &nbd, &dst_proxy], &[]);
+    let (out, took) = row_migrate([control, &dst_qmp, nbd, &dst_proxy], &[]);
     let text = stderr(&out);
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(took < Duration::from_secs(1), "took {took:?}: {text}");
     assert!(text.contains("--src-qmp") && text.contains("it is an nbd-row-proxy control socket"), "{text}");
 
     // The same socket twice.
-    let (out, took) = row_migrate([&nbd, &nbd, &control, &dst_proxy], &[]);
+    let (out, took) = row_migrate([nbd, nbd, control, &dst_proxy], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(took < Duration::from_secs(1), "took {took:?}");
     assert!(stderr(&out).contains("--src-qmp and --dst-qmp are the same socket"), "{}", stderr(&out));

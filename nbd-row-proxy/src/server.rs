@@ -76,7 +76,7 @@ fn check_size(image: &Path, size: u64) -> Result<()> {
         );
     }
     let tail = size % block;
-    if size % SECTOR != 0 {
+    if !size.is_multiple_of(SECTOR) {
         tracing::warn!(
             image = %image.display(),
             size,

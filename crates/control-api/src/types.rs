@@ -292,6 +292,18 @@ impl MigrationStatus {
     }
 }
 
+/// Schema of an optional argument that takes a plain number or a string with a unit (`"100MiB"`,
+/// `"100mbit"`, `"2s"`; see the `units` crate), as `units::serde`'s helpers read it.
+pub(crate) fn number_or_unit_string(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "anyOf": [
+            { "type": "integer", "minimum": 0 },
+            { "type": "string", "description": "a number with a unit, e.g. \"100MiB\", \"100mbit\", \"2s\"" },
+            { "type": "null" }
+        ]
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,16 +356,4 @@ mod tests {
         assert_eq!((s.update_logical_bytes, s.total_logical_bytes), (8192, 12288));
         assert_eq!(s.final_seconds, 0.5);
     }
-}
-
-/// Schema of an optional argument that takes a plain number or a string with a unit (`"100MiB"`,
-/// `"100mbit"`, `"2s"`; see the `units` crate), as `units::serde`'s helpers read it.
-pub(crate) fn number_or_unit_string(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    schemars::json_schema!({
-        "anyOf": [
-            { "type": "integer", "minimum": 0 },
-            { "type": "string", "description": "a number with a unit, e.g. \"100MiB\", \"100mbit\", \"2s\"" },
-            { "type": "null" }
-        ]
-    })
 }

@@ -56,7 +56,7 @@ pub fn filter(default: &str) -> Result<EnvFilter, LogError> {
 
 /// Whether to write ANSI colour codes: only to a terminal, and not with `NO_COLOR` set.
 pub fn colour() -> bool {
-    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").map_or(true, |v| v.is_empty())
+    std::io::stderr().is_terminal() && !matches!(std::env::var_os("NO_COLOR"), Some(v) if !v.is_empty())
 }
 
 /// Installs the global subscriber: `format` lines on stderr, filtered by `RUST_LOG` or
