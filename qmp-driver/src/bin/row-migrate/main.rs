@@ -58,7 +58,12 @@ const EXAMPLES: &str = "Examples:
       --src-proxy /run/a/vm1.ctl --dst-proxy /run/b/vm1.ctl \\
       --disk-uri tcp:host-b:10810 --mem-uri tcp:host-b:4444 --max-bandwidth 1gbit
 
-  # The same with the disk checked before switchover, a 1 h limit and a JSON report
+  # A VM with two disks: one --disk SRC_CONTROL,DST_CONTROL,URI each, sharing --max-bandwidth
+  row-migrate --src-qmp /run/a/qmp.sock --dst-qmp /run/b/qmp.sock \\
+      --disk /run/a/root.ctl,/run/b/root.ctl,tcp:host-b:10810 \\
+      --disk /run/a/data.ctl,/run/b/data.ctl,tcp:host-b:10811 --mem-uri tcp:host-b:4444
+
+  # The same with the disks checked before switchover, a 1 h limit and a JSON report
   row-migrate ... --verify-disk --timeout 1h --json
 
   # libvirt's way for comparison: QEMU mirrors onto B's `serve --tcp` export
