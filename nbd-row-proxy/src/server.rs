@@ -279,6 +279,12 @@ async fn serve_until_signal(
                 continue;
             }
         };
+        // Connections that ended but were not reaped yet do not count against the cap.
+        while let Some(done) = conns.try_join_next() {
+            if let Err(e) = done {
+                tracing::error!(error = %e, "connection task failed");
+            }
+        }
         if conns.len() >= max_connections {
             tracing::warn!(peer = %kind, max_connections, "too many NBD connections: refusing this one");
             continue;

@@ -358,7 +358,8 @@ async fn transmission<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     n = reader.fill() => {
                         if n.context("reading request")? == 0 {
                             if reader.partial() {
-                                bail!("reading request: connection closed in the middle of a message");
+                                let eof = io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in the middle of a message");
+                                return Err(anyhow::Error::from(eof).context("reading request"));
                             }
                             return Ok(());
                         }
