@@ -18,6 +18,15 @@ pub struct DiskSpec {
     pub uri: String,
 }
 
+/// The name of disk `index` (from 0) of `count` in messages: `disk` alone, `disk 2` among several.
+pub fn disk_name(index: usize, count: usize) -> String {
+    if count > 1 {
+        format!("disk {}", index + 1)
+    } else {
+        "disk".to_string()
+    }
+}
+
 /// How a `--disk` value is written, for the error messages and `--help`.
 pub const DISK_SYNTAX: &str = "SRC_CONTROL,DST_CONTROL,URI or src=SRC_CONTROL,dst=DST_CONTROL,uri=URI";
 

@@ -12,7 +12,7 @@ use control_api::{MigrateCancel, MigrateComplete, NoArgs, Phase, QueryMigrate};
 use qmp_driver::{Peer, Qmp, QmpError};
 use serde_json::{json, Value};
 
-use crate::disks::disk_specs;
+use crate::disks::{disk_name, disk_specs};
 use crate::sequence::{proxy_flags, Failure, CMD};
 use crate::{exit, Args};
 
@@ -81,7 +81,6 @@ pub async fn recover(args: Args) -> Result<Value, Failure> {
         disk_specs(&args).map_err(|e| Failure { code: exit::REFUSED, error: anyhow!(e), state: Value::Null })?;
     let mut src = reach(&args.src_qmp, "--src-qmp", Peer::Qemu).await?;
     let mut dst = reach(&args.dst_qmp, "--dst-qmp", Peer::Qemu).await?;
-    let several = specs.len() > 1;
     let mut found = Vec::new();
     for (i, spec) in specs.iter().enumerate() {
         let (flag, _) = proxy_flags(&args, i);
@@ -90,7 +89,7 @@ pub async fn recover(args: Args) -> Result<Value, Failure> {
             Some(p) => p.call::<QueryMigrate>(NoArgs {}).await.ok().map(|m| m.phase),
             None => None,
         };
-        let name = if several { format!("disk {}", i + 1) } else { "disk".into() };
+        let name = disk_name(i, specs.len());
         found.push(Found { name, path: spec.src_proxy.clone(), proxy, phase });
     }
     let src_state = run_state(&mut src).await;

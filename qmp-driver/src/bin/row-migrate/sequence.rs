@@ -9,7 +9,7 @@ use qmp_driver::proxy::status;
 use qmp_driver::{DiskMigration, Peer, Qmp};
 use serde_json::{json, Value};
 
-use crate::disks::{disk_specs, DiskSpec};
+use crate::disks::{disk_name, disk_specs, DiskSpec};
 use crate::report::{progress_detail, progress_done, progress_line};
 use crate::{exit, Args, MirrorMode, Strategy};
 
@@ -113,10 +113,10 @@ pub async fn run(args: Args) -> Result<Value, Failure> {
     distinct_sockets(&args, &specs).map_err(refused)?;
     let src = connect(&args.src_qmp, "--src-qmp".into(), "source QEMU", Peer::Qemu).await.map_err(refused)?;
     let dst = connect(&args.dst_qmp, "--dst-qmp".into(), "destination QEMU", Peer::Qemu).await.map_err(refused)?;
-    let several = specs.len() > 1;
+    let count = specs.len();
     let mut disks = Vec::new();
     for (i, spec) in specs.into_iter().enumerate() {
-        let name = if several { format!("disk {}", i + 1) } else { "disk".to_string() };
+        let name = disk_name(i, count);
         let (src_flag, dst_flag) = proxy_flags(&args, i);
         let src_proxy = connect(&spec.src_proxy, src_flag, "source proxy", Peer::Proxy)
             .await
