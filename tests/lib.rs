@@ -95,6 +95,23 @@ pub fn wait_for_socket(path: &Path, timeout: Duration) {
     }
 }
 
+/// A field of `/proc/PID/status` (e.g. `VmRSS` in KiB, `Threads`), as a number.
+pub fn proc_status(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let value = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).unwrap();
+    value.trim().trim_end_matches(" kB").trim().parse().unwrap()
+}
+
+/// A process's resident memory in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    proc_status(pid, "VmRSS")
+}
+
+/// A process's thread count.
+pub fn threads(pid: u32) -> u64 {
+    proc_status(pid, "Threads")
+}
+
 /// Sends a signal to a process by pid.
 pub fn signal(pid: u32, sig: libc::c_int) {
     // SAFETY: kill(2) with a pid we started.

@@ -24,19 +24,6 @@ const SCATTERED: u64 = 200_000;
 const ZEROED: u64 = 64 << 30;
 const ZERO_AT: u64 = 256 << 30;
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .unwrap()
-        .trim()
-        .trim_end_matches(" kB")
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 /// Whether block `b` lies in one of the data pieces the source image starts with.
 fn in_data(b: u64) -> bool {
     let offset = b * 4096 % (TIB / DATA_PIECES);

@@ -376,24 +376,6 @@ fn a_stream_with_neither_tls_nor_key_needs_insecure() {
     assert!(e.contains("TLS") || e.contains("greet"), "{e}");
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .unwrap()
-        .trim()
-        .trim_end_matches(" kB")
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-fn threads(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix("Threads:")).unwrap().trim().parse().unwrap()
-}
-
 #[test]
 fn a_client_that_does_not_read_its_replies_is_not_read_either() {
     let dir = tempfile::tempdir().unwrap();
