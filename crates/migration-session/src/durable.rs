@@ -109,6 +109,10 @@ pub enum Ownership {
         /// When writes started to be refused (finishing and later), RFC 3339.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         fenced_since: Option<String>,
+        /// Handed over by post-copy and not all pushed yet: the destination still reads blocks
+        /// from this disk, which must be kept as it is until the destination holds them all.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        postcopy: bool,
     },
     /// This proxy is (or was) the destination of a migration.
     Destination {
@@ -173,6 +177,7 @@ mod tests {
             peer: "tcp:192.0.2.2:10810".into(),
             strategy: Strategy::Row,
             fenced_since: Some(now_rfc3339()),
+            postcopy: true,
         };
         let bytes = r.encode();
         assert!(std::str::from_utf8(&bytes).unwrap().contains("\"handed-over\""));

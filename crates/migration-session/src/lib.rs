@@ -7,6 +7,8 @@
 //! - [`durable::Ownership`]: the record both persist next to the image, so a restart honours
 //!   a hand-over: a source that handed its disk over keeps refusing writes, a destination that
 //!   committed one keeps serving it and never takes a new session over it.
+//! - [`residual`]: post-copy's set of blocks a destination serves but does not hold yet, and
+//!   its durable log.
 //! - [`plan`]: the round planners of the row and bitmap strategies.
 //! - [`world`]: both machines and a lossy network, stepped by bytes, for the property test and
 //!   the fuzz target of the hand-over protocol.
@@ -18,10 +20,12 @@
 pub mod dest;
 pub mod durable;
 pub mod plan;
+pub mod residual;
 pub mod source;
 pub mod world;
 
 pub use dest::{DestAction, DestRefusal, DestSession};
 pub use durable::{now_rfc3339, BadRecord, DestStage, Ownership, SessionId, SourceStage};
 pub use plan::{BitmapPlan, RowPlan, Span, WriteLog, Written};
+pub use residual::{BadResidual, BlockSet, ResidualLog, ResidualRecord};
 pub use source::{SourceAction, SourceRefusal, SourceSession};

@@ -41,6 +41,10 @@ pub enum SourceAction {
     /// Ask the destination, over a new connection if need be, to give the disk back; then
     /// [`SourceSession::revoke_answered`].
     AskRevoke,
+    /// Post-copy: push the blocks the destination does not hold yet and answer its fetches,
+    /// reconnecting (`Resume`) whenever the link breaks, until it holds them all; then
+    /// [`SourceSession::postcopy_done`].
+    Push,
 }
 
 /// Why an input was refused; the state is unchanged.
@@ -103,6 +107,9 @@ pub enum SourceRefusal {
     /// Two revokes at once.
     #[error("the destination is already being asked to give the disk back")]
     Revoking,
+    /// `migrate-complete` while the post-copy push runs.
+    #[error("post-copy is still running: the destination does not hold every block yet (see query-migrate)")]
+    PostcopyRunning,
     /// The disk belongs to another host as a migration destination that never completed.
     #[error("{0}")]
     Other(String),
@@ -121,6 +128,8 @@ pub struct SourceSession {
     error: Option<String>,
     /// Where to return if a revoke is refused.
     revoking_from: Option<Phase>,
+    /// Handed over by post-copy: the destination does not hold every block yet.
+    postcopy: bool,
 }
 
 impl Default for SourceSession {
@@ -143,6 +152,7 @@ impl SourceSession {
             commit_sent: false,
             error: None,
             revoking_from: None,
+            postcopy: false,
         }
     }
 
@@ -150,7 +160,7 @@ impl SourceSession {
     /// a pre-copy interrupted by the restart is rolled back; a hand-over keeps writes refused.
     pub fn restore(record: &Ownership) -> (Self, Vec<SourceAction>) {
         let mut s = Self::new();
-        let Ownership::Source { stage, session, peer, strategy, fenced_since } = record else {
+        let Ownership::Source { stage, session, peer, strategy, fenced_since, postcopy } = record else {
             return (s, Vec::new());
         };
         s.session = Some(*session);
@@ -175,7 +185,13 @@ impl SourceSession {
                     s.error = Some("the source proxy restarted while handing the disk over".into());
                 }
                 let reason = s.fence_reason();
-                (s, vec![SourceAction::RefuseWrites(reason)])
+                let mut actions = vec![SourceAction::RefuseWrites(reason)];
+                if *postcopy && *stage != SourceStage::Finishing {
+                    // The destination runs the guest and still reads blocks from here.
+                    s.postcopy = true;
+                    actions.push(SourceAction::Push);
+                }
+                (s, actions)
             }
         }
     }
@@ -237,6 +253,7 @@ impl SourceSession {
             peer: self.peer.clone()?,
             strategy: self.strategy?,
             fenced_since: self.fenced_since.clone(),
+            postcopy: self.postcopy,
         })
     }
 
@@ -326,11 +343,39 @@ impl SourceSession {
         ])
     }
 
+    /// The destination committed a post-copy switchover: it serves the disk and fetches what it
+    /// does not hold yet from here, while the rest is pushed.
+    pub fn committed_with_residual(&mut self) -> Step {
+        self.expect(Phase::Finishing)?;
+        self.postcopy = true;
+        let mut actions = self.committed()?;
+        actions.push(SourceAction::Push);
+        Ok(actions)
+    }
+
+    /// Whether the destination still needs blocks from here (post-copy).
+    pub fn postcopy(&self) -> bool {
+        self.postcopy
+    }
+
+    /// The destination holds every block durably: the post-copy is over.
+    pub fn postcopy_done(&mut self) -> Step {
+        if !self.postcopy {
+            return Ok(Vec::new());
+        }
+        self.postcopy = false;
+        let stage = if self.phase == Phase::Completed { SourceStage::Completed } else { SourceStage::HandedOver };
+        Ok(vec![SourceAction::Persist(self.record(stage))])
+    }
+
     /// `migrate-complete`, after the switchover: the destination owns the disk. Also accepted
     /// while finishing once the commit may have arrived (a source restarted during the
     /// hand-over does not know): whoever says the switchover happened knows better, and the
     /// source only stays fenced for good.
     pub fn complete(&mut self) -> Step {
+        if self.postcopy && self.phase == Phase::HandedOver {
+            return Err(SourceRefusal::PostcopyRunning);
+        }
         match self.phase {
             Phase::HandedOver | Phase::Finishing if self.commit_sent => {
                 self.phase = Phase::Completed;
@@ -352,6 +397,7 @@ impl SourceSession {
         self.fenced_since = None;
         self.commit_sent = false;
         self.revoking_from = None;
+        self.postcopy = false;
         vec![SourceAction::AllowWrites, SourceAction::RollBack, SourceAction::Persist(None)]
     }
 
@@ -713,6 +759,7 @@ mod tests {
             peer: PEER.into(),
             strategy: Strategy::Row,
             fenced_since: (stage != SourceStage::Precopy).then(now_rfc3339),
+            postcopy: false,
         };
         let (s, a) = SourceSession::restore(&record(SourceStage::Precopy));
         assert_eq!(s.phase(), Phase::Failed);
@@ -737,5 +784,34 @@ mod tests {
             since: now_rfc3339(),
         });
         assert_eq!((s.phase(), a), (Phase::Idle, vec![]));
+    }
+
+    #[test]
+    fn post_copy_keeps_the_source_until_the_destination_holds_everything() {
+        let mut s = at(Phase::Finishing);
+        s.commit_sent();
+        let a = s.committed_with_residual().unwrap();
+        assert_eq!(s.phase(), Phase::HandedOver);
+        assert!(matches!(a.last(), Some(Push)));
+        let Some(Persist(Some(Ownership::Source { stage: SourceStage::HandedOver, postcopy: true, .. }))) = a.first()
+        else {
+            panic!("the hand-over is persisted with its post-copy first: {a:?}")
+        };
+        // Completing now would let the source forget blocks the destination still reads.
+        assert_eq!(s.complete(), Err(SourceRefusal::PostcopyRunning));
+        // A restart resumes the push and keeps the fence.
+        let Some(Persist(Some(record))) = a.first() else { unreachable!() };
+        let (mut restored, actions) = SourceSession::restore(record);
+        assert!(matches!(&actions[..], [RefuseWrites(_), Push]));
+        assert!(restored.postcopy() && restored.fenced());
+        assert_eq!(restored.complete(), Err(SourceRefusal::PostcopyRunning));
+        let done = s.postcopy_done().unwrap();
+        assert!(matches!(&done[..], [Persist(Some(Ownership::Source { postcopy: false, .. }))]));
+        assert_eq!(s.postcopy_done(), Ok(vec![]));
+        assert!(s.complete().unwrap().contains(&SendDone));
+        // A revoke granted before the guest wrote on the destination ends the post-copy too.
+        assert!(restored.cancel().is_ok());
+        let back = restored.revoke_answered(Ok(())).unwrap();
+        assert!(back.contains(&RollBack) && !restored.postcopy());
     }
 }

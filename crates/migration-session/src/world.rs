@@ -266,7 +266,8 @@ impl World {
                         self.to_dest.push_back(ToDest::Begin(id));
                     }
                 }
-                SourceAction::RunPrecopy => {}
+                // This world's switchovers send everything (no post-copy): nothing to push.
+                SourceAction::RunPrecopy | SourceAction::Push => {}
                 SourceAction::RunFinalRound => self.src.final_round = true,
                 SourceAction::SendDiscard(_) => {
                     self.src.connecting = false;

@@ -12,7 +12,11 @@ pub const FRAME_OVERHEAD: usize = HEADER_LEN + 4;
 /// Size of a `Data` payload's fixed fields (offset, codec, logical_len) before the data.
 pub const DATA_HEADER_LEN: usize = 8 + 1 + 4;
 /// The largest frame payload accepted: a full [`MAX_BLOCK_LEN`] block plus the `Data` fields.
-pub const MAX_FRAME_PAYLOAD: usize = MAX_BLOCK_LEN + DATA_HEADER_LEN;
+pub const MAX_FRAME_PAYLOAD: usize = MAX_BLOCK_LEN + FETCHED_HEADER_LEN;
+/// Bytes of a `Fetch` payload: id, offset and length.
+const FETCH_LEN: usize = 8 + 8 + 4;
+/// Bytes of a `Fetched` payload before the encoded block: the request id and the `Data` fields.
+pub const FETCHED_HEADER_LEN: usize = 8 + DATA_HEADER_LEN;
 /// The longest `Reject`/`Discard`/`Error` text, in bytes; the encoder truncates longer text
 /// (at a character boundary) and the decoder refuses it.
 pub const MAX_REASON_LEN: usize = 4096;
@@ -39,6 +43,15 @@ const T_ERROR: u8 = 13;
 const T_REVOKE: u8 = 14;
 const T_REVOKED: u8 = 15;
 const T_KEEPALIVE: u8 = 16;
+const T_MISSING: u8 = 17;
+const T_FETCH: u8 = 18;
+const T_FETCHED: u8 = 19;
+const T_PUSH_DONE: u8 = 20;
+const T_HOLDS: u8 = 21;
+const T_RESUME: u8 = 22;
+const T_RESUMED: u8 = 23;
+/// The last type code.
+const T_LAST: u8 = T_RESUMED;
 
 /// How the source tracks which blocks changed between rounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -271,6 +284,45 @@ pub enum Message {
     /// source → dest: the session is alive though it has nothing to send (while the VM's
     /// memory moves); a session silent for long is dropped.
     Keepalive,
+    /// source → dest, in a post-copy switchover's final round (and dest → source in answer to
+    /// `Resume`): this range has not been sent; the destination fetches it when read and the
+    /// source pushes it after the switchover.
+    Missing {
+        /// Byte offset on the disk.
+        offset: u64,
+        /// Length in bytes; never 0.
+        len: u64,
+    },
+    /// dest → source: send this range now, ahead of everything else (a read waits for it).
+    Fetch {
+        /// The destination's id for the request, echoed in the answer.
+        id: u64,
+        /// Byte offset on the disk.
+        offset: u64,
+        /// Length in bytes, 1..=[`MAX_BLOCK_LEN`].
+        len: u32,
+    },
+    /// source → dest: the answer to a `Fetch`: the range's current content.
+    Fetched {
+        /// The request's id.
+        id: u64,
+        /// Byte offset on the disk.
+        offset: u64,
+        /// How `payload` is encoded.
+        codec: Codec,
+        /// Length once decoded, as the request's.
+        logical_len: u32,
+        /// The encoded bytes.
+        payload: Vec<u8>,
+    },
+    /// source → dest: every missing range has been pushed; answer `Holds` once all is durable.
+    PushDone,
+    /// dest → source: every block of the disk is durable here; the post-copy is over.
+    Holds,
+    /// source → dest, the first message of a reconnection during post-copy: what is still missing?
+    Resume,
+    /// dest → source: the `Missing` ranges sent before this are all that is still missing.
+    Resumed,
 }
 
 impl Message {
@@ -280,6 +332,13 @@ impl Message {
         debug_assert!(!block.is_empty() && block.len() <= MAX_BLOCK_LEN);
         let (codec, payload) = crate::encode_block(block, compress);
         Self::Data { offset, codec, logical_len: block.len() as u32, payload }
+    }
+
+    /// A `Fetched` answer to request `id`, like [`Message::data`].
+    pub fn fetched(id: u64, offset: u64, block: &[u8], compress: bool) -> Self {
+        debug_assert!(!block.is_empty() && block.len() <= MAX_BLOCK_LEN);
+        let (codec, payload) = crate::encode_block(block, compress);
+        Self::Fetched { id, offset, codec, logical_len: block.len() as u32, payload }
     }
 
     /// The message's name, for logs and "unexpected message" errors.
@@ -301,6 +360,13 @@ impl Message {
             Self::Revoke => "Revoke",
             Self::Revoked => "Revoked",
             Self::Keepalive => "Keepalive",
+            Self::Missing { .. } => "Missing",
+            Self::Fetch { .. } => "Fetch",
+            Self::Fetched { .. } => "Fetched",
+            Self::PushDone => "PushDone",
+            Self::Holds => "Holds",
+            Self::Resume => "Resume",
+            Self::Resumed => "Resumed",
         }
     }
 
@@ -322,6 +388,13 @@ impl Message {
             Self::Revoke => T_REVOKE,
             Self::Revoked => T_REVOKED,
             Self::Keepalive => T_KEEPALIVE,
+            Self::Missing { .. } => T_MISSING,
+            Self::Fetch { .. } => T_FETCH,
+            Self::Fetched { .. } => T_FETCHED,
+            Self::PushDone => T_PUSH_DONE,
+            Self::Holds => T_HOLDS,
+            Self::Resume => T_RESUME,
+            Self::Resumed => T_RESUMED,
         }
     }
 
@@ -333,9 +406,20 @@ impl Message {
             Self::Reject { reason: s } | Self::Discard { reason: s } | Self::Error { message: s } => clip(s).len(),
             Self::RoundBegin { .. } => 5,
             Self::Data { payload, .. } => DATA_HEADER_LEN + payload.len(),
-            Self::Zero { .. } => 16,
+            Self::Zero { .. } | Self::Missing { .. } => 16,
             Self::RoundEnd { .. } => 4,
-            Self::Commit | Self::Committed | Self::Done | Self::Revoke | Self::Revoked | Self::Keepalive => 0,
+            Self::Fetch { .. } => FETCH_LEN,
+            Self::Fetched { payload, .. } => FETCHED_HEADER_LEN + payload.len(),
+            Self::Commit
+            | Self::Committed
+            | Self::Done
+            | Self::Revoke
+            | Self::Revoked
+            | Self::Keepalive
+            | Self::PushDone
+            | Self::Holds
+            | Self::Resume
+            | Self::Resumed => 0,
         }
     }
 
@@ -382,12 +466,33 @@ impl Message {
                 out.extend_from_slice(&logical_len.to_le_bytes());
                 out.extend_from_slice(payload);
             }
-            Self::Zero { offset, len } => {
+            Self::Zero { offset, len } | Self::Missing { offset, len } => {
                 out.extend_from_slice(&offset.to_le_bytes());
                 out.extend_from_slice(&len.to_le_bytes());
             }
             Self::RoundEnd { round } => out.extend_from_slice(&round.to_le_bytes()),
-            Self::Commit | Self::Committed | Self::Done | Self::Revoke | Self::Revoked | Self::Keepalive => {}
+            Self::Fetch { id, offset, len } => {
+                out.extend_from_slice(&id.to_le_bytes());
+                out.extend_from_slice(&offset.to_le_bytes());
+                out.extend_from_slice(&len.to_le_bytes());
+            }
+            Self::Fetched { id, offset, codec, logical_len, payload } => {
+                out.extend_from_slice(&id.to_le_bytes());
+                out.extend_from_slice(&offset.to_le_bytes());
+                out.push(*codec as u8);
+                out.extend_from_slice(&logical_len.to_le_bytes());
+                out.extend_from_slice(payload);
+            }
+            Self::Commit
+            | Self::Committed
+            | Self::Done
+            | Self::Revoke
+            | Self::Revoked
+            | Self::Keepalive
+            | Self::PushDone
+            | Self::Holds
+            | Self::Resume
+            | Self::Resumed => {}
         }
         debug_assert_eq!(out.len() - start, HEADER_LEN + payload_len);
         let crc = crc32fast::hash(&out[start..]);
@@ -403,7 +508,7 @@ impl Message {
         };
         let ty = header[0];
         let len = u32::from_le_bytes(header[4..8].try_into().unwrap());
-        if !(T_SERVER_HELLO..=T_KEEPALIVE).contains(&ty) {
+        if !(T_SERVER_HELLO..=T_LAST).contains(&ty) {
             return Err(StreamError::UnknownType(ty));
         }
         if header[1] != 0 || header[2] != 0 || header[3] != 0 {
@@ -438,10 +543,12 @@ fn check_len(ty: u8, len: usize) -> Result<(), StreamError> {
         T_ROUND_BEGIN => (len == 5, "RoundBegin payload is not 5 bytes"),
         T_DATA => (len > DATA_HEADER_LEN, "Data payload too short"),
         T_ZERO => (len == 16, "Zero payload is not 16 bytes"),
+        T_MISSING => (len == 16, "Missing payload is not 16 bytes"),
+        T_FETCH => (len == FETCH_LEN, "Fetch payload is not 20 bytes"),
+        T_FETCHED => (len > FETCHED_HEADER_LEN, "Fetched payload too short"),
         T_ROUND_END => (len == 4, "RoundEnd payload is not 4 bytes"),
-        T_COMMIT | T_COMMITTED | T_DONE | T_REVOKE | T_REVOKED | T_KEEPALIVE => {
-            (len == 0, "unexpected payload on an empty message")
-        }
+        T_COMMIT | T_COMMITTED | T_DONE | T_REVOKE | T_REVOKED | T_KEEPALIVE | T_PUSH_DONE | T_HOLDS | T_RESUME
+        | T_RESUMED => (len == 0, "unexpected payload on an empty message"),
         _ => return Err(StreamError::UnknownType(ty)),
     };
     if ok {
@@ -527,6 +634,40 @@ fn parse_payload(ty: u8, p: &[u8]) -> Result<Message, StreamError> {
             Message::Zero { offset, len }
         }
         T_ROUND_END => Message::RoundEnd { round: Reader::new(p, "RoundEnd payload").u32()? },
+        T_MISSING => {
+            let mut r = Reader::new(p, "Missing payload");
+            let (offset, len) = (r.u64()?, r.u64()?);
+            if len == 0 {
+                return Err(StreamError::Malformed("Missing with len 0"));
+            }
+            if offset.checked_add(len).is_none() {
+                return Err(StreamError::Malformed("Missing extends past the end of a 64-bit disk"));
+            }
+            Message::Missing { offset, len }
+        }
+        T_FETCH => {
+            let mut r = Reader::new(p, "Fetch payload");
+            let (id, offset, len) = (r.u64()?, r.u64()?, r.u32()?);
+            if len == 0 || len as usize > MAX_BLOCK_LEN {
+                return Err(StreamError::Malformed("Fetch length is 0 or above MAX_BLOCK_LEN"));
+            }
+            if offset.checked_add(len.into()).is_none() {
+                return Err(StreamError::Malformed("Fetch extends past the end of a 64-bit disk"));
+            }
+            Message::Fetch { id, offset, len }
+        }
+        T_FETCHED => {
+            let mut r = Reader::new(p, "Fetched payload");
+            let id = r.u64()?;
+            let Message::Data { offset, codec, logical_len, payload } = parse_payload(T_DATA, r.rest())? else {
+                unreachable!("a Data payload parses as Data")
+            };
+            Message::Fetched { id, offset, codec, logical_len, payload }
+        }
+        T_PUSH_DONE => Message::PushDone,
+        T_HOLDS => Message::Holds,
+        T_RESUME => Message::Resume,
+        T_RESUMED => Message::Resumed,
         T_COMMIT => Message::Commit,
         T_COMMITTED => Message::Committed,
         T_DONE => Message::Done,
@@ -652,7 +793,36 @@ mod tests {
             Message::Revoke,
             Message::Revoked,
             Message::Keepalive,
+            Message::Missing { offset: 1 << 20, len: 4096 },
+            Message::Fetch { id: 9, offset: 4096, len: MAX_BLOCK_LEN as u32 },
+            Message::fetched(3, 8192, &noise, true),
+            Message::fetched(u64::MAX, 0, &[0u8; 512], false),
+            Message::PushDone,
+            Message::Holds,
+            Message::Resume,
+            Message::Resumed,
         ]
+    }
+
+    #[test]
+    fn post_copy_frames_are_checked() {
+        let bad = |ty, payload: &[u8]| Message::decode(&raw_frame(ty, payload)).unwrap_err();
+        let mut fetch = Vec::new();
+        fetch.extend_from_slice(&1u64.to_le_bytes());
+        fetch.extend_from_slice(&0u64.to_le_bytes());
+        fetch.extend_from_slice(&0u32.to_le_bytes());
+        assert_eq!(bad(T_FETCH, &fetch), StreamError::Malformed("Fetch length is 0 or above MAX_BLOCK_LEN"));
+        fetch[16..].copy_from_slice(&(MAX_BLOCK_LEN as u32 + 1).to_le_bytes());
+        assert_eq!(bad(T_FETCH, &fetch), StreamError::Malformed("Fetch length is 0 or above MAX_BLOCK_LEN"));
+        let mut missing = u64::MAX.to_le_bytes().to_vec();
+        missing.extend_from_slice(&2u64.to_le_bytes());
+        assert_eq!(bad(T_MISSING, &missing), StreamError::Malformed("Missing extends past the end of a 64-bit disk"));
+        assert_eq!(bad(T_FETCHED, &[0; FETCHED_HEADER_LEN]), StreamError::Malformed("Fetched payload too short"));
+        assert_eq!(bad(T_HOLDS, b"x"), StreamError::Malformed("unexpected payload on an empty message"));
+        assert_eq!(bad(T_LAST + 1, b""), StreamError::UnknownType(T_LAST + 1));
+        // The largest answer fits a frame.
+        let big = Message::fetched(u64::MAX, 0, &vec![1u8; MAX_BLOCK_LEN], false);
+        assert_eq!(Message::decode(&enc(&big)).unwrap().unwrap().0, big);
     }
 
     fn enc(m: &Message) -> Vec<u8> {
