@@ -742,7 +742,8 @@ pub mod migration {
         std::thread::sleep(Duration::from_millis(300));
         let (model, writes) = writer.stop();
         assert!(writes > 200, "the writer should have been busy during the rounds ({writes} writes)");
-        let finished = ctl.call::<control_api::MigrateFinish>(control_api::NoArgs {}).expect("migrate-finish");
+        let finished =
+            ctl.call::<control_api::MigrateFinish>(control_api::MigrateFinishArgs::default()).expect("migrate-finish");
         assert_eq!(finished.phase, control_api::Phase::HandedOver, "{finished:?}");
         (serde_json::to_value(finished).unwrap(), model)
     }

@@ -16,7 +16,7 @@ use crate::tls::TlsCreds;
 use row_store::storage::suffixed;
 
 /// How long a read on an incoming disk waits for the commit by default.
-const DEFAULT_READ_WAIT: &str = "2";
+const DEFAULT_READ_WAIT: &str = "10s";
 
 /// Examples after `nbd-row-proxy --help`.
 const EXAMPLES: &str = "Examples:
@@ -121,11 +121,12 @@ pub struct ReceiveArgs {
     /// TCP address to accept the migration on, e.g. 0.0.0.0:10810.
     #[arg(long)]
     pub listen: String,
-    /// How long an NBD read waits for the migration to commit before failing with EIO, e.g.
-    /// 500ms or 2s (a plain number is seconds).
-    ///
-    /// Keep it short: QEMU reads sector 0 synchronously while it sets up a virtio disk, and
-    /// its monitor is stuck for as long as that read waits.
+    /// How long an NBD request waits for blocks still at the migration source before it fails
+    /// with EIO, e.g. 500ms or 10s (a plain number is seconds). Before the switchover a read is
+    /// answered at once with the source's current data; during post-copy a read of a block not
+    /// pushed yet fetches it ahead of the push. This bounds the wait when the source or the
+    /// link is down: the guest then sees EIO (with QEMU's rerror=stop it pauses, and resumes
+    /// with `cont` once the link is back).
     #[arg(long, default_value = DEFAULT_READ_WAIT, value_parser = units::seconds, value_name = "DURATION")]
     pub read_wait: Duration,
     /// Everything `serve` takes.
@@ -203,7 +204,7 @@ pub struct Config {
     pub protection: Protection,
     /// `receive`: where to listen for the migration.
     pub listen: Option<SocketAddr>,
-    /// `receive`: how long reads wait for the commit.
+    /// `receive`: how long a request waits for blocks still at the source.
     pub read_wait: Duration,
     /// NBD connections served at once.
     pub max_connections: usize,

@@ -41,14 +41,16 @@ impl Lab {
 
     /// The NBD exports of the disk, the live one behind the write gate, as `run` serves them.
     pub fn catalog(&self) -> Catalog {
-        let live: Arc<dyn BlockBackend> = Arc::new(Guarded::new(self.disk.clone(), self.control.proxy.gate.clone()));
+        let proxy = &self.control.proxy;
+        let live: Arc<dyn BlockBackend> =
+            Arc::new(Guarded::new(self.disk.clone(), proxy.gate.clone(), proxy.postcopy.clone()));
         self.catalog_over(live)
     }
 
     /// The same exports with the live one served by `backend` (e.g. a [`row_store::MemDisk`]).
     pub fn catalog_over(&self, backend: Arc<dyn BlockBackend>) -> Catalog {
         let access = self.control.proxy.gate.subscribe();
-        Catalog::new(self.config.export.clone(), self.disk.clone(), backend, access, self.config.read_wait)
+        Catalog::new(self.config.export.clone(), self.disk.clone(), backend, access, self.control.pull())
     }
 
     /// One incoming migration connection over `stream`: the handshake, then the session.

@@ -15,6 +15,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
+use crate::migration::residual::Postcopy;
 use migration_session::{BadRecord, Ownership};
 use row_store::storage::suffixed;
 use row_store::{BlockBackend, Caps, Disk, Extent, Posix, Storage, ZeroFlags};
@@ -125,17 +126,38 @@ impl Gate {
     }
 }
 
-/// The live export's backend: the disk, behind the write gate.
+/// The live export's backend: the disk, behind the write gate, and on a post-copy
+/// destination the record of which blocks the guest's writes make held.
 #[derive(Debug)]
 pub struct Guarded {
     disk: Arc<Disk>,
     gate: Arc<Gate>,
+    postcopy: Arc<Postcopy>,
 }
 
 impl Guarded {
     /// The disk behind `gate`.
-    pub fn new(disk: Arc<Disk>, gate: Arc<Gate>) -> Self {
-        Self { disk, gate }
+    pub fn new(disk: Arc<Disk>, gate: Arc<Gate>, postcopy: Arc<Postcopy>) -> Self {
+        Self { disk, gate, postcopy }
+    }
+
+    /// Runs a write that covers `[offset, offset+len)`: during a post-copy the whole missing
+    /// blocks it covers become held (nothing arriving later overwrites them), and a FUA write
+    /// that made some held records them before it is done.
+    fn changing(&self, offset: u64, len: u64, fua: bool, f: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        self.gate.write(|| match self.postcopy.residual() {
+            None => f(),
+            Some(r) => {
+                let covered = r.cover(offset, len);
+                let some = !covered.is_empty();
+                f()?;
+                r.written(covered);
+                if fua && some {
+                    r.checkpoint()?;
+                }
+                Ok(())
+            }
+        })
     }
 }
 
@@ -157,20 +179,24 @@ impl BlockBackend for Guarded {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
-        self.gate.write(|| self.disk.write_at(buf, offset, fua))
+        self.changing(offset, buf.len() as u64, fua, || self.disk.write_at(buf, offset, fua))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
-        self.gate.write(|| self.disk.write_zeroes(offset, len, flags))
+        self.changing(offset, len, flags.fua, || self.disk.write_zeroes(offset, len, flags))
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        self.gate.write(|| self.disk.trim(offset, len, fua))
+        self.changing(offset, len, fua, || self.disk.trim(offset, len, fua))
     }
 
     fn flush(&self) -> io::Result<()> {
         // QEMU flushes the drives of an incoming VM before any migration has arrived: let it.
-        self.disk.flush()
+        // During a post-copy the blocks the guest wrote are recorded as held after the sync.
+        match self.postcopy.residual() {
+            Some(r) => r.checkpoint(),
+            None => self.disk.flush(),
+        }
     }
 
     fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -178,6 +204,10 @@ impl BlockBackend for Guarded {
     }
 
     fn extents(&self, offset: u64, len: u64, max: usize) -> io::Result<Vec<Extent>> {
+        // Blocks still at the source are data, whatever the image holds there now.
+        if self.postcopy.residual().is_some_and(|r| r.any_missing(offset, len)) {
+            return Ok(vec![Extent { length: len, hole: false }]);
+        }
         self.disk.extents(offset, len, max)
     }
 }

@@ -110,6 +110,10 @@ pub struct Proxy {
     pub hot_threshold: u32,
     /// How migration streams are protected.
     pub protection: Protection,
+    /// On a destination: the post-copy running, and the link to fetch blocks from the source.
+    pub postcopy: Arc<crate::migration::residual::Postcopy>,
+    /// How long a read of a block still at the source waits for it before it fails.
+    pub read_wait: std::time::Duration,
 }
 
 impl Proxy {

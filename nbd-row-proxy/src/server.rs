@@ -139,6 +139,8 @@ pub async fn assemble(
         export: config.export.clone(),
         hot_threshold: config.hot_threshold,
         protection: config.protection.clone(),
+        postcopy: Arc::default(),
+        read_wait: config.read_wait,
     });
     let dest_record = match &record {
         Some(r @ Ownership::Destination { .. }) => Some(DestSession::restore(r).0),
@@ -194,8 +196,8 @@ pub async fn run(config: Config, disk: Arc<Disk>, record_file: RecordFile, recor
     let control = assemble(&config, &disk, record_file, record).await;
     let proxy = control.proxy.clone();
     let mut listeners = bind(&config).await?;
-    let live: Arc<dyn BlockBackend> = Arc::new(Guarded::new(disk.clone(), proxy.gate.clone()));
-    let catalog = Catalog::new(config.export.clone(), disk.clone(), live, proxy.gate.subscribe(), config.read_wait);
+    let live: Arc<dyn BlockBackend> = Arc::new(Guarded::new(disk.clone(), proxy.gate.clone(), proxy.postcopy.clone()));
+    let catalog = Catalog::new(config.export.clone(), disk.clone(), live, proxy.gate.subscribe(), control.pull());
     tracing::info!(
         socket = %config.socket.display(),
         tcp = config.tcp.map(|a| a.to_string()).as_deref().unwrap_or("-"),

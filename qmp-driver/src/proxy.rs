@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use control_api::{
-    Command, Empty, MigrateCancel, MigrateComplete, MigrateFinish, MigrateStart, MigrateStartArgs, MigrationStatus,
-    NoArgs, Phase, QueryMigrate, QueryStatus, StatusReply,
+    Command, Empty, MigrateCancel, MigrateComplete, MigrateFinish, MigrateFinishArgs, MigrateStart, MigrateStartArgs,
+    MigrationStatus, NoArgs, Phase, QueryMigrate, QueryStatus, StatusReply,
 };
 
 use crate::{Qmp, QmpError};
@@ -82,8 +82,8 @@ impl DiskMigration<'_> {
     }
 
     /// `migrate-finish` (the guest is paused): the final round and the destination's commit.
-    pub async fn finish(&mut self, timeout: Duration) -> Result<MigrationStatus, QmpError> {
-        self.source.call_within::<MigrateFinish>(NoArgs {}, timeout).await
+    pub async fn finish(&mut self, args: MigrateFinishArgs, timeout: Duration) -> Result<MigrationStatus, QmpError> {
+        self.source.call_within::<MigrateFinish>(args, timeout).await
     }
 
     /// `migrate-complete`, after the switchover.

@@ -107,6 +107,28 @@ class IncomingData(Record):
     }
 
 
+class IncomingPostcopy(Record):
+    """A destination's post-copy as `query-status` shows it."""
+
+    FIELDS = {
+        "missing_blocks": ("missing-blocks", None, True),
+        "link_up": ("link-up", None, True),
+        "waits": ("waits", None, True),
+        "wait_max_ms": ("wait-max-ms", None, True),
+        "wait_mean_ms": ("wait-mean-ms", None, True),
+        "received_bytes": ("received-bytes", None, True),
+    }
+
+
+class MigrateFinishArgs(Record):
+    """`migrate-finish`'s arguments (all optional: `{}` sends everything, as before)."""
+
+    FIELDS = {
+        "postcopy": ("postcopy", None, False),
+        "budget_ms": ("budget-ms", None, False),
+    }
+
+
 class MigrateStartArgs(Record):
     """Arguments of `migrate-start`."""
 
@@ -159,6 +181,23 @@ class MigrationStatus(Record):
         "total_wire_bytes": ("total-wire-bytes", None, True),
         "final_wire_bytes": ("final-wire-bytes", None, True),
         "final_seconds": ("final-seconds", None, True),
+        "predicted_final_ms": ("predicted-final-ms", None, False),
+        "postcopy": ("postcopy", "PostcopyStatus", False),
+    }
+
+
+class PostcopyStatus(Record):
+    """How a post-copy goes (`query-migrate` on the source)."""
+
+    FIELDS = {
+        "reason": ("reason", None, True),
+        "predicted_final_ms": ("predicted-final-ms", None, True),
+        "blocks": ("blocks", None, True),
+        "remaining_blocks": ("remaining-blocks", None, True),
+        "fetches": ("fetches", None, True),
+        "reconnects": ("reconnects", None, True),
+        "done": ("done", None, True),
+        "stalled": ("stalled", None, False),
     }
 
 
@@ -301,6 +340,7 @@ class StatusReply(Record):
         "writes_refused": ("writes-refused", None, False),
         "fence": ("fence", "Fence", False),
         "progress": ("progress", "Progress", False),
+        "postcopy": ("postcopy", "IncomingPostcopy", False),
     }
 
 
@@ -312,7 +352,7 @@ COMMANDS = {
     "query-row": (("hot-threshold",), "RowReport"),
     "migrate-start": (("uri", "strategy", "rounds", "hot-threshold", "max-bandwidth", "compress", "bitmap-granularity", "final-budget-ms", "tls-hostname",), "MigrateStartReply"),
     "query-migrate": ((), "MigrationStatus"),
-    "migrate-finish": ((), "MigrationStatus"),
+    "migrate-finish": (("postcopy", "budget-ms",), "MigrationStatus"),
     "migrate-cancel": ((), None),
     "migrate-complete": ((), None),
     "reclaim": (("force",), None),

@@ -3,7 +3,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::{Command, Empty, Fence, IncomingPhase, MigrationStatus, Mode, NoArgs, Strategy};
+use crate::{Command, Empty, Fence, IncomingPhase, MigrationStatus, Mode, NoArgs, PostcopyMode, Strategy};
 
 macro_rules! command {
     ($ty:ident = $name:literal, $doc:literal, $args:ty => $reply:ty) => {
@@ -54,8 +54,11 @@ command!(
 command!(
     MigrateFinish = "migrate-finish",
     "With the guest paused: refuses writes (persistently), sends what is outstanding, and returns once \
-     the destination has committed it durably (phase `handed-over`).",
-    NoArgs => MigrationStatus
+     the destination has committed it durably (phase `handed-over`). With post-copy (`postcopy`: \
+     `always`, or `auto` when the final round would not fit `budget-ms`), blocks are left out, the \
+     destination serves the disk at once and fetches them when read, and the source pushes them \
+     until the destination holds all (`query-migrate`'s `postcopy`); `migrate-complete` waits for that.",
+    MigrateFinishArgs => MigrationStatus
 );
 command!(
     MigrateCancel = "migrate-cancel",
@@ -116,6 +119,28 @@ pub struct StatusReply {
     /// at any time; absent when there is none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
+    /// On a destination during (or after) a post-copy: the blocks still at the source and how
+    /// long requests waited for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<IncomingPostcopy>,
+}
+
+/// A destination's post-copy as `query-status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub struct IncomingPostcopy {
+    /// Blocks this host does not hold yet (0 once the post-copy is over).
+    pub missing_blocks: u64,
+    /// Whether a session connection to the source is up (fetches can be answered).
+    pub link_up: bool,
+    /// Guest requests that waited for blocks from the source.
+    pub waits: u64,
+    /// Their longest wait, ms.
+    pub wait_max_ms: f64,
+    /// Their mean wait, ms.
+    pub wait_mean_ms: f64,
+    /// Bytes that arrived from the source after the switchover.
+    pub received_bytes: u64,
 }
 
 /// How far a long task is: done and total bytes, the recent rate and the estimated time left.
@@ -243,6 +268,20 @@ pub struct MigrateStartArgs {
     /// With TLS: the name the destination's certificate must carry (default: the URI's host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_hostname: Option<String>,
+}
+
+/// `migrate-finish`'s arguments (all optional: `{}` sends everything, as before).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct MigrateFinishArgs {
+    /// Whether blocks may be left for after the switchover (default `never`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<PostcopyMode>,
+    /// What the final round may take (with `postcopy: auto`), in ms or a string like `"200ms"`
+    /// (default: the session's `final-budget-ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "units::serde::opt_millis")]
+    #[schemars(schema_with = "crate::types::number_or_unit_string")]
+    pub budget_ms: Option<u64>,
 }
 
 impl MigrateStartArgs {

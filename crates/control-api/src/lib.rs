@@ -66,7 +66,7 @@ pub const PAUSE_VAR: &str = "NBD_ROW_PAUSE";
 
 /// A test hook: with `NBD_ROW_PAUSE=point:millis[,point:millis...]` in its environment,
 /// `nbd-row-proxy` and `row-migrate` wait that long at the named points of a migration
-/// (`final-round`, `update-round`, `before-continue`, `before-complete`), so a fault test can
+/// (`final-round`, `update-round`, `postcopy-push`, `before-continue`, `before-complete`), so a fault test can
 /// act at an exact moment. Unset, as in production, nothing waits.
 pub fn pause_at(point: &str) -> Option<std::time::Duration> {
     let spec = std::env::var(PAUSE_VAR).ok()?;

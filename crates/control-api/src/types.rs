@@ -78,6 +78,9 @@ pub enum RoundKind {
     Update,
     /// The last round, with the guest paused.
     Final,
+    /// After a post-copy switchover: what the final round left, pushed while the guest runs on
+    /// the destination.
+    Postcopy,
 }
 
 impl RoundKind {
@@ -87,6 +90,7 @@ impl RoundKind {
             RoundKind::Base => "base",
             RoundKind::Update => "update",
             RoundKind::Final => "final",
+            RoundKind::Postcopy => "postcopy",
         }
     }
 }
@@ -249,6 +253,48 @@ pub struct MigrationStatus {
     pub final_wire_bytes: u64,
     /// Seconds the final round took (delivered and synced on the destination).
     pub final_seconds: f64,
+    /// What `migrate-finish` predicted the final round would take at the measured rate, in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_final_ms: Option<f64>,
+    /// A post-copy switchover, once `migrate-finish` decided on one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<PostcopyStatus>,
+}
+
+/// How a post-copy goes (`query-migrate` on the source).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub struct PostcopyStatus {
+    /// Why the final round left blocks for after the switchover (`always`, or the prediction).
+    pub reason: String,
+    /// What the final round would have taken, predicted from the measured rate, in ms.
+    pub predicted_final_ms: f64,
+    /// Blocks left for after the switchover.
+    pub blocks: u64,
+    /// Blocks not pushed yet (0 once the destination holds everything).
+    pub remaining_blocks: u64,
+    /// The destination's fetches answered (reads of blocks not pushed yet).
+    pub fetches: u64,
+    /// Times the source reconnected to resume the push.
+    pub reconnects: u64,
+    /// Whether the destination holds every block, durably: the post-copy is over.
+    pub done: bool,
+    /// Why the push is not moving right now (link down), if it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalled: Option<String>,
+}
+
+/// When `migrate-finish` may leave blocks for after the switchover.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum PostcopyMode {
+    /// Never: the final round sends everything, however long it takes.
+    Never,
+    /// When the final round would not fit the budget at the measured rate.
+    #[default]
+    Auto,
+    /// Always, when anything is left.
+    Always,
 }
 
 impl MigrationStatus {
@@ -276,6 +322,8 @@ impl MigrationStatus {
             total_wire_bytes: 0,
             final_wire_bytes: 0,
             final_seconds: 0.0,
+            predicted_final_ms: None,
+            postcopy: None,
         }
     }
 
@@ -329,7 +377,7 @@ mod tests {
         for m in [Mode::Direct, Mode::Row, Mode::Merging] {
             assert_eq!(serde_json::to_value(m).unwrap(), m.as_str());
         }
-        for k in [RoundKind::Base, RoundKind::Update, RoundKind::Final] {
+        for k in [RoundKind::Base, RoundKind::Update, RoundKind::Final, RoundKind::Postcopy] {
             assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
         }
         for s in [Strategy::Row, Strategy::Bitmap] {

@@ -53,7 +53,8 @@ impl BlockSet {
         }
         let (mut s, mut e) = (start, end);
         // Merge with every range that overlaps or touches [s, e).
-        let touching: Vec<(u64, u64)> = self.ranges.range(..=e).rev().take_while(|(_, &re)| re >= s).map(|(&a, &b)| (a, b)).collect();
+        let touching: Vec<(u64, u64)> =
+            self.ranges.range(..=e).rev().take_while(|(_, &re)| re >= s).map(|(&a, &b)| (a, b)).collect();
         for (rs, re) in touching {
             self.ranges.remove(&rs);
             self.blocks -= re - rs;
@@ -69,7 +70,8 @@ impl BlockSet {
         if start >= end {
             return 0;
         }
-        let hit: Vec<(u64, u64)> = self.ranges.range(..end).rev().take_while(|(_, &re)| re > start).map(|(&a, &b)| (a, b)).collect();
+        let hit: Vec<(u64, u64)> =
+            self.ranges.range(..end).rev().take_while(|(_, &re)| re > start).map(|(&a, &b)| (a, b)).collect();
         let mut removed = 0;
         for (rs, re) in hit {
             self.ranges.remove(&rs);
@@ -183,9 +185,7 @@ impl ResidualLog {
     /// record cut by a power loss) ends the log: it was never synced, so nothing relied on it.
     pub fn replay(bytes: &[u8], session: SessionId, block_size: u32) -> Result<BlockSet, BadResidual> {
         let header = bytes.get(..HEADER_LEN).ok_or(BadResidual::Header)?;
-        if &header[..8] != MAGIC
-            || header[8..12] != VERSION.to_le_bytes()
-            || header[12..16] != block_size.to_le_bytes()
+        if &header[..8] != MAGIC || header[8..12] != VERSION.to_le_bytes() || header[12..16] != block_size.to_le_bytes()
         {
             return Err(BadResidual::Header);
         }

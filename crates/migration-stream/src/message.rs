@@ -139,6 +139,8 @@ pub enum RoundKind {
     Update = 1,
     /// The last changes, with the guest paused.
     Final = 2,
+    /// After a post-copy switchover: the blocks the final round left, pushed.
+    Postcopy = 3,
 }
 
 impl RoundKind {
@@ -148,6 +150,7 @@ impl RoundKind {
             Self::Base => "base",
             Self::Update => "update",
             Self::Final => "final",
+            Self::Postcopy => "postcopy",
         }
     }
 
@@ -156,6 +159,7 @@ impl RoundKind {
             0 => Some(Self::Base),
             1 => Some(Self::Update),
             2 => Some(Self::Final),
+            3 => Some(Self::Postcopy),
             _ => None,
         }
     }
@@ -1029,7 +1033,12 @@ mod tests {
                 strategy: if bitmap { Strategy::Bitmap } else { Strategy::Row },
             },
         );
-        let kind = prop_oneof![Just(RoundKind::Base), Just(RoundKind::Update), Just(RoundKind::Final)];
+        let kind = prop_oneof![
+            Just(RoundKind::Base),
+            Just(RoundKind::Update),
+            Just(RoundKind::Final),
+            Just(RoundKind::Postcopy)
+        ];
         // Blocks with long runs so that lz4 gets used too.
         let block = proptest::collection::vec((any::<u8>(), 1..64usize), 1..64)
             .prop_map(|runs| runs.into_iter().flat_map(|(b, n)| vec![b; n]).collect::<Vec<u8>>());

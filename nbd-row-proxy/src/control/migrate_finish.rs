@@ -1,13 +1,14 @@
-//! `migrate-finish`: with the guest paused, refuses writes durably, sends the rest, and returns
-//! once the destination has committed it.
+//! `migrate-finish`: with the guest paused, refuses writes durably, sends the rest (or, with
+//! post-copy, leaves what does not fit the budget for after the switchover), and returns once
+//! the destination has committed it.
 
 use std::sync::Arc;
 
-use control_api::{MigrationStatus, NoArgs};
+use control_api::{MigrateFinishArgs, MigrationStatus};
 use qmp_proto::CommandError;
 
 use super::{failed, Control};
 
-pub async fn run(c: Arc<Control>, _: NoArgs) -> Result<MigrationStatus, CommandError> {
-    c.outgoing.finish().await.map_err(failed)
+pub async fn run(c: Arc<Control>, args: MigrateFinishArgs) -> Result<MigrationStatus, CommandError> {
+    c.outgoing.finish(args).await.map_err(failed)
 }

@@ -34,6 +34,13 @@ pub struct Control {
     pub incoming: Option<Arc<Incoming>>,
 }
 
+impl Control {
+    /// What the live export's requests wait for on a destination (blocks still at the source).
+    pub fn pull(&self) -> Option<Arc<dyn crate::nbd::export::Pull>> {
+        self.incoming.as_ref().map(|_| Arc::new(crate::migration::dest::DestPull(self.proxy.clone())) as _)
+    }
+}
+
 /// A failed command's error reply.
 pub fn failed(e: impl std::fmt::Display) -> CommandError {
     CommandError::generic(e.to_string())

@@ -52,5 +52,6 @@ pub async fn run(c: Arc<Control>, _: NoArgs) -> Result<StatusReply, CommandError
         writes_refused,
         fence: c.outgoing.fence(),
         progress: p.merger.progress().or_else(|| migration_progress(&c.outgoing.status())),
+        postcopy: p.postcopy.status(),
     })
 }

@@ -23,10 +23,14 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch, Semaphore};
 
+use super::residual::{blocks_of, read_local, Residual};
 use super::transport::{accept, tune_accepted, Reader, Writer};
 use super::{last_word, send, FrameReader, FIRST_MESSAGE_TIMEOUT, SESSION_IDLE_TIMEOUT};
+use crate::nbd::export::{Pull, PullFuture};
 use crate::ownership::Access;
 use crate::proxy::Proxy;
+use migration_session::BlockSet;
+use nbd_proto::Command;
 
 /// Connections still in their handshake; a new one beyond this drops the oldest.
 const MAX_UNAUTHENTICATED: usize = 16;
@@ -61,13 +65,32 @@ impl Incoming {
     /// of `proxy`; opens the disk if it is committed or owned.
     pub fn new(proxy: Arc<Proxy>, machine: DestSession) -> Arc<Self> {
         let serves = machine.phase();
+        let session = machine.session();
         let me = Arc::new(Self { proxy, machine: Mutex::new(machine) });
+        me.restore_residual(serves, session);
         match serves {
             IncomingPhase::Committed => me.open_committed(),
             IncomingPhase::Owner => me.proxy.gate.set(Access::Open),
             IncomingPhase::Waiting | IncomingPhase::Receiving => me.proxy.gate.set(Access::Incoming),
         }
         me
+    }
+
+    /// A post-copy interrupted by a restart goes on (the source resumes it); a log left by a
+    /// session that did not commit is thrown away.
+    fn restore_residual(&self, phase: IncomingPhase, session: Option<SessionId>) {
+        let disk = self.proxy.disk.clone();
+        match (phase, session) {
+            (IncomingPhase::Committed | IncomingPhase::Owner, Some(id)) => match Residual::open(disk, id) {
+                Ok(r) => self.proxy.postcopy.set(r.map(Arc::new)),
+                Err(e) => tracing::error!("the post-copy residual cannot be read: {e:#}"),
+            },
+            _ => {
+                if let Err(e) = Residual::discard(disk.image_path()) {
+                    tracing::warn!("removing a stale residual log: {e}");
+                }
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, DestSession> {
@@ -242,6 +265,12 @@ impl Incoming {
                 self.receive(session, strategy_of(params.strategy), round, reader, wr).await
             }
             Message::Revoke => self.revoke(session, &mut wr).await,
+            Message::Resume => self.resume(session, reader, wr).await,
+            Message::Done if self.proxy.postcopy.residual().is_some() => {
+                let e = anyhow!("post-copy is still running: this host does not hold every block yet");
+                last_word(&mut wr, &Message::Error { message: e.to_string() }).await;
+                Err(e)
+            }
             Message::Done | Message::Discard { .. } => {
                 let done = matches!(first, Message::Done);
                 let r = self
@@ -273,6 +302,10 @@ impl Incoming {
                 me.proxy.gate.exclusive(|gate| -> Result<bool> {
                     let actions = me.apply(|m| m.revoke(session))?;
                     let mut answered = false;
+                    if me.proxy.postcopy.residual().is_some() {
+                        me.proxy.postcopy.set(None);
+                        Residual::discard(me.proxy.disk.image_path()).context("removing the residual log")?;
+                    }
                     for a in actions {
                         match a {
                             DestAction::CloseAccess => gate.set_locked(Access::Incoming),
@@ -339,52 +372,143 @@ impl Incoming {
         result
     }
 
+    /// The source reconnected during a post-copy: tell it what is still missing, then take
+    /// the rest of the push on this connection.
+    async fn resume(
+        self: &Arc<Self>,
+        session: SessionId,
+        mut reader: FrameReader<Reader>,
+        mut wr: Writer,
+    ) -> Result<()> {
+        let holds = {
+            let m = self.lock();
+            m.session() == Some(session) && m.serves()
+        };
+        if !holds {
+            let e = anyhow!("session {session} is not held here: nothing to resume");
+            last_word(&mut wr, &Message::Error { message: e.to_string() }).await;
+            return Err(e);
+        }
+        let Some(residual) = self.proxy.postcopy.residual() else {
+            tracing::info!(%session, "the source resumed a post-copy that is already complete");
+            send(&mut wr, &Message::Holds).await?;
+            return Ok(());
+        };
+        let ranges = residual.missing_ranges();
+        tracing::warn!(%session, ranges = ranges.len(), blocks = residual.missing_blocks(), "the source resumed the post-copy");
+        for (offset, len) in ranges {
+            send(&mut wr, &Message::Missing { offset, len }).await?;
+        }
+        send(&mut wr, &Message::Resumed).await?;
+        self.frames(session, &mut reader, &mut wr).await
+    }
+
     async fn frames(
         self: &Arc<Self>,
         session: SessionId,
         reader: &mut FrameReader<Reader>,
         wr: &mut Writer,
     ) -> Result<()> {
+        let link = &self.proxy.postcopy.link;
+        let (generation, mut fetches) = link.attach();
+        if let Some(r) = self.proxy.postcopy.residual() {
+            r.link_changed();
+        }
+        let result = self.frames_on(session, reader, wr, &mut fetches).await;
+        link.detach(generation);
+        result
+    }
+
+    async fn frames_on(
+        self: &Arc<Self>,
+        session: SessionId,
+        reader: &mut FrameReader<Reader>,
+        wr: &mut Writer,
+        fetches: &mut tokio::sync::mpsc::UnboundedReceiver<Message>,
+    ) -> Result<()> {
         let disk = self.proxy.disk.clone();
         let size = disk.size();
         let mut background_sync: Option<tokio::task::JoinHandle<std::io::Result<()>>> = None;
+        // What a post-copy switchover leaves at the source.
+        let mut missing = BlockSet::new();
         loop {
-            let next = tokio::time::timeout(SESSION_IDLE_TIMEOUT, reader.next())
-                .await
-                .map_err(|_| anyhow!("the source sent nothing for {SESSION_IDLE_TIMEOUT:?}"))?;
+            let next = tokio::select! {
+                biased;
+                Some(fetch) = fetches.recv() => {
+                    send(wr, &fetch).await?;
+                    continue;
+                }
+                next = tokio::time::timeout(SESSION_IDLE_TIMEOUT, reader.next()) => next,
+            };
+            let next = next.map_err(|_| anyhow!("the source sent nothing for {SESSION_IDLE_TIMEOUT:?}"))?;
             let Some(msg) = next? else {
                 return match self.phase() {
                     IncomingPhase::Committed | IncomingPhase::Owner => Ok(()),
                     _ => Err(anyhow!("the source closed the connection before committing")),
                 };
             };
+            // After the commit, data only comes to fill a post-copy's residual.
+            let (accepts, held) = {
+                let m = self.lock();
+                (m.accepts_data(session), m.session() == Some(session))
+            };
+            let residual = match accepts {
+                Ok(()) => None,
+                Err(refusal) => match (self.proxy.postcopy.residual(), &msg) {
+                    (Some(r), Message::Data { .. } | Message::Zero { .. } | Message::Fetched { .. }) if held => Some(r),
+                    (_, Message::Data { .. } | Message::Zero { .. } | Message::Missing { .. }) => Err(refusal)?,
+                    _ => None,
+                },
+            };
             match msg {
                 Message::Data { offset, codec, logical_len, payload } => {
-                    self.lock().accepts_data(session)?;
                     if offset.checked_add(logical_len as u64).is_none_or(|end| end > size) {
                         bail!("data extent at {offset}+{logical_len} lies outside the {size}-byte disk");
                     }
                     let data =
                         migration_stream::decode_block(codec, &payload, logical_len).context("bad data frame")?;
-                    tokio::task::block_in_place(|| disk.write_at(&data, offset, false))
-                        .with_context(|| format!("writing {logical_len} bytes at {offset} to the image"))?;
+                    tokio::task::block_in_place(|| match &residual {
+                        Some(r) => r.receive(offset, &data),
+                        None => disk.write_at(&data, offset, false),
+                    })
+                    .with_context(|| format!("writing {logical_len} bytes at {offset} to the image"))?;
                 }
                 Message::Zero { offset, len } => {
-                    self.lock().accepts_data(session)?;
                     if offset.checked_add(len).is_none_or(|end| end > size) {
                         bail!("zero extent at {offset}+{len} lies outside the {size}-byte disk");
                     }
                     let flags = ZeroFlags { may_punch: true, ..ZeroFlags::default() };
-                    tokio::task::block_in_place(|| disk.write_zeroes(offset, len, flags))
-                        .with_context(|| format!("zeroing {len} bytes at {offset}"))?;
+                    tokio::task::block_in_place(|| match &residual {
+                        Some(r) => r.receive_zero(offset, len),
+                        None => disk.write_zeroes(offset, len, flags),
+                    })
+                    .with_context(|| format!("zeroing {len} bytes at {offset}"))?;
+                }
+                Message::Missing { offset, len } => {
+                    let end = offset.checked_add(len).filter(|end| *end <= size);
+                    if end.is_none() || !offset.is_multiple_of(BLOCK_SIZE) {
+                        bail!("missing range at {offset}+{len} is not a range of blocks of the {size}-byte disk");
+                    }
+                    let (first, last) = blocks_of(offset, len);
+                    missing.insert(first, last);
+                }
+                Message::Fetched { id, offset, codec, logical_len, payload } => {
+                    if offset.checked_add(logical_len as u64).is_none_or(|end| end > size) {
+                        bail!("fetched extent at {offset}+{logical_len} lies outside the {size}-byte disk");
+                    }
+                    let data =
+                        migration_stream::decode_block(codec, &payload, logical_len).context("bad fetched frame")?;
+                    if let Some(r) = &residual {
+                        tokio::task::block_in_place(|| r.receive(offset, &data))
+                            .with_context(|| format!("writing {logical_len} fetched bytes at {offset}"))?;
+                    }
+                    self.proxy.postcopy.link.answered(id, data);
                 }
                 Message::RoundBegin { round, kind } => {
-                    self.lock().accepts_data(session)?;
                     tracing::info!(round, ?kind, "round arriving");
                     self.emit(IncomingData { round: Some(round), ..self.data() });
                 }
                 Message::RoundEnd { .. } => {
-                    self.lock().accepts_data(session)?;
                     // Write back what this round brought while the next one is on its way, so the
                     // commit (which the paused VM waits for) only has the final round left to sync.
                     if background_sync.as_ref().is_none_or(|h| h.is_finished()) {
@@ -399,9 +523,32 @@ impl Incoming {
                     if let Some(h) = background_sync.take() {
                         h.await?.context("syncing the image")?;
                     }
-                    self.commit(session).await?;
+                    let residual = std::mem::take(&mut missing);
+                    let postcopy = !residual.is_empty();
+                    let blocks = residual.blocks();
+                    self.commit(session, residual).await?;
                     send(wr, &Message::Committed).await?;
-                    tracing::info!(%session, "migration committed: the image is durable and served read-write");
+                    if postcopy {
+                        tracing::info!(%session, blocks, "migration committed with a post-copy: the disk is served read-write, missing blocks come from the source");
+                    } else {
+                        tracing::info!(%session, "migration committed: the image is durable and served read-write");
+                    }
+                    self.emit(self.data());
+                }
+                Message::PushDone => {
+                    let Some(r) = self.proxy.postcopy.residual() else {
+                        // Already complete (a resumed session): say so again.
+                        send(wr, &Message::Holds).await?;
+                        continue;
+                    };
+                    self.blocking(move |me| -> Result<()> {
+                        r.finish()?;
+                        me.proxy.postcopy.set(None);
+                        Ok(())
+                    })
+                    .await?;
+                    send(wr, &Message::Holds).await?;
+                    tracing::info!(%session, "post-copy complete: every block is here, durably");
                     self.emit(self.data());
                 }
                 Message::Discard { reason } => match self.blocking(move |me| me.apply(|m| m.discard(session))).await {
@@ -418,6 +565,9 @@ impl Incoming {
                 },
                 Message::Keepalive => {}
                 Message::Done => {
+                    if self.proxy.postcopy.residual().is_some() {
+                        bail!("the source said done while the post-copy is still running");
+                    }
                     self.blocking(move |me| me.apply(|m| m.done(session))).await?;
                     tracing::info!(%session, "incoming migration complete: this host owns the disk");
                     self.emit(self.data());
@@ -429,10 +579,17 @@ impl Incoming {
     }
 
     /// The commit: sync everything received, record it, then serve the disk.
-    async fn commit(self: &Arc<Self>, session: SessionId) -> Result<()> {
+    async fn commit(self: &Arc<Self>, session: SessionId, missing: BlockSet) -> Result<()> {
         self.blocking(move |me| -> Result<()> {
             // The sync comes first: the record must never say committed for data not on disk.
             me.proxy.disk.flush().context("syncing the image")?;
+            // So does the residual: a committed disk is never served without knowing what it
+            // does not hold yet.
+            if !missing.is_empty() {
+                let r = Residual::create(me.proxy.disk.clone(), session, missing)
+                    .context("recording the post-copy residual")?;
+                me.proxy.postcopy.set(Some(Arc::new(r)));
+            }
             for a in me.apply(|m| m.commit(session))? {
                 if a == DestAction::OpenAccess {
                     me.open_committed();
@@ -447,4 +604,63 @@ impl Incoming {
 /// Resolves once `shutdown` says stop (or its sender is gone).
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// What the requests of a destination's live export wait for: before the commit a read is
+/// answered with the source's current data (or the image's, with no session connected);
+/// during a post-copy a request waits for the missing blocks it reads or partly overwrites.
+#[derive(Debug)]
+pub struct DestPull(pub Arc<Proxy>);
+
+impl Pull for DestPull {
+    fn before(&self, command: Command, offset: u64, len: u64) -> Option<PullFuture> {
+        let proxy = &self.0;
+        let wait = proxy.read_wait;
+        if proxy.gate.access() == Access::Incoming {
+            if command != Command::Read {
+                return None;
+            }
+            let proxy = proxy.clone();
+            return Some(Box::pin(async move {
+                if let Some(data) = proxy.postcopy.link.read_now(offset, len, wait).await {
+                    return Ok(Some(data));
+                }
+                let disk = proxy.disk.clone();
+                tokio::task::spawn_blocking(move || read_local(&disk, offset, len))
+                    .await
+                    .map_err(std::io::Error::other)?
+                    .map(Some)
+            }));
+        }
+        let residual = proxy.postcopy.residual()?;
+        let (first, last) = blocks_of(offset, len);
+        let waits: Vec<(u64, u64)> = match command {
+            Command::Read => vec![(first, last)],
+            // A write waits only for the blocks it covers in part (the rest it replaces).
+            Command::Write | Command::WriteZeroes | Command::Trim => {
+                let end = offset + len;
+                let mut edges = Vec::new();
+                if !offset.is_multiple_of(BLOCK_SIZE) {
+                    edges.push((first, first + 1));
+                }
+                if !end.is_multiple_of(BLOCK_SIZE) && end != proxy.disk.size() && last > first {
+                    edges.push((last - 1, last));
+                }
+                edges
+            }
+            _ => return None,
+        };
+        let waits: Vec<(u64, u64)> =
+            waits.into_iter().filter(|&(a, b)| residual.any_missing(a * BLOCK_SIZE, (b - a) * BLOCK_SIZE)).collect();
+        if waits.is_empty() {
+            return None;
+        }
+        let proxy = proxy.clone();
+        Some(Box::pin(async move {
+            for (a, b) in waits {
+                residual.wait_held(&proxy.postcopy.link, a, b, wait).await?;
+            }
+            Ok(None)
+        }))
+    }
 }

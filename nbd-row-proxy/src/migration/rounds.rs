@@ -38,14 +38,27 @@ pub struct Progress {
     pub rate: f64,
     /// When the migration started.
     pub started: Option<Instant>,
+    /// What the final round was predicted to take at the measured rate, ms.
+    pub predicted_final_ms: Option<f64>,
 }
 
-/// Where a round's bytes go: the session's connection, paced.
+/// Where a round's bytes go: the session's connection, paced, and the destination's fetch
+/// answers, which go ahead of everything else.
 pub struct Out {
     /// The connection's write half.
     pub writer: super::transport::Writer,
     /// The pacing.
     pub limit: RateLimit,
+    /// Framed answers to the destination's fetches (a read on the destination waits for them).
+    pub urgent: mpsc::Receiver<Vec<u8>>,
+}
+
+impl Out {
+    /// Sends one urgent frame now (not paced: a guest's read waits for it).
+    pub async fn send_urgent(&mut self, frame: &[u8]) -> Result<()> {
+        self.writer.write_all(frame).await.context("sending to the destination")?;
+        self.writer.flush().await.context("sending to the destination")
+    }
 }
 
 /// What a round sent: `(first block, count, write epoch when read)` per chunk.
@@ -99,6 +112,7 @@ impl Rounds {
             RoundKind::Base => migration_stream::RoundKind::Base,
             RoundKind::Update => migration_stream::RoundKind::Update,
             RoundKind::Final => migration_stream::RoundKind::Final,
+            RoundKind::Postcopy => migration_stream::RoundKind::Postcopy,
         };
         stats.wire_bytes += send(&mut out.writer, &Message::RoundBegin { round, kind: wire_kind }).await? as u64;
         if kind == RoundKind::Update {
@@ -109,7 +123,18 @@ impl Rounds {
         let producer = tokio::task::spawn_blocking(move || produce(&*view, &disk, spans, compress, &tx));
         let mut sent = Vec::new();
         let mut window = (Instant::now(), 0u64);
-        while let Some(chunk) = rx.recv().await {
+        loop {
+            let chunk = tokio::select! {
+                biased;
+                Some(frame) = out.urgent.recv() => {
+                    out.send_urgent(&frame).await?;
+                    continue;
+                }
+                chunk = rx.recv() => match chunk {
+                    Some(c) => c,
+                    None => break,
+                },
+            };
             let chunk = chunk.context("reading the disk")?;
             out.limit.take(chunk.frames.len()).await;
             out.writer.write_all(&chunk.frames).await.context("sending to the destination")?;

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use control_api::{
-    ErrorData, Fence, MigrationFailed, MigrationState, MigrationStateData, MigrationStatus, Phase, RoundKind, Strategy,
+    ErrorData, Fence, MigrateFinishArgs, MigrationFailed, MigrationState, MigrationStateData, MigrationStatus, Phase,
+    PostcopyMode, PostcopyStatus, RoundKind, Strategy,
 };
 use migration_session::{
     BitmapPlan, Ownership, RowPlan, SessionId, SourceAction, SourceRefusal, SourceSession, Span, WriteLog, Written,
@@ -27,7 +28,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::rounds::{Out, Progress, Rounds, Sent};
-use super::transport::{connect, Reader, Writer};
+use super::transport::{connect, Protection, Reader, Writer};
 use super::{last_word, send, session_params, FrameReader, RateLimit, COMMIT_TIMEOUT, REVOKE_TIMEOUT};
 use crate::ownership::Access;
 use crate::proxy::Proxy;
@@ -42,6 +43,10 @@ const KEEPALIVE_EVERY: Duration = Duration::from_secs(5);
 const REASON_WAIT: Duration = Duration::from_millis(500);
 /// Requests queued for the actor.
 const REQUEST_QUEUE: usize = 8;
+/// Fetches from the destination waiting to be read, and answers waiting to be sent.
+const FETCH_QUEUE: usize = 64;
+/// Post-copy: the longest pause between two attempts to reconnect to the destination.
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
 /// What `migrate-start` asks for, with defaults applied.
 #[derive(Debug, Clone)]
@@ -98,7 +103,7 @@ type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 
 
 enum Request {
     Start(MigrateArgs, Reply<String>),
-    Finish(Reply<MigrationStatus>),
+    Finish(MigrateFinishArgs, Reply<MigrationStatus>),
     Cancel(Reply<()>),
     Complete(Reply<()>),
     Reclaim(bool, Reply<()>),
@@ -109,6 +114,7 @@ enum Request {
 struct Shared {
     machine: Mutex<SourceSession>,
     progress: Arc<Mutex<Progress>>,
+    postcopy: Arc<Mutex<Option<PostcopyStatus>>>,
 }
 
 /// The control socket's handle on outgoing migrations.
@@ -155,8 +161,8 @@ impl Outgoing {
     }
 
     /// `migrate-finish`.
-    pub async fn finish(&self) -> Result<MigrationStatus, MigrationError> {
-        self.ask(Request::Finish).await
+    pub async fn finish(&self, args: MigrateFinishArgs) -> Result<MigrationStatus, MigrationError> {
+        self.ask(|r| Request::Finish(args, r)).await
     }
 
     /// `migrate-cancel`.
@@ -203,6 +209,8 @@ fn status_of(shared: &Shared) -> MigrationStatus {
     s.rate = p.rate;
     s.total_seconds = p.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
     s.update_totals();
+    s.predicted_final_ms = p.predicted_final_ms;
+    s.postcopy = lock(&shared.postcopy).clone();
     s
 }
 
@@ -242,13 +250,18 @@ struct Conn {
     out: Out,
     from_dest: mpsc::Receiver<Result<Message>>,
     reader: JoinHandle<()>,
+    fetcher: JoinHandle<()>,
 }
 
 impl Conn {
-    fn new(reader: FrameReader<Reader>, writer: Writer, max_bandwidth: Option<u64>) -> Self {
+    /// The connection's halves; the destination's fetches are answered from `disk`.
+    fn new(reader: FrameReader<Reader>, writer: Writer, max_bandwidth: Option<u64>, fetch: Fetcher) -> Self {
         let (tx, rx) = mpsc::channel(16);
-        let reader = tokio::spawn(forward_frames(reader, tx));
-        Self { out: Out { writer, limit: RateLimit::new(max_bandwidth) }, from_dest: rx, reader }
+        let (fetch_tx, fetch_rx) = mpsc::channel(FETCH_QUEUE);
+        let (urgent_tx, urgent) = mpsc::channel(FETCH_QUEUE);
+        let reader = tokio::spawn(forward_frames(reader, tx, fetch_tx));
+        let fetcher = tokio::spawn(fetch.serve(fetch_rx, urgent_tx));
+        Self { out: Out { writer, limit: RateLimit::new(max_bandwidth), urgent }, from_dest: rx, reader, fetcher }
     }
 
     /// A broken pipe often hides the destination's own reason, sent just before it closed: the
@@ -270,13 +283,65 @@ impl Conn {
 impl Drop for Conn {
     fn drop(&mut self) {
         self.reader.abort();
+        self.fetcher.abort();
     }
 }
 
-/// Forwards the destination's frames; the last item is the error or end that stopped it.
-async fn forward_frames(mut reader: FrameReader<Reader>, tx: mpsc::Sender<Result<Message>>) {
+/// Answers the destination's fetches: reads the disk as it is now and frames the data.
+#[derive(Clone)]
+struct Fetcher {
+    disk: Arc<Disk>,
+    compress: bool,
+    /// Fetches answered, for `query-migrate`.
+    postcopy: Arc<Mutex<Option<PostcopyStatus>>>,
+}
+
+impl Fetcher {
+    async fn serve(self, mut fetches: mpsc::Receiver<(u64, u64, u32)>, urgent: mpsc::Sender<Vec<u8>>) {
+        while let Some((id, offset, len)) = fetches.recv().await {
+            let (disk, compress) = (self.disk.clone(), self.compress);
+            let frame = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+                if offset.checked_add(len as u64).is_none_or(|end| end > disk.size()) {
+                    return Err(std::io::Error::other(format!("fetch at {offset}+{len} lies outside the disk")));
+                }
+                let mut buf = Vec::with_capacity(len as usize);
+                disk.read_append(&mut buf, len as usize, offset)?;
+                let mut frame = Vec::new();
+                Message::fetched(id, offset, &buf, compress).encode(&mut frame);
+                Ok(frame)
+            })
+            .await;
+            match frame {
+                Ok(Ok(frame)) => {
+                    if let Some(p) = lock(&self.postcopy).as_mut() {
+                        p.fetches += 1;
+                    }
+                    if urgent.send(frame).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!("answering a fetch of the destination: {e}"),
+                Err(e) => tracing::warn!("answering a fetch of the destination: {e}"),
+            }
+        }
+    }
+}
+
+/// Forwards the destination's frames (its fetches to the fetcher); the last item is the error
+/// or end that stopped it.
+async fn forward_frames(
+    mut reader: FrameReader<Reader>,
+    tx: mpsc::Sender<Result<Message>>,
+    fetches: mpsc::Sender<(u64, u64, u32)>,
+) {
     loop {
         let item = match reader.next().await {
+            Ok(Some(Message::Fetch { id, offset, len })) => {
+                if fetches.send((id, offset, len)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             Ok(Some(m)) => Ok(m),
             Ok(None) => Err(anyhow!("the destination closed the connection")),
             Err(e) => Err(e),
@@ -306,6 +371,8 @@ enum Link {
     Idle(Conn, Plan),
     /// The pre-copy rounds own it; they give it back when they end.
     Precopy { job: JoinHandle<(Conn, Plan, Result<()>)>, stop: watch::Sender<bool> },
+    /// Post-copy: the push owns it (and reconnects), until the destination holds everything.
+    Postcopy { job: JoinHandle<Result<()>>, stop: watch::Sender<bool> },
 }
 
 /// One migration's settings and connection.
@@ -313,6 +380,8 @@ struct Session {
     args: MigrateArgs,
     rounds: Arc<Rounds>,
     link: Link,
+    /// What a post-copy switchover left for the push.
+    residual: Vec<Span>,
 }
 
 struct Actor {
@@ -327,6 +396,10 @@ enum Wake {
     Request(Option<Request>),
     PrecopyEnded(std::result::Result<(Conn, Plan, Result<()>), tokio::task::JoinError>),
     FromDest(Option<Result<Message>>),
+    /// A fetch answer to send on an idle session.
+    Urgent(Vec<u8>),
+    /// The post-copy push ended: the destination holds everything (or it was stopped).
+    PushEnded(std::result::Result<Result<()>, tokio::task::JoinError>),
     /// Nothing happened for [`KEEPALIVE_EVERY`] on an idle session.
     Quiet,
 }
@@ -365,8 +438,13 @@ impl Actor {
                     },
                     Some(Link::Idle(conn, _)) => tokio::select! {
                         r = requests.recv() => Wake::Request(r),
+                        Some(f) = conn.out.urgent.recv() => Wake::Urgent(f),
                         m = conn.from_dest.recv() => Wake::FromDest(m),
                         _ = tokio::time::sleep(KEEPALIVE_EVERY) => Wake::Quiet,
+                    },
+                    Some(Link::Postcopy { job, .. }) => tokio::select! {
+                        r = requests.recv() => Wake::Request(r),
+                        done = job => Wake::PushEnded(done),
                     },
                     _ => Wake::Request(requests.recv().await),
                 }
@@ -382,6 +460,40 @@ impl Actor {
                             self.session.as_mut().expect("idle").link = Link::None;
                             self.fail(&why).await;
                         }
+                    }
+                }
+                Wake::Urgent(frame) => {
+                    if let Some(Link::Idle(conn, _)) = self.session.as_mut().map(|s| &mut s.link) {
+                        if let Err(e) = conn.out.send_urgent(&frame).await {
+                            let why = format!("{e:#}");
+                            self.session.as_mut().expect("idle").link = Link::None;
+                            self.fail(&why).await;
+                        }
+                    }
+                }
+                Wake::PushEnded(done) => {
+                    if let Some(s) = self.session.as_mut() {
+                        s.link = Link::None;
+                    }
+                    match done {
+                        Ok(Ok(())) => {
+                            tracing::info!("post-copy complete: the destination holds every block");
+                            if let Some(p) = lock(&self.shared.postcopy).as_mut() {
+                                p.done = true;
+                                p.remaining_blocks = 0;
+                                p.stalled = None;
+                            }
+                            match self.step(SourceSession::postcopy_done) {
+                                Ok(actions) => {
+                                    if let Err(e) = self.perform(actions).await {
+                                        tracing::error!("recording the end of the post-copy: {e}");
+                                    }
+                                }
+                                Err(e) => tracing::error!("the end of the post-copy: {e}"),
+                            }
+                        }
+                        Ok(Err(e)) => tracing::warn!("the post-copy push stopped: {e:#}"),
+                        Err(e) => tracing::error!("the post-copy push task failed: {e}"),
                     }
                 }
                 Wake::FromDest(msg) => {
@@ -401,8 +513,8 @@ impl Actor {
             Request::Start(args, reply) => {
                 let _ = reply.send(self.start(args).await);
             }
-            Request::Finish(reply) => {
-                let _ = reply.send(self.finish().await);
+            Request::Finish(args, reply) => {
+                let _ = reply.send(self.finish(args).await);
             }
             Request::Cancel(reply) => {
                 let _ = reply.send(self.cancel().await);
@@ -463,8 +575,9 @@ impl Actor {
                 }
                 SourceAction::Connect => self.connect().await?,
                 SourceAction::RunPrecopy => self.run_precopy(),
-                SourceAction::RunFinalRound => return self.final_round().await,
+                SourceAction::RunFinalRound => return Err("the final round needs migrate-finish's arguments".into()),
                 SourceAction::AskRevoke => return self.revoke().await,
+                SourceAction::Push => self.run_push(),
             }
         }
         Ok(())
@@ -504,6 +617,13 @@ impl Actor {
                 drop(plan);
                 Some(conn)
             }
+            Link::Postcopy { mut job, stop } => {
+                let _ = stop.send(true);
+                if tokio::time::timeout(PRECOPY_STOP_TIMEOUT, &mut job).await.is_err() {
+                    job.abort();
+                }
+                None
+            }
             Link::Precopy { mut job, stop } => {
                 let _ = stop.send(true);
                 match tokio::time::timeout(PRECOPY_STOP_TIMEOUT, &mut job).await {
@@ -542,7 +662,8 @@ impl Actor {
             events: self.proxy.events.clone(),
             compress: args.compress,
         });
-        self.session = Some(Session { args, rounds, link: Link::None });
+        *lock(&self.shared.postcopy) = None;
+        self.session = Some(Session { args, rounds, link: Link::None, residual: Vec::new() });
         self.perform(actions).await?;
         Ok(id.to_string())
     }
@@ -563,7 +684,7 @@ impl Actor {
         match connected {
             Ok((reader, writer, plan)) => {
                 tracing::info!(uri = %args.uri, strategy = %args.strategy, session = %id, protection = protection.describe(), "migration session authenticated");
-                let conn = Conn::new(reader, writer, args.max_bandwidth);
+                let conn = Conn::new(reader, writer, args.max_bandwidth, self.fetcher(args.compress));
                 self.session.as_mut().expect("starting").link = Link::Idle(conn, plan);
                 let actions = self.step(SourceSession::connected)?;
                 self.perform(actions).await
@@ -652,9 +773,15 @@ impl Actor {
         }
     }
 
-    async fn finish(&mut self) -> Result<MigrationStatus, MigrationError> {
+    async fn finish(&mut self, args: MigrateFinishArgs) -> Result<MigrationStatus, MigrationError> {
         let actions = self.step(SourceSession::finish)?;
-        if let Err(e) = self.perform(actions).await {
+        let run_final = actions.contains(&SourceAction::RunFinalRound);
+        let rest: Vec<SourceAction> = actions.into_iter().filter(|a| *a != SourceAction::RunFinalRound).collect();
+        let mut result = self.perform(rest).await;
+        if result.is_ok() && run_final {
+            result = self.final_round(&args).await;
+        }
+        if let Err(e) = result {
             // Nothing was committed unless the commit went out: the machine decides whether to
             // roll back or to keep refusing writes.
             if self.phase() == Phase::Finishing {
@@ -665,14 +792,67 @@ impl Actor {
         Ok(status_of(&self.shared))
     }
 
-    /// Sends the final round and the commit, and waits for the destination's answer.
-    async fn final_round(&mut self) -> Result<(), MigrationError> {
-        let session = self.session.as_mut().ok_or("no session connection: the migration restarted")?;
+    /// What answers the destination's fetches on this session's connections.
+    fn fetcher(&self, compress: bool) -> Fetcher {
+        Fetcher { disk: self.proxy.disk.clone(), compress, postcopy: self.shared.postcopy.clone() }
+    }
+
+    /// Whether the final round leaves its data for after the switchover, and why.
+    fn decide_postcopy(
+        &self,
+        finish: &MigrateFinishArgs,
+        args: &MigrateArgs,
+        rounds: &Rounds,
+        spans: &[Span],
+    ) -> Option<PostcopyStatus> {
+        let blocks: u64 = spans.iter().filter(|s| !s.zero).map(|s| s.count).sum();
+        let rate = match (rounds.first_round_rate(), args.max_bandwidth.map(|b| b as f64)) {
+            (Some(m), Some(c)) => Some(m.min(c)),
+            (m, c) => m.or(c),
+        };
+        let predicted_ms = rate.map_or(f64::INFINITY, |r| (blocks * BLOCK_SIZE) as f64 / r * 1000.0);
+        if predicted_ms.is_finite() {
+            lock(&rounds.progress).predicted_final_ms = Some(predicted_ms);
+        }
+        let budget_ms = finish.budget_ms.or(args.final_budget.map(|b| b.as_millis() as u64));
+        let reason = match finish.postcopy.unwrap_or(PostcopyMode::Never) {
+            _ if blocks == 0 => return None,
+            PostcopyMode::Never => return None,
+            PostcopyMode::Always => "postcopy: always".to_string(),
+            PostcopyMode::Auto => {
+                match budget_ms {
+                    Some(b) if predicted_ms > b as f64 => {
+                        format!("the final round would take {predicted_ms:.0} ms at the measured rate, over the {b} ms budget")
+                    }
+                    _ => return None,
+                }
+            }
+        };
+        Some(PostcopyStatus {
+            reason,
+            predicted_final_ms: if predicted_ms.is_finite() { predicted_ms } else { 0.0 },
+            blocks,
+            remaining_blocks: blocks,
+            fetches: 0,
+            reconnects: 0,
+            done: false,
+            stalled: None,
+        })
+    }
+
+    /// Sends the final round and the commit, and waits for the destination's answer. With
+    /// post-copy the final round holds only zeroed ranges; the data ranges are announced as
+    /// missing and pushed after the commit.
+    async fn final_round(&mut self, finish: &MigrateFinishArgs) -> Result<(), MigrationError> {
+        let session = self.session.as_ref().ok_or("no session connection: the migration restarted")?;
+        let (rounds, args) = (session.rounds.clone(), session.args.clone());
+        let session = self.session.as_mut().expect("checked");
         let Link::Idle(mut conn, mut plan) = std::mem::replace(&mut session.link, Link::None) else {
             return Err("the session's connection is gone".into());
         };
-        let rounds = session.rounds.clone();
         let disk = self.proxy.disk.clone();
+        let mut postcopy = None;
+        let mut residual = Vec::new();
         let result: Result<()> = async {
             pause("final-round").await;
             let log = DiskLog(&disk);
@@ -680,14 +860,52 @@ impl Actor {
                 Plan::Row(row) => row.final_spans(&log),
                 Plan::Bitmap(bm) => bm.next_round(&log),
             };
+            postcopy = self.decide_postcopy(finish, &args, &rounds, &ranges);
+            let ranges = if let Some(p) = &postcopy {
+                tracing::info!(blocks = p.blocks, reason = %p.reason, "post-copy: the final round leaves its data for after the switchover");
+                let (data, zero): (Vec<Span>, Vec<Span>) = ranges.into_iter().partition(|s| !s.zero);
+                residual = data;
+                zero
+            } else {
+                ranges
+            };
             let live: Arc<dyn BlockBackend> = disk.clone();
             let started = Instant::now();
             rounds.send(&mut conn.out, RoundKind::Final, live, ranges).await?;
+            if !residual.is_empty() {
+                let size = disk.size();
+                let mut frames = Vec::new();
+                for s in &residual {
+                    let offset = s.first * BLOCK_SIZE;
+                    let end = ((s.first + s.count) * BLOCK_SIZE).min(size);
+                    Message::Missing { offset, len: end - offset }.encode(&mut frames);
+                }
+                conn.out.send_urgent(&frames).await?;
+            }
+            if !residual.is_empty() {
+                // After this commit the source's disk is the only copy of the residual: it
+                // must survive a crash of this host (the guest's last writes may not have
+                // been flushed when it paused).
+                let d = disk.clone();
+                tokio::task::spawn_blocking(move || d.flush()).await?.context("syncing the disk before a post-copy")?;
+            }
             lock(&self.shared.machine).commit_sent();
             send(&mut conn.out.writer, &Message::Commit).await?;
-            let answer = tokio::time::timeout(COMMIT_TIMEOUT, conn.from_dest.recv())
+            let answer = loop {
+                let next = tokio::time::timeout(COMMIT_TIMEOUT, async {
+                    tokio::select! {
+                        biased;
+                        Some(f) = conn.out.urgent.recv() => Err(f),
+                        m = conn.from_dest.recv() => Ok(m),
+                    }
+                })
                 .await
                 .map_err(|_| anyhow!("the destination did not confirm the commit within {COMMIT_TIMEOUT:?}"))?;
+                match next {
+                    Ok(m) => break m,
+                    Err(frame) => conn.out.send_urgent(&frame).await?,
+                }
+            };
             match answer {
                 Some(Ok(Message::Committed)) => {}
                 other => bail!("{}", dest_problem(other)),
@@ -702,8 +920,15 @@ impl Actor {
         match result {
             Ok(()) => {
                 tracing::info!("the destination committed: the disk is handed over");
-                self.session.as_mut().expect("session").link = Link::Idle(conn, plan);
-                let actions = self.step(SourceSession::committed)?;
+                let session = self.session.as_mut().expect("session");
+                session.link = Link::Idle(conn, plan);
+                let actions = if let Some(p) = postcopy {
+                    session.residual = residual;
+                    *lock(&self.shared.postcopy) = Some(p);
+                    self.step(SourceSession::committed_with_residual)?
+                } else {
+                    self.step(SourceSession::committed)?
+                };
                 self.perform(actions).await
             }
             Err(e) => {
@@ -713,6 +938,69 @@ impl Actor {
                 Err(format!("the final disk round failed: {why}").into())
             }
         }
+    }
+
+    /// Starts the post-copy push: on the session's connection, or after a restart over a new
+    /// one (the destination says what it still misses).
+    fn run_push(&mut self) {
+        if self.session.is_none() {
+            // Restored after a restart: the session's settings come from the record.
+            let (peer, strategy) = {
+                let m = lock(&self.shared.machine);
+                (m.peer().map(str::to_string), m.strategy())
+            };
+            let Some(peer) = peer else { return };
+            let args = MigrateArgs {
+                uri: peer,
+                strategy: strategy.unwrap_or_default(),
+                rounds: 0,
+                hot_threshold: self.proxy.hot_threshold,
+                max_bandwidth: None,
+                compress: true,
+                bitmap_granularity_blocks: 1,
+                final_budget: None,
+                tls_hostname: None,
+            };
+            let rounds = Arc::new(Rounds {
+                disk: self.proxy.disk.clone(),
+                progress: self.shared.progress.clone(),
+                events: self.proxy.events.clone(),
+                compress: true,
+            });
+            self.session = Some(Session { args, rounds, link: Link::None, residual: Vec::new() });
+            *lock(&self.shared.postcopy) = Some(PostcopyStatus {
+                reason: "resumed after the source proxy restarted".into(),
+                predicted_final_ms: 0.0,
+                blocks: 0,
+                remaining_blocks: 0,
+                fetches: 0,
+                reconnects: 0,
+                done: false,
+                stalled: None,
+            });
+        }
+        let Some(id) = lock(&self.shared.machine).session() else { return };
+        let fetcher = self.fetcher(self.session.as_ref().expect("set").args.compress);
+        let session = self.session.as_mut().expect("set");
+        let conn = match std::mem::replace(&mut session.link, Link::None) {
+            Link::Idle(conn, _) => Some(conn),
+            _ => None,
+        };
+        let ctx = PushCtx {
+            disk: self.proxy.disk.clone(),
+            rounds: session.rounds.clone(),
+            protection: self.proxy.protection.clone(),
+            peer: session.args.uri.clone(),
+            tls_hostname: session.args.tls_hostname.clone(),
+            params: session_params(id, self.proxy.disk.size(), session.args.strategy),
+            max_bandwidth: session.args.max_bandwidth,
+            fetcher,
+            status: self.shared.postcopy.clone(),
+        };
+        let spans = std::mem::take(&mut session.residual);
+        let (stop, stopped) = watch::channel(false);
+        let job = tokio::spawn(push(ctx, conn, spans, stopped));
+        session.link = Link::Postcopy { job, stop };
     }
 
     async fn cancel(&mut self) -> Result<(), MigrationError> {
@@ -751,6 +1039,132 @@ impl Actor {
         }
         let actions = self.step(|m| m.revoke_answered(answer))?;
         self.perform(actions).await
+    }
+}
+
+/// What the post-copy push needs.
+struct PushCtx {
+    disk: Arc<Disk>,
+    rounds: Arc<Rounds>,
+    protection: Protection,
+    peer: String,
+    tls_hostname: Option<String>,
+    params: migration_stream::SessionParams,
+    max_bandwidth: Option<u64>,
+    fetcher: Fetcher,
+    status: Arc<Mutex<Option<PostcopyStatus>>>,
+}
+
+impl PushCtx {
+    fn status(&self, f: impl FnOnce(&mut PostcopyStatus)) {
+        if let Some(p) = lock(&self.status).as_mut() {
+            f(p);
+        }
+    }
+
+    /// A new connection that resumes the post-copy: the ranges the destination still misses,
+    /// or `None` if it holds everything.
+    async fn resume(&self) -> Result<Option<(Conn, Vec<Span>)>> {
+        let (mut reader, mut writer) =
+            connect(&self.peer, &self.protection, &self.params, self.tls_hostname.as_deref()).await?;
+        send(&mut writer, &Message::Resume).await?;
+        let size = self.disk.size();
+        let mut todo = Vec::new();
+        loop {
+            match reader.next_within(COMMIT_TIMEOUT, "the destination's missing ranges").await? {
+                Message::Missing { offset, len } => {
+                    if !offset.is_multiple_of(BLOCK_SIZE) || offset.checked_add(len).is_none_or(|e| e > size) {
+                        bail!("the destination misses {offset}+{len}, which is not a range of blocks of this disk");
+                    }
+                    let first = offset / BLOCK_SIZE;
+                    todo.push(Span { first, count: (offset + len).div_ceil(BLOCK_SIZE) - first, zero: false });
+                }
+                Message::Resumed => break,
+                Message::Holds => return Ok(None),
+                Message::Error { message } => bail!("the destination refused to resume: {message}"),
+                other => bail!("unexpected {} in answer to Resume", other.name()),
+            }
+        }
+        Ok(Some((Conn::new(reader, writer, self.max_bandwidth, self.fetcher.clone()), todo)))
+    }
+
+    /// Pushes `todo` on `conn` (answering fetches first), then waits for the destination to
+    /// hold everything.
+    async fn push_on(&self, conn: &mut Conn, todo: Vec<Span>) -> Result<()> {
+        let blocks: u64 = todo.iter().map(|s| s.count).sum();
+        self.status(|p| {
+            p.remaining_blocks = blocks;
+            p.stalled = None;
+        });
+        if let Some(d) = control_api::pause_at("postcopy-push") {
+            // The test hook holds the push back, not the fetches.
+            tracing::warn!(?d, "holding the post-copy push back ({})", control_api::PAUSE_VAR);
+            let until = tokio::time::Instant::now() + d;
+            while let Ok(Some(frame)) = tokio::time::timeout_at(until, conn.out.urgent.recv()).await {
+                conn.out.send_urgent(&frame).await?;
+            }
+        }
+        let live: Arc<dyn BlockBackend> = self.disk.clone();
+        self.rounds.send(&mut conn.out, RoundKind::Postcopy, live, todo).await?;
+        self.status(|p| p.remaining_blocks = 0);
+        send(&mut conn.out.writer, &Message::PushDone).await?;
+        loop {
+            let next = tokio::time::timeout(COMMIT_TIMEOUT, async {
+                tokio::select! {
+                    biased;
+                    Some(f) = conn.out.urgent.recv() => Err(f),
+                    m = conn.from_dest.recv() => Ok(m),
+                }
+            })
+            .await
+            .map_err(|_| anyhow!("the destination did not confirm it holds every block within {COMMIT_TIMEOUT:?}"))?;
+            match next {
+                Err(frame) => conn.out.send_urgent(&frame).await?,
+                Ok(Some(Ok(Message::Holds))) => return Ok(()),
+                Ok(other) => bail!("{}", dest_problem(other)),
+            }
+        }
+    }
+}
+
+/// The post-copy push: until the destination holds every block, reconnecting (`Resume`)
+/// whenever the link breaks; ends early only when `stop` is set (the disk was given back).
+async fn push(ctx: PushCtx, mut conn: Option<Conn>, spans: Vec<Span>, mut stop: watch::Receiver<bool>) -> Result<()> {
+    let mut spans = Some(spans);
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let attempt = async {
+            let (mut c, todo) = match conn.take() {
+                Some(c) => (c, spans.take().unwrap_or_default()),
+                None => match ctx.resume().await? {
+                    None => return Ok(()),
+                    Some(resumed) => resumed,
+                },
+            };
+            ctx.push_on(&mut c, todo).await?;
+            c.close_with(&Message::Keepalive).await;
+            Ok::<_, anyhow::Error>(())
+        };
+        let r = tokio::select! {
+            r = attempt => r,
+            _ = stop.wait_for(|s| *s) => bail!("stopped"),
+        };
+        match r {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                let why = format!("{e:#}");
+                tracing::warn!("post-copy push interrupted ({why}); reconnecting in {backoff:?}");
+                ctx.status(|p| {
+                    p.reconnects += 1;
+                    p.stalled = Some(why);
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.wait_for(|s| *s) => bail!("stopped"),
+                }
+                backoff = (backoff * 2).min(RECONNECT_MAX);
+            }
+        }
     }
 }
 

@@ -22,8 +22,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::export::{Catalog, MAX_REQUEST_LEN};
 use super::negotiation::{Negotiation, Session, Step};
-use super::transmission::{error_reply, execute, runs_inline, validate};
-use crate::ownership::Access;
+use super::transmission::{error_reply, execute, read_reply_with, runs_inline, validate};
 
 /// Most replies gathered into one vectored write.
 const MAX_BATCH: usize = 16;
@@ -380,7 +379,13 @@ async fn transmission<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         }
         let inline = runs_inline(&req);
         let waits = !matches!(req.command, Command::Flush | Command::Cache);
-        let incoming = waits && *session.export.access.borrow() == Access::Incoming;
+        // A destination may have to get blocks from the migration source first.
+        let pull = if waits {
+            session.export.pull.as_ref().and_then(|p| p.before(req.command, req.offset, req.length as u64))
+        } else {
+            None
+        };
+        let incoming = pull.is_some();
         // A request that runs elsewhere holds its share of the budget from before its payload
         // is read; one that runs here is done before the next is read.
         let permit = if inline && !incoming {
@@ -421,27 +426,23 @@ async fn transmission<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             Command::Read => stats.bytes_read += req.length as u64,
             _ => {}
         }
-        if incoming {
-            if matches!(req.command, Command::Write | Command::Trim | Command::WriteZeroes) {
-                let reply =
-                    error_reply(session, req.cookie, NBD_EPERM, "the disk is still being migrated to this host");
-                replies.push((reply, permit));
-                continue;
-            }
-            // Reads wait for the commit, without holding up the rest of the connection.
+        if let Some(pull) = pull {
+            // The request waits for the source without holding up the rest of the connection.
             let (session, tx) = (session.clone(), done_tx.clone());
             *in_flight += 1;
             tokio::spawn(async move {
-                let mut access = session.export.access.clone();
-                let wait = access.wait_for(|a| *a != Access::Incoming);
-                let opened = matches!(tokio::time::timeout(session.export.read_wait, wait).await, Ok(Ok(_)));
-                let reply = if opened {
-                    let s = session.clone();
-                    tokio::task::spawn_blocking(move || execute(&s, &req, payload))
-                        .await
-                        .unwrap_or_else(|_| error_reply(&session, req.cookie, NBD_EIO, "internal error"))
-                } else {
-                    error_reply(&session, req.cookie, NBD_EIO, "the disk has not been migrated here yet")
+                let reply = match pull.await {
+                    Ok(Some(data)) => read_reply_with(&session, &req, &data),
+                    Ok(None) => {
+                        let s = session.clone();
+                        tokio::task::spawn_blocking(move || execute(&s, &req, payload))
+                            .await
+                            .unwrap_or_else(|_| error_reply(&session, req.cookie, NBD_EIO, "internal error"))
+                    }
+                    Err(e) => {
+                        tracing::warn!(offset = req.offset, length = req.length, "{e}");
+                        error_reply(&session, req.cookie, NBD_EIO, &e.to_string())
+                    }
                 };
                 let _ = tx.send((reply, permit));
             });

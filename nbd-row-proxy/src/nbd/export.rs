@@ -5,10 +5,13 @@
 //! An export is a [`BlockBackend`] and a name; its transmission flags follow from what the
 //! backend says it can do.
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use nbd_proto::consts::*;
+use nbd_proto::Command;
 use row_store::{BlockBackend, Disk};
 use tokio::sync::watch;
 
@@ -32,10 +35,22 @@ pub struct Export {
     pub description: String,
     /// What serves the requests.
     pub backend: Arc<dyn BlockBackend>,
-    /// Who may use the disk now; reads wait while it is still arriving by migration.
+    /// Who may use the disk now.
     pub access: watch::Receiver<Access>,
-    /// How long a read waits for an incoming migration to commit before it fails.
-    pub read_wait: Duration,
+    /// On a migration destination: what a request waits for before it runs (blocks that are
+    /// still at the source).
+    pub pull: Option<Arc<dyn Pull>>,
+}
+
+/// What a request must wait for before it runs: an answer from the migration source.
+pub type PullFuture = Pin<Box<dyn Future<Output = io::Result<Option<Vec<u8>>>> + Send>>;
+
+/// A disk whose blocks may still be at a migration source (a destination before the commit,
+/// or during post-copy): some requests wait for the source first.
+pub trait Pull: Send + Sync + std::fmt::Debug {
+    /// `None`: run the request now. Otherwise a future to await first, whose `Ok(Some(data))`
+    /// answers a READ with these bytes, `Ok(None)` lets the request run, and `Err` fails it.
+    fn before(&self, command: Command, offset: u64, len: u64) -> Option<PullFuture>;
 }
 
 impl Export {
@@ -95,14 +110,14 @@ impl Catalog {
         disk: Arc<Disk>,
         live: Arc<dyn BlockBackend>,
         access: watch::Receiver<Access>,
-        read_wait: Duration,
+        pull: Option<Arc<dyn Pull>>,
     ) -> Self {
         let live = Arc::new(Export {
             name: name.clone(),
             description: format!("{} ({} bytes)", disk.image_path().display(), disk.size()),
             backend: live,
             access,
-            read_wait,
+            pull,
         });
         Self { name, disk, live }
     }
@@ -115,7 +130,7 @@ impl Catalog {
             description: format!("frozen base of {} (ROW session {})", self.disk.image_path().display(), base.epoch()),
             backend: Arc::new(base),
             access: self.live.access.clone(),
-            read_wait: self.live.read_wait,
+            pull: None,
         }))
     }
 

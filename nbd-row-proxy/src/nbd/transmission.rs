@@ -151,6 +151,18 @@ pub fn execute(session: &Session, req: &Request, payload: Option<Vec<u8>>) -> Ve
     }
 }
 
+/// The reply to a READ answered with `data` (fetched from a migration source).
+pub fn read_reply_with(session: &Session, req: &Request, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(OFFSET_DATA_PREFIX_LEN + data.len());
+    if session.structured {
+        encode_offset_data_prefix(req.cookie, NBD_REPLY_FLAG_DONE, req.offset, req.length, &mut out);
+    } else {
+        encode_simple_reply(req.cookie, 0, &mut out);
+    }
+    out.extend_from_slice(data);
+    out
+}
+
 fn read_reply(session: &Session, req: &Request) -> Vec<u8> {
     let backend = &session.export.backend;
     let len = req.length as usize;
@@ -238,7 +250,7 @@ mod tests {
             description: String::new(),
             backend: Arc::new(MemDisk::new(1 << 20, writable)),
             access: Gate::new(Access::Open).subscribe(),
-            read_wait: std::time::Duration::ZERO,
+            pull: None,
         });
         Session { export, structured, base_allocation: structured, alignment }
     }

@@ -103,6 +103,28 @@ impl Strategy {
     }
 }
 
+/// When the disk's final round may leave blocks for after the switchover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PostcopyArg {
+    /// Never: the final round sends everything while the guest is paused, however long.
+    Never,
+    /// When the final round would not fit the downtime budget at the measured link rate.
+    Auto,
+    /// Whenever anything is left for the final round.
+    Always,
+}
+
+impl PostcopyArg {
+    /// The proxies' form.
+    pub fn mode(self) -> control_api::PostcopyMode {
+        match self {
+            PostcopyArg::Never => control_api::PostcopyMode::Never,
+            PostcopyArg::Auto => control_api::PostcopyMode::Auto,
+            PostcopyArg::Always => control_api::PostcopyMode::Always,
+        }
+    }
+}
+
 /// How QEMU's mirror copies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum MirrorMode {
@@ -155,10 +177,19 @@ pub struct Args {
     /// second (12MB/s SI, 12MiB/s IEC; a plain number is bytes/s). Unlimited by default.
     #[arg(long, value_parser = units::positive_rate, value_name = "RATE")]
     pub max_bandwidth: Option<u64>,
-    /// QEMU's downtime limit for the memory stop-and-copy, e.g. 300ms or 1s (a plain number is
-    /// seconds).
+    /// The guest's downtime budget, disk and memory together (STOP to RESUME), e.g. 300ms or 1s
+    /// (a plain number is seconds). Two thirds go to QEMU's memory stop-and-copy (its
+    /// downtime-limit); the disk's final round gets what is left when the guest pauses, and with
+    /// --postcopy auto what would not fit is sent after the switchover.
     #[arg(long, default_value = "300ms", value_parser = units::positive_seconds, value_name = "DURATION")]
     pub downtime_limit: Duration,
+    /// Post-copy of the disk (row, bitmap): `auto` switches over with the blocks the final round
+    /// cannot send within the downtime budget left at the destination, which serves the guest
+    /// at once, fetches a block when the guest reads it and gets the rest pushed in the
+    /// background; `always` does so whenever blocks are left; `never` sends everything while
+    /// the guest is paused.
+    #[arg(long, value_enum, default_value_t = PostcopyArg::Auto)]
+    pub postcopy: PostcopyArg,
     /// Disk pre-copy rounds before the final one (row: 2, bitmap: 3).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub rounds: Option<u32>,

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use control_api::{MigrateStartArgs, NoArgs, Phase, QueryDigest, QueryMigrate, StatusReply};
+use control_api::{MigrateFinishArgs, MigrateStartArgs, NoArgs, Phase, QueryDigest, QueryMigrate, StatusReply};
 use qmp_driver::proxy::status;
 use qmp_driver::{DiskMigration, Peer, Qmp};
 use serde_json::{json, Value};
@@ -23,6 +23,8 @@ const DIGEST_TIMEOUT: Duration = Duration::from_secs(600);
 const MIGRATION_EVENT_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long the destination guest may take to resume after the switchover.
 const RESUME_TIMEOUT: Duration = Duration::from_secs(120);
+/// What the destination guest's resume takes after the switchover, kept out of the disk's budget.
+const RESUME_MARGIN: Duration = Duration::from_millis(20);
 /// How long the mirror job may take to end after `block-job-cancel`.
 const MIRROR_CANCEL_TIMEOUT: Duration = Duration::from_secs(300);
 /// Node and job names the mirror strategy creates on the source QEMU.
@@ -317,7 +319,8 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
     // Memory: pause before switchover on the source, late block activation on the destination.
     ctx.src.migrate_set_capabilities(&[("events", true), ("pause-before-switchover", true)]).await?;
     ctx.dst.migrate_set_capabilities(&[("events", true), ("late-block-activate", true)]).await?;
-    let mut params = json!({ "downtime-limit": ctx.args.downtime_limit.as_millis() as u64 });
+    let memory_limit = memory_share(ctx.args.downtime_limit);
+    let mut params = json!({ "downtime-limit": memory_limit.as_millis() as u64 });
     // Unlimited unless asked (QEMU's default is 128 MiB/s; libvirt sets it unlimited too).
     params["max-bandwidth"] = json!(ctx.args.max_bandwidth.unwrap_or(u64::MAX >> 20));
     if ctx.args.tls_creds.is_some() {
@@ -336,17 +339,24 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
     progress_done();
     let paused_at = Instant::now();
     // The guest is paused and its block layer flushed: everything from here is downtime.
+    // What the disk may take of the downtime budget: what memory and the resume do not.
+    let disk_budget = ctx.args.downtime_limit.saturating_sub(memory_limit + RESUME_MARGIN + paused_at.elapsed());
+    let finish_args =
+        MigrateFinishArgs { postcopy: Some(ctx.args.postcopy.mode()), budget_ms: Some(disk_budget.as_millis() as u64) };
     let final_disk = if ctx.args.strategy.by_proxies() {
         ctx.finish_sent = true;
         // Every disk's final round at once; the switchover needs every commit.
-        let results = each_disk(&mut ctx.disks, |d| async move {
-            let r = async {
-                let r = DiskMigration { source: &mut d.src_proxy }.finish(FINISH_TIMEOUT).await?;
-                status(&mut d.dst_proxy).await.context("the destination proxy after the commit")?;
-                Ok(serde_json::to_value(r)?)
+        let results = each_disk(&mut ctx.disks, |d| {
+            let finish_args = finish_args.clone();
+            async move {
+                let r = async {
+                    let r = DiskMigration { source: &mut d.src_proxy }.finish(finish_args, FINISH_TIMEOUT).await?;
+                    status(&mut d.dst_proxy).await.context("the destination proxy after the commit")?;
+                    Ok(serde_json::to_value(r)?)
+                }
+                .await;
+                (d.name.clone(), r)
             }
-            .await;
-            (d.name.clone(), r)
         })
         .await;
         let finals = all_ok(results).context("the final disk round failed")?;
@@ -368,6 +378,8 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
         .wait_event(RESUME_TIMEOUT, |e| e.name == "RESUME")
         .await
         .context("the destination guest did not resume")?;
+    let switched = Instant::now();
+    let postcopy = if ctx.args.strategy.by_proxies() { wait_postcopy(ctx, switched).await? } else { Vec::new() };
     if ctx.args.strategy.by_proxies() {
         pause("before-complete").await;
         for d in &mut ctx.disks {
@@ -379,13 +391,24 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
     }
     let mem = ctx.src.query_migrate().await.context("query-migrate on the source")?;
     let downtime = secs(&resume.timestamp) - secs(&stop);
-    let disk = if ctx.args.strategy.by_proxies() { final_disk } else { disk_done };
+    let mut disk = if ctx.args.strategy.by_proxies() { final_disk } else { disk_done };
+    for (i, p) in postcopy.iter().enumerate() {
+        match &mut disk {
+            Value::Array(all) => all[i]["postcopy"] = p.clone(),
+            one => one["postcopy"] = p.clone(),
+        }
+    }
+    let predicted_disk_ms = finals_predicted_ms(&disk, disk_budget);
     Ok(json!({
         "strategy": ctx.args.strategy.name(),
         "disk-count": ctx.disks.len(),
         "total-seconds": ctx.started.elapsed().as_secs_f64(),
         "disk-precopy-seconds": precopy_seconds,
         "downtime-ms": downtime * 1000.0,
+        "downtime-limit-ms": ctx.args.downtime_limit.as_secs_f64() * 1000.0,
+        "disk-budget-ms": disk_budget.as_secs_f64() * 1000.0,
+        "predicted-downtime-ms": predicted_disk_ms + (memory_limit + RESUME_MARGIN).as_secs_f64() * 1000.0,
+        "postcopy": !postcopy.is_empty(),
         "final-disk-round-ms": final_disk_seconds * 1000.0,
         "memory-stop-and-copy-ms": ((downtime - final_disk_seconds - verify_seconds) * 1000.0).max(0.0),
         "verify-disk-ms": verify_seconds * 1000.0,
@@ -395,6 +418,80 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
         "disk": disk,
         "disk-verified": verified,
     }))
+}
+
+/// What memory's stop-and-copy gets of the downtime budget (QEMU's downtime-limit).
+fn memory_share(limit: Duration) -> Duration {
+    limit * 2 / 3
+}
+
+/// The downtime the final disk round was predicted to take: its prediction when it was sent,
+/// the budget when post-copy kept it within that (the largest over the disks).
+fn finals_predicted_ms(disk: &Value, budget: Duration) -> f64 {
+    let one = |d: &Value| match d.get("postcopy") {
+        Some(p) if p.is_object() => budget.as_secs_f64() * 1000.0,
+        _ => d["predicted-final-ms"].as_f64().unwrap_or(0.0),
+    };
+    match disk {
+        Value::Array(all) => all.iter().map(one).fold(0.0, f64::max),
+        d => one(d),
+    }
+}
+
+/// After the switchover: waits until every post-copy is over (the destinations hold every
+/// block), showing its progress; a destination guest that paused on a read error while the
+/// link was down is resumed once the push runs again. Returns each post-copy disk's figures.
+async fn wait_postcopy(ctx: &mut Ctx, switched: Instant) -> Result<Vec<Value>> {
+    let mut figures = vec![Value::Null; ctx.disks.len()];
+    let mut any = false;
+    loop {
+        let mut running = false;
+        let mut stalled = false;
+        for (i, d) in ctx.disks.iter_mut().enumerate() {
+            let s = DiskMigration { source: &mut d.src_proxy }
+                .status()
+                .await
+                .with_context(|| format!("the source proxy ({})", d.name))?;
+            let Some(p) = s.postcopy else { continue };
+            any = true;
+            stalled |= p.stalled.is_some();
+            if p.done {
+                if figures[i].is_null() {
+                    let dst = status(&mut d.dst_proxy).await.ok().and_then(|s| s.postcopy);
+                    let mut v = serde_json::to_value(&p)?;
+                    v["seconds"] = json!(switched.elapsed().as_secs_f64());
+                    v["bytes"] = json!(dst.as_ref().map(|x| x.received_bytes));
+                    v["fetch-count"] = json!(dst.as_ref().map(|x| x.waits));
+                    v["fetch-max-ms"] = json!(dst.as_ref().map(|x| x.wait_max_ms));
+                    v["fetch-mean-ms"] = json!(dst.as_ref().map(|x| x.wait_mean_ms));
+                    figures[i] = v;
+                }
+                continue;
+            }
+            running = true;
+            let total = p.blocks.max(p.remaining_blocks) * d.block_size.max(1);
+            let done = total - p.remaining_blocks * d.block_size.max(1);
+            let what = match &p.stalled {
+                Some(why) => format!("link down, reconnecting: {why}"),
+                None => progress_detail(done, total, s.rate),
+            };
+            progress_line(&format!("{} post-copy", d.name), &what);
+        }
+        if !running {
+            progress_done();
+            return Ok(if any { figures.into_iter().filter(|v| !v.is_null()).collect() } else { Vec::new() });
+        }
+        // A read error while the link was down pauses the guest (rerror=stop); once the push
+        // runs again its reads can be answered.
+        if !stalled {
+            let st = ctx.dst.execute_raw("query-status", json!({})).await?;
+            if st["status"] == "io-error" {
+                tracing::warn!("the destination guest paused on a disk error while the link was down: resuming it");
+                ctx.dst.execute_raw("cont", json!({})).await.context("cont on the destination")?;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Compares the disk digests of both proxies of every disk while the guest is paused.

@@ -1,0 +1,505 @@
+//! The destination's side of post-copy: the blocks it serves but does not hold yet, how a
+//! request waits for them, and how they arrive (see `migration_session::residual`).
+//!
+//! - A block arrives (pushed, or fetched for a read) and is written only if it is still
+//!   missing: a block the guest has written here is never overwritten by the source.
+//! - A guest write that covers whole missing blocks makes them held (no fetch); one that covers
+//!   part of a missing block waits for that block first, like a read.
+//! - `IMAGE.residual` records what is missing; `held` records are appended only after a sync
+//!   of the image (at the guest's flushes and FUA writes, and every few megabytes of pushed
+//!   data), so after a crash a block is either fetched again or holds synced data.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use migration_session::{BlockSet, ResidualLog, ResidualRecord, SessionId};
+use migration_stream::{Message, MAX_BLOCK_LEN};
+use row_store::storage::suffixed;
+use row_store::{BlockBackend, Disk, Posix, Storage, ZeroFlags, BLOCK_SIZE};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+/// Bytes received between two checkpoints of the residual log.
+const CHECKPOINT_BYTES: u64 = 64 << 20;
+
+/// A destination's post-copy, shared by its NBD export, its migration connections and
+/// `query-status`: the residual while one runs, and the link to ask the source for blocks.
+#[derive(Debug, Default)]
+pub struct Postcopy {
+    residual: RwLock<Option<Arc<Residual>>>,
+    last: Mutex<Option<PullStats>>,
+    /// The current session connection, for fetches.
+    pub link: FetchLink,
+}
+
+impl Postcopy {
+    /// The residual, while a post-copy runs.
+    pub fn residual(&self) -> Option<Arc<Residual>> {
+        self.residual.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Starts (`Some`) or ends (`None`) a post-copy; the figures of the last one are kept.
+    pub fn set(&self, residual: Option<Arc<Residual>>) {
+        let mut slot = self.residual.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = slot.as_ref() {
+            *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(old.stats());
+        }
+        *slot = residual;
+    }
+
+    /// For `query-status`: the post-copy running, or the last one's figures.
+    pub fn status(&self) -> Option<control_api::IncomingPostcopy> {
+        let (missing, stats) = match self.residual() {
+            Some(r) => (r.missing_blocks(), r.stats()),
+            None => (0, (*self.last.lock().unwrap_or_else(|e| e.into_inner()))?),
+        };
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        Some(control_api::IncomingPostcopy {
+            missing_blocks: missing,
+            link_up: self.link.connected(),
+            waits: stats.waits,
+            wait_max_ms: ms(stats.max),
+            wait_mean_ms: if stats.waits == 0 { 0.0 } else { ms(stats.total) / stats.waits as f64 },
+            received_bytes: stats.received_bytes,
+        })
+    }
+}
+
+/// The residual log's path for `image`.
+pub fn log_path(image: &Path) -> PathBuf {
+    suffixed(image, ".residual")
+}
+
+/// The first and end block of a byte range.
+pub fn blocks_of(offset: u64, len: u64) -> (u64, u64) {
+    (offset / BLOCK_SIZE, (offset + len).div_ceil(BLOCK_SIZE))
+}
+
+/// The figures of the post-copy reads that had to wait, for `query-status`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PullStats {
+    /// Requests that waited for blocks from the source.
+    pub waits: u64,
+    /// Their longest wait.
+    pub max: Duration,
+    /// Their total wait.
+    pub total: Duration,
+    /// Bytes that arrived from the source after the switchover.
+    pub received_bytes: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    missing: BlockSet,
+    /// Missing blocks asked for on the current link.
+    requested: BlockSet,
+    /// Held (arrived, or written whole by the guest) but not yet recorded in the log.
+    unlogged: Vec<(u64, u64)>,
+    log: Option<File>,
+    since_checkpoint: u64,
+    stats: PullStats,
+}
+
+/// The blocks a destination serves but does not hold yet.
+#[derive(Debug)]
+pub struct Residual {
+    disk: Arc<Disk>,
+    path: PathBuf,
+    state: Mutex<State>,
+    arrived: Notify,
+}
+
+impl Residual {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn with(disk: Arc<Disk>, path: PathBuf, missing: BlockSet, log: File) -> Self {
+        let state = State {
+            missing,
+            requested: BlockSet::new(),
+            unlogged: Vec::new(),
+            log: Some(log),
+            since_checkpoint: 0,
+            stats: PullStats::default(),
+        };
+        Self { disk, path, state: Mutex::new(state), arrived: Notify::new() }
+    }
+
+    /// Records `missing` durably as the residual of `session` (at a post-copy commit, before
+    /// the commit itself is recorded). Blocking.
+    pub fn create(disk: Arc<Disk>, session: SessionId, missing: BlockSet) -> io::Result<Self> {
+        let path = log_path(disk.image_path());
+        let mut bytes = ResidualLog::header(session, BLOCK_SIZE as u32);
+        for (start, end) in missing.iter() {
+            ResidualLog::record(ResidualRecord::Missing { first: start, count: end - start }, &mut bytes);
+        }
+        Posix.replace(&path, &bytes)?;
+        let log = std::fs::OpenOptions::new().append(true).open(&path)?;
+        Ok(Self::with(disk, path, missing, log))
+    }
+
+    /// The residual of `session` left by a restart, if a post-copy was running. Blocking.
+    pub fn open(disk: Arc<Disk>, session: SessionId) -> anyhow::Result<Option<Self>> {
+        let path = log_path(disk.image_path());
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("reading {}", path.display()))),
+        };
+        let missing = ResidualLog::replay(&bytes, session, BLOCK_SIZE as u32)
+            .map_err(|e| anyhow::Error::new(e).context(format!("{} cannot be used", path.display())))?;
+        let log = std::fs::OpenOptions::new().append(true).open(&path)?;
+        tracing::warn!(
+            blocks = missing.blocks(),
+            "a post-copy was running before the restart: waiting for the source to resume it"
+        );
+        Ok(Some(Self::with(disk, path, missing, log)))
+    }
+
+    /// Throws the residual away (the disk was given back to the source). Blocking.
+    pub fn discard(image: &Path) -> io::Result<()> {
+        let path = log_path(image);
+        match Posix.remove(&path) {
+            Ok(()) => Posix.sync_parent(&path),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Blocks still missing.
+    pub fn missing_blocks(&self) -> u64 {
+        self.lock().missing.blocks()
+    }
+
+    /// The missing ranges, in bytes (for a `Resume`).
+    pub fn missing_ranges(&self) -> Vec<(u64, u64)> {
+        let size = self.disk.size();
+        self.lock().missing.iter().map(|(s, e)| (s * BLOCK_SIZE, (e * BLOCK_SIZE).min(size) - s * BLOCK_SIZE)).collect()
+    }
+
+    /// The wait figures.
+    pub fn stats(&self) -> PullStats {
+        self.lock().stats
+    }
+
+    /// Whether `[offset, offset+len)` reads anything not held here (for block status).
+    pub fn any_missing(&self, offset: u64, len: u64) -> bool {
+        let (s, e) = blocks_of(offset, len);
+        self.lock().missing.any_within(s, e)
+    }
+
+    /// Data of the source for `offset` arrived: the blocks still missing are written. Blocking.
+    pub fn receive(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.arrive(offset, data.len() as u64, |at, len| {
+            let from = (at - offset) as usize;
+            self.disk.write_at(&data[from..from + len as usize], at, false)
+        })
+    }
+
+    /// A zeroed range of the source arrived. Blocking.
+    pub fn receive_zero(&self, offset: u64, len: u64) -> io::Result<()> {
+        let flags = ZeroFlags { may_punch: true, ..ZeroFlags::default() };
+        self.arrive(offset, len, |at, n| self.disk.write_zeroes(at, n, flags))
+    }
+
+    fn arrive(&self, offset: u64, len: u64, mut write: impl FnMut(u64, u64) -> io::Result<()>) -> io::Result<()> {
+        let end = offset + len;
+        if !offset.is_multiple_of(BLOCK_SIZE) || (!end.is_multiple_of(BLOCK_SIZE) && end != self.disk.size()) {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "post-copy data is not block-aligned"));
+        }
+        let (first, last) = blocks_of(offset, len);
+        let mut st = self.lock();
+        for (s, e) in st.missing.within(first, last) {
+            let at = s * BLOCK_SIZE;
+            write(at, (e * BLOCK_SIZE).min(end) - at)?;
+            st.missing.remove(s, e);
+            st.requested.remove(s, e);
+            st.unlogged.push((s, e));
+        }
+        st.stats.received_bytes += len;
+        st.since_checkpoint += len;
+        let checkpoint = st.since_checkpoint >= CHECKPOINT_BYTES;
+        drop(st);
+        self.arrived.notify_waiters();
+        if checkpoint {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// A guest write is about to cover `[offset, offset+len)`: the whole missing blocks in it
+    /// stop being missing (nothing arriving may overwrite them). Returns them, for
+    /// [`Residual::written`] once the write is done.
+    pub fn cover(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        let first = offset.div_ceil(BLOCK_SIZE);
+        let end = offset + len;
+        let last = if end == self.disk.size() { end.div_ceil(BLOCK_SIZE) } else { end / BLOCK_SIZE };
+        if first >= last {
+            return Vec::new();
+        }
+        let mut st = self.lock();
+        let covered = st.missing.within(first, last);
+        for &(s, e) in &covered {
+            st.missing.remove(s, e);
+            st.requested.remove(s, e);
+        }
+        drop(st);
+        if !covered.is_empty() {
+            self.arrived.notify_waiters();
+        }
+        covered
+    }
+
+    /// The write over `covered` is done: they are held, to be logged at the next checkpoint.
+    pub fn written(&self, covered: Vec<(u64, u64)>) {
+        if !covered.is_empty() {
+            self.lock().unlogged.extend(covered);
+        }
+    }
+
+    /// Makes what arrived durable and records it: sync the image, then append the `held`
+    /// records and sync the log. Blocking.
+    pub fn checkpoint(&self) -> io::Result<()> {
+        let held = {
+            let mut st = self.lock();
+            st.since_checkpoint = 0;
+            std::mem::take(&mut st.unlogged)
+        };
+        self.disk.flush()?;
+        if held.is_empty() {
+            return Ok(());
+        }
+        let mut bytes = Vec::with_capacity(held.len() * migration_session::residual::RECORD_LEN);
+        for (s, e) in &held {
+            ResidualLog::record(ResidualRecord::Held { first: *s, count: e - s }, &mut bytes);
+        }
+        let mut st = self.lock();
+        let r = match st.log.as_mut() {
+            Some(f) => f.write_all(&bytes).and_then(|_| f.sync_data()),
+            None => Ok(()),
+        };
+        if r.is_err() {
+            // Not recorded: keep them for the next try (a restart would fetch them again).
+            st.unlogged.extend(held);
+        }
+        r
+    }
+
+    /// Every block is here: sync the image and remove the log. Blocking.
+    pub fn finish(&self) -> anyhow::Result<()> {
+        let left = self.missing_blocks();
+        if left > 0 {
+            anyhow::bail!("the source says it pushed everything, but {left} blocks are still missing");
+        }
+        self.disk.flush()?;
+        self.lock().log = None;
+        Posix.remove(&self.path)?;
+        Posix.sync_parent(&self.path)?;
+        Ok(())
+    }
+
+    /// Waits until no block of `[first, last)` is missing, asking the source for them over
+    /// `link`; fails after `wait` without progress from the source.
+    pub async fn wait_held(&self, link: &FetchLink, first: u64, last: u64, wait: Duration) -> io::Result<()> {
+        let started = Instant::now();
+        let mut deadline = tokio::time::Instant::now() + wait;
+        let mut before = u64::MAX;
+        loop {
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            let ask = {
+                let mut st = self.lock();
+                let missing = st.missing.within(first, last);
+                if missing.is_empty() {
+                    if before != u64::MAX {
+                        let waited = started.elapsed();
+                        st.stats.waits += 1;
+                        st.stats.total += waited;
+                        st.stats.max = st.stats.max.max(waited);
+                    }
+                    return Ok(());
+                }
+                let left: u64 = missing.iter().map(|(s, e)| e - s).sum();
+                if left < before {
+                    // Progress: the source is there; the wait starts again.
+                    if before != u64::MAX {
+                        deadline = tokio::time::Instant::now() + wait;
+                    }
+                    before = left;
+                }
+                let mut ask = Vec::new();
+                for (s, e) in missing {
+                    for (a, b) in unrequested(&st.requested, s, e) {
+                        ask.push((a, b));
+                    }
+                }
+                if link.connected() {
+                    for &(a, b) in &ask {
+                        st.requested.insert(a, b);
+                    }
+                }
+                ask
+            };
+            let size = self.disk.size();
+            for (a, b) in ask {
+                link.request_blocks(a, b, size);
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("blocks {first}..{last} are still at the source, which has not sent them for {wait:?}"),
+                ));
+            }
+        }
+    }
+
+    /// The link to the source changed: what was asked on the old one is asked again.
+    pub fn link_changed(&self) {
+        self.lock().requested = BlockSet::new();
+        self.arrived.notify_waiters();
+    }
+}
+
+/// The parts of `[s, e)` not in `requested`.
+fn unrequested(requested: &BlockSet, s: u64, e: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = s;
+    for (a, b) in requested.within(s, e) {
+        if a > at {
+            out.push((at, a));
+        }
+        at = b;
+    }
+    if at < e {
+        out.push((at, e));
+    }
+    out
+}
+
+/// The destination's way to ask the source for data now: the current session connection's
+/// outgoing frames, and the reads waiting for answers.
+#[derive(Debug, Default)]
+pub struct FetchLink {
+    inner: Mutex<LinkState>,
+    attached: Notify,
+}
+
+#[derive(Debug, Default)]
+struct LinkState {
+    tx: Option<(u64, mpsc::UnboundedSender<Message>)>,
+    generation: u64,
+    next_id: u64,
+    waiting: HashMap<u64, oneshot::Sender<Vec<u8>>>,
+}
+
+impl FetchLink {
+    fn lock(&self) -> MutexGuard<'_, LinkState> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A session connection is up: fetches go to it. Returns its generation and the frames to
+    /// send on it.
+    pub fn attach(&self) -> (u64, mpsc::UnboundedReceiver<Message>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut l = self.lock();
+        l.generation += 1;
+        let g = l.generation;
+        l.tx = Some((g, tx));
+        // Answers promised on an older connection will not come.
+        l.waiting.clear();
+        drop(l);
+        self.attached.notify_waiters();
+        (g, rx)
+    }
+
+    /// The connection of `generation` is gone.
+    pub fn detach(&self, generation: u64) {
+        let mut l = self.lock();
+        if l.tx.as_ref().is_some_and(|(g, _)| *g == generation) {
+            l.tx = None;
+            l.waiting.clear();
+        }
+    }
+
+    /// Whether a session connection is up.
+    pub fn connected(&self) -> bool {
+        self.lock().tx.is_some()
+    }
+
+    fn send(&self, msg: Message) -> bool {
+        self.lock().tx.as_ref().is_some_and(|(_, tx)| tx.send(msg).is_ok())
+    }
+
+    /// Asks for blocks `[first, end)` (answers arrive as `Fetched` frames, id 0: no waiter).
+    pub fn request_blocks(&self, first: u64, end: u64, size: u64) {
+        let (start, stop) = (first * BLOCK_SIZE, (end * BLOCK_SIZE).min(size));
+        let mut at = start;
+        while at < stop {
+            let len = (stop - at).min(MAX_BLOCK_LEN as u64) as u32;
+            if !self.send(Message::Fetch { id: 0, offset: at, len }) {
+                return;
+            }
+            at += len as u64;
+        }
+    }
+
+    /// The source's current content of `[offset, offset+len)`, before any commit (a read while
+    /// the disk is still arriving); `None` if no session connection is up or it broke.
+    pub async fn read_now(&self, offset: u64, len: u64, wait: Duration) -> Option<Vec<u8>> {
+        let mut answers = Vec::new();
+        {
+            let mut l = self.lock();
+            let (_, tx) = l.tx.clone()?;
+            let mut at = offset;
+            while at < offset + len {
+                let n = (offset + len - at).min(MAX_BLOCK_LEN as u64) as u32;
+                l.next_id += 1;
+                let id = l.next_id;
+                let (done, answer) = oneshot::channel();
+                l.waiting.insert(id, done);
+                tx.send(Message::Fetch { id, offset: at, len: n }).ok()?;
+                answers.push(answer);
+                at += n as u64;
+            }
+        }
+        let mut out = Vec::with_capacity(len as usize);
+        for a in answers {
+            out.extend(tokio::time::timeout(wait, a).await.ok()?.ok()?);
+        }
+        Some(out)
+    }
+
+    /// An answer arrived.
+    pub fn answered(&self, id: u64, data: Vec<u8>) {
+        if let Some(w) = self.lock().waiting.remove(&id) {
+            let _ = w.send(data);
+        }
+    }
+}
+
+/// The bytes of `[offset, offset+len)` as the image holds them now. Blocking.
+pub fn read_local(disk: &Disk, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(len as usize);
+    disk.read_append(&mut out, len as usize, offset)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unrequested_parts() {
+        let mut r = BlockSet::new();
+        r.insert(10, 20);
+        r.insert(30, 35);
+        assert_eq!(unrequested(&r, 0, 40), vec![(0, 10), (20, 30), (35, 40)]);
+        assert_eq!(unrequested(&r, 12, 18), vec![]);
+        assert_eq!(unrequested(&r, 15, 32), vec![(20, 30)]);
+    }
+}
