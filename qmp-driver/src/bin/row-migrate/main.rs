@@ -187,7 +187,8 @@ pub struct Args {
     /// cannot send within the downtime budget left at the destination, which serves the guest
     /// at once, fetches a block when the guest reads it and gets the rest pushed in the
     /// background; `always` does so whenever blocks are left; `never` sends everything while
-    /// the guest is paused.
+    /// the guest is paused. --verify-disk implies `never` (it compares both disks before the
+    /// switchover).
     #[arg(long, value_enum, default_value_t = PostcopyArg::Auto)]
     pub postcopy: PostcopyArg,
     /// Disk pre-copy rounds before the final one (row: 2, bitmap: 3).

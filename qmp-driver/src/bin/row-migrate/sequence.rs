@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::disks::{disk_name, disk_specs, DiskSpec};
 use crate::report::{progress_detail, progress_done, progress_line};
-use crate::{exit, Args, MirrorMode, Strategy};
+use crate::{exit, Args, MirrorMode, PostcopyArg, Strategy};
 
 /// Short command timeout; long ones get their own.
 pub const CMD: Duration = Duration::from_secs(30);
@@ -340,9 +340,11 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
     let paused_at = Instant::now();
     // The guest is paused and its block layer flushed: everything from here is downtime.
     // What the disk may take of the downtime budget: what memory and the resume do not.
+    // --verify-disk compares both disks before the switchover: the destination must hold all.
+    let postcopy = if ctx.args.verify_disk { PostcopyArg::Never } else { ctx.args.postcopy };
     let disk_budget = ctx.args.downtime_limit.saturating_sub(memory_limit + RESUME_MARGIN + paused_at.elapsed());
     let finish_args =
-        MigrateFinishArgs { postcopy: Some(ctx.args.postcopy.mode()), budget_ms: Some(disk_budget.as_millis() as u64) };
+        MigrateFinishArgs { postcopy: Some(postcopy.mode()), budget_ms: Some(disk_budget.as_millis() as u64) };
     let final_disk = if ctx.args.strategy.by_proxies() {
         ctx.finish_sent = true;
         // Every disk's final round at once; the switchover needs every commit.
