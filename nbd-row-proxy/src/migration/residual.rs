@@ -491,7 +491,106 @@ pub fn read_local(disk: &Disk, offset: u64, len: u64) -> io::Result<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
+    use row_store::DiskOptions;
+
     use super::*;
+
+    const ID: SessionId = SessionId([9; 16]);
+
+    /// A 64-block disk of zeroes in a temporary directory.
+    fn disk() -> (tempfile::TempDir, Arc<Disk>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        std::fs::write(&path, vec![0u8; 64 * BLOCK_SIZE as usize]).unwrap();
+        (dir, Arc::new(Disk::open(&path, DiskOptions::default()).unwrap()))
+    }
+
+    fn block(byte: u8) -> Vec<u8> {
+        vec![byte; BLOCK_SIZE as usize]
+    }
+
+    fn read(disk: &Disk, b: u64) -> Vec<u8> {
+        read_local(disk, b * BLOCK_SIZE, BLOCK_SIZE).unwrap()
+    }
+
+    #[test]
+    fn arrivals_never_overwrite_what_the_guest_wrote() {
+        let (_dir, disk) = disk();
+        let mut missing = BlockSet::new();
+        missing.insert(10, 20);
+        let r = Residual::create(disk.clone(), ID, missing).unwrap();
+        // The guest writes block 12 whole: it is held at once.
+        let covered = r.cover(12 * BLOCK_SIZE, BLOCK_SIZE);
+        assert_eq!(covered, vec![(12, 13)]);
+        disk.write_at(&block(0xaa), 12 * BLOCK_SIZE, false).unwrap();
+        r.written(covered);
+        // A write covering only part of block 14 makes nothing held (it must fetch first).
+        assert!(r.cover(14 * BLOCK_SIZE + 512, 512).is_empty());
+        // The source's blocks 10..20 arrive: block 12 keeps the guest's data.
+        let data: Vec<u8> = (10..20).flat_map(|b| block(b as u8)).collect();
+        r.receive(10 * BLOCK_SIZE, &data).unwrap();
+        assert_eq!(read(&disk, 12), block(0xaa));
+        assert_eq!(read(&disk, 13), block(13));
+        assert_eq!(r.missing_blocks(), 0);
+        assert!(!r.any_missing(0, 64 * BLOCK_SIZE));
+        // Arriving data must be whole blocks.
+        assert!(r.receive(BLOCK_SIZE + 1, &block(1)).is_err());
+    }
+
+    #[test]
+    fn after_a_crash_only_synced_arrivals_count_as_held() {
+        let (_dir, disk) = disk();
+        let mut missing = BlockSet::new();
+        missing.insert(0, 8);
+        let r = Residual::create(disk.clone(), ID, missing).unwrap();
+        r.receive(0, &block(1)).unwrap();
+        r.checkpoint().unwrap();
+        // Block 1 arrives but no checkpoint follows: a restart must fetch it again.
+        r.receive(BLOCK_SIZE, &block(2)).unwrap();
+        let covered = r.cover(2 * BLOCK_SIZE, BLOCK_SIZE);
+        disk.write_at(&block(3), 2 * BLOCK_SIZE, false).unwrap();
+        r.written(covered);
+        drop(r);
+        let again = Residual::open(disk.clone(), ID).unwrap().expect("the log survives");
+        assert_eq!(again.missing_ranges(), vec![(BLOCK_SIZE, 7 * BLOCK_SIZE)]);
+        // A flush of the guest's writes (the checkpoint) records them.
+        let covered = again.cover(2 * BLOCK_SIZE, BLOCK_SIZE);
+        again.written(covered);
+        again.checkpoint().unwrap();
+        drop(again);
+        let third = Residual::open(disk.clone(), ID).unwrap().unwrap();
+        assert_eq!(third.missing_ranges(), vec![(BLOCK_SIZE, BLOCK_SIZE), (3 * BLOCK_SIZE, 5 * BLOCK_SIZE)]);
+        // The log of another session is refused, not trusted.
+        assert!(Residual::open(disk.clone(), SessionId([1; 16])).is_err());
+        // Finishing with blocks still missing is refused; once all arrived the log goes.
+        assert!(third.finish().is_err());
+        let rest: Vec<u8> = (0..8).flat_map(|b| block(b as u8)).collect();
+        third.receive(0, &rest).unwrap();
+        third.finish().unwrap();
+        assert!(Residual::open(disk, ID).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_wait_fails_without_a_source_and_ends_when_blocks_arrive() {
+        let (_dir, disk) = disk();
+        let mut missing = BlockSet::new();
+        missing.insert(4, 6);
+        let r = Arc::new(Residual::create(disk, ID, missing).unwrap());
+        let link = Arc::new(FetchLink::default());
+        let e = r.wait_held(&link, 4, 5, Duration::from_millis(100)).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        // With a link, the wait asks for the block; its arrival ends the wait.
+        let (_generation, mut asked) = link.attach();
+        let (r2, link2) = (r.clone(), link.clone());
+        let waiter = tokio::spawn(async move { r2.wait_held(&link2, 4, 6, Duration::from_secs(10)).await });
+        let Some(Message::Fetch { offset, len, .. }) = asked.recv().await else { panic!("no fetch") };
+        assert_eq!((offset, len), (4 * BLOCK_SIZE, 2 * BLOCK_SIZE as u32));
+        let data = [block(4), block(5)].concat();
+        let r3 = r.clone();
+        tokio::task::spawn_blocking(move || r3.receive(4 * BLOCK_SIZE, &data)).await.unwrap().unwrap();
+        waiter.await.unwrap().unwrap();
+        assert_eq!(r.stats().waits, 1);
+    }
 
     #[test]
     fn unrequested_parts() {
