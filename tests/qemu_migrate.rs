@@ -150,6 +150,41 @@ fn qemu_mirror_strategy_moves_a_writing_guest_and_its_disk() {
     migrate_once("qemu-mirror", Role::MirrorTarget, None);
 }
 
+/// Post-copy with a real guest: `--postcopy always` switches over with the final round's blocks
+/// still on A; the guest runs on B at once (its reads of those blocks fetch them), the push is
+/// held back by the test hook and the link is cut for 5 s meanwhile; the push resumes over a new
+/// connection (a guest paused by `rerror=stop` is resumed), and every write verifies on B.
+#[test]
+fn postcopy_moves_a_writing_guest_through_a_cut_link() {
+    let _serial = serial();
+    let guest = Guest { resilient: true, ..Guest::default() };
+    let mut rig = Rig::start_with(Role::Receive, MIGRATE_SECONDS, guest, &[("NBD_ROW_PAUSE", "postcopy-push:6000")]);
+    std::thread::sleep(Duration::from_secs(2));
+    let driver = rig.spawn_driver(HostId::A, HostId::B, "row", &["--postcopy", "always"]);
+    wait_until("a post-copy on B", Duration::from_secs(120), || {
+        rig.b().proxy_status()["postcopy"]["missing-blocks"].as_u64().filter(|n| *n > 0)
+    });
+    eprintln!("[{:5.1}s] post-copy running on B: cutting the link for 5 s", rig.secs());
+    let veth = rig.net.veth_a.clone();
+    let ns = rig.net.a.clone();
+    let link = |state: &str| run_ok(std::process::Command::new("ip").args(["-n", &ns, "link", "set", &veth, state]));
+    link("down");
+    std::thread::sleep(Duration::from_secs(5));
+    link("up");
+    let res = driver.wait(Duration::from_secs(180));
+    assert!(res.success, "row-migrate failed after {:.1} s; stderr:\n{}", res.seconds, res.stderr);
+    let report: Value = serde_json::from_str(res.stdout.lines().last().unwrap_or_default()).expect("a JSON report");
+    eprintln!("[{:5.1}s] row-migrate done: {report}", rig.secs());
+    check_report(&report, "row", Some(3), false);
+    assert_eq!(report["postcopy"], true, "{report}");
+    let pc = &report["disk"]["postcopy"];
+    assert!(pc["done"] == true && pc["blocks"].as_u64().unwrap_or(0) > 0, "{report}");
+    let b = rig.b().proxy_status();
+    assert_eq!(b["postcopy"]["missing-blocks"], 0, "B holds every block: {b}");
+    let (a, b) = (index(&rig, HostId::A), index(&rig, HostId::B));
+    check_landed(&mut rig, a, b, true);
+}
+
 #[test]
 fn guest_migrates_to_b_and_back_to_a() {
     let _serial = serial();

@@ -69,6 +69,12 @@ pub fn print(r: &Value) {
         r["final-disk-round-ms"].as_f64().unwrap_or(0.0),
         r["memory-stop-and-copy-ms"].as_f64().unwrap_or(0.0)
     );
+    if let (Some(limit), Some(predicted)) = (r["downtime-limit-ms"].as_f64(), r["predicted-downtime-ms"].as_f64()) {
+        println!(
+            "downtime budget       {limit:.0} ms, predicted {predicted:.0} ms (disk {:.0} ms of it)",
+            r["disk-budget-ms"].as_f64().unwrap_or(0.0)
+        );
+    }
     if let Some(ms) = r["verify-disk-ms"].as_f64().filter(|ms| *ms > 0.0) {
         println!("disk check            {ms:.0} ms of the downtime (--verify-disk: both digests equal)");
     }
@@ -86,6 +92,20 @@ pub fn print(r: &Value) {
 
 /// One disk's rounds and bytes.
 fn print_disk(disk: &Value) {
+    let p = &disk["postcopy"];
+    if p.is_object() {
+        println!(
+            "post-copy             {} blocks after the switchover ({}); {:.1} s until the destination held all, \
+             {} reads waited (longest {:.0} ms, mean {:.0} ms), {} reconnects",
+            p["blocks"].as_u64().unwrap_or(0),
+            p["reason"].as_str().unwrap_or("?"),
+            p["seconds"].as_f64().unwrap_or(0.0),
+            p["fetch-count"].as_u64().unwrap_or(0),
+            p["fetch-max-ms"].as_f64().unwrap_or(0.0),
+            p["fetch-mean-ms"].as_f64().unwrap_or(0.0),
+            p["reconnects"].as_u64().unwrap_or(0)
+        );
+    }
     if let Some(rounds) = disk["rounds"].as_array() {
         println!("disk round  kind     blocks   logical MB   wire MB   seconds");
         for round in rounds {
