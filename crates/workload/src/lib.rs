@@ -256,7 +256,7 @@ impl Ledger {
         self.versions.len() as u64
     }
 
-    /// Number of writes recorded.
+    /// Number of writes recorded (block writes: a write of several blocks records each).
     pub fn writes(&self) -> u64 {
         self.writes
     }
@@ -309,31 +309,61 @@ pub struct Write {
 }
 
 /// A generator with its ledger: the sequence of writes a run performs.
+///
+/// With [`Workload::with_write_blocks`] every write covers `n` consecutive blocks: the
+/// generator's profile then counts in units of `n` blocks (unit `u` is blocks `u·n..u·n+n`),
+/// and every block of a unit gets its own ledger record, so all blocks of a unit always hold
+/// the same version and the ledger stays exact per block.
 #[derive(Debug, Clone)]
 pub struct Workload {
-    /// Picks the blocks.
+    /// Picks the blocks (the units, with more than one block per write).
     pub generator: Generator,
-    /// What has been handed out so far.
+    /// What has been handed out so far, per block.
     pub ledger: Ledger,
+    write_blocks: u64,
 }
 
 impl Workload {
     /// A workload for `profile` (which must be valid) and `seed`.
     pub fn new(profile: Profile, seed: u64) -> Self {
-        let ledger = Ledger::new(profile.area_blocks);
-        Self { generator: Generator::new(profile, seed), ledger }
+        Self::with_write_blocks(profile, seed, 1)
     }
 
-    /// The next write, recorded in the ledger.
+    /// A workload whose writes cover `write_blocks` (at least 1) consecutive blocks each;
+    /// `profile` counts units of that many blocks.
+    pub fn with_write_blocks(profile: Profile, seed: u64, write_blocks: u64) -> Self {
+        assert!(write_blocks >= 1, "a write covers at least one block");
+        let blocks = profile.area_blocks.checked_mul(write_blocks).expect("area too large");
+        let ledger = Ledger::new(blocks);
+        Self { generator: Generator::new(profile, seed), ledger, write_blocks }
+    }
+
+    /// Blocks per write.
+    pub fn write_blocks(&self) -> u64 {
+        self.write_blocks
+    }
+
+    /// The next write, recorded in the ledger: its first block (within the area) and the
+    /// version all of its [`Workload::write_blocks`] blocks get.
     pub fn next_write(&mut self) -> Write {
-        let block = self.generator.next_block();
-        let version = self.ledger.record(block);
-        Write { block, version }
+        let n = self.write_blocks;
+        let first = self.generator.next_block() * n;
+        let version = self.ledger.record(first);
+        for b in first + 1..first + n {
+            let v = self.ledger.record(b);
+            debug_assert_eq!(v, version, "blocks of one unit always share their version");
+        }
+        Write { block: first, version }
     }
 
     /// The ledger after the first `writes` writes of `profile` with `seed`.
     pub fn ledger_after(profile: Profile, seed: u64, writes: u64) -> Ledger {
-        let mut w = Self::new(profile, seed);
+        Self::ledger_after_with(profile, seed, 1, writes)
+    }
+
+    /// The ledger after the first `writes` writes of `write_blocks` blocks each.
+    pub fn ledger_after_with(profile: Profile, seed: u64, write_blocks: u64, writes: u64) -> Ledger {
+        let mut w = Self::with_write_blocks(profile, seed, write_blocks);
         for _ in 0..writes {
             w.next_write();
         }
@@ -613,5 +643,39 @@ mod tests {
         // Hot blocks collect most versions: 20 blocks share ~90% of 5000 writes.
         let hot_max = (0..20).map(|i| mine.latest(w.generator.hot_block(i))).max().unwrap();
         assert!(hot_max > 150, "{hot_max}");
+    }
+
+    #[test]
+    fn multi_block_writes_version_every_block_of_their_unit() {
+        // Sequential new data, 16 blocks per write: each write is the next 16 blocks, version 1.
+        let p = Profile { sequential: true, ..Profile::uniform(100) };
+        let mut w = Workload::with_write_blocks(p, 7, 16);
+        assert_eq!(w.write_blocks(), 16);
+        assert_eq!(w.ledger.area_blocks(), 1600);
+        for i in 0..100 {
+            assert_eq!(w.next_write(), Write { block: i * 16, version: 1 });
+        }
+        assert_eq!(w.ledger.blocks_written(), 1600);
+        assert_eq!(w.ledger.overwrite_share(), 0.0);
+        // The area wraps: the second pass rewrites every block as version 2.
+        assert_eq!(w.next_write(), Write { block: 0, version: 2 });
+        assert_eq!((0..16).map(|b| w.ledger.latest(b)).collect::<Vec<_>>(), [2; 16]);
+        assert_eq!(w.ledger.latest(16), 1);
+        // Random units: all blocks of a unit share its version, the replay matches, and one
+        // block per write gives the single-block workload exactly.
+        let p = Profile::skewed(50, 5, 0.8);
+        let mut w = Workload::with_write_blocks(p.clone(), 3, 4);
+        let mut units = Ledger::new(50);
+        for _ in 0..2000 {
+            let wr = w.next_write();
+            assert_eq!(wr.block % 4, 0);
+            assert_eq!(wr.version, units.record(wr.block / 4));
+        }
+        for b in 0..200 {
+            assert_eq!(w.ledger.latest(b), units.latest(b / 4), "block {b}");
+        }
+        assert_eq!(w.ledger.writes(), 8000);
+        assert_eq!(Workload::ledger_after_with(p.clone(), 3, 4, 2000), w.ledger);
+        assert_eq!(Workload::ledger_after_with(p.clone(), 3, 1, 500), Workload::ledger_after(p, 3, 500));
     }
 }

@@ -49,10 +49,15 @@ usage: row-workload [guest] (--device PATH | --nbd SOCKET) [options]
   --at-least            with --verify-only: a block may also hold a later version of this run
                         (after a crash, writes after the N known ones may have landed too)
   --sync                each write is durable when acknowledged (O_DSYNC; over NBD a flush)
+  --write-blocks N      each write covers N consecutive 4 KiB blocks (default 1): the area is
+                        cut into units of N blocks (a shorter tail is never written) and the
+                        profile (--hot-blocks, --profile, --sequential) picks units; every block
+                        of a unit gets the unit's version, so --verify stays exact per block
 Arguments may also be given as --name=value. Output lines:
-  WORKLOAD-START ..., WORKLOAD written=N rate=R/s (about once per second),
-  WORKLOAD-STOPPED reason=stop-file|seconds|writes,
-  WORKLOAD-WRITES-DONE writes=N blocks=B seconds=S rate=R/s overwrite-share=O digest=D,
+  WORKLOAD-START ..., WORKLOAD written=N rate=R/s max-latency-ms=L (about once per second; L: the
+  slowest write of that second, as the write call took), WORKLOAD-STOPPED reason=stop-file|seconds|writes,
+  WORKLOAD-WRITES-DONE writes=N blocks=B seconds=S rate=R/s overwrite-share=O digest=D
+  max-latency-ms=L mean-latency-ms=M write-blocks=N,
   WORKLOAD-VERIFY-OK blocks=N writes=M digest=D | WORKLOAD-VERIFY-FAIL block=B want=V got=...,
   WORKLOAD-DONE writes=N blocks=B overwrite-share=O expected-overwrite-share=E verify=ok|fail|skipped
   (expected-overwrite-share: what the profile predicts for the number of writes made)";
@@ -80,6 +85,7 @@ struct Args {
     verify_only: bool,
     at_least: bool,
     sync: bool,
+    write_blocks: u64,
 }
 
 fn parse_num<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, String> {
@@ -118,6 +124,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         verify_only: false,
         at_least: false,
         sync: false,
+        write_blocks: 1,
     };
     let mut explicit_shape = false;
     while let Some(arg) = it.next() {
@@ -172,6 +179,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             "--verify-only" => a.verify_only = true,
             "--at-least" => a.at_least = true,
             "--sync" => a.sync = true,
+            "--write-blocks" => a.write_blocks = parse_num(name, &value()?)?,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -193,6 +201,9 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
     }
     if a.depth == 0 {
         return Err("--depth must be at least 1".into());
+    }
+    if !(1..=MAX_WRITE_BLOCKS).contains(&a.write_blocks) {
+        return Err(format!("--write-blocks must be 1..={MAX_WRITE_BLOCKS}"));
     }
     if a.profile.is_some() && explicit_shape {
         return Err("--profile excludes --hot-blocks, --hot-share and --sequential".into());
@@ -221,42 +232,85 @@ impl Args {
     }
 }
 
-/// One 4 KiB buffer aligned to 4096 bytes, as O_DIRECT wants.
-struct AlignedBlock {
+/// Most blocks one write may cover (1 MiB).
+const MAX_WRITE_BLOCKS: u64 = 256;
+/// Blocks read at once by the verification (consecutive written blocks).
+const VERIFY_CHUNK_BLOCKS: u64 = 64;
+
+/// A buffer of whole 4 KiB blocks aligned to 4096 bytes, as O_DIRECT wants.
+struct AlignedBuf {
     ptr: *mut u8,
+    layout: Layout,
 }
 
-impl AlignedBlock {
-    const LAYOUT: Layout = match Layout::from_size_align(BLOCK_SIZE, 4096) {
-        Ok(l) => l,
-        Err(_) => panic!("bad layout"),
-    };
-
-    fn new() -> Self {
+impl AlignedBuf {
+    fn new(blocks: u64) -> Self {
+        let size = BLOCK_SIZE * blocks.max(1) as usize;
+        let layout = Layout::from_size_align(size, 4096).expect("buffer layout");
         // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(Self::LAYOUT) };
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         if ptr.is_null() {
-            std::alloc::handle_alloc_error(Self::LAYOUT);
+            std::alloc::handle_alloc_error(layout);
         }
-        Self { ptr }
+        Self { ptr, layout }
     }
 
     fn as_slice(&self) -> &[u8] {
-        // SAFETY: `ptr` points to BLOCK_SIZE initialised bytes owned by `self`.
-        unsafe { std::slice::from_raw_parts(self.ptr, BLOCK_SIZE) }
+        // SAFETY: `ptr` points to `layout.size()` initialised bytes owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
     }
 
     fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as above, and `&mut self` makes the borrow unique.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, BLOCK_SIZE) }
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
     }
 }
 
-impl Drop for AlignedBlock {
+impl Drop for AlignedBuf {
     fn drop(&mut self) {
         // SAFETY: allocated in `new` with the same layout.
-        unsafe { std::alloc::dealloc(self.ptr, Self::LAYOUT) }
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
     }
+}
+
+/// The worst and the mean time the writes took, per interval and over the run.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Latency {
+    count: u64,
+    total: Duration,
+    max: Duration,
+}
+
+impl Latency {
+    fn add(&mut self, d: Duration) {
+        self.count += 1;
+        self.total += d;
+        self.max = self.max.max(d);
+    }
+
+    fn max_ms(&self) -> f64 {
+        self.max.as_secs_f64() * 1e3
+    }
+
+    fn mean_ms(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.total.as_secs_f64() * 1e3 / self.count as f64
+        }
+    }
+}
+
+/// Runs of consecutive blocks of `blocks` (ascending), each at most `max` long: `(first, len)`.
+fn runs(blocks: impl IntoIterator<Item = u64>, max: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for b in blocks {
+        match out.last_mut() {
+            Some((first, len)) if *first + *len == b && *len < max => *len += 1,
+            _ => out.push((b, 1)),
+        }
+    }
+    out
 }
 
 fn say(line: &str) {
@@ -292,12 +346,12 @@ impl Target {
         Ok((Target::Device(file), size, a.device.clone()))
     }
 
-    /// Writes one block (an NBD write may still be in flight on return).
-    fn write_block(&mut self, buf: &AlignedBlock, block: u64) -> std::io::Result<()> {
+    /// Writes whole blocks from `block` on (an NBD write may still be in flight on return).
+    fn write_blocks(&mut self, data: &[u8], block: u64) -> std::io::Result<()> {
         let offset = block * BLOCK_SIZE as u64;
         match self {
-            Target::Device(f) => f.write_all_at(buf.as_slice(), offset),
-            Target::Nbd(c) => c.submit_write(offset, buf.as_slice()),
+            Target::Device(f) => f.write_all_at(data, offset),
+            Target::Nbd(c) => c.submit_write(offset, data),
         }
     }
 
@@ -309,11 +363,11 @@ impl Target {
         }
     }
 
-    fn read_block(&mut self, buf: &mut AlignedBlock, block: u64) -> std::io::Result<()> {
+    fn read_blocks(&mut self, buf: &mut [u8], block: u64) -> std::io::Result<()> {
         let offset = block * BLOCK_SIZE as u64;
         match self {
-            Target::Device(f) => f.read_exact_at(buf.as_mut_slice(), offset),
-            Target::Nbd(c) => c.read_at(buf.as_mut_slice(), offset),
+            Target::Device(f) => f.read_exact_at(buf, offset),
+            Target::Nbd(c) => c.read_at(buf, offset),
         }
     }
 
@@ -340,22 +394,27 @@ fn stop_reason(a: &Args, written: u64, max_writes: u64, deadline: Option<Instant
 
 /// Reads back every block of the ledger; returns whether all hold their latest version.
 fn verify(target: &mut Target, a: &Args, ledger: &Ledger, written: u64) -> Result<bool, String> {
-    let mut buf = AlignedBlock::new();
+    let mut buf = AlignedBuf::new(VERIFY_CHUNK_BLOCKS);
     let mut bad = 0u64;
-    for (b, want) in ledger.iter() {
-        let block = a.first_block + b;
-        target.read_block(&mut buf, block).map_err(|e| format!("read of block {block} failed: {e}"))?;
-        let got = inspect(buf.as_slice(), a.seed);
-        let ok = match got {
-            Content::Valid(Header { block: b, version }) if b == block => {
-                version == want || (a.at_least && version > want)
-            }
-            _ => false,
-        };
-        if !ok {
-            bad += 1;
-            if bad <= 20 {
-                say(&format!("WORKLOAD-VERIFY-FAIL block={block} want={want} got={got}"));
+    for (first, len) in runs(ledger.iter().map(|(b, _)| b), VERIFY_CHUNK_BLOCKS) {
+        let (start, bytes) = (a.first_block + first, len as usize * BLOCK_SIZE);
+        let chunk = &mut buf.as_mut_slice()[..bytes];
+        target.read_blocks(chunk, start).map_err(|e| format!("read of blocks {start}+{len} failed: {e}"))?;
+        for (i, data) in chunk.chunks(BLOCK_SIZE).enumerate() {
+            let block = start + i as u64;
+            let want = ledger.latest(first + i as u64);
+            let got = inspect(data, a.seed);
+            let ok = match got {
+                Content::Valid(Header { block: b, version }) if b == block => {
+                    version == want || (a.at_least && version > want)
+                }
+                _ => false,
+            };
+            if !ok {
+                bad += 1;
+                if bad <= 20 {
+                    say(&format!("WORKLOAD-VERIFY-FAIL block={block} want={want} got={got}"));
+                }
             }
         }
     }
@@ -378,6 +437,11 @@ fn run(a: &Args) -> Result<bool, String> {
         return Err(format!("--first-block {} is past the device ({device_blocks} blocks)", a.first_block));
     }
     let area_blocks = a.area_blocks.unwrap_or(device_blocks - a.first_block);
+    // The generator's area counts units of --write-blocks blocks.
+    let area_units = area_blocks / a.write_blocks;
+    if area_units == 0 {
+        return Err(format!("area of {area_blocks} blocks is smaller than one write of {}", a.write_blocks));
+    }
     if a.first_block + area_blocks > device_blocks {
         return Err(format!(
             "area {}+{area_blocks} blocks does not fit the device ({device_blocks} blocks)",
@@ -385,10 +449,16 @@ fn run(a: &Args) -> Result<bool, String> {
         ));
     }
     let profile = match a.profile {
-        Some(preset) => preset.profile_for(area_blocks, a.expected_writes().expect("checked by parse_args")),
+        Some(preset) => preset.profile_for(area_units, a.expected_writes().expect("checked by parse_args")),
         None => {
             let hot_share = a.hot_share.unwrap_or(if a.hot_blocks > 0 { 0.9 } else { 0.0 });
-            Profile { area_blocks, hot_blocks: a.hot_blocks, hot_share, sequential: a.sequential, fresh: false }
+            Profile {
+                area_blocks: area_units,
+                hot_blocks: a.hot_blocks,
+                hot_share,
+                sequential: a.sequential,
+                fresh: false,
+            }
         }
     };
     profile.validate().map_err(|e| e.to_string())?;
@@ -397,9 +467,9 @@ fn run(a: &Args) -> Result<bool, String> {
     say(&format!(
         "WORKLOAD-START device={what} first-block={} area-blocks={} hot-blocks={} hot-share={} \
          sequential={} profile={} expected-writes={} expected-overwrite-share={} rate={} seconds={} writes={} \
-         depth={} seed={}{}",
+         depth={} seed={} write-blocks={}{}",
         a.first_block,
-        profile.area_blocks,
+        profile.area_blocks * a.write_blocks,
         profile.hot_blocks,
         profile.hot_share,
         profile.sequential,
@@ -411,19 +481,21 @@ fn run(a: &Args) -> Result<bool, String> {
         a.writes.map_or("-".into(), |w| w.to_string()),
         a.depth,
         a.seed,
+        a.write_blocks,
         if a.verify_only { " verify-only" } else { "" }
     ));
 
     if a.verify_only {
         let n = a.writes.expect("checked by parse_args");
-        let ledger = Workload::ledger_after(profile, a.seed, n);
+        let ledger = Workload::ledger_after_with(profile, a.seed, a.write_blocks, n);
         let ok = verify(&mut target, a, &ledger, n)?;
         target.close();
         return Ok(ok);
     }
 
-    let mut work = Workload::new(profile, a.seed);
-    let mut buf = AlignedBlock::new();
+    let mut work = Workload::with_write_blocks(profile, a.seed, a.write_blocks);
+    let mut buf = AlignedBuf::new(a.write_blocks);
+    let (mut lat_run, mut lat_second) = (Latency::default(), Latency::default());
     let start = Instant::now();
     let deadline = a.seconds.map(|s| start + Duration::from_secs_f64(s));
     let max_writes = a.writes.unwrap_or(u64::MAX);
@@ -447,22 +519,29 @@ fn run(a: &Args) -> Result<bool, String> {
         }
         let w = work.next_write();
         let block = a.first_block + w.block;
-        fill_block(buf.as_mut_slice(), block, w.version, a.seed);
+        for (i, data) in buf.as_mut_slice().chunks_mut(BLOCK_SIZE).enumerate() {
+            fill_block(data, block + i as u64, w.version, a.seed);
+        }
+        let t_write = Instant::now();
         target
-            .write_block(&buf, block)
+            .write_blocks(buf.as_slice(), block)
             .map_err(|e| format!("write {} (block {block} version {}) failed: {e}", written + 1, w.version))?;
         if a.sync {
             if let Target::Nbd(c) = &mut target {
                 c.flush().map_err(|e| format!("flush after write {} failed: {e}", written + 1))?;
             }
         }
+        let took = t_write.elapsed();
+        lat_run.add(took);
+        lat_second.add(took);
         written += 1;
         let now = Instant::now();
         if now - last_report >= Duration::from_secs(1) {
             let rate = (written - written_at_report) as f64 / (now - last_report).as_secs_f64();
-            say(&format!("WORKLOAD written={written} rate={rate:.0}/s"));
+            say(&format!("WORKLOAD written={written} rate={rate:.0}/s max-latency-ms={:.1}", lat_second.max_ms()));
             last_report = now;
             written_at_report = written;
+            lat_second = Latency::default();
         }
     };
     let secs = start.elapsed().as_secs_f64();
@@ -472,10 +551,13 @@ fn run(a: &Args) -> Result<bool, String> {
     let share = ledger.overwrite_share();
     say(&format!(
         "WORKLOAD-WRITES-DONE writes={written} blocks={} seconds={secs:.1} rate={:.0}/s overwrite-share={share:.4} \
-         digest={:016x}",
+         digest={:016x} max-latency-ms={:.1} mean-latency-ms={:.2} write-blocks={}",
         ledger.blocks_written(),
         written as f64 / secs.max(1e-9),
-        ledger.digest()
+        ledger.digest(),
+        lat_run.max_ms(),
+        lat_run.mean_ms(),
+        a.write_blocks
     ));
     let verified = if a.verify { Some(verify(&mut target, a, ledger, written)?) } else { None };
     target.close();
@@ -565,6 +647,12 @@ mod tests {
 
     /// A one-connection NBD server over an in-memory disk, speaking just what the client uses.
     fn fake_nbd_server(socket: &Path, size: usize) -> std::thread::JoinHandle<Vec<u8>> {
+        fake_nbd_server_over(socket, vec![0u8; size])
+    }
+
+    /// The same over a disk holding `disk`.
+    fn fake_nbd_server_over(socket: &Path, mut disk: Vec<u8>) -> std::thread::JoinHandle<Vec<u8>> {
+        let size = disk.len();
         use nbd_proto::consts::*;
         use nbd_proto::transmission::encode_simple_reply;
         use nbd_proto::{Command, Greeting, InfoReply, OptionReply, OptionReplyKind, RawOption, Request};
@@ -572,7 +660,6 @@ mod tests {
         let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
         std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
-            let mut disk = vec![0u8; size];
             let mut out = Vec::new();
             Greeting { handshake_flags: NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES }.encode(&mut out);
             s.write_all(&out).unwrap();
@@ -667,6 +754,67 @@ mod tests {
         let a = args(&format!("--nbd,{},--stop-file,{},--rate,100", socket.display(), stop.display())).unwrap();
         assert!(run(&a).unwrap());
         assert!(server.join().unwrap().iter().all(|&b| b == 0), "nothing written after the stop file");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn runs_group_consecutive_blocks_up_to_a_length() {
+        assert_eq!(runs([], 4), []);
+        assert_eq!(runs([3, 4, 5, 9, 10, 12], 64), [(3, 3), (9, 2), (12, 1)]);
+        assert_eq!(runs(0..10, 4), [(0, 4), (4, 4), (8, 2)]);
+    }
+
+    #[test]
+    fn latency_keeps_the_worst_and_the_mean() {
+        let mut l = Latency::default();
+        assert_eq!((l.max_ms(), l.mean_ms()), (0.0, 0.0));
+        l.add(Duration::from_millis(2));
+        l.add(Duration::from_millis(10));
+        l.add(Duration::from_millis(3));
+        assert_eq!(l.max_ms(), 10.0);
+        assert!((l.mean_ms() - 5.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn multi_block_writes_land_and_verify_exactly() {
+        assert_eq!(args("--device,/x,--writes,1").unwrap().write_blocks, 1);
+        assert_eq!(args("--device,/x,--writes,1,--write-blocks,16").unwrap().write_blocks, 16);
+        assert!(args("--device,/x,--writes,1,--write-blocks,0").unwrap_err().contains("--write-blocks"));
+        assert!(args("--device,/x,--writes,1,--write-blocks,257").unwrap_err().contains("--write-blocks"));
+        let dir = std::env::temp_dir().join(format!("row-workload-multi-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("nbd.sock");
+        // 1 MiB = 256 blocks from block 3: 15 units of 16 blocks (the 13-block tail is never
+        // written); 20 sequential writes wrap once, so units 0..5 hold version 2.
+        let server = fake_nbd_server(&socket, 1 << 20);
+        let common = format!("--nbd,{},--first-block,3,--sequential,--write-blocks,16,--seed,9", socket.display());
+        let a = args(&format!("{common},--writes,20,--verify")).unwrap();
+        assert!(run(&a).unwrap());
+        let disk = server.join().unwrap();
+        for b in 0..256u64 {
+            let off = b as usize * BLOCK_SIZE;
+            let got = inspect(&disk[off..off + BLOCK_SIZE], 9);
+            let want = match b {
+                0..=2 | 243.. => Content::Zero,
+                b if b < 3 + 5 * 16 => Content::Valid(Header { block: b, version: 2 }),
+                b => Content::Valid(Header { block: b, version: 1 }),
+            };
+            assert_eq!(got, want, "block {b}");
+        }
+        // --verify-only replays the same multi-block writes: 20 pass, 21 do not (unit 5 would
+        // hold version 2), and one torn block inside a unit is caught.
+        let verify_only = |disk: &Vec<u8>, writes: u32| {
+            std::fs::remove_file(&socket).unwrap();
+            let server = fake_nbd_server_over(&socket, disk.clone());
+            let ok = run(&args(&format!("{common},--writes,{writes},--verify-only")).unwrap()).unwrap();
+            server.join().unwrap();
+            ok
+        };
+        assert!(verify_only(&disk, 20));
+        assert!(!verify_only(&disk, 21));
+        let mut torn = disk;
+        torn[(3 + 7 * 16 + 9) * BLOCK_SIZE + 100] ^= 1;
+        assert!(!verify_only(&torn, 20));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
