@@ -1250,11 +1250,21 @@ async fn settle(
     };
     let budget_blocks = (rate * budget.as_secs_f64()) as u64 / BLOCK_SIZE;
     let mut pass_start = disk.mark();
+    // What the previous round or pass sent: a pass that would send more is not converging (the
+    // guest writes new data faster than the link carries it); more passes would only lengthen
+    // the migration, and post-copy (or a long final round) takes what is left.
+    let mut previous = lock(&rounds.progress).rounds.last().map_or(u64::MAX, |r| r.blocks);
     for _ in 0..MAX_SETTLE_PASSES {
         let Plan::Row(row) = plan else { return Ok(()) };
         let Some(settled) = row.settle_pass(&DiskLog(disk), pass_start, budget_blocks) else {
             break;
         };
+        let blocks: u64 = settled.iter().filter(|s| !s.zero).map(|s| s.count).sum();
+        if blocks >= previous {
+            tracing::info!(blocks, previous, "pre-copy is not converging: no more settle passes");
+            break;
+        }
+        previous = blocks;
         pass_start = disk.mark();
         let sent = rounds.send(out, RoundKind::Update, disk.clone(), settled).await?;
         plan.mark(&sent);

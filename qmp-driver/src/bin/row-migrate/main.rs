@@ -204,7 +204,8 @@ pub struct Args {
     /// otherwise noticed only after TCP gives up, minutes later), e.g. 10s.
     #[arg(long, default_value = "10s", value_parser = units::positive_seconds, value_name = "DURATION")]
     pub stall_timeout: Duration,
-    /// Give up (and roll back) after this long, e.g. 10m or 1h30m.
+    /// Give up (and roll back) if the switchover has not happened after this long, e.g. 10m or
+    /// 1h30m (a post-copy after the switchover is not bounded by it: it cannot be undone).
     #[arg(long, default_value = "15m", value_parser = units::positive_seconds, value_name = "DURATION")]
     pub timeout: Duration,
     /// TLS credentials directory (ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem,

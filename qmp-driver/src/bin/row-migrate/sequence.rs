@@ -151,7 +151,16 @@ pub async fn run(args: Args) -> Result<Value, Failure> {
         _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
     };
     let error = match outcome {
-        Ok(report) => return Ok(report),
+        Ok(mut report) => {
+            let after = tokio::select! {
+                r = after_switchover(&mut ctx, &mut report) => r,
+                _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+            };
+            match after {
+                Ok(()) => return Ok(report),
+                Err(e) => e,
+            }
+        }
         Err(e) => e,
     };
     if ctx.continue_sent {
@@ -380,37 +389,21 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
         .wait_event(RESUME_TIMEOUT, |e| e.name == "RESUME")
         .await
         .context("the destination guest did not resume")?;
-    let switched = Instant::now();
-    let postcopy = if ctx.args.strategy.by_proxies() { wait_postcopy(ctx, switched).await? } else { Vec::new() };
-    if ctx.args.strategy.by_proxies() {
-        pause("before-complete").await;
-        for d in &mut ctx.disks {
-            DiskMigration { source: &mut d.src_proxy }
-                .complete()
-                .await
-                .with_context(|| format!("migrate-complete ({})", d.name))?;
-        }
-    }
     let mem = ctx.src.query_migrate().await.context("query-migrate on the source")?;
     let downtime = secs(&resume.timestamp) - secs(&stop);
-    let mut disk = if ctx.args.strategy.by_proxies() { final_disk } else { disk_done };
-    for (i, p) in postcopy.iter().enumerate() {
-        match &mut disk {
-            Value::Array(all) => all[i]["postcopy"] = p.clone(),
-            one => one["postcopy"] = p.clone(),
-        }
-    }
+    let disk = if ctx.args.strategy.by_proxies() { final_disk } else { disk_done };
     let predicted_disk_ms = finals_predicted_ms(&disk, disk_budget);
     Ok(json!({
         "strategy": ctx.args.strategy.name(),
         "disk-count": ctx.disks.len(),
         "total-seconds": ctx.started.elapsed().as_secs_f64(),
+        "switchover-seconds": ctx.started.elapsed().as_secs_f64(),
         "disk-precopy-seconds": precopy_seconds,
         "downtime-ms": downtime * 1000.0,
         "downtime-limit-ms": ctx.args.downtime_limit.as_secs_f64() * 1000.0,
         "disk-budget-ms": disk_budget.as_secs_f64() * 1000.0,
         "predicted-downtime-ms": predicted_disk_ms + (memory_limit + RESUME_MARGIN).as_secs_f64() * 1000.0,
-        "postcopy": !postcopy.is_empty(),
+        "postcopy": false,
         "final-disk-round-ms": final_disk_seconds * 1000.0,
         "memory-stop-and-copy-ms": ((downtime - final_disk_seconds - verify_seconds) * 1000.0).max(0.0),
         "verify-disk-ms": verify_seconds * 1000.0,
@@ -420,6 +413,33 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
         "disk": disk,
         "disk-verified": verified,
     }))
+}
+
+/// After the switchover (the guest runs on the destination; nothing can be undone): waits for
+/// every post-copy to end, then completes every disk migration. Not bounded by `--timeout`: a
+/// post-copy moves what the guest wrote faster than the link, and it ends when that is moved.
+pub async fn after_switchover(ctx: &mut Ctx, report: &mut Value) -> Result<()> {
+    if !ctx.args.strategy.by_proxies() {
+        return Ok(());
+    }
+    let switched = Instant::now();
+    let postcopy = wait_postcopy(ctx, switched).await?;
+    pause("before-complete").await;
+    for d in &mut ctx.disks {
+        DiskMigration { source: &mut d.src_proxy }
+            .complete()
+            .await
+            .with_context(|| format!("migrate-complete ({})", d.name))?;
+    }
+    for (i, p) in postcopy.iter().enumerate() {
+        match &mut report["disk"] {
+            Value::Array(all) => all[i]["postcopy"] = p.clone(),
+            one => one["postcopy"] = p.clone(),
+        }
+    }
+    report["postcopy"] = json!(!postcopy.is_empty());
+    report["total-seconds"] = json!(ctx.started.elapsed().as_secs_f64());
+    Ok(())
 }
 
 /// What memory's stop-and-copy gets of the downtime budget (QEMU's downtime-limit).
