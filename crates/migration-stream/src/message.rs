@@ -50,8 +50,9 @@ const T_PUSH_DONE: u8 = 20;
 const T_HOLDS: u8 = 21;
 const T_RESUME: u8 = 22;
 const T_RESUMED: u8 = 23;
+const T_RUNNING: u8 = 24;
 /// The last type code.
-const T_LAST: u8 = T_RESUMED;
+const T_LAST: u8 = T_RUNNING;
 
 /// How the source tracks which blocks changed between rounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -327,6 +328,9 @@ pub enum Message {
     Resume,
     /// dest → source: the `Missing` ranges sent before this are all that is still missing.
     Resumed,
+    /// dest → source, after a post-copy commit: the guest runs here now (its first request
+    /// came), so the push no longer competes with the memory migration's last bytes.
+    Running,
 }
 
 impl Message {
@@ -371,6 +375,7 @@ impl Message {
             Self::Holds => "Holds",
             Self::Resume => "Resume",
             Self::Resumed => "Resumed",
+            Self::Running => "Running",
         }
     }
 
@@ -399,6 +404,7 @@ impl Message {
             Self::Holds => T_HOLDS,
             Self::Resume => T_RESUME,
             Self::Resumed => T_RESUMED,
+            Self::Running => T_RUNNING,
         }
     }
 
@@ -423,7 +429,8 @@ impl Message {
             | Self::PushDone
             | Self::Holds
             | Self::Resume
-            | Self::Resumed => 0,
+            | Self::Resumed
+            | Self::Running => 0,
         }
     }
 
@@ -496,7 +503,8 @@ impl Message {
             | Self::PushDone
             | Self::Holds
             | Self::Resume
-            | Self::Resumed => {}
+            | Self::Resumed
+            | Self::Running => {}
         }
         debug_assert_eq!(out.len() - start, HEADER_LEN + payload_len);
         let crc = crc32fast::hash(&out[start..]);
@@ -552,7 +560,7 @@ fn check_len(ty: u8, len: usize) -> Result<(), StreamError> {
         T_FETCHED => (len > FETCHED_HEADER_LEN, "Fetched payload too short"),
         T_ROUND_END => (len == 4, "RoundEnd payload is not 4 bytes"),
         T_COMMIT | T_COMMITTED | T_DONE | T_REVOKE | T_REVOKED | T_KEEPALIVE | T_PUSH_DONE | T_HOLDS | T_RESUME
-        | T_RESUMED => (len == 0, "unexpected payload on an empty message"),
+        | T_RESUMED | T_RUNNING => (len == 0, "unexpected payload on an empty message"),
         _ => return Err(StreamError::UnknownType(ty)),
     };
     if ok {
@@ -672,6 +680,7 @@ fn parse_payload(ty: u8, p: &[u8]) -> Result<Message, StreamError> {
         T_HOLDS => Message::Holds,
         T_RESUME => Message::Resume,
         T_RESUMED => Message::Resumed,
+        T_RUNNING => Message::Running,
         T_COMMIT => Message::Commit,
         T_COMMITTED => Message::Committed,
         T_DONE => Message::Done,
@@ -805,6 +814,7 @@ mod tests {
             Message::Holds,
             Message::Resume,
             Message::Resumed,
+            Message::Running,
         ]
     }
 
@@ -1000,7 +1010,7 @@ mod tests {
         malformed(T_REJECT, &[0xff, 0xfe]);
         malformed(T_ERROR, b"abc\xc3");
         malformed(T_DISCARD, &vec![b'a'; MAX_REASON_LEN + 1]);
-        malformed(T_ROUND_BEGIN, &[0, 0, 0, 0, 3]);
+        malformed(T_ROUND_BEGIN, &[0, 0, 0, 0, 4]);
         malformed(T_ACCEPT, &[0; 33]);
         let mut hello = enc(&Message::ServerHello { version: VERSION, nonce: [0; 32] });
         hello.truncate(HEADER_LEN + SERVER_HELLO_LEN);

@@ -633,6 +633,7 @@ impl Pull for DestPull {
             }));
         }
         let residual = proxy.postcopy.residual()?;
+        residual.guest_request(&proxy.postcopy.link);
         let (first, last) = blocks_of(offset, len);
         let waits: Vec<(u64, u64)> = match command {
             Command::Read => vec![(first, last)],

@@ -110,6 +110,8 @@ pub struct Residual {
     path: PathBuf,
     state: Mutex<State>,
     arrived: Notify,
+    /// The guest's first request came (the source was told to start pushing).
+    running: std::sync::atomic::AtomicBool,
 }
 
 impl Residual {
@@ -126,7 +128,7 @@ impl Residual {
             since_checkpoint: 0,
             stats: PullStats::default(),
         };
-        Self { disk, path, state: Mutex::new(state), arrived: Notify::new() }
+        Self { disk, path, state: Mutex::new(state), arrived: Notify::new(), running: Default::default() }
     }
 
     /// Records `missing` durably as the residual of `session` (at a post-copy commit, before
@@ -167,6 +169,15 @@ impl Residual {
             Ok(()) => Posix.sync_parent(&path),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
+        }
+    }
+
+    /// The guest's first request: tells the source (once) that the guest runs here, so it
+    /// starts the push (until then the link carries the memory migration's last bytes).
+    pub fn guest_request(&self, link: &FetchLink) {
+        if !self.running.swap(true, std::sync::atomic::Ordering::Relaxed) && !link.send(Message::Running) {
+            // No link now: the source resumes the push when it reconnects.
+            self.running.store(false, std::sync::atomic::Ordering::Relaxed);
         }
     }
 

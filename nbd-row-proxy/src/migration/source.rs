@@ -45,6 +45,8 @@ const REASON_WAIT: Duration = Duration::from_millis(500);
 const REQUEST_QUEUE: usize = 8;
 /// Fetches from the destination waiting to be read, and answers waiting to be sent.
 const FETCH_QUEUE: usize = 64;
+/// Post-copy: how long the push waits for the destination's guest to run before it starts.
+const PUSH_HOLD: Duration = Duration::from_secs(3);
 /// Post-copy: the longest pause between two attempts to reconnect to the destination.
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
@@ -1090,12 +1092,34 @@ impl PushCtx {
 
     /// Pushes `todo` on `conn` (answering fetches first), then waits for the destination to
     /// hold everything.
-    async fn push_on(&self, conn: &mut Conn, todo: Vec<Span>) -> Result<()> {
+    async fn push_on(&self, conn: &mut Conn, todo: Vec<Span>, after_commit: bool) -> Result<()> {
         let blocks: u64 = todo.iter().map(|s| s.count).sum();
         self.status(|p| {
             p.remaining_blocks = blocks;
             p.stalled = None;
         });
+        if after_commit {
+            // QEMU still sends the guest's last memory pages and device state on the same link:
+            // the push starts once the destination's guest runs (its first request), answering
+            // fetches meanwhile, or after PUSH_HOLD at the latest.
+            let until = tokio::time::Instant::now() + PUSH_HOLD;
+            loop {
+                let next = tokio::time::timeout_at(until, async {
+                    tokio::select! {
+                        biased;
+                        Some(f) = conn.out.urgent.recv() => Err(f),
+                        m = conn.from_dest.recv() => Ok(m),
+                    }
+                })
+                .await;
+                match next {
+                    Err(_) => break,
+                    Ok(Err(frame)) => conn.out.send_urgent(&frame).await?,
+                    Ok(Ok(Some(Ok(Message::Running)))) => break,
+                    Ok(Ok(other)) => bail!("{}", dest_problem(other)),
+                }
+            }
+        }
         if let Some(d) = control_api::pause_at("postcopy-push") {
             // The test hook holds the push back, not the fetches.
             tracing::warn!(?d, "holding the post-copy push back ({})", control_api::PAUSE_VAR);
@@ -1121,6 +1145,7 @@ impl PushCtx {
             match next {
                 Err(frame) => conn.out.send_urgent(&frame).await?,
                 Ok(Some(Ok(Message::Holds))) => return Ok(()),
+                Ok(Some(Ok(Message::Running))) => {}
                 Ok(other) => bail!("{}", dest_problem(other)),
             }
         }
@@ -1134,14 +1159,14 @@ async fn push(ctx: PushCtx, mut conn: Option<Conn>, spans: Vec<Span>, mut stop: 
     let mut backoff = Duration::from_millis(200);
     loop {
         let attempt = async {
-            let (mut c, todo) = match conn.take() {
-                Some(c) => (c, spans.take().unwrap_or_default()),
+            let (mut c, todo, after_commit) = match conn.take() {
+                Some(c) => (c, spans.take().unwrap_or_default(), true),
                 None => match ctx.resume().await? {
                     None => return Ok(()),
-                    Some(resumed) => resumed,
+                    Some((c, todo)) => (c, todo, false),
                 },
             };
-            ctx.push_on(&mut c, todo).await?;
+            ctx.push_on(&mut c, todo, after_commit).await?;
             c.close_with(&Message::Keepalive).await;
             Ok::<_, anyhow::Error>(())
         };
