@@ -456,7 +456,16 @@ impl Incoming {
                 Ok(()) => None,
                 Err(refusal) => match (self.proxy.postcopy.residual(), &msg) {
                     (Some(r), Message::Data { .. } | Message::Zero { .. } | Message::Fetched { .. }) if held => Some(r),
-                    (_, Message::Data { .. } | Message::Zero { .. } | Message::Missing { .. }) => Err(refusal)?,
+                    // The post-copy push comes as a round.
+                    (Some(_), Message::RoundBegin { .. } | Message::RoundEnd { .. }) if held => None,
+                    (
+                        _,
+                        Message::Data { .. }
+                        | Message::Zero { .. }
+                        | Message::Missing { .. }
+                        | Message::RoundBegin { .. }
+                        | Message::RoundEnd { .. },
+                    ) => Err(refusal)?,
                     _ => None,
                 },
             };
