@@ -275,6 +275,26 @@ impl Conn {
         }
     }
 
+    /// The destination's next frame (or what ended its stream), answering its fetches while
+    /// waiting; `None` once `deadline` passes.
+    async fn next_answering(&mut self, deadline: tokio::time::Instant) -> Result<Option<Option<Result<Message>>>> {
+        loop {
+            let next = tokio::time::timeout_at(deadline, async {
+                tokio::select! {
+                    biased;
+                    Some(f) = self.out.urgent.recv() => Err(f),
+                    m = self.from_dest.recv() => Ok(m),
+                }
+            })
+            .await;
+            match next {
+                Err(_) => return Ok(None),
+                Ok(Err(frame)) => self.out.send_urgent(&frame).await?,
+                Ok(Ok(m)) => return Ok(Some(m)),
+            }
+        }
+    }
+
     /// Best-effort last message, then close.
     async fn close_with(mut self, msg: &Message) {
         last_word(&mut self.out.writer, msg).await;
@@ -893,21 +913,10 @@ impl Actor {
             }
             lock(&self.shared.machine).commit_sent();
             send(&mut conn.out.writer, &Message::Commit).await?;
-            let answer = loop {
-                let next = tokio::time::timeout(COMMIT_TIMEOUT, async {
-                    tokio::select! {
-                        biased;
-                        Some(f) = conn.out.urgent.recv() => Err(f),
-                        m = conn.from_dest.recv() => Ok(m),
-                    }
-                })
-                .await
-                .map_err(|_| anyhow!("the destination did not confirm the commit within {COMMIT_TIMEOUT:?}"))?;
-                match next {
-                    Ok(m) => break m,
-                    Err(frame) => conn.out.send_urgent(&frame).await?,
-                }
-            };
+            let answer = conn
+                .next_answering(tokio::time::Instant::now() + COMMIT_TIMEOUT)
+                .await?
+                .ok_or_else(|| anyhow!("the destination did not confirm the commit within {COMMIT_TIMEOUT:?}"))?;
             match answer {
                 Some(Ok(Message::Committed)) => {}
                 other => bail!("{}", dest_problem(other)),
@@ -1103,21 +1112,9 @@ impl PushCtx {
             // the push starts once the destination's guest runs (its first request), answering
             // fetches meanwhile, or after PUSH_HOLD at the latest.
             let until = tokio::time::Instant::now() + PUSH_HOLD;
-            loop {
-                let next = tokio::time::timeout_at(until, async {
-                    tokio::select! {
-                        biased;
-                        Some(f) = conn.out.urgent.recv() => Err(f),
-                        m = conn.from_dest.recv() => Ok(m),
-                    }
-                })
-                .await;
-                match next {
-                    Err(_) => break,
-                    Ok(Err(frame)) => conn.out.send_urgent(&frame).await?,
-                    Ok(Ok(Some(Ok(Message::Running)))) => break,
-                    Ok(Ok(other)) => bail!("{}", dest_problem(other)),
-                }
+            match conn.next_answering(until).await? {
+                None | Some(Some(Ok(Message::Running))) => {}
+                Some(other) => bail!("{}", dest_problem(other)),
             }
         }
         if let Some(d) = control_api::pause_at("postcopy-push") {
@@ -1132,21 +1129,13 @@ impl PushCtx {
         self.rounds.send(&mut conn.out, RoundKind::Postcopy, live, todo).await?;
         self.status(|p| p.remaining_blocks = 0);
         send(&mut conn.out.writer, &Message::PushDone).await?;
+        let until = tokio::time::Instant::now() + COMMIT_TIMEOUT;
         loop {
-            let next = tokio::time::timeout(COMMIT_TIMEOUT, async {
-                tokio::select! {
-                    biased;
-                    Some(f) = conn.out.urgent.recv() => Err(f),
-                    m = conn.from_dest.recv() => Ok(m),
-                }
-            })
-            .await
-            .map_err(|_| anyhow!("the destination did not confirm it holds every block within {COMMIT_TIMEOUT:?}"))?;
-            match next {
-                Err(frame) => conn.out.send_urgent(&frame).await?,
-                Ok(Some(Ok(Message::Holds))) => return Ok(()),
-                Ok(Some(Ok(Message::Running))) => {}
-                Ok(other) => bail!("{}", dest_problem(other)),
+            match conn.next_answering(until).await? {
+                None => bail!("the destination did not confirm it holds every block within {COMMIT_TIMEOUT:?}"),
+                Some(Some(Ok(Message::Holds))) => return Ok(()),
+                Some(Some(Ok(Message::Running))) => {}
+                Some(other) => bail!("{}", dest_problem(other)),
             }
         }
     }
