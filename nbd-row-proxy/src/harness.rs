@@ -49,8 +49,7 @@ impl Lab {
 
     /// The same exports with the live one served by `backend` (e.g. a [`row_store::MemDisk`]).
     pub fn catalog_over(&self, backend: Arc<dyn BlockBackend>) -> Catalog {
-        let access = self.control.proxy.gate.subscribe();
-        Catalog::new(self.config.export.clone(), self.disk.clone(), backend, access, self.control.pull())
+        Catalog::new(self.config.export.clone(), self.disk.clone(), backend, self.control.pull())
     }
 
     /// One incoming migration connection over `stream`: the handshake, then the session.

@@ -197,7 +197,7 @@ pub async fn run(config: Config, disk: Arc<Disk>, record_file: RecordFile, recor
     let proxy = control.proxy.clone();
     let mut listeners = bind(&config).await?;
     let live: Arc<dyn BlockBackend> = Arc::new(Guarded::new(disk.clone(), proxy.gate.clone(), proxy.postcopy.clone()));
-    let catalog = Catalog::new(config.export.clone(), disk.clone(), live, proxy.gate.subscribe(), control.pull());
+    let catalog = Catalog::new(config.export.clone(), disk.clone(), live, control.pull());
     tracing::info!(
         socket = %config.socket.display(),
         tcp = config.tcp.map(|a| a.to_string()).as_deref().unwrap_or("-"),

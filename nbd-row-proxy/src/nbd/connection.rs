@@ -385,10 +385,10 @@ async fn transmission<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         } else {
             None
         };
-        let incoming = pull.is_some();
+        let waits_for_source = pull.is_some();
         // A request that runs elsewhere holds its share of the budget from before its payload
         // is read; one that runs here is done before the next is read.
-        let permit = if inline && !incoming {
+        let permit = if inline && !waits_for_source {
             None
         } else {
             // The budget comes back as replies are written: while it is short, the gathered

@@ -13,9 +13,6 @@ use std::sync::Arc;
 use nbd_proto::consts::*;
 use nbd_proto::Command;
 use row_store::{BlockBackend, Disk};
-use tokio::sync::watch;
-
-use crate::ownership::Access;
 
 /// Smallest request granularity advertised (and enforced for clients that asked for it).
 pub const MIN_BLOCK_SIZE: u32 = 512;
@@ -35,8 +32,6 @@ pub struct Export {
     pub description: String,
     /// What serves the requests.
     pub backend: Arc<dyn BlockBackend>,
-    /// Who may use the disk now.
-    pub access: watch::Receiver<Access>,
     /// On a migration destination: what a request waits for before it runs (blocks that are
     /// still at the source).
     pub pull: Option<Arc<dyn Pull>>,
@@ -105,18 +100,11 @@ pub struct Catalog {
 
 impl Catalog {
     /// A catalog for one disk exported as `name`, the live export served by `live`.
-    pub fn new(
-        name: String,
-        disk: Arc<Disk>,
-        live: Arc<dyn BlockBackend>,
-        access: watch::Receiver<Access>,
-        pull: Option<Arc<dyn Pull>>,
-    ) -> Self {
+    pub fn new(name: String, disk: Arc<Disk>, live: Arc<dyn BlockBackend>, pull: Option<Arc<dyn Pull>>) -> Self {
         let live = Arc::new(Export {
             name: name.clone(),
             description: format!("{} ({} bytes)", disk.image_path().display(), disk.size()),
             backend: live,
-            access,
             pull,
         });
         Self { name, disk, live }
@@ -129,7 +117,6 @@ impl Catalog {
             name: format!("{}{BASE_SUFFIX}", self.name),
             description: format!("frozen base of {} (ROW session {})", self.disk.image_path().display(), base.epoch()),
             backend: Arc::new(base),
-            access: self.live.access.clone(),
             pull: None,
         }))
     }

@@ -242,14 +242,12 @@ mod tests {
 
     use super::*;
     use crate::nbd::export::Export;
-    use crate::ownership::{Access, Gate};
 
     fn session(writable: bool, structured: bool, alignment: u32) -> Session {
         let export = Arc::new(Export {
             name: "vm1".into(),
             description: String::new(),
             backend: Arc::new(MemDisk::new(1 << 20, writable)),
-            access: Gate::new(Access::Open).subscribe(),
             pull: None,
         });
         Session { export, structured, base_allocation: structured, alignment }
