@@ -185,6 +185,37 @@ fn postcopy_moves_a_writing_guest_through_a_cut_link() {
     check_landed(&mut rig, a, b, true);
 }
 
+/// row-migrate killed while it waits for a post-copy push (the guest already runs on B):
+/// `--recover` finds the destination guest running, waits for the push to end (the source is
+/// the only copy of what B misses until then) and completes the source; nothing is lost.
+#[test]
+fn recover_after_a_kill_during_post_copy_waits_for_the_push() {
+    let _serial = serial();
+    let guest = Guest { resilient: true, ..Guest::default() };
+    let mut rig = Rig::start_with(Role::Receive, MIGRATE_SECONDS, guest, &[("NBD_ROW_PAUSE", "postcopy-push:5000")]);
+    std::thread::sleep(Duration::from_secs(2));
+    let driver = rig.spawn_driver(HostId::A, HostId::B, "row", &["--postcopy", "always"]);
+    wait_until("a post-copy on B", Duration::from_secs(120), || {
+        rig.b().proxy_status()["postcopy"]["missing-blocks"].as_u64().filter(|n| *n > 0)
+    });
+    eprintln!("[{:5.1}s] post-copy running on B: killing row-migrate", rig.secs());
+    signal(driver.pid(), libc::SIGKILL);
+    let killed = driver.wait(Duration::from_secs(10));
+    assert_eq!(killed.code, None, "row-migrate was not killed: {}", killed.stderr);
+    let res = rig.spawn_driver(HostId::A, HostId::B, "row", &["--recover"]).wait(Duration::from_secs(120));
+    eprintln!("[{:5.1}s] row-migrate --recover exited {:?}: {}", rig.secs(), res.code, res.stdout.trim());
+    assert!(res.success, "--recover failed; stderr:\n{}", res.stderr);
+    let report: Value = serde_json::from_str(res.stdout.lines().last().unwrap_or_default()).expect("a JSON report");
+    assert_eq!(report["guest"], "destination", "{report}");
+    let actions = report["actions"].to_string();
+    assert!(actions.contains("waited for the post-copy push"), "{report}");
+    assert!(actions.contains("migrate-complete"), "{report}");
+    let b = rig.b().proxy_status();
+    assert_eq!(b["postcopy"]["missing-blocks"], 0, "B holds every block: {b}");
+    let (a, b) = (index(&rig, HostId::A), index(&rig, HostId::B));
+    check_landed(&mut rig, a, b, true);
+}
+
 #[test]
 fn guest_migrates_to_b_and_back_to_a() {
     let _serial = serial();

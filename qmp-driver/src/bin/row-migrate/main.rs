@@ -48,7 +48,8 @@ const EXIT_CODES: &str = "Exit status:
   4  the rollback failed too: state unknown; the source guest is left paused (the message says what to check)
   5  failed after the switchover: the guest runs on the destination; nothing was undone
 row-migrate --recover (same sockets) brings a migration that was killed, or ended with 4 or 5, to
-one consistent state: completed if the guest runs on the destination, otherwise undone.";
+one consistent state: completed if the guest runs on the destination (after waiting for a
+running post-copy push to end), otherwise undone.";
 
 const EXAMPLES: &str = "Examples:
   # Host A runs the guest (QMP at /run/a/qmp.sock) on `nbd-row-proxy serve --control /run/a/vm1.ctl`;

@@ -13,6 +13,7 @@ use qmp_driver::{Peer, Qmp, QmpError};
 use serde_json::{json, Value};
 
 use crate::disks::{disk_name, disk_specs};
+use crate::report::{progress_done, progress_line};
 use crate::sequence::{proxy_flags, Failure, CMD};
 use crate::{exit, Args};
 
@@ -95,9 +96,15 @@ pub async fn recover(args: Args) -> Result<Value, Failure> {
     let src_state = run_state(&mut src).await;
     let dst_state = run_state(&mut dst).await;
     let mut actions: Vec<String> = Vec::new();
-    if dst_state.as_deref() == Some("running") {
+    if matches!(dst_state.as_deref(), Some("running" | "io-error")) {
         // The switchover happened: the destinations own the disks; the sources only confirm it.
+        // A guest paused on a disk error (a read of a block the post-copy had not brought
+        // while the link or the source was down) resumes once every block is there.
         complete_all(&mut found, &mut actions).await.map_err(fail)?;
+        if let (Some(q), Some("io-error")) = (&mut dst, dst_state.as_deref()) {
+            resume(q).await.context("resuming the guest on the destination").map_err(fail)?;
+            actions.push("cont on the destination QEMU".into());
+        }
         return Ok(json!({ "guest": "destination", "actions": actions }));
     }
     if src_state.as_deref() == Some("postmigrate") {
@@ -153,10 +160,15 @@ pub async fn recover(args: Args) -> Result<Value, Failure> {
     Ok(json!({ "guest": "source", "actions": actions }))
 }
 
-/// After the switchover: `migrate-complete` on every source proxy that handed its disk over.
+/// After the switchover: `migrate-complete` on every source proxy that handed its disk over,
+/// once its post-copy push (if one runs) has ended: the source is the only copy of what the
+/// destination still misses until then, and refuses to complete.
 async fn complete_all(found: &mut [Found], actions: &mut Vec<String>) -> Result<()> {
     for f in found {
         if let (Some(p), Some(Phase::HandedOver | Phase::Finishing)) = (&mut f.proxy, f.phase) {
+            if wait_push(p, &f.name).await? {
+                actions.push(format!("waited for the post-copy push to end ({})", f.name));
+            }
             p.call::<MigrateComplete>(NoArgs {})
                 .await
                 .with_context(|| format!("migrate-complete on the source proxy ({})", f.name))?;
@@ -164,4 +176,26 @@ async fn complete_all(found: &mut [Found], actions: &mut Vec<String>) -> Result<
         }
     }
     Ok(())
+}
+
+/// Waits while the source proxy pushes a post-copy residual (no bound: nothing can be undone
+/// after the switchover, and the push resumes by itself after a link failure); true if it waited.
+async fn wait_push(proxy: &mut Qmp, name: &str) -> Result<bool> {
+    let mut waited = false;
+    loop {
+        let s = proxy.call::<QueryMigrate>(NoArgs {}).await.with_context(|| format!("the source proxy ({name})"))?;
+        let Some(p) = s.postcopy.filter(|p| !p.done) else {
+            if waited {
+                progress_done();
+            }
+            return Ok(waited);
+        };
+        waited = true;
+        let what = match &p.stalled {
+            Some(why) => format!("link down, reconnecting: {why}"),
+            None => format!("{} of {} blocks left", p.remaining_blocks, p.blocks.max(p.remaining_blocks)),
+        };
+        progress_line(&format!("{name} post-copy"), &what);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
