@@ -1,10 +1,11 @@
 //! `bench-plot`: draws the chart of `scripts/bench-migration` from its JSON results.
 //!
 //! ```text
-//! bench-plot --input bench-migration.json --output bench-migration.png [--font TTF]
+//! bench-plot --input bench-migration.json --output bench-migration.png [--font TTF] [--size WxH]
 //! ```
 //!
-//! Two panels, one group of bars per workload profile and one bar per strategy in a group:
+//! The workload-profile runs (the default): two panels, one group of bars per workload profile
+//! and one bar per strategy in a group:
 //! - the bytes each strategy put on the wire after round 1 (the update data), stacked by
 //!   round (the base round is the same for all strategies and would dwarf them: its size is
 //!   printed in the panel's caption and under each profile's name);
@@ -13,8 +14,22 @@
 //!
 //! Input: `{"title": ..., "results": [{"profile", "strategy", "ok", "downtime-seconds",
 //! "rounds": [{"round", "kind", "wire-bytes"}, ...]}, ...]}`; results with `ok: false` or no
-//! rounds are left out. Text is drawn with a TrueType font read at run time (plotters'
-//! `ab_glyph` backend; default: DejaVu Sans from Debian's fonts-dejavu-core).
+//! rounds are left out.
+//!
+//! The outrun runs (`--profiles outrun`: `config.profiles` is `["outrun"]`, or the results
+//! carry a `variant`; see `src/outrun.rs`): three panels, one group of bars per link and one bar
+//! per variant (row-migrate `--postcopy never|always|auto`, qemu-mirror background and
+//! write-blocking), runs that did not converge hatched:
+//! - the guest's achieved write rate during the migration, % of the rate it asked
+//!   (`guest.achieved-mbps / guest.asked-mbps`);
+//! - its worst write latency during the migration (`guest.max-latency-ms`, log scale);
+//! - the downtime of the runs that converged (`downtime-seconds`), against the downtime
+//!   budget (row-migrate's `downtime-limit-ms` in a run's report, else 300 ms).
+//!
+//! Text is drawn with a TrueType font read at run time (plotters' `ab_glyph` backend;
+//! default: DejaVu Sans from Debian's fonts-dejavu-core).
+
+mod outrun;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -350,7 +365,7 @@ fn run() -> Result<()> {
     let mut input = None;
     let mut output = None;
     let mut font = None;
-    let mut size = (1400u32, 1000u32);
+    let mut size = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().ok_or_else(|| anyhow!("{a} needs a value\n{USAGE}"));
@@ -361,7 +376,7 @@ fn run() -> Result<()> {
             "--size" => {
                 let v = value()?;
                 let (w, h) = v.split_once('x').ok_or_else(|| anyhow!("--size wants WxH, not {v:?}"))?;
-                size = (w.parse()?, h.parse()?);
+                size = Some((w.parse()?, h.parse()?));
             }
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -374,9 +389,14 @@ fn run() -> Result<()> {
     let output = output.ok_or_else(|| anyhow!("--output is required\n{USAGE}"))?;
     let text = std::fs::read_to_string(&input).with_context(|| format!("reading {}", input.display()))?;
     let doc: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", input.display()))?;
+    if outrun::is_outrun(&doc) {
+        let o = outrun::parse_outrun(&doc)?;
+        load_font(font)?;
+        return outrun::draw_outrun(&o, &output, size.unwrap_or((1400, 1500)));
+    }
     let (title, runs) = parse(&doc)?;
     load_font(font)?;
-    draw(&title, &runs, &output, size)
+    draw(&title, &runs, &output, size.unwrap_or((1400, 1000)))
 }
 
 #[cfg(test)]
