@@ -32,6 +32,8 @@ pub struct Progress {
     pub rounds: Vec<RoundStats>,
     /// Blocks of the round in progress still to send.
     pub remaining_blocks: u64,
+    /// The kind of the round in progress (None between rounds).
+    pub sending: Option<RoundKind>,
     /// Blocks of the round in progress (or last done).
     pub round_blocks: u64,
     /// Recent rate on the wire, bytes/s.
@@ -100,9 +102,12 @@ impl Rounds {
             let mut p = lock(&self.progress);
             p.round += 1;
             p.remaining_blocks = total;
+            p.sending = Some(kind);
             p.round_blocks = total;
             p.round
         };
+        // A round that fails (a cut link) is no longer in progress either.
+        let _sending = NotSending(&self.progress);
         self.events.emit::<MigrationRoundStarted>(RoundStartedData { round, kind, blocks: total });
         tracing::info!(round, kind = kind.as_str(), blocks = total, "round started");
         let started = Instant::now();
@@ -271,6 +276,15 @@ fn frame_range(data: &[u8], start: u64, compress: bool, chunk: &mut Chunk) {
             Message::Data { offset, codec, logical_len: (j - i) as u32, payload }.encode(&mut chunk.frames);
         }
         i = j;
+    }
+}
+
+/// Clears `Progress::sending` when a round ends, however it ends.
+struct NotSending<'a>(&'a Mutex<Progress>);
+
+impl Drop for NotSending<'_> {
+    fn drop(&mut self) {
+        lock(self.0).sending = None;
     }
 }
 

@@ -213,6 +213,12 @@ fn status_of(shared: &Shared) -> MigrationStatus {
     s.update_totals();
     s.predicted_final_ms = p.predicted_final_ms;
     s.postcopy = lock(&shared.postcopy).clone();
+    if let Some(pc) = s.postcopy.as_mut().filter(|pc| !pc.done) {
+        // While the push runs, what it still has to send.
+        if p.sending == Some(RoundKind::Postcopy) {
+            pc.remaining_blocks = p.remaining_blocks;
+        }
+    }
     s
 }
 
