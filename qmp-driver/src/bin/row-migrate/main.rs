@@ -180,8 +180,8 @@ pub struct Args {
     pub max_bandwidth: Option<u64>,
     /// The guest's downtime budget, disk and memory together (STOP to RESUME), e.g. 300ms or 1s
     /// (a plain number is seconds). Half goes to QEMU's memory stop-and-copy (its downtime-limit),
-    /// a sixth to the resume after it; the disk's final round gets what is left when the guest
-    /// pauses, and with
+    /// a sixth (or on a slow link the time its buffered stream takes to arrive) to the resume
+    /// after it; the disk's final round gets what is left when the guest pauses, and with
     /// --postcopy auto what would not fit is sent after the switchover.
     #[arg(long, default_value = "300ms", value_parser = units::positive_seconds, value_name = "DURATION")]
     pub downtime_limit: Duration,

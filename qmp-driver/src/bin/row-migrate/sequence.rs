@@ -349,7 +349,20 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
     // What the disk may take of the downtime budget: what memory and the resume do not.
     // --verify-disk compares both disks before the switchover: the destination must hold all.
     let postcopy = if ctx.args.verify_disk { PostcopyArg::Never } else { ctx.args.postcopy };
-    let resume_margin = resume_share(ctx.args.downtime_limit);
+    // What follows QEMU's own count: the share, or longer on a slow link (its buffered stream).
+    let link_rate = measured_link_rate(&disk_done, ctx.args.max_bandwidth);
+    let resume_margin = resume_share(ctx.args.downtime_limit).max(drain_time(link_rate));
+    if memory_limit + resume_margin > ctx.args.downtime_limit {
+        tracing::warn!(
+            "the downtime budget ({} ms) cannot be met at this link rate ({:.1} MB/s): memory's stop-and-copy \
+             ({} ms) and draining its stream to the destination (about {} ms) alone exceed it; the disk's whole \
+             final round goes to the post-copy unless --postcopy never",
+            ctx.args.downtime_limit.as_millis(),
+            link_rate.unwrap_or(0.0) / 1e6,
+            memory_limit.as_millis(),
+            resume_margin.as_millis()
+        );
+    }
     let disk_budget = ctx.args.downtime_limit.saturating_sub(memory_limit + resume_margin + paused_at.elapsed());
     let finish_args =
         MigrateFinishArgs { postcopy: Some(postcopy.mode()), budget_ms: Some(disk_budget.as_millis() as u64) };
@@ -445,6 +458,37 @@ pub async fn after_switchover(ctx: &mut Ctx, report: &mut Value) -> Result<()> {
 /// QEMU counts its downtime until its last byte is in the socket, not at the destination.
 fn memory_share(limit: Duration) -> Duration {
     limit / 2
+}
+
+/// What QEMU's migration stream has in flight when QEMU counts its downtime as over (the TCP
+/// send buffer and the link's queue): about 1 MB measured on the bench's links (tbf with a
+/// 50 ms queue and a 512 KB burst), at 20 and at 100 Mbit/s alike.
+const STREAM_IN_FLIGHT: f64 = 1_048_576.0;
+
+/// How long the stream in flight takes to reach the destination at `rate` bytes/s.
+fn drain_time(rate: Option<f64>) -> Duration {
+    match rate {
+        Some(r) if r > 0.0 => Duration::from_secs_f64(STREAM_IN_FLIGHT / r),
+        _ => Duration::ZERO,
+    }
+}
+
+/// The link's rate as the disk's round 1 measured it (bytes/s on the wire; the fastest disk's
+/// when there are several, as they shared the link), capped by --max-bandwidth.
+fn measured_link_rate(disks: &Value, cap: Option<u64>) -> Option<f64> {
+    let one = |d: &Value| {
+        let r = &d["rounds"][0];
+        let (bytes, secs) = (r["wire-bytes"].as_f64()?, r["seconds"].as_f64()?);
+        (secs > 0.0 && bytes > 0.0).then(|| bytes / secs)
+    };
+    let measured = match disks {
+        Value::Array(all) => all.iter().filter_map(one).reduce(f64::max),
+        d => one(d),
+    };
+    match (measured, cap) {
+        (Some(m), Some(c)) => Some(m.min(c as f64)),
+        (m, c) => m.or(c.map(|c| c as f64)),
+    }
 }
 
 /// What the switchover takes after QEMU's own downtime accounting ends, kept out of the disk's
@@ -772,6 +816,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_link_rate_is_round_one_s_capped_by_max_bandwidth() {
+        let disk =
+            json!({ "rounds": [{ "wire-bytes": 20_000_000u64, "seconds": 2.0 }, { "wire-bytes": 1, "seconds": 9.0 }] });
+        assert_eq!(measured_link_rate(&disk, None), Some(10_000_000.0));
+        assert_eq!(measured_link_rate(&disk, Some(5_000_000)), Some(5_000_000.0));
+        let two = json!([disk, { "rounds": [{ "wire-bytes": 8_000_000u64, "seconds": 2.0 }] }]);
+        assert_eq!(measured_link_rate(&two, None), Some(10_000_000.0));
+        // The mirror's report has no rounds: only the cap, or nothing.
+        assert_eq!(measured_link_rate(&json!({ "offset": 5 }), None), None);
+        assert_eq!(measured_link_rate(&json!({ "offset": 5 }), Some(7)), Some(7.0));
+    }
+
+    #[test]
     fn the_downtime_budget_splits_into_memory_resume_and_disk() {
         let limit = Duration::from_millis(300);
         assert_eq!(memory_share(limit), Duration::from_millis(150));
@@ -779,6 +836,9 @@ mod tests {
         // A small limit still keeps 20 ms for the resume, but never more than memory gets.
         assert_eq!(resume_share(Duration::from_millis(60)), Duration::from_millis(20));
         assert_eq!(resume_share(Duration::from_millis(30)), Duration::from_millis(15));
+        // On a slow link the stream in flight takes longer to drain than the share.
+        assert_eq!(drain_time(Some(2_500_000.0)).as_millis(), 419);
+        assert_eq!(drain_time(None), Duration::ZERO);
         for ms in [1u64, 30, 60, 300, 1000, 60_000] {
             let limit = Duration::from_millis(ms);
             assert!(memory_share(limit) + resume_share(limit) <= limit, "{ms} ms");
