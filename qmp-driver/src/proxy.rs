@@ -72,7 +72,9 @@ impl DiskMigration<'_> {
                 }
                 _ => progress(&status),
             }
-            tokio::time::sleep(POLL_INTERVAL).await;
+            // The proxy announces each round and phase (MIGRATION_STATE when it is ready):
+            // look again at once then, or after POLL_INTERVAL for the progress line.
+            self.source.next_event(POLL_INTERVAL).await?;
         }
     }
 
