@@ -349,14 +349,17 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
     // What the disk may take of the downtime budget: what memory and the resume do not.
     // --verify-disk compares both disks before the switchover: the destination must hold all.
     let postcopy = if ctx.args.verify_disk { PostcopyArg::Never } else { ctx.args.postcopy };
-    // What follows QEMU's own count: the share, or longer on a slow link (its buffered stream).
+    // What follows QEMU's own count: the share, or longer on a slow link (its buffered stream),
+    // unless --max-bandwidth paces QEMU (the link's queue then stays short).
     let link_rate = measured_link_rate(&disk_done, ctx.args.max_bandwidth);
-    let resume_margin = resume_share(ctx.args.downtime_limit).max(drain_time(link_rate));
+    let drain = if ctx.args.max_bandwidth.is_some() { Duration::ZERO } else { drain_time(link_rate) };
+    let resume_margin = resume_share(ctx.args.downtime_limit).max(drain);
     if memory_limit + resume_margin > ctx.args.downtime_limit {
         tracing::warn!(
             "the downtime budget ({} ms) cannot be met at this link rate ({:.1} MB/s): memory's stop-and-copy \
              ({} ms) and draining its stream to the destination (about {} ms) alone exceed it; the disk's whole \
-             final round goes to the post-copy unless --postcopy never",
+             final round goes to the post-copy unless --postcopy never; --max-bandwidth a little below the \
+             link's rate keeps the link's queue short",
             ctx.args.downtime_limit.as_millis(),
             link_rate.unwrap_or(0.0) / 1e6,
             memory_limit.as_millis(),
@@ -461,8 +464,10 @@ fn memory_share(limit: Duration) -> Duration {
 }
 
 /// What QEMU's migration stream has in flight when QEMU counts its downtime as over (the TCP
-/// send buffer and the link's queue): about 1 MB measured on the bench's links (tbf with a
-/// 50 ms queue and a 512 KB burst), at 20 and at 100 Mbit/s alike.
+/// send buffer and the link's queue) when nothing paces it: about 1 MB measured on the bench's
+/// links (tbf with a 50 ms queue and a 512 KB burst), at 20 and at 100 Mbit/s alike; paced
+/// below the link by --max-bandwidth, next to nothing (76 ms downtime at 20 Mbit/s, QEMU
+/// counting 72 ms).
 const STREAM_IN_FLIGHT: f64 = 1_048_576.0;
 
 /// How long the stream in flight takes to reach the destination at `rate` bytes/s.
