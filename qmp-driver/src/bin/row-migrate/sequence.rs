@@ -329,7 +329,9 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
     let memory_limit = memory_share(ctx.args.downtime_limit);
     let mut params = json!({ "downtime-limit": memory_limit.as_millis() as u64 });
     // Unlimited unless asked (QEMU's default is 128 MiB/s; libvirt sets it unlimited too).
-    params["max-bandwidth"] = json!(ctx.args.max_bandwidth.unwrap_or(u64::MAX >> 20));
+    let link_rate = measured_link_rate(&disk_done);
+    let memory_rate = ctx.args.max_bandwidth;
+    params["max-bandwidth"] = json!(memory_rate.unwrap_or(u64::MAX >> 20));
     if ctx.args.tls_creds.is_some() {
         params["tls-creds"] = json!(TLS_OBJECT);
         ctx.dst
@@ -351,15 +353,14 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
     let postcopy = if ctx.args.verify_disk { PostcopyArg::Never } else { ctx.args.postcopy };
     // What follows QEMU's own count: the share, or longer on a slow link (its buffered stream),
     // unless --max-bandwidth paces QEMU (the link's queue then stays short).
-    let link_rate = measured_link_rate(&disk_done, ctx.args.max_bandwidth);
-    let drain = if ctx.args.max_bandwidth.is_some() { Duration::ZERO } else { drain_time(link_rate) };
+    let drain = if paced_below(memory_rate, link_rate) { Duration::ZERO } else { drain_time(link_rate) };
     let resume_margin = resume_share(ctx.args.downtime_limit).max(drain);
     if memory_limit + resume_margin > ctx.args.downtime_limit {
         tracing::warn!(
             "the downtime budget ({} ms) cannot be met at this link rate ({:.1} MB/s): memory's stop-and-copy \
              ({} ms) and draining its stream to the destination (about {} ms) alone exceed it; the disk's whole \
-             final round goes to the post-copy unless --postcopy never; --max-bandwidth a little below the \
-             link's rate keeps the link's queue short",
+             final round goes to the post-copy unless --postcopy never; a --max-bandwidth below the link's \
+             rate keeps the link's queue short",
             ctx.args.downtime_limit.as_millis(),
             link_rate.unwrap_or(0.0) / 1e6,
             memory_limit.as_millis(),
@@ -478,21 +479,29 @@ fn drain_time(rate: Option<f64>) -> Duration {
     }
 }
 
-/// The link's rate as the disk's round 1 measured it (bytes/s on the wire; the fastest disk's
-/// when there are several, as they shared the link), capped by --max-bandwidth.
-fn measured_link_rate(disks: &Value, cap: Option<u64>) -> Option<f64> {
+/// The link's rate as round 1 measured it (bytes/s on the wire; the disks' round 1 ran side by
+/// side, so their sum; paced by --max-bandwidth if it was given); a round 1 shorter than a
+/// second is no measurement.
+fn measured_link_rate(disks: &Value) -> Option<f64> {
     let one = |d: &Value| {
         let r = &d["rounds"][0];
         let (bytes, secs) = (r["wire-bytes"].as_f64()?, r["seconds"].as_f64()?);
-        (secs > 0.0 && bytes > 0.0).then(|| bytes / secs)
+        (secs >= 1.0 && bytes > 0.0).then(|| bytes / secs)
     };
-    let measured = match disks {
-        Value::Array(all) => all.iter().filter_map(one).reduce(f64::max),
+    match disks {
+        Value::Array(all) => all.iter().filter_map(one).reduce(|a, b| a + b),
         d => one(d),
-    };
-    match (measured, cap) {
-        (Some(m), Some(c)) => Some(m.min(c as f64)),
-        (m, c) => m.or(c.map(|c| c as f64)),
+    }
+}
+
+/// Whether QEMU's stream is paced at no more than the link carried in round 1 (so the link's
+/// queue stays short): a cap the disk reached, or the pace below it. A cap without a
+/// measurement is trusted.
+fn paced_below(memory_rate: Option<u64>, link_rate: Option<f64>) -> bool {
+    match (memory_rate, link_rate) {
+        (Some(pace), Some(link)) => pace as f64 <= link * 1.05,
+        (Some(_), None) => true,
+        (None, _) => false,
     }
 }
 
@@ -821,16 +830,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_link_rate_is_round_one_s_capped_by_max_bandwidth() {
+    fn the_link_rate_is_round_one_s_and_a_pace_below_it_keeps_the_queue_short() {
         let disk =
             json!({ "rounds": [{ "wire-bytes": 20_000_000u64, "seconds": 2.0 }, { "wire-bytes": 1, "seconds": 9.0 }] });
-        assert_eq!(measured_link_rate(&disk, None), Some(10_000_000.0));
-        assert_eq!(measured_link_rate(&disk, Some(5_000_000)), Some(5_000_000.0));
+        assert_eq!(measured_link_rate(&disk), Some(10_000_000.0));
         let two = json!([disk, { "rounds": [{ "wire-bytes": 8_000_000u64, "seconds": 2.0 }] }]);
-        assert_eq!(measured_link_rate(&two, None), Some(10_000_000.0));
-        // The mirror's report has no rounds: only the cap, or nothing.
-        assert_eq!(measured_link_rate(&json!({ "offset": 5 }), None), None);
-        assert_eq!(measured_link_rate(&json!({ "offset": 5 }), Some(7)), Some(7.0));
+        assert_eq!(measured_link_rate(&two), Some(14_000_000.0));
+        // A round 1 under a second measured nothing; the mirror's report has no rounds.
+        assert_eq!(measured_link_rate(&json!({ "rounds": [{ "wire-bytes": 5, "seconds": 0.2 }] })), None);
+        assert_eq!(measured_link_rate(&json!({ "offset": 5 })), None);
+        // A cap the disk reached (the link carried it) or one below it: paced below the link.
+        assert!(paced_below(Some(10_000_000), Some(10_000_000.0)));
+        assert!(paced_below(Some(9_000_000), Some(10_000_000.0)));
+        assert!(paced_below(Some(9_000_000), None));
+        // A cap above what the link carried, or none: QEMU fills the link's queue.
+        assert!(!paced_below(Some(100_000_000), Some(10_000_000.0)));
+        assert!(!paced_below(None, Some(10_000_000.0)));
     }
 
     #[test]
