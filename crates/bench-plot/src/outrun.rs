@@ -5,6 +5,7 @@
 //! downtime budget.
 
 use anyhow::{anyhow, bail, Context, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::element::DashedPathElement;
 use plotters::prelude::*;
@@ -340,6 +341,38 @@ fn failed_mark(run: &OutrunRun) -> &'static str {
     }
 }
 
+/// A panel of the chart with a linear y axis from 0 to `top` over the link groups, its mesh
+/// drawn (the write-rate and downtime panels; the latency panel's axis is logarithmic).
+fn linear_panel<'a, 'b>(
+    area: &'a Area<'b>,
+    title: &str,
+    caption: FontDesc,
+    groups: usize,
+    top: f64,
+    y_desc: &str,
+    y_label: &dyn Fn(&f64) -> String,
+) -> Result<ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, caption)
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0.0..groups as f64, 0.0..top)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .light_line_style(TRANSPARENT)
+        .bold_line_style(BLACK.mix(0.15))
+        .x_labels(0)
+        .y_labels(8)
+        .y_desc(y_desc)
+        .y_label_formatter(y_label)
+        .y_label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 15))
+        .draw()?;
+    Ok(chart)
+}
+
 /// Draws the outrun chart of `o` into the PNG `output` of `size` pixels.
 pub(crate) fn draw_outrun(o: &Outrun, output: &std::path::Path, size: (u32, u32)) -> Result<()> {
     let full: Area = BitMapBackend::new(output, size).into_drawing_area();
@@ -436,24 +469,8 @@ pub(crate) fn draw_outrun(o: &Outrun, output: &std::path::Path, size: (u32, u32)
     // Panel 1: achieved write rate, % of asked.
     let max_pct = o.runs.iter().filter_map(|r| r.achieved_pct).fold(100.0, f64::max);
     let y1 = max_pct * 1.32;
-    let mut chart = ChartBuilder::on(&panels[0])
-        .caption(format!("Guest writes achieved during the migration, % of the rate asked{factor}"), caption.clone())
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(80)
-        .build_cartesian_2d(0.0..groups as f64, 0.0..y1)?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .light_line_style(TRANSPARENT)
-        .bold_line_style(BLACK.mix(0.15))
-        .x_labels(0)
-        .y_labels(8)
-        .y_desc("% of asked")
-        .y_label_formatter(&|v| format!("{v:.0}%"))
-        .y_label_style(("sans-serif", 14))
-        .axis_desc_style(("sans-serif", 15))
-        .draw()?;
+    let title = format!("Guest writes achieved during the migration, % of the rate asked{factor}");
+    let chart = linear_panel(&panels[0], &title, caption.clone(), groups, y1, "% of asked", &|v| format!("{v:.0}%"))?;
     let px = |x: f64, y: f64| chart.backend_coord(&(x, y));
     let (left, right) = (px(0.0, 100.0), px(groups as f64, 100.0));
     full.draw(&DashedPathElement::new(vec![left, right], 6, 5, BLACK.mix(0.6).stroke_width(1)))
@@ -522,27 +539,9 @@ pub(crate) fn draw_outrun(o: &Outrun, output: &std::path::Path, size: (u32, u32)
     // Panel 3: downtime of the runs that converged, against the budget.
     let max_down = o.runs.iter().filter_map(|r| r.downtime_ms).fold(o.budget_ms, f64::max);
     let y3 = max_down * 1.3;
-    let mut chart = ChartBuilder::on(&panels[2])
-        .caption(
-            format!("Downtime, guest STOP on A -> RESUME on B (ms), runs that converged; budget {:.0} ms", o.budget_ms),
-            caption,
-        )
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(80)
-        .build_cartesian_2d(0.0..groups as f64, 0.0..y3)?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .light_line_style(TRANSPARENT)
-        .bold_line_style(BLACK.mix(0.15))
-        .x_labels(0)
-        .y_labels(8)
-        .y_desc("ms")
-        .y_label_formatter(&|v| format!("{v:.0}"))
-        .y_label_style(("sans-serif", 14))
-        .axis_desc_style(("sans-serif", 15))
-        .draw()?;
+    let title =
+        format!("Downtime, guest STOP on A -> RESUME on B (ms), runs that converged; budget {:.0} ms", o.budget_ms);
+    let chart = linear_panel(&panels[2], &title, caption, groups, y3, "ms", &|v| format!("{v:.0}"))?;
     let px = |x: f64, y: f64| chart.backend_coord(&(x, y));
     for (g, name) in group_names(false).iter().enumerate() {
         group_label(&full, px(g as f64 + 0.5, 0.0), name)?;
