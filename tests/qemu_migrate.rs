@@ -150,6 +150,20 @@ fn qemu_mirror_strategy_moves_a_writing_guest_and_its_disk() {
     migrate_once("qemu-mirror", Role::MirrorTarget, None);
 }
 
+/// A writing guest on A, `row-migrate --postcopy always` to B with the source's push held back
+/// `hold_ms` after the switchover; returns once B runs the guest and misses blocks.
+fn switch_over_with_postcopy_held(hold_ms: u32) -> (Rig, Driver) {
+    let guest = Guest { resilient: true, ..Guest::default() };
+    let hold = format!("postcopy-push:{hold_ms}");
+    let mut rig = Rig::start_with(Role::Receive, MIGRATE_SECONDS, guest, &[("NBD_ROW_PAUSE", &hold)]);
+    std::thread::sleep(Duration::from_secs(2));
+    let driver = rig.spawn_driver(HostId::A, HostId::B, "row", &["--postcopy", "always"]);
+    wait_until("a post-copy on B", Duration::from_secs(120), || {
+        rig.b().proxy_status()["postcopy"]["missing-blocks"].as_u64().filter(|n| *n > 0)
+    });
+    (rig, driver)
+}
+
 /// Post-copy with a real guest: `--postcopy always` switches over with the final round's blocks
 /// still on A; the guest runs on B at once (its reads of those blocks fetch them), the push is
 /// held back by the test hook and the link is cut for 5 s meanwhile; the push resumes over a new
@@ -157,13 +171,7 @@ fn qemu_mirror_strategy_moves_a_writing_guest_and_its_disk() {
 #[test]
 fn postcopy_moves_a_writing_guest_through_a_cut_link() {
     let _serial = serial();
-    let guest = Guest { resilient: true, ..Guest::default() };
-    let mut rig = Rig::start_with(Role::Receive, MIGRATE_SECONDS, guest, &[("NBD_ROW_PAUSE", "postcopy-push:6000")]);
-    std::thread::sleep(Duration::from_secs(2));
-    let driver = rig.spawn_driver(HostId::A, HostId::B, "row", &["--postcopy", "always"]);
-    wait_until("a post-copy on B", Duration::from_secs(120), || {
-        rig.b().proxy_status()["postcopy"]["missing-blocks"].as_u64().filter(|n| *n > 0)
-    });
+    let (mut rig, driver) = switch_over_with_postcopy_held(6000);
     eprintln!("[{:5.1}s] post-copy running on B: cutting the link for 5 s", rig.secs());
     let veth = rig.net.veth_a.clone();
     let ns = rig.net.a.clone();
@@ -191,13 +199,7 @@ fn postcopy_moves_a_writing_guest_through_a_cut_link() {
 #[test]
 fn recover_after_a_kill_during_post_copy_waits_for_the_push() {
     let _serial = serial();
-    let guest = Guest { resilient: true, ..Guest::default() };
-    let mut rig = Rig::start_with(Role::Receive, MIGRATE_SECONDS, guest, &[("NBD_ROW_PAUSE", "postcopy-push:5000")]);
-    std::thread::sleep(Duration::from_secs(2));
-    let driver = rig.spawn_driver(HostId::A, HostId::B, "row", &["--postcopy", "always"]);
-    wait_until("a post-copy on B", Duration::from_secs(120), || {
-        rig.b().proxy_status()["postcopy"]["missing-blocks"].as_u64().filter(|n| *n > 0)
-    });
+    let (mut rig, driver) = switch_over_with_postcopy_held(5000);
     eprintln!("[{:5.1}s] post-copy running on B: killing row-migrate", rig.secs());
     signal(driver.pid(), libc::SIGKILL);
     let killed = driver.wait(Duration::from_secs(10));
