@@ -23,7 +23,12 @@ fn main() {
         x ^= x >> 7;
         x ^= x << 17;
         let b = x % disk_blocks;
-        table.record_write(b, b + 1, false);
+        if table.is_mapped(b) {
+            table.record_rewrite(b, b + 1);
+        } else {
+            let slot = table.allocate(1).expect("slots");
+            table.record_placed(b, b + 1, slot);
+        }
         n += 1;
         if n % 65536 == 0 {
             // A flush journals and drops the pending changes.

@@ -21,7 +21,8 @@ use crate::{Mode, StoreError, BLOCK_SIZE};
 /// Where the overlay lives and how the disk is opened.
 #[derive(Debug, Clone, Default)]
 pub struct DiskOptions {
-    /// Reserved file; default `IMAGE.row`. The journal is this path plus `.map`.
+    /// Reserved file (a log of 4 KiB slots); default `IMAGE.row`. The journal is this path
+    /// plus `.map`.
     pub reserved: Option<PathBuf>,
     /// Open the image read-only (ROW cannot start then).
     pub read_only: bool,
@@ -158,30 +159,33 @@ impl Disk {
         else {
             return Ok(None);
         };
-        let reserved = if storage.exists(reserved_path).map_err(io_err("looking for", reserved_path))?
-            || !replayed.mapped.is_empty()
-        {
-            Image::open(storage, reserved_path, false, latch.clone())
-        } else {
-            Image::create(storage, reserved_path, size, latch.clone())
-        }
-        .map_err(io_err("opening reserved file", reserved_path))?;
-        if reserved.size() != size {
+        let table = Table::recovered(replayed.mapped);
+        let reserved =
+            if storage.exists(reserved_path).map_err(io_err("looking for", reserved_path))? || table.slots() > 0 {
+                Image::open(storage, reserved_path, false, latch.clone())
+            } else {
+                Image::create(storage, reserved_path, 0, latch.clone())
+            }
+            .map_err(io_err("opening reserved file", reserved_path))?;
+        // Every slot the journal maps must be in the file (the last may be a short block).
+        if table.slots() > 0 && reserved.size() <= (table.slots() - 1) * BLOCK_SIZE {
             return Err(StoreError::BadJournal {
                 path: reserved_path.to_owned(),
-                why: format!("reserved file has {} bytes, the image {size}", reserved.size()),
+                why: format!(
+                    "reserved file has {} bytes, but the journal maps {} slots of {BLOCK_SIZE} bytes",
+                    reserved.size(),
+                    table.slots()
+                ),
             });
         }
         tracing::info!(
             merging = replayed.merging,
-            blocks = replayed.mapped.blocks(),
-            runs = replayed.mapped.runs(),
+            blocks = table.len(),
+            runs = table.runs(),
             journal = %journal_path.display(),
             "recovered ROW overlay"
         );
-        let overlay =
-            Overlay::recovered(image.clone(), reserved, Table::recovered(replayed.mapped), journal, replayed.merging)
-                .map_err(io_err("punching zeroed ranges in the reserved file", reserved_path))?;
+        let overlay = Overlay::recovered(image.clone(), reserved, table, journal, replayed.merging);
         Ok(Some(overlay))
     }
 
@@ -612,5 +616,61 @@ mod tests {
         assert_eq!((st.blocks_updated, st.generation, st.epoch, st.runs), (3, 1, 1, 2));
         assert_eq!(d.hot_cold(2), (1, 2));
         assert_eq!(d.written_since(0).iter().map(|r| (r.start, r.len)).collect::<Vec<_>>(), vec![(10, 2)]);
+    }
+
+    #[test]
+    fn scattered_first_writes_are_appended_in_write_order() {
+        let (s, d) = disk();
+        d.row_start().unwrap();
+        for (b, v) in [(50u64, 1u8), (3, 2), (40, 3)] {
+            d.write_at(&[v; 4096], b * BLOCK_SIZE, false).unwrap();
+        }
+        d.write_at(&[4; 4096], 3 * BLOCK_SIZE, false).unwrap();
+        // A partial write into a zeroed block copies up zeroes into a new slot.
+        d.write_zeroes(50 * BLOCK_SIZE, BLOCK_SIZE, ZeroFlags::default()).unwrap();
+        d.write_at(&[5; 512], 50 * BLOCK_SIZE + 512, false).unwrap();
+        d.flush().unwrap();
+        let reserved = s.contents(d.reserved_path()).unwrap();
+        let slots: Vec<u8> = reserved.chunks(4096).map(|c| *c.iter().max().unwrap()).collect();
+        assert_eq!(slots, vec![0, 4, 3, 5], "slot 0 punched, block 3 rewritten in place, block 50 moved");
+        let expect = |d: &Disk| {
+            let mut b50 = vec![0u8; 4096];
+            b50[512..1024].fill(5);
+            for (b, want) in [(50u64, b50), (3, vec![4; 4096]), (40, vec![3; 4096]), (41, vec![0; 4096])] {
+                let mut got = vec![0u8; 4096];
+                d.read_at(&mut got, b * BLOCK_SIZE).unwrap();
+                assert_eq!(got, want, "block {b}");
+            }
+        };
+        expect(&d);
+        s.power_cut();
+        drop(d);
+        let d = Disk::open_on(Arc::new(s), Path::new("/vm/d.raw"), DiskOptions::default()).unwrap();
+        expect(&d);
+        d.row_stop(|_| {}).unwrap();
+        expect(&d);
+    }
+
+    #[test]
+    fn an_identity_mapped_overlay_of_an_older_release_comes_back() {
+        use crate::storage::OpenMode;
+        let (s, path) = (SimStorage::new(3), Path::new("/vm/old.raw"));
+        s.create_durable(path, SIZE);
+        // Block 5 updated and block 9 zeroed under the identity layout (journal version 2).
+        let reserved = s.open(Path::new("/vm/old.raw.row"), OpenMode::Create).unwrap();
+        reserved.set_len(SIZE).unwrap();
+        reserved.write_all_at(&[7; 4096], 5 * BLOCK_SIZE).unwrap();
+        reserved.sync_all().unwrap();
+        let journal = s.open(Path::new("/vm/old.raw.row.map"), OpenMode::Create).unwrap();
+        journal.write_all_at(&crate::journal::tests::version_2_journal(SIZE, &[(1, 5, 1), (4, 9, 1)]), 0).unwrap();
+        journal.sync_all().unwrap();
+        drop((reserved, journal));
+        let d = Disk::open_on(Arc::new(s.clone()), path, DiskOptions::default()).unwrap();
+        assert_eq!(d.mode(), Mode::Row);
+        d.write_at(&[8; 4096], 6 * BLOCK_SIZE, false).unwrap();
+        d.row_stop(|_| {}).unwrap();
+        let image = s.contents(path).unwrap();
+        let block = |b: u64| image[(b * BLOCK_SIZE) as usize..((b + 1) * BLOCK_SIZE) as usize].to_vec();
+        assert_eq!((block(5), block(6), block(9)), (vec![7; 4096], vec![8; 4096], vec![0; 4096]));
     }
 }

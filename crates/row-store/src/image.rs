@@ -69,6 +69,12 @@ impl Image {
         self.latch.sync(&self.path, || self.file.sync_all())
     }
 
+    /// Fails as writes do once a sync has failed: for changes that touch no file (a range
+    /// recorded as zeroed) but must not be acknowledged after that.
+    pub fn check_writable(&self) -> io::Result<()> {
+        self.latch.check()
+    }
+
     /// Bytes the file occupies on disk (less than its size when sparse).
     pub fn allocated_bytes(&self) -> io::Result<u64> {
         self.file.allocated_bytes()

@@ -4,32 +4,39 @@
 //! fixed-size records, each with its own CRC. A record is appended only after the data it
 //! describes is durable, and the journal is synced before a FLUSH is acknowledged. A torn last
 //! record (the process died while appending) fails its CRC and is cut off on replay.
+//!
+//! Version 3 records say which slots of the reserved file hold mapped blocks. Versions 1 and 2
+//! (an identity-mapped reserved file: block *b* at offset *b* × 4 KiB) are still read, as slots
+//! equal to the block numbers, so an overlay left by an older release comes back.
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use runmap::RunMap;
-
 use crate::storage::{BlockFile, LockMode, OpenMode, Storage, SyncLatch};
-use crate::table::{Change, Held, Table};
+use crate::table::{Change, Held, Mapping, Table, MAX_SLOTS};
 use crate::StoreError;
 
 const MAGIC: &[u8; 8] = b"NBDROWJ1";
-/// Version 2 added zeroed ranges; version 1 journals (without them) are still read.
-const VERSION: u32 = 2;
+/// Version 2 added zeroed ranges, version 3 slots; older journals are still read.
+const VERSION: u32 = 3;
 const HEADER_LEN: u64 = 64;
-const RECORD_LEN: usize = 17;
+/// A version 3 record: kind, start, count, slot, CRC.
+const RECORD_LEN: usize = 21;
+/// A version 1 or 2 record: kind, start, count, CRC.
+const OLD_RECORD_LEN: usize = 17;
 
 /// What a journal record says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Record {
-    /// Blocks `start..start + count` now live in the reserved file.
+    /// Blocks `start..start + count` now live in the reserved file, in slots from `slot`.
     Map {
         /// First block.
         start: u64,
         /// Number of blocks.
         count: u32,
+        /// The slot of the first block.
+        slot: u32,
     },
     /// Blocks `start..start + count` were merged back into the image.
     Unmap {
@@ -40,8 +47,7 @@ pub enum Record {
     },
     /// The merge back into the image has begun: the store is leaving ROW mode.
     MergeBegin,
-    /// Blocks `start..start + count` were zeroed: they read as zeroes (a hole in the reserved
-    /// file).
+    /// Blocks `start..start + count` were zeroed: they read as zeroes and have no slot.
     Zero {
         /// First block.
         start: u64,
@@ -52,29 +58,38 @@ pub enum Record {
 
 impl Record {
     fn encode(&self) -> [u8; RECORD_LEN] {
-        let (kind, start, count) = match *self {
-            Record::Map { start, count } => (1u8, start, count),
-            Record::Unmap { start, count } => (2, start, count),
-            Record::MergeBegin => (3, 0, 0),
-            Record::Zero { start, count } => (4, start, count),
+        let (kind, start, count, slot) = match *self {
+            Record::Map { start, count, slot } => (1u8, start, count, slot),
+            Record::Unmap { start, count } => (2, start, count, 0),
+            Record::MergeBegin => (3, 0, 0, 0),
+            Record::Zero { start, count } => (4, start, count, 0),
         };
         let mut out = [0u8; RECORD_LEN];
         out[0] = kind;
         out[1..9].copy_from_slice(&start.to_le_bytes());
         out[9..13].copy_from_slice(&count.to_le_bytes());
-        let crc = crc32fast::hash(&out[..13]);
-        out[13..].copy_from_slice(&crc.to_le_bytes());
+        out[13..17].copy_from_slice(&slot.to_le_bytes());
+        let crc = crc32fast::hash(&out[..17]);
+        out[17..].copy_from_slice(&crc.to_le_bytes());
         out
     }
 
-    fn decode(buf: &[u8; RECORD_LEN]) -> Option<Self> {
-        if crc32fast::hash(&buf[..13]).to_le_bytes() != buf[13..] {
+    /// Decodes a record of `version`'s length; `None` if its CRC or kind is wrong. An old
+    /// record's data sits at its block number (identity-mapped reserved file).
+    fn decode(buf: &[u8], version: u32) -> Option<Self> {
+        let body = buf.len() - 4;
+        if crc32fast::hash(&buf[..body]).to_le_bytes() != buf[body..] {
             return None;
         }
         let start = u64::from_le_bytes(buf[1..9].try_into().unwrap());
         let count = u32::from_le_bytes(buf[9..13].try_into().unwrap());
+        let slot = if version >= 3 {
+            u32::from_le_bytes(buf[13..17].try_into().unwrap())
+        } else {
+            u32::try_from(start).ok().filter(|s| u64::from(*s) + u64::from(count) <= MAX_SLOTS)?
+        };
         match buf[0] {
-            1 => Some(Record::Map { start, count }),
+            1 => Some(Record::Map { start, count, slot }),
             2 => Some(Record::Unmap { start, count }),
             3 => Some(Record::MergeBegin),
             4 => Some(Record::Zero { start, count }),
@@ -86,10 +101,13 @@ impl Record {
 /// What replaying a journal recovers.
 #[derive(Debug, Default)]
 pub struct Replayed {
-    /// The blocks in the overlay: data or zeroed.
-    pub mapped: RunMap,
+    /// The blocks in the overlay: data (with their slots) or zeroed.
+    pub mapped: Mapping,
     /// Whether a merge had begun.
     pub merging: bool,
+    /// The journal's version: below 3, the reserved file is identity-mapped and has the
+    /// image's size.
+    pub version: u32,
 }
 
 /// An open journal.
@@ -113,14 +131,7 @@ impl Journal {
         let io = |e| StoreError::Io { what: "creating journal", path: path.to_owned(), source: e };
         let file = storage.open(path, OpenMode::Create).map_err(io)?;
         file.lock(LockMode::Writer).map_err(io)?;
-        let mut header = [0u8; HEADER_LEN as usize];
-        header[..8].copy_from_slice(MAGIC);
-        header[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        header[12..16].copy_from_slice(&block_size.to_le_bytes());
-        header[16..24].copy_from_slice(&image_size.to_le_bytes());
-        let crc = crc32fast::hash(&header[..60]);
-        header[60..].copy_from_slice(&crc.to_le_bytes());
-        file.write_all_at(&header, 0).map_err(io)?;
+        file.write_all_at(&header_bytes(block_size, image_size), 0).map_err(io)?;
         latch.sync(path, || file.sync_all()).map_err(io)?;
         storage.sync_parent(path).map_err(io)?;
         Ok(Self { file, path: path.to_owned(), len: HEADER_LEN, latch })
@@ -158,8 +169,8 @@ impl Journal {
         let version = u32::from_le_bytes(header[8..12].try_into().unwrap());
         let bs = u32::from_le_bytes(header[12..16].try_into().unwrap());
         let size = u64::from_le_bytes(header[16..24].try_into().unwrap());
-        if version != VERSION && version != 1 {
-            return Err(bad(format!("version {version}, this program reads 1 and {VERSION}")));
+        if !(1..=VERSION).contains(&version) {
+            return Err(bad(format!("version {version}, this program reads 1 to {VERSION}")));
         }
         if bs != block_size || size != image_size {
             return Err(bad(format!(
@@ -168,20 +179,42 @@ impl Journal {
         }
         let mut rest = Vec::new();
         file.read_append(&mut rest, (file_len - HEADER_LEN) as usize, HEADER_LEN).map_err(io)?;
-        let mut replayed = Replayed::default();
+        let mut replayed = Replayed { version, ..Replayed::default() };
+        let record_len = if version >= 3 { RECORD_LEN } else { OLD_RECORD_LEN };
         let mut good = 0usize;
-        for chunk in rest.chunks_exact(RECORD_LEN) {
-            let Some(record) = Record::decode(chunk.try_into().unwrap()) else { break };
+        for chunk in rest.chunks_exact(record_len) {
+            let Some(record) = Record::decode(chunk, version) else { break };
             let m = &mut replayed.mapped;
+            let end = |start: u64, count: u32| start + u64::from(count);
             match record {
-                Record::Map { start, count } => Table::replay(m, start, start + u64::from(count), Held::Data),
-                Record::Zero { start, count } => Table::replay(m, start, start + u64::from(count), Held::Zero),
-                Record::Unmap { start, count } => Table::replay(m, start, start + u64::from(count), Held::Base),
+                Record::Map { start, count, slot } => {
+                    Table::replay(m, start, end(start, count), Held::Data, u64::from(slot))
+                }
+                Record::Zero { start, count } => Table::replay(m, start, end(start, count), Held::Zero, 0),
+                Record::Unmap { start, count } => Table::replay(m, start, end(start, count), Held::Base, 0),
                 Record::MergeBegin => replayed.merging = true,
             }
-            good += RECORD_LEN;
+            good += record_len;
         }
         let len = HEADER_LEN + good as u64;
+        if version < VERSION {
+            // Appends carry slots from now on: rewrite the journal in this version, once.
+            drop(file);
+            let mut bytes = header_bytes(block_size, image_size).to_vec();
+            let mut records = records(&Table::changes_of(&replayed.mapped));
+            if replayed.merging {
+                records.push(Record::MergeBegin);
+            }
+            records.iter().for_each(|r| bytes.extend_from_slice(&r.encode()));
+            storage.replace(path, &bytes).map_err(|e| StoreError::Io {
+                what: "upgrading journal",
+                path: path.to_owned(),
+                source: e,
+            })?;
+            tracing::info!(path = %path.display(), from = version, to = VERSION, "ROW journal upgraded");
+            return Self::open(storage, path, block_size, image_size, latch)
+                .map(|opened| opened.map(|(journal, new)| (journal, Replayed { version, ..new })));
+        }
         if len != HEADER_LEN + rest.len() as u64 {
             tracing::warn!(path = %path.display(), dropped = rest.len() - good, "journal has a torn tail; cutting it off");
             file.set_len(len).map_err(io)?;
@@ -217,26 +250,43 @@ impl Journal {
     }
 }
 
+/// A journal header of this version.
+fn header_bytes(block_size: u32, image_size: u64) -> [u8; HEADER_LEN as usize] {
+    let mut header = [0u8; HEADER_LEN as usize];
+    header[..8].copy_from_slice(MAGIC);
+    header[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    header[12..16].copy_from_slice(&block_size.to_le_bytes());
+    header[16..24].copy_from_slice(&image_size.to_le_bytes());
+    let crc = crc32fast::hash(&header[..60]);
+    header[60..].copy_from_slice(&crc.to_le_bytes());
+    header
+}
+
 /// The records of mapping changes, in order (a record counts at most `u32::MAX` blocks).
 pub fn records(changes: &[Change]) -> Vec<Record> {
     let mut out = Vec::new();
     for c in changes {
-        let (mut start, end, make): (u64, u64, fn(u64, u32) -> Record) = match *c {
-            Change::Data(s, e) => (s, e, |start, count| Record::Map { start, count }),
-            Change::Zero(s, e) => (s, e, |start, count| Record::Zero { start, count }),
-            Change::Unmap(s, e) => (s, e, |start, count| Record::Unmap { start, count }),
+        let (first, end, slot) = match *c {
+            Change::Data(s, e, slot) => (s, e, slot),
+            Change::Zero(s, e) | Change::Unmap(s, e) => (s, e, 0),
         };
+        let mut start = first;
         while start < end {
-            let n = (end - start).min(u64::from(u32::MAX));
-            out.push(make(start, n as u32));
-            start += n;
+            let count = (end - start).min(u64::from(u32::MAX)) as u32;
+            out.push(match c {
+                // Slots are below 2³² (see `Table::allocate`).
+                Change::Data(..) => Record::Map { start, count, slot: (slot + (start - first)) as u32 },
+                Change::Zero(..) => Record::Zero { start, count },
+                Change::Unmap(..) => Record::Unmap { start, count },
+            });
+            start += u64::from(count);
         }
     }
     out
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::storage::Posix;
     use std::fs::OpenOptions;
@@ -247,10 +297,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
         let mut j = Journal::create(&Posix, &path, 4096, 1 << 20, SyncLatch::new()).unwrap();
-        j.append(&records(&[Change::Data(1, 4), Change::Data(7, 8), Change::Zero(9, 11), Change::Zero(20, 30)]))
+        j.append(&records(&[Change::Data(1, 4, 0), Change::Data(7, 8, 3), Change::Zero(9, 11), Change::Zero(20, 30)]))
             .unwrap();
-        j.append(&[Record::MergeBegin, Record::Unmap { start: 2, count: 2 }, Record::Map { start: 25, count: 1 }])
-            .unwrap();
+        j.append(&[
+            Record::MergeBegin,
+            Record::Unmap { start: 2, count: 2 },
+            Record::Map { start: 25, count: 1, slot: 4 },
+        ])
+        .unwrap();
         let good_len = j.size();
         drop(j);
         // A torn record: half of one appended.
@@ -278,6 +332,46 @@ mod tests {
         assert!(r.merging);
         assert_eq!(j.size(), good_len);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), good_len);
+    }
+
+    /// A version 2 journal (identity-mapped reserved file) with `records` of `(kind, start, count)`.
+    pub(crate) fn version_2_journal(image_size: u64, records: &[(u8, u64, u32)]) -> Vec<u8> {
+        let mut bytes = vec![0u8; HEADER_LEN as usize];
+        bytes[..8].copy_from_slice(MAGIC);
+        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+        bytes[12..16].copy_from_slice(&4096u32.to_le_bytes());
+        bytes[16..24].copy_from_slice(&image_size.to_le_bytes());
+        let crc = crc32fast::hash(&bytes[..60]);
+        bytes[60..64].copy_from_slice(&crc.to_le_bytes());
+        for &(kind, start, count) in records {
+            let mut r = [0u8; OLD_RECORD_LEN];
+            r[0] = kind;
+            r[1..9].copy_from_slice(&start.to_le_bytes());
+            r[9..13].copy_from_slice(&count.to_le_bytes());
+            let crc = crc32fast::hash(&r[..13]);
+            r[13..].copy_from_slice(&crc.to_le_bytes());
+            bytes.extend_from_slice(&r);
+        }
+        bytes
+    }
+
+    #[test]
+    fn a_version_2_journal_maps_blocks_to_their_own_slots_and_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        std::fs::write(&path, version_2_journal(1 << 20, &[(1, 5, 3), (4, 10, 2)])).unwrap();
+        let (j, r) = Journal::open(&Posix, &path, 4096, 1 << 20, SyncLatch::new()).unwrap().unwrap();
+        assert_eq!(r.version, 2);
+        let t = Table::recovered(r.mapped);
+        let pieces = t.pieces(5, 12);
+        assert_eq!(pieces[0], crate::table::Piece { start: 5, end: 8, held: Held::Data, slot: 5 });
+        assert_eq!(pieces[2].held, Held::Zero);
+        assert_eq!(t.slots(), 8);
+        // Rewritten in this version: the same mapping comes back from it.
+        drop(j);
+        let (_, again) = Journal::open(&Posix, &path, 4096, 1 << 20, SyncLatch::new()).unwrap().unwrap();
+        assert_eq!(again.version, VERSION);
+        assert_eq!(Table::recovered(again.mapped).pieces(5, 12), pieces);
     }
 
     #[test]

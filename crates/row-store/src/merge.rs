@@ -5,7 +5,6 @@
 //! copied) or in the image after the block is unmapped. Every [`CHECKPOINT`] bytes the image is
 //! synced and the merged blocks are journaled as unmapped, so a killed merge resumes from there.
 
-use crate::image::Image;
 use crate::overlay::Overlay;
 use crate::table::Held;
 use crate::{StoreError, BLOCK_SIZE};
@@ -33,9 +32,10 @@ pub fn copy_back(
     mut progress: impl FnMut(MergeProgress),
 ) -> Result<bool, StoreError> {
     let err = |source| StoreError::Io { what: "merging", path: overlay.reserved().path().to_owned(), source };
-    let (reserved, image) = (overlay.reserved(), overlay.base());
+    let image = overlay.base();
     let mut merged = 0u64;
     let mut since_checkpoint = 0u64;
+    let mut buf = Vec::new();
     loop {
         if limit.is_some_and(|l| merged >= l) {
             return Ok(false);
@@ -50,13 +50,17 @@ pub fn copy_back(
             let (from, to) = (start * BLOCK_SIZE, overlay.block_end(end - 1));
             // Under the stripe locks a write may have turned part of a zeroed run into data:
             // what the table says now decides.
-            let segments = overlay.table().segments(start, end);
-            for seg in segments {
-                let (a, b) = (seg.start * BLOCK_SIZE, overlay.block_end(seg.end - 1));
-                match seg.held {
+            let pieces = overlay.table().pieces(start, end);
+            for p in pieces {
+                let (a, b) = (p.start * BLOCK_SIZE, overlay.block_end(p.end - 1));
+                match p.held {
                     Held::Base => {}
                     Held::Zero => image.zero(a, b - a, true, false).map_err(err)?,
-                    Held::Data => copy(reserved, image, a, b).map_err(err)?,
+                    Held::Data => {
+                        buf.clear();
+                        overlay.read_slots(&mut buf, &p).map_err(err)?;
+                        image.write_at(&buf, a, false).map_err(err)?;
+                    }
                 }
             }
             overlay.table().unmap(start, end);
@@ -71,21 +75,4 @@ pub fn copy_back(
     }
     overlay.sync_overlay().map_err(err)?;
     Ok(true)
-}
-
-/// Copies `[from, to)` of the reserved file into the image, holes as holes.
-fn copy(reserved: &Image, image: &Image, from: u64, to: u64) -> std::io::Result<()> {
-    let mut buf = Vec::new();
-    let mut pos = from;
-    for e in reserved.file_extents(from, to - from, usize::MAX)? {
-        if e.hole {
-            image.zero(pos, e.length, true, false)?;
-        } else {
-            buf.resize(e.length as usize, 0);
-            reserved.read_at(&mut buf, pos)?;
-            image.write_at(&buf, pos, false)?;
-        }
-        pos += e.length;
-    }
-    Ok(())
 }

@@ -18,27 +18,28 @@ const MAX_RUN: u64 = (1 << 24) - 1;
 /// Farthest a leaf's runs may start from its first block.
 const LEAF_SPAN: u64 = 1 << 32;
 
-/// What a run of blocks maps to: an 8-bit tag and a 32-bit value.
+/// What a run of blocks maps to: an 8-bit tag and a small value (`u32` unless a map needs
+/// more: the ROW table keeps an epoch and a slot shift).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct RunValue {
+pub struct RunValue<V = u32> {
     /// Small per-run attributes (the table: write count and the zero flag).
     pub tag: u8,
-    /// A 32-bit value (the table: the epoch of the last write).
-    pub value: u32,
+    /// The value (the table: the epoch of the last write and where the run's data lies).
+    pub value: V,
 }
 
 /// A run: `len` blocks from `start`, all with `value`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Run {
+pub struct Run<V = u32> {
     /// First block.
     pub start: u64,
     /// Number of blocks (≥ 1).
     pub len: u64,
     /// What they map to.
-    pub value: RunValue,
+    pub value: RunValue<V>,
 }
 
-impl Run {
+impl<V> Run<V> {
     /// One past the last block.
     pub fn end(&self) -> u64 {
         self.start + self.len
@@ -46,16 +47,16 @@ impl Run {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Entry {
+struct Entry<V> {
     /// Start, relative to the leaf's key.
     lo: u32,
     /// Length (24 bits) and tag (8 bits).
     len_tag: u32,
-    value: u32,
+    value: V,
 }
 
-impl Entry {
-    fn run(&self, base: u64) -> Run {
+impl<V: Copy> Entry<V> {
+    fn run(&self, base: u64) -> Run<V> {
         Run {
             start: base + u64::from(self.lo),
             len: u64::from(self.len_tag & 0x00ff_ffff),
@@ -63,7 +64,7 @@ impl Entry {
         }
     }
 
-    fn of(run: &Run, base: u64) -> Self {
+    fn of(run: &Run<V>, base: u64) -> Self {
         debug_assert!(run.len >= 1 && run.len <= MAX_RUN && run.start - base < LEAF_SPAN);
         Self {
             lo: (run.start - base) as u32,
@@ -74,15 +75,21 @@ impl Entry {
 }
 
 /// The map; see the module's documentation.
-#[derive(Debug, Default, Clone)]
-pub struct RunMap {
+#[derive(Debug, Clone)]
+pub struct RunMap<V = u32> {
     /// Leaves by their first run's start; a leaf is never empty.
-    leaves: BTreeMap<u64, Vec<Entry>>,
+    leaves: BTreeMap<u64, Vec<Entry<V>>>,
     runs: usize,
     blocks: u64,
 }
 
-impl RunMap {
+impl<V> Default for RunMap<V> {
+    fn default() -> Self {
+        Self { leaves: BTreeMap::new(), runs: 0, blocks: 0 }
+    }
+}
+
+impl<V: Copy + PartialEq> RunMap<V> {
     /// Number of runs.
     pub fn runs(&self) -> usize {
         self.runs
@@ -100,20 +107,20 @@ impl RunMap {
 
     /// Heap bytes held (leaves' capacity and the tree's nodes, estimated).
     pub fn heap_bytes(&self) -> usize {
-        let entries: usize = self.leaves.values().map(|l| l.capacity() * std::mem::size_of::<Entry>()).sum();
+        let entries: usize = self.leaves.values().map(|l| l.capacity() * std::mem::size_of::<Entry<V>>()).sum();
         // A B-tree node per ~8 leaves of key, pointer and bookkeeping.
         entries + self.leaves.len() * 48
     }
 
     /// The runs overlapping `[start, end)`, clipped to it, in order.
-    pub fn overlapping(&self, start: u64, end: u64) -> Vec<Run> {
+    pub fn overlapping(&self, start: u64, end: u64) -> Vec<Run<V>> {
         let mut out = Vec::new();
         self.for_each_in(start, end, |r| out.push(r));
         out
     }
 
     /// Calls `f` for each run overlapping `[start, end)`, clipped to it, in order.
-    pub fn for_each_in(&self, start: u64, end: u64, mut f: impl FnMut(Run)) {
+    pub fn for_each_in(&self, start: u64, end: u64, mut f: impl FnMut(Run<V>)) {
         if start >= end {
             return;
         }
@@ -132,12 +139,12 @@ impl RunMap {
     }
 
     /// Every run, in order.
-    pub fn iter(&self) -> impl Iterator<Item = Run> + '_ {
+    pub fn iter(&self) -> impl Iterator<Item = Run<V>> + '_ {
         self.leaves.iter().flat_map(|(&base, leaf)| leaf.iter().map(move |e| e.run(base)))
     }
 
     /// The value of one block.
-    pub fn get(&self, block: u64) -> Option<RunValue> {
+    pub fn get(&self, block: u64) -> Option<RunValue<V>> {
         let mut v = None;
         self.for_each_in(block, block + 1, |r| v = Some(r.value));
         v
@@ -156,14 +163,14 @@ impl RunMap {
 
     /// Sets every block of `[start, end)` to `f(its value)`: `None` unmaps it. Neighbouring runs
     /// with equal values are joined.
-    pub fn update(&mut self, start: u64, end: u64, mut f: impl FnMut(Option<RunValue>) -> Option<RunValue>) {
+    pub fn update(&mut self, start: u64, end: u64, mut f: impl FnMut(Option<RunValue<V>>) -> Option<RunValue<V>>) {
         if start >= end {
             return;
         }
         // Take the runs touching the range (and its neighbours, to join them), rebuild, put back.
         let taken = self.take(start.saturating_sub(1), end.saturating_add(1));
-        let mut out: Vec<Run> = Vec::with_capacity(taken.len() + 2);
-        let push = |out: &mut Vec<Run>, r: Run| {
+        let mut out: Vec<Run<V>> = Vec::with_capacity(taken.len() + 2);
+        let push = |out: &mut Vec<Run<V>>, r: Run<V>| {
             if r.len == 0 {
                 return;
             }
@@ -213,7 +220,7 @@ impl RunMap {
     }
 
     /// Removes and returns (whole) the runs overlapping `[start, end)`, in order.
-    fn take(&mut self, start: u64, end: u64) -> Vec<Run> {
+    fn take(&mut self, start: u64, end: u64) -> Vec<Run<V>> {
         let mut out = Vec::new();
         if start >= end {
             return out;
@@ -236,7 +243,7 @@ impl RunMap {
     }
 
     /// Puts a leaf back under the right key (its first run's start), rebasing it if that moved.
-    fn put_leaf(&mut self, base: u64, mut leaf: Vec<Entry>) {
+    fn put_leaf(&mut self, base: u64, mut leaf: Vec<Entry<V>>) {
         let Some(first) = leaf.first() else { return };
         let new_base = base + u64::from(first.lo);
         if new_base != base {
@@ -252,7 +259,7 @@ impl RunMap {
     }
 
     /// Inserts a run into a gap (no run overlaps it), splitting runs longer than an entry holds.
-    fn insert(&mut self, run: Run) {
+    fn insert(&mut self, run: Run<V>) {
         let mut r = run;
         while r.len > MAX_RUN {
             self.insert_one(Run { start: r.start, len: MAX_RUN, value: r.value });
@@ -261,7 +268,7 @@ impl RunMap {
         self.insert_one(r);
     }
 
-    fn insert_one(&mut self, run: Run) {
+    fn insert_one(&mut self, run: Run<V>) {
         self.runs += 1;
         self.blocks += run.len;
         // The leaf whose key is the greatest ≤ the run's start; if none, or it spans too far,
@@ -271,7 +278,7 @@ impl RunMap {
             Some(base) if run.start - base < LEAF_SPAN => base,
             _ => {
                 let next = self.leaves.range(run.start..).next().map(|(k, _)| *k);
-                let fits = |next: u64, leaf: &Vec<Entry>| {
+                let fits = |next: u64, leaf: &Vec<Entry<V>>| {
                     leaf.last().is_some_and(|e| next + u64::from(e.lo) - run.start < LEAF_SPAN)
                 };
                 match next {
@@ -300,7 +307,7 @@ impl RunMap {
     }
 
     /// Stores a leaf, splitting it in two when it is full.
-    fn store(&mut self, base: u64, mut leaf: Vec<Entry>) {
+    fn store(&mut self, base: u64, mut leaf: Vec<Entry<V>>) {
         if leaf.len() > LEAF_MAX {
             let mut right = Vec::with_capacity(leaf.len() / 2 + LEAF_GROW);
             right.extend(leaf.drain(leaf.len() / 2..));
