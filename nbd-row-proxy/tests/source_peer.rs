@@ -158,6 +158,10 @@ async fn peer_connection(mut c: Conn, script: Peer, log: Arc<Mutex<Log>>) {
         return c.say_and_close(script.revoke_answer).await;
     }
     if let Some(what) = script.after_accept {
+        // An unasked `Committed` is still a claim to hold the disk: a source that reads it as
+        // the answer to its commit (it may arrive just after the commit went out, which the
+        // source cannot tell apart) has not handed over anything the peer did not claim.
+        log.lock().unwrap().committed_sent |= what == Say::Committed;
         return c.say_and_close(what).await;
     }
     let mut image = vec![0u8; SIZE];
@@ -171,6 +175,7 @@ async fn peer_connection(mut c: Conn, script: Peer, log: Arc<Mutex<Log>>) {
             Message::Zero { offset, len } => image[offset as usize..(offset + len) as usize].fill(0),
             Message::RoundEnd { round: 1 } => {
                 if let Some(what) = script.after_round1 {
+                    log.lock().unwrap().committed_sent |= what == Say::Committed;
                     return c.say_and_close(what).await;
                 }
             }
@@ -269,3 +274,4 @@ proptest! {
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap().block_on(run(script));
     }
 }
+

@@ -917,6 +917,11 @@ impl Actor {
                 let d = disk.clone();
                 tokio::task::spawn_blocking(move || d.flush()).await?.context("syncing the disk before a post-copy")?;
             }
+            // Between rounds the destination says nothing: a frame already here (an early
+            // `Committed` among them) answers no commit of ours and must not be taken for one.
+            if let Ok(early) = conn.from_dest.try_recv() {
+                bail!("{} before the commit", dest_problem(Some(early)));
+            }
             lock(&self.shared.machine).commit_sent();
             send(&mut conn.out.writer, &Message::Commit).await?;
             let answer = conn
