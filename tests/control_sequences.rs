@@ -148,7 +148,7 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
         if s["writes-refused"].is_null() && s["mode"] != "merging" {
             break;
         }
-        prop_assert!(start.elapsed() < Duration::from_secs(30), "the source did not settle: {}", s);
+        prop_assert!(start.elapsed() < HANG_LIMIT, "the source did not settle: {}", s);
         std::thread::sleep(Duration::from_millis(50));
     }
     prop_assert!(read_all(&src.server) == model, "the source lost a write it accepted");

@@ -54,7 +54,7 @@ impl Pair {
     fn hand_over(&self) -> Value {
         let mut ctl = self.src.ctl();
         ctl.ok("migrate-start", json!({"uri": self.uri(), "strategy": "row"}));
-        wait_phase(&mut ctl, "ready", Duration::from_secs(60));
+        wait_phase(&mut ctl, "ready", HANG_LIMIT);
         let status = ctl.ok("migrate-finish", json!({}));
         assert_eq!(status["phase"], "handed-over", "{status}");
         status
@@ -68,7 +68,7 @@ impl Pair {
     /// Restarts the destination proxy (`receive`) on the same image.
     fn restart_destination(&mut self) {
         let image = self.dst.image.clone();
-        self.dst.server.proc.terminate(Duration::from_secs(10));
+        self.dst.server.proc.terminate(HANG_LIMIT);
         self.dst = destination(self.dst_dir.path(), &image, &self.key, self.port);
     }
 }
@@ -100,7 +100,7 @@ fn wait_status(host: &Host, what: &str, cond: impl Fn(&Value) -> bool) -> Value 
         if cond(&s) {
             return s;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "{what} not reached: {s}");
+        assert!(start.elapsed() < HANG_LIMIT, "{what} not reached: {s}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -113,7 +113,7 @@ fn as_source(port: u16, session: &str, first: &Message) -> Message {
     use std::io::{Read, Write};
     let key = migration_stream::Key::from_bytes(KEY.as_bytes());
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_read_timeout(Some(HANG_LIMIT)).unwrap();
     let mut wire = Vec::new();
     let fill = |s: &mut std::net::TcpStream, wire: &mut Vec<u8>| {
         let mut chunk = [0u8; 4096];
@@ -273,7 +273,7 @@ fn the_source_restarted_during_the_hand_over_asks_before_taking_its_disk_back() 
     signal(p.src.server.proc.pid(), libc::SIGKILL);
     let _ = p.src.server.proc.child.wait();
     // The destination goes away too: nobody can say whether it has written.
-    p.dst.server.proc.terminate(Duration::from_secs(10));
+    p.dst.server.proc.terminate(HANG_LIMIT);
     p.restart_source();
     assert_eq!(write(&p.src.server, 0, &[1; 4096]), NBD_EPERM);
     let e = p.src.ctl().execute("migrate-cancel", json!({})).unwrap_err();
@@ -308,7 +308,7 @@ fn control_commands_out_of_order_answer_errors_and_leave_the_proxy_usable() {
     let e = ctl.execute("row-stop", json!({})).unwrap_err();
     assert!(e.contains("migration uses the overlay"), "{e}");
     // The migration goes on and completes.
-    wait_phase(&mut ctl, "ready", Duration::from_secs(60));
+    wait_phase(&mut ctl, "ready", HANG_LIMIT);
     assert_eq!(ctl.ok("migrate-finish", json!({}))["phase"], "handed-over");
     assert_eq!(ctl.ok("migrate-finish", json!({}))["phase"], "handed-over", "finishing twice is harmless");
     ctl.ok("migrate-complete", json!({}));
@@ -411,7 +411,7 @@ fn a_served_image_is_locked_against_qemu_tools_and_a_second_server() {
         Command::new("qemu-nbd").args(["-f", "raw", "-k", sock.to_str().unwrap(), img]),
         &dir.path().join("qemu-nbd.log"),
     );
-    wait_for_socket(&sock, Duration::from_secs(10));
+    q.wait_for_socket(&sock);
     refused(&["serve", "--image", img, "--socket", dir.path().join("p.sock").to_str().unwrap()], "in use");
     q.terminate(Duration::from_secs(5));
     let _ = Path::new(&sock);

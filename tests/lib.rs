@@ -71,6 +71,19 @@ pub fn lab_pki(dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
+/// The ceiling on a wait for work whose duration depends on the machine's disk or CPU (a flush
+/// or sync, a merge, a migration round, a guest booting under TCG, a process starting or
+/// stopping, a control command that does I/O). It only catches hangs: the tests run on small,
+/// shared machines where an fsync after 200,000 scattered writes has taken a minute, and no
+/// such wait may fail because the machine is slow.
+pub const HANG_LIMIT: Duration = Duration::from_secs(600);
+
+/// A hang-catching ceiling for work that moves `bytes` through the disk: [`HANG_LIMIT`] plus
+/// the bytes at a pessimistic 5 MB/s, for work larger than a few hundred megabytes.
+pub fn hang_limit(bytes: u64) -> Duration {
+    HANG_LIMIT + Duration::from_secs(bytes / 5_000_000)
+}
+
 /// Creates a sparse file of `size` bytes.
 pub fn sparse_file(path: &Path, size: u64) {
     std::fs::File::create(path).unwrap().set_len(size).unwrap();
@@ -81,16 +94,6 @@ pub fn wait_for_path(path: &Path, timeout: Duration) {
     let start = Instant::now();
     while !path.exists() {
         assert!(start.elapsed() < timeout, "{} did not appear within {timeout:?}", path.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Waits until a Unix socket accepts connections (a stale socket file left by a killed
-/// process does not count).
-pub fn wait_for_socket(path: &Path, timeout: Duration) {
-    let start = Instant::now();
-    while UnixStream::connect(path).is_err() {
-        assert!(start.elapsed() < timeout, "{} did not accept connections within {timeout:?}", path.display());
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -155,6 +158,30 @@ impl Proc {
         self.wait_or_kill(timeout)
     }
 
+    /// Waits until the process accepts connections on the Unix socket `path` (a stale socket
+    /// file left by a killed process does not count); panics with its log when it exits first,
+    /// or after [`HANG_LIMIT`] (a start may replay a journal or resume a merge, and QEMU under
+    /// TCG starts slowly).
+    pub fn wait_for_socket(&mut self, path: &Path) {
+        let start = Instant::now();
+        while UnixStream::connect(path).is_err() {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "{} exited with {status} before {} took connections; log:\n{}",
+                    self.name,
+                    path.display(),
+                    self.log_text()
+                );
+            }
+            assert!(
+                start.elapsed() < HANG_LIMIT,
+                "{} did not accept connections within {HANG_LIMIT:?}",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits for exit, killing the process after `timeout`.
     pub fn wait_or_kill(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let start = Instant::now();
@@ -199,8 +226,8 @@ impl Server {
         let mut cmd = Command::new(bin("nbd-row-proxy"));
         cmd.arg(subcommand).arg("--image").arg(image).arg("--socket").arg(&socket).args(extra);
         cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
-        let proc = Proc::spawn("nbd-row-proxy", &mut cmd, &dir.join("server.log"));
-        wait_for_socket(&socket, Duration::from_secs(10));
+        let mut proc = Proc::spawn("nbd-row-proxy", &mut cmd, &dir.join("server.log"));
+        proc.wait_for_socket(&socket);
         Self { proc, socket }
     }
 
@@ -242,10 +269,11 @@ pub struct RawReply {
 
 impl RawClient {
     /// Connects and negotiates: fixed newstyle, structured replies and `base:allocation`
-    /// when `structured`, then `NBD_OPT_GO` for `export` with block sizes requested.
+    /// when `structured`, then `NBD_OPT_GO` for `export` with block sizes requested. Replies
+    /// are awaited for up to [`HANG_LIMIT`] (a flush may take minutes on a slow disk).
     pub fn connect(socket: &Path, export: &str, structured: bool) -> std::io::Result<Self> {
         let sock = UnixStream::connect(socket)?;
-        sock.set_read_timeout(Some(Duration::from_secs(30)))?;
+        sock.set_read_timeout(Some(HANG_LIMIT))?;
         let mut c = Self { sock, buf: Vec::new(), size: 0, flags: 0, structured };
         let greeting: Greeting = c.read_frame(Greeting::decode)?;
         assert_eq!(greeting.handshake_flags & NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_FIXED_NEWSTYLE);
@@ -278,6 +306,12 @@ impl RawClient {
             }
         }
         Ok(c)
+    }
+
+    /// Sets how long a reply is awaited, for work larger than [`HANG_LIMIT`] covers (see
+    /// [`hang_limit`]).
+    pub fn set_read_timeout(&mut self, timeout: Duration) -> std::io::Result<()> {
+        self.sock.set_read_timeout(Some(timeout))
     }
 
     /// Reads one option reply.
@@ -429,18 +463,20 @@ pub struct ControlClient {
 }
 
 impl ControlClient {
-    /// Connects and negotiates capabilities.
+    /// Connects and negotiates capabilities (waiting up to [`HANG_LIMIT`], as commands do).
     pub fn connect(path: &Path) -> Self {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let client = rt
-            .block_on(qmp_proto::Client::connect(path, Duration::from_secs(10)))
+            .block_on(qmp_proto::Client::connect(path, HANG_LIMIT))
             .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", path.display()));
         Self { rt, client }
     }
 
-    /// Runs a command; `Err` carries the error reply's description.
+    /// Runs a command; `Err` carries the error reply's description. The reply is awaited for
+    /// up to [`HANG_LIMIT`]: commands such as `row-stop`, `migrate-finish` or `reclaim` merge,
+    /// send or sync data.
     pub fn execute(&mut self, command: &str, arguments: serde_json::Value) -> Result<serde_json::Value, String> {
-        self.rt.block_on(self.client.execute(command, arguments, Duration::from_secs(120))).map_err(|e| e.to_string())
+        self.rt.block_on(self.client.execute(command, arguments, HANG_LIMIT)).map_err(|e| e.to_string())
     }
 
     /// Runs a command that must succeed.
@@ -509,7 +545,7 @@ pub fn wait_for_log(proc: &mut Proc, needle: &str, timeout: Duration) -> String 
 pub mod migration {
     use std::os::unix::fs::PermissionsExt;
     use std::path::{Path, PathBuf};
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
     use std::thread::JoinHandle;
     use std::time::{Duration, Instant};
@@ -565,8 +601,8 @@ pub mod migration {
         let control = dir.join("control.sock");
         let mut args = vec!["--control", control.to_str().unwrap()];
         args.extend_from_slice(protection);
-        let server = Server::start(dir, image, &args);
-        wait_for_socket(&control, Duration::from_secs(10));
+        let mut server = Server::start(dir, image, &args);
+        server.proc.wait_for_socket(&control);
         Host { server, control, image: image.to_path_buf() }
     }
 
@@ -581,8 +617,8 @@ pub mod migration {
         let listen = format!("127.0.0.1:{port}");
         let mut args = vec!["--control", control.to_str().unwrap(), "--listen", &listen];
         args.extend_from_slice(protection);
-        let server = Server::start_with(dir, "receive", image, &args);
-        wait_for_socket(&control, Duration::from_secs(10));
+        let mut server = Server::start_with(dir, "receive", image, &args);
+        server.proc.wait_for_socket(&control);
         Host { server, control, image: image.to_path_buf() }
     }
 
@@ -616,6 +652,7 @@ pub mod migration {
     /// A writer that keeps writing through NBD and remembers what the disk must hold.
     pub struct Writer {
         stop: Arc<AtomicBool>,
+        done: Arc<AtomicU64>,
         handle: JoinHandle<(Vec<u8>, u64)>,
     }
 
@@ -635,6 +672,8 @@ pub mod migration {
         pub fn start_with(socket: &Path, model: Vec<u8>, seed: u64, rate: u64, hot_share: u64) -> Self {
             let stop = Arc::new(AtomicBool::new(false));
             let flag = stop.clone();
+            let done = Arc::new(AtomicU64::new(0));
+            let counter = done.clone();
             let socket = socket.to_path_buf();
             let handle = std::thread::spawn(move || {
                 let mut c = RawClient::connect(&socket, "", true).unwrap();
@@ -686,10 +725,31 @@ pub mod migration {
                     };
                     assert_eq!(reply.error, 0, "write {n} failed");
                     n += 1;
+                    counter.store(n, Ordering::Relaxed);
                 }
                 (model, n)
             });
-            Self { stop, handle }
+            Self { stop, done, handle }
+        }
+
+        /// Waits until the writer has made `n` requests in all: a wait on its progress, not on
+        /// the clock, for a machine too busy to keep its rate. Panics if it stopped first, or
+        /// after [`HANG_LIMIT`].
+        pub fn wait_writes(&self, n: u64) {
+            let start = Instant::now();
+            while self.done.load(Ordering::Relaxed) < n {
+                assert!(
+                    !self.handle.is_finished(),
+                    "the writer stopped after {} requests",
+                    self.done.load(Ordering::Relaxed)
+                );
+                assert!(
+                    start.elapsed() < HANG_LIMIT,
+                    "the writer made {} requests in {HANG_LIMIT:?}",
+                    self.done.load(Ordering::Relaxed)
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
 
         /// Stops (as a VM pausing does) and returns the expected disk and the request count.
@@ -737,9 +797,11 @@ pub mod migration {
         );
         args.max_bandwidth = Some(40 << 20);
         ctl.call::<control_api::MigrateStart>(args).expect("migrate-start");
-        wait_phase(&mut ctl, "ready", Duration::from_secs(120));
-        // Keep writing a little while pre-copy is done, as a VM would until it pauses.
+        wait_phase(&mut ctl, "ready", HANG_LIMIT);
+        // Keep writing a little while pre-copy is done, as a VM would until it pauses, and for
+        // at least 200 requests in all, however slowly this machine lets the writer go.
         std::thread::sleep(Duration::from_millis(300));
+        writer.wait_writes(201);
         let (model, writes) = writer.stop();
         assert!(writes > 200, "the writer should have been busy during the rounds ({writes} writes)");
         let finished =

@@ -144,25 +144,27 @@ fn query_status_shows_migration_and_merge_progress_to_any_client() {
         "migrate-start",
         json!({ "uri": format!("tcp:127.0.0.1:{port}"), "strategy": "row", "max-bandwidth": 4 << 20 }),
     );
-    let p = progress_of(&src, "migration round 1", std::time::Duration::from_secs(20));
+    let p = progress_of(&src, "migration round 1", HANG_LIMIT);
     let p = if p["rate"].as_f64().unwrap_or(0.0) > 0.0 {
         p
     } else {
         std::thread::sleep(std::time::Duration::from_millis(1500));
-        progress_of(&src, "migration round 1", std::time::Duration::from_secs(5))
+        progress_of(&src, "migration round 1", HANG_LIMIT)
     };
     eprintln!("migration progress: {p}");
     let (done, total) = (p["done-bytes"].as_u64().unwrap(), p["total-bytes"].as_u64().unwrap());
     assert!(total > 0 && done <= total, "{p}");
     assert!(p["rate"].as_f64().unwrap() > 0.0, "{p}");
-    assert!(p["eta-seconds"].as_f64().is_some_and(|eta| eta > 0.0 && eta < 60.0), "{p}");
+    // The ETA is what is left at the rate shown (what the rate is depends on the machine).
+    let left = (total - done) as f64 / p["rate"].as_f64().unwrap();
+    assert!(p["eta-seconds"].as_f64().is_some_and(|eta| eta > 0.0 && (eta - left).abs() <= left * 1e-6), "{p}");
     // Cancelling merges the overlay back; fill it first so the merge takes a moment.
     ctl.ok("migrate-cancel", json!({}));
-    wait_phase(&mut ctl, "cancelled", std::time::Duration::from_secs(30));
+    wait_phase(&mut ctl, "cancelled", HANG_LIMIT);
     // The cancel merges the (small) overlay back; once that is done no task is shown.
     let started = std::time::Instant::now();
     while !src.ctl().ok("query-status", json!({}))["progress"].is_null() {
-        assert!(started.elapsed() < std::time::Duration::from_secs(10), "a task is still shown after the cancel");
+        assert!(started.elapsed() < HANG_LIMIT, "a task is still shown after the cancel");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     ctl.ok("row-start", json!({}));
@@ -175,7 +177,7 @@ fn query_status_shows_migration_and_merge_progress_to_any_client() {
         }
     }
     ctl.ok("row-stop", json!({ "wait": false }));
-    let p = progress_of(&src, "merge-back", std::time::Duration::from_secs(10));
+    let p = progress_of(&src, "merge-back", HANG_LIMIT);
     eprintln!("merge progress: {p}");
     assert_eq!(p["total-bytes"].as_u64(), Some((SIZE / 2) as u64), "{p}");
     assert!(p["done-bytes"].as_u64().unwrap() <= (SIZE / 2) as u64, "{p}");

@@ -265,10 +265,11 @@ fn wait_direct(src: &Src, timeout: Duration) -> Value {
 /// migration to a fresh, healthy destination succeeds and matches. `writer` is the one that ran
 /// through the failure, if any; `model` the disk otherwise.
 fn recover(src: &Src, writer: Option<Writer>, model: Vec<u8>, seed: u64) {
-    wait_direct(src, Duration::from_secs(30));
+    wait_direct(src, HANG_LIMIT);
     // Writes go through again: the writer keeps going (or a new one starts) after the merge.
     let writer = writer.unwrap_or_else(|| Writer::start(&src.host.server.socket, model, seed ^ 0xabc, 1000));
     std::thread::sleep(Duration::from_millis(300));
+    writer.wait_writes(51);
     let (model, writes) = writer.stop();
     assert!(writes > 50, "the writer made only {writes} writes");
     assert!(read_all(&src.host.server) == model, "the source lost data in the failed migration");
@@ -304,7 +305,7 @@ fn connection_cut_in_round_1() {
     relay.faults.cut_at.store(2 << 20, Ordering::SeqCst);
     let writer = Writer::start(&src.host.server.socket, src.data.clone(), 1, 1000);
     src.migrate_start(&relay.uri(), json!({"max-bandwidth": 16 << 20})).unwrap();
-    let status = wait_failed(&mut src.host.ctl(), Duration::from_secs(30));
+    let status = wait_failed(&mut src.host.ctl(), HANG_LIMIT);
     let error = error_of(&status);
     eprintln!("cut in round 1: {error}");
     assert_mentions(&error, CONNECTION_WORDS, "the error");
@@ -322,7 +323,7 @@ fn connection_cut_in_round_2() {
     let writer = Writer::start_with(&src.host.server.socket, src.data.clone(), 3, 1500, 0);
     src.migrate_start(&relay.uri(), json!({"max-bandwidth": 8 << 20})).unwrap();
     let mut ctl = src.host.ctl();
-    let status = wait_status(&mut ctl, "the end of round 1", Duration::from_secs(30), |s| {
+    let status = wait_status(&mut ctl, "the end of round 1", HANG_LIMIT, |s| {
         s["rounds"].as_array().is_some_and(|r| !r.is_empty())
     });
     let round1 = &status["rounds"][0];
@@ -334,7 +335,7 @@ fn connection_cut_in_round_2() {
     let cut = round1["wire-bytes"].as_u64().unwrap() + 1024 + (1 << 20);
     relay.faults.cut_at.store(cut, Ordering::SeqCst);
     assert!(relay.forwarded() < cut, "round 2 went past the cut point before it was set");
-    let status = wait_failed(&mut ctl, Duration::from_secs(30));
+    let status = wait_failed(&mut ctl, HANG_LIMIT);
     let error = error_of(&status);
     eprintln!("cut in round 2 after {} bytes (round 1: {} wire bytes): {error}", cut, round1["wire-bytes"]);
     assert_mentions(&error, CONNECTION_WORDS, "the error");
@@ -351,7 +352,7 @@ fn connection_cut_in_the_final_round() {
     let writer = Writer::start(&src.host.server.socket, src.data.clone(), 5, 1500);
     src.migrate_start(&relay.uri(), json!({"max-bandwidth": 40 << 20})).unwrap();
     let mut ctl = src.host.ctl();
-    wait_phase(&mut ctl, "ready", Duration::from_secs(60));
+    wait_phase(&mut ctl, "ready", HANG_LIMIT);
     std::thread::sleep(Duration::from_millis(200));
     let (model, _) = writer.stop();
     // The source idles in `ready`: the next bytes it sends are the final round's.
@@ -361,7 +362,7 @@ fn connection_cut_in_the_final_round() {
     eprintln!("cut in the final round: {error}");
     assert_mentions(&error, CONNECTION_WORDS, "migrate-finish's error");
     assert_eq!(relay.cut_offset(), Some(before), "the cut should come with the final round's first bytes");
-    let status = wait_failed(&mut ctl, Duration::from_secs(30));
+    let status = wait_failed(&mut ctl, HANG_LIMIT);
     assert_mentions(&error_of(&status), CONNECTION_WORDS, "the error");
     // Base, cold updates, and settle passes as many as the link's rate asked for; the round that
     // failed is the final one, after them.
@@ -382,13 +383,13 @@ fn destination_killed_in_round_1() {
     let writer = Writer::start(&src.host.server.socket, src.data.clone(), 7, 1000);
     src.migrate_start(&format!("tcp:127.0.0.1:{}", dst.port), json!({"max-bandwidth": 8 << 20})).unwrap();
     let mut ctl = src.host.ctl();
-    let status = wait_status(&mut ctl, "some of round 1", Duration::from_secs(30), |s| {
+    let status = wait_status(&mut ctl, "some of round 1", HANG_LIMIT, |s| {
         s["round"] == 1 && s["round-remaining-blocks"].as_u64().is_some_and(|r| r > 0 && r < (DATA / BS) as u64 * 3 / 4)
     });
     signal(dst.host.server.proc.pid(), libc::SIGKILL);
     let _ = dst.host.server.proc.wait_or_kill(Duration::from_secs(5));
     let status = {
-        let failed = wait_failed(&mut ctl, Duration::from_secs(30));
+        let failed = wait_failed(&mut ctl, HANG_LIMIT);
         eprintln!(
             "destination killed at {} blocks left in round 1: {}",
             status["round-remaining-blocks"], failed["error"]
@@ -436,18 +437,18 @@ fn corrupted_frame() {
     relay.faults.flip_at.store((1 << 20) + 12345, Ordering::SeqCst);
     let writer = Writer::start(&src.host.server.socket, src.data.clone(), 11, 1000);
     src.migrate_start(&relay.uri(), json!({"max-bandwidth": 32 << 20})).unwrap();
-    let status = wait_failed(&mut src.host.ctl(), Duration::from_secs(30));
+    let status = wait_failed(&mut src.host.ctl(), HANG_LIMIT);
     assert!(relay.faults.flipped.load(Ordering::SeqCst));
     let error = error_of(&status);
     eprintln!("corrupted frame: {error}");
     assert_mentions(&error, &["failed authentication", "checksum"], "the source's error");
     assert_eq!(rounds_at_failure(&status), (1, vec![]), "{status}");
     // The stream is sealed: the altered record fails authentication at the destination.
-    let log = wait_for_log(&mut dst.host.server.proc, "failed authentication", Duration::from_secs(10));
+    let log = wait_for_log(&mut dst.host.server.proc, "failed authentication", HANG_LIMIT);
     assert!(log.contains("the stream was altered"), "{log}");
     // The destination did not commit and takes a new session.
     assert_uncommitted(&dst);
-    wait_direct(&src, Duration::from_secs(30));
+    wait_direct(&src, HANG_LIMIT);
     let (model, _) = writer.stop();
     assert!(read_all(&src.host.server) == model, "the source lost data");
     migrate_to(&src, &dst, model, 12);
@@ -487,7 +488,7 @@ fn destination_disk_full() {
     // Slow enough that the destination runs out of space while round 1 is still being sent
     // (unpaced, all of round 1 fits in the socket buffers before the first write fails).
     src.migrate_start(&format!("tcp:127.0.0.1:{}", dst.port), json!({"max-bandwidth": 16 << 20})).unwrap();
-    let status = wait_failed(&mut src.host.ctl(), Duration::from_secs(30));
+    let status = wait_failed(&mut src.host.ctl(), HANG_LIMIT);
     let error = error_of(&status);
     eprintln!("destination disk full: {error}");
     assert_mentions(&error, &["No space left"], "the source's error");

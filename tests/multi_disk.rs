@@ -73,10 +73,10 @@ impl TwoDisks {
             Rig { sides: vec![a, b], net, key, pki, dir, t0, driver_logs: Vec::new(), driver_env: Vec::new() };
         rig.a().start_qemu(SECONDS, false);
         rig.b().start_qemu(SECONDS, true);
-        let text = rig.a().wait_console("WORKLOAD-START", Duration::from_secs(120));
+        let text = rig.a().wait_console("WORKLOAD-START", HANG_LIMIT);
         eprintln!("[{:5.1}s] guest booted on A", rig.secs());
         // Both workloads started (each prints its device).
-        wait_until("both workloads to start", Duration::from_secs(30), || {
+        wait_until("both workloads to start", HANG_LIMIT, || {
             let text = rig.a().console_text();
             (text.contains("device=/dev/vda") && text.contains("device=/dev/vdb")).then_some(())
         });
@@ -97,7 +97,7 @@ impl TwoDisks {
 
 /// Counts the workloads that verified on `side`'s console (waiting for both to finish).
 fn wait_both_verified(side: &mut Side) -> String {
-    let text = wait_until("both workloads to verify", Duration::from_secs(240), || {
+    let text = wait_until("both workloads to verify", HANG_LIMIT, || {
         let text = side.console_text();
         let done = text.matches("WORKLOAD-VERIFY-").count();
         (done >= 2 || side.qemu_status().is_none()).then_some(text)
@@ -169,14 +169,14 @@ fn a_dead_link_on_one_disk_rolls_back_both() {
     let second = t.second_disk_arg();
     let driver = t.rig.spawn_driver(HostId::A, HostId::B, "row", &["--disk", &second]);
     let b1 = t.rig.sides[1].ctl.clone();
-    wait_until("the first disk to commit", Duration::from_secs(120), || {
+    wait_until("the first disk to commit", HANG_LIMIT, || {
         let st = qmp(&b1, "query-status", serde_json::json!({})).ok()?;
         let phase = st["incoming-phase"].as_str().unwrap_or_default().to_string();
         (phase == "committed" || phase == "owner").then_some(())
     });
     eprintln!("[{:5.1}s] disk 1 committed; killing disk 2's destination proxy", t.rig.secs());
     t.b2.kill_proxy();
-    let res = driver.wait(Duration::from_secs(120));
+    let res = driver.wait(HANG_LIMIT);
     eprintln!("[{:5.1}s] row-migrate exited {:?}; stderr:\n{}", t.rig.secs(), res.code, res.stderr.trim_end());
     assert_eq!(res.code, Some(3), "rolled back, the guest runs on the source; stderr:\n{}", res.stderr);
     assert!(res.stderr.contains("disk 2"), "the message names the failing disk:\n{}", res.stderr);

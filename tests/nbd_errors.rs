@@ -2,7 +2,6 @@
 //! and a broken client only ever loses its own connection.
 
 use std::process::Command;
-use std::time::Duration;
 
 use e2e::*;
 use nbd_proto::consts::*;
@@ -65,7 +64,7 @@ fn unknown_option_gets_unsup_and_negotiation_goes_on() {
     ClientOption::Abort.encode(&mut out);
     sock.write_all(&out).unwrap();
     let mut buf = Vec::new();
-    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    sock.set_read_timeout(Some(HANG_LIMIT)).unwrap();
     sock.read_to_end(&mut buf).unwrap(); // the server closes after ABORT's ACK
     let mut replies = Vec::new();
     let mut rest = &buf[..];
@@ -104,7 +103,7 @@ fn bad_request_magic_closes_only_that_connection() {
     drop(cut);
     let r = good.call(request(Cmd::Read, 4, 0, 4096), &[]).unwrap();
     assert_eq!(r.data, vec![9; 4096], "a torn write must not reach the image");
-    assert_eq!(server.proc.terminate(Duration::from_secs(10)).code(), Some(0));
+    assert_eq!(server.proc.terminate(HANG_LIMIT).code(), Some(0));
 }
 
 #[test]
@@ -184,7 +183,7 @@ fn sigterm_finishes_in_flight_requests_flushes_and_exits_zero() {
     for _ in 0..64 {
         assert_eq!(c.recv().unwrap().error, 0);
     }
-    let status = server.proc.terminate(Duration::from_secs(30));
+    let status = server.proc.terminate(HANG_LIMIT);
     assert_eq!(status.code(), Some(0), "log:\n{}", server.proc.log_text());
     assert!(!server.socket.exists(), "socket file must be removed on exit");
     assert!(server.proc.log_text().contains("stopped cleanly"));

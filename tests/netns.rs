@@ -31,9 +31,9 @@ fn proxy_in(ns: &str, dir: &Path, subcommand: &str, image: &Path, key: &Path, ex
         .arg(key)
         .args(extra);
     cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
-    let proc = Proc::spawn(&format!("nbd-row-proxy {subcommand} in {ns}"), &mut cmd, &dir.join("server.log"));
-    wait_for_socket(&socket, Duration::from_secs(10));
-    wait_for_socket(&control, Duration::from_secs(10));
+    let mut proc = Proc::spawn(&format!("nbd-row-proxy {subcommand} in {ns}"), &mut cmd, &dir.join("server.log"));
+    proc.wait_for_socket(&socket);
+    proc.wait_for_socket(&control);
     // `ip netns exec` execs the command in place, so the pid we hold (and stop) is the proxy's.
     let exe = std::fs::read_link(format!("/proc/{}/exe", proc.pid())).unwrap();
     assert!(exe.ends_with("nbd-row-proxy"), "pid {} is {}, not the proxy", proc.pid(), exe.display());
@@ -68,9 +68,10 @@ fn row_migration_over_a_100_mbit_link_between_namespaces() {
     let mut ctl = src.ctl();
     let started = Instant::now();
     ctl.ok("migrate-start", json!({"uri": format!("tcp:{ADDR_B}:{port}"), "strategy": "row"}));
-    wait_phase(&mut ctl, "ready", Duration::from_secs(120));
+    wait_phase(&mut ctl, "ready", HANG_LIMIT);
     let precopy = started.elapsed();
     std::thread::sleep(Duration::from_millis(300));
+    writer.wait_writes(201);
     let (model, writes) = writer.stop();
     assert!(writes > 200, "the writer should have been busy during the rounds ({writes} writes)");
     let finish_started = Instant::now();

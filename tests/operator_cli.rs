@@ -10,7 +10,12 @@ use e2e::migration::{destination_with, free_port, key_file, read_all, source, so
 use e2e::*;
 use serde_json::json;
 
-const STOP: Duration = Duration::from_secs(10);
+/// How long a stop may take (the proxy flushes the disk): only a hang fails it.
+const STOP: Duration = HANG_LIMIT;
+/// What "at once" means for a mixed-up socket: far less than the waits it must not sit through
+/// (the NBD server's 10 s negotiation timeout, row-migrate's 30 s connect timeout), with room
+/// for a busy machine.
+const AT_ONCE: Duration = Duration::from_secs(5);
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -126,7 +131,7 @@ fn ordinary_clients_leave_no_warning() {
 }
 
 #[test]
-fn sockets_mixed_up_are_named_within_a_second() {
+fn sockets_mixed_up_are_named_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.raw");
     sparse_file(&image, 1 << 20);
@@ -140,20 +145,20 @@ fn sockets_mixed_up_are_named_within_a_second() {
     let (out, took) = row_migrate([nbd, &dst_qmp, control, &dst_proxy], &[]);
     let text = stderr(&out);
     assert_eq!(out.status.code(), Some(2), "{text}");
-    assert!(took < Duration::from_secs(1), "took {took:?}: {text}");
+    assert!(took < AT_ONCE, "took {took:?}: {text}");
     assert!(text.contains("--src-qmp") && text.contains("NBD server's socket"), "{text}");
 
     // The proxy's control socket given as QEMU's QMP socket.
     let (out, took) = row_migrate([control, &dst_qmp, nbd, &dst_proxy], &[]);
     let text = stderr(&out);
     assert_eq!(out.status.code(), Some(2), "{text}");
-    assert!(took < Duration::from_secs(1), "took {took:?}: {text}");
+    assert!(took < AT_ONCE, "took {took:?}: {text}");
     assert!(text.contains("--src-qmp") && text.contains("it is an nbd-row-proxy control socket"), "{text}");
 
     // The same socket twice.
     let (out, took) = row_migrate([nbd, nbd, control, &dst_proxy], &[]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert!(took < AT_ONCE, "took {took:?}");
     assert!(stderr(&out).contains("--src-qmp and --dst-qmp are the same socket"), "{}", stderr(&out));
 
     // The reverse: QEMU's QMP socket given as a proxy's control socket.
@@ -173,7 +178,7 @@ fn sockets_mixed_up_are_named_within_a_second() {
         ]),
         &dir.path().join("qemu.log"),
     );
-    wait_for_socket(&qmp, Duration::from_secs(10));
+    qemu.wait_for_socket(&qmp);
     // (wait_for_socket's probe connection is gone by now; QEMU serves one client at a time.)
     std::thread::sleep(Duration::from_millis(200));
     // --recover takes components that do not answer as gone, and refuses a wrong one at once.
@@ -252,7 +257,7 @@ fn units_on_the_command_line_and_the_control_socket() {
     let e = ctl.execute("migrate-start", json!({"uri": uri, "final-budget-ms": "soon"})).unwrap_err();
     assert!(e.contains("expected a duration"), "{e}");
     ctl.ok("migrate-start", json!({"uri": uri, "max-bandwidth": "100MiB", "final-budget-ms": "2s"}));
-    wait_phase(&mut ctl, "ready", Duration::from_secs(60));
+    wait_phase(&mut ctl, "ready", HANG_LIMIT);
     assert_eq!(ctl.ok("migrate-finish", json!({}))["phase"], "handed-over");
     ctl.ok("migrate-complete", json!({}));
     assert!(read_all(&dst.server) == data);
@@ -277,7 +282,7 @@ fn units_on_the_command_line_and_the_control_socket() {
         "migrate-start",
         json!({"uri": uri, "strategy": "bitmap", "bitmap-granularity": "64KiB", "max-bandwidth": "1gbit"}),
     );
-    wait_phase(&mut ctl, "ready", Duration::from_secs(60));
+    wait_phase(&mut ctl, "ready", HANG_LIMIT);
     assert_eq!(ctl.ok("migrate-finish", json!({}))["phase"], "handed-over");
     ctl.ok("migrate-complete", json!({}));
     assert!(read_all(&dst.server) == data);

@@ -1,7 +1,5 @@
 //! A QEMU TCG guest boots with its disk on nbd-row-proxy and writes through it with O_DIRECT.
 
-use std::time::Duration;
-
 use e2e::*;
 
 #[test]
@@ -12,7 +10,7 @@ fn guest_writes_pattern_with_o_direct_and_host_finds_it_in_the_image() {
     let server = Server::start(dir.path(), &image, &[]);
     let console = dir.path().join("console.log");
     let mut guest = start_guest(&server.uri(), "write-pattern", &console);
-    let status = guest.wait_or_kill(Duration::from_secs(240));
+    let status = guest.wait_or_kill(HANG_LIMIT);
     let text = guest.log_text();
     assert!(status.success(), "qemu exited with {status}; console:\n{text}");
     assert!(text.contains("GUEST-READY"), "console:\n{text}");

@@ -91,7 +91,7 @@ fn check_landed(rig: &mut Rig, src: usize, dst: usize, refuses_writes: bool) {
     assert!(src_state.as_deref() != Some("running"), "the source guest still runs: {src_state:?}");
     assert_eq!(d.qemu_status().as_deref(), Some("running"), "the destination guest does not run");
 
-    let text = d.wait_console("WORKLOAD-VERIFY-", Duration::from_secs(180));
+    let text = d.wait_console("WORKLOAD-VERIFY-", HANG_LIMIT);
     assert!(text.contains("WORKLOAD-VERIFY-OK"), "verification failed on {}; console:\n{text}", d.name);
     assert!(text.contains("WORKLOAD written="), "the guest did not write on {} after landing:\n{text}", d.name);
     let before = s.console_text();
@@ -158,7 +158,7 @@ fn switch_over_with_postcopy_held(hold_ms: u32) -> (Rig, Driver) {
     let mut rig = Rig::start_with(Role::Receive, MIGRATE_SECONDS, guest, &[("NBD_ROW_PAUSE", &hold)]);
     std::thread::sleep(Duration::from_secs(2));
     let driver = rig.spawn_driver(HostId::A, HostId::B, "row", &["--postcopy", "always"]);
-    wait_until("a post-copy on B", Duration::from_secs(120), || {
+    wait_until("a post-copy on B", HANG_LIMIT, || {
         rig.b().proxy_status()["postcopy"]["missing-blocks"].as_u64().filter(|n| *n > 0)
     });
     (rig, driver)
@@ -179,7 +179,7 @@ fn postcopy_moves_a_writing_guest_through_a_cut_link() {
     link("down");
     std::thread::sleep(Duration::from_secs(5));
     link("up");
-    let res = driver.wait(Duration::from_secs(180));
+    let res = driver.wait(HANG_LIMIT);
     assert!(res.success, "row-migrate failed after {:.1} s; stderr:\n{}", res.seconds, res.stderr);
     let report: Value = serde_json::from_str(res.stdout.lines().last().unwrap_or_default()).expect("a JSON report");
     eprintln!("[{:5.1}s] row-migrate done: {report}", rig.secs());
@@ -204,7 +204,7 @@ fn recover_after_a_kill_during_post_copy_waits_for_the_push() {
     signal(driver.pid(), libc::SIGKILL);
     let killed = driver.wait(Duration::from_secs(10));
     assert_eq!(killed.code, None, "row-migrate was not killed: {}", killed.stderr);
-    let res = rig.spawn_driver(HostId::A, HostId::B, "row", &["--recover"]).wait(Duration::from_secs(120));
+    let res = rig.spawn_driver(HostId::A, HostId::B, "row", &["--recover"]).wait(HANG_LIMIT);
     eprintln!("[{:5.1}s] row-migrate --recover exited {:?}: {}", rig.secs(), res.code, res.stdout.trim());
     assert!(res.success, "--recover failed; stderr:\n{}", res.stderr);
     let report: Value = serde_json::from_str(res.stdout.lines().last().unwrap_or_default()).expect("a JSON report");
@@ -234,7 +234,7 @@ fn guest_migrates_to_b_and_back_to_a() {
     rig.sides[a1].kill_qemu();
     rig.sides[a1].kill_proxy();
     rig.new_side(HostId::A, Role::Receive, seconds);
-    rig.b().wait_console("WORKLOAD written=", Duration::from_secs(30));
+    rig.b().wait_console("WORKLOAD written=", HANG_LIMIT);
     std::thread::sleep(Duration::from_secs(1));
     let back = rig.migrate_ok(HostId::B, HostId::A, "row", &["--verify-disk"]);
     check_report(&back, "row", Some(3), true);
@@ -255,7 +255,7 @@ fn rollback_case(what: &str, seconds: u32, extra: &[&str], keyword: &str, inject
     std::thread::sleep(Duration::from_secs(1));
     let driver = rig.spawn_driver(HostId::A, HostId::B, "row", extra);
     inject(&mut rig, &driver);
-    let res = driver.wait(Duration::from_secs(90));
+    let res = driver.wait(HANG_LIMIT);
     eprintln!(
         "[{:5.1}s] {what}: row-migrate exited after {:.1} s; stderr:\n{}",
         rig.secs(),
@@ -283,7 +283,7 @@ fn rollback_case(what: &str, seconds: u32, extra: &[&str], keyword: &str, inject
     // The guest runs on A; A's proxy leaves ROW and serves directly again.
     let a = rig.a();
     assert_eq!(a.qemu_status().as_deref(), Some("running"), "the source guest does not run after the rollback");
-    let mode = wait_until("the source proxy back in direct mode", Duration::from_secs(30), || {
+    let mode = wait_until("the source proxy back in direct mode", HANG_LIMIT, || {
         let s = a.proxy_status();
         (s["mode"] == "direct").then_some(s)
     });
@@ -307,7 +307,7 @@ fn rollback_case(what: &str, seconds: u32, extra: &[&str], keyword: &str, inject
         !before.contains("WORKLOAD-WRITES-DONE"),
         "the guest finished writing before the rollback was checked:\n{before}"
     );
-    let text = a.wait_console("WORKLOAD-VERIFY-", Duration::from_secs(120));
+    let text = a.wait_console("WORKLOAD-VERIFY-", HANG_LIMIT);
     assert!(text.contains("WORKLOAD-VERIFY-OK"), "verification failed on A after {what}; console:\n{text}");
     let b_state = rig.b().qemu_status();
     assert!(b_state.as_deref() != Some("running"), "the destination guest runs: {b_state:?}");
@@ -318,7 +318,7 @@ fn rollback_case(what: &str, seconds: u32, extra: &[&str], keyword: &str, inject
 /// Waits until the source proxy's disk pre-copy has been running for `after` (round 1 started).
 fn wait_precopy(rig: &mut Rig, after: Duration) {
     let a = rig.a();
-    wait_until("the disk pre-copy", Duration::from_secs(30), || {
+    wait_until("the disk pre-copy", HANG_LIMIT, || {
         let m = a.proxy_migration();
         (m["phase"] == "precopy" && m["round"].as_u64().unwrap_or(0) >= 1).then_some(())
     });
@@ -391,7 +391,7 @@ fn rollback_when_the_destination_qemu_dies_during_the_memory_migration() {
         |rig, _| {
             let a = rig.a();
             let mon = a.mon.clone();
-            let info = wait_until("the memory migration", Duration::from_secs(60), || {
+            let info = wait_until("the memory migration", HANG_LIMIT, || {
                 let m = qmp(&mon, "query-migrate", json!({})).ok()?;
                 (m["status"] == "active" && m["ram"]["transferred"].as_u64().unwrap_or(0) > 0).then_some(m)
             });

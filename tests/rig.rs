@@ -66,12 +66,13 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
 
 /// One QMP command on a fresh connection (QEMU's monitor or a proxy's control socket); `Err`
 /// when the socket is gone or the command fails. Unlike [`ControlClient`] it never panics, so
-/// it can ask a process that may have died.
+/// it can ask a process that may have died (a dead one refuses the connection at once; a live
+/// one busy with I/O or TCG is given up to [`HANG_LIMIT`] to answer).
 pub fn qmp(path: &Path, command: &str, arguments: Value) -> Result<Value, String> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let mut c = qmp_proto::Client::connect(path, Duration::from_secs(5)).await.map_err(|e| e.to_string())?;
-        c.execute(command, arguments, Duration::from_secs(30)).await.map_err(|e| e.to_string())
+        let mut c = qmp_proto::Client::connect(path, HANG_LIMIT).await.map_err(|e| e.to_string())?;
+        c.execute(command, arguments, HANG_LIMIT).await.map_err(|e| e.to_string())
     })
 }
 
@@ -234,9 +235,9 @@ impl Side {
         cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
         cmd.envs(self.proxy_env.iter().map(|(k, v)| (k, v)));
         let log = self.image.with_file_name("proxy.log");
-        let proc = Proc::spawn(&format!("proxy {} ({sub})", self.name), &mut cmd, &log);
-        wait_for_socket(&self.nbd, Duration::from_secs(10));
-        wait_for_socket(&self.ctl, Duration::from_secs(10));
+        let mut proc = Proc::spawn(&format!("proxy {} ({sub})", self.name), &mut cmd, &log);
+        proc.wait_for_socket(&self.nbd);
+        proc.wait_for_socket(&self.ctl);
         self.proxy = Some(proc);
     }
 
@@ -288,8 +289,8 @@ impl Side {
             cmd.arg("--incoming");
         }
         let log = self.image.with_file_name("qemu.log");
-        let proc = Proc::spawn(&format!("qemu {}", self.name), &mut cmd, &log);
-        wait_for_socket(&self.mon, Duration::from_secs(20));
+        let mut proc = Proc::spawn(&format!("qemu {}", self.name), &mut cmd, &log);
+        proc.wait_for_socket(&self.mon);
         self.qemu = Some(proc);
     }
 
@@ -503,7 +504,7 @@ impl Rig {
         rig.a().start_qemu(seconds, false);
         rig.b().start_qemu(seconds, true);
         eprintln!("[{:5.1}s] qemus started", rig.secs());
-        rig.a().wait_console("WORKLOAD-START", Duration::from_secs(120));
+        rig.a().wait_console("WORKLOAD-START", HANG_LIMIT);
         eprintln!("[{:5.1}s] guest booted and writing on A", rig.secs());
         rig
     }
@@ -601,7 +602,7 @@ impl Rig {
     /// Runs a migration that must succeed and returns its JSON report.
     pub fn migrate_ok(&mut self, from: HostId, to: HostId, strategy: &str, extra: &[&str]) -> Value {
         let driver = self.spawn_driver(from, to, strategy, extra);
-        let res = driver.wait(Duration::from_secs(180));
+        let res = driver.wait(HANG_LIMIT);
         assert!(res.success, "row-migrate failed after {:.1} s; stderr:\n{}", res.seconds, res.stderr);
         let line = res.stdout.lines().last().unwrap_or_default();
         let report: Value =

@@ -12,8 +12,8 @@ use serde_json::json;
 
 fn start(dir: &std::path::Path, image: &std::path::Path) -> (Server, std::path::PathBuf) {
     let control = dir.join("control.sock");
-    let server = Server::start(dir, image, &["--export", "vm1", "--control", control.to_str().unwrap()]);
-    wait_for_socket(&control, Duration::from_secs(10));
+    let mut server = Server::start(dir, image, &["--export", "vm1", "--control", control.to_str().unwrap()]);
+    server.proc.wait_for_socket(&control);
     (server, control)
 }
 
@@ -50,7 +50,7 @@ fn row_freezes_the_base_serves_it_and_merges_back() {
     let (server, control) = start(dir.path(), &image);
     let mut c = ControlClient::connect(&control);
     c.ok("row-start", json!({}));
-    let ev = c.next_event(Duration::from_secs(5)).expect("ROW_STARTED event");
+    let ev = c.next_event(HANG_LIMIT).expect("ROW_STARTED event");
     assert_eq!(ev.event, "ROW_STARTED");
     assert_eq!(c.ok("query-status", json!({}))["mode"], "row");
     assert!(dir.path().join("disk.raw.row").exists());

@@ -2,14 +2,15 @@
 //! a client writes 200,000 scattered 4 KiB blocks and then, during the migration, zeroes 64 GiB
 //! (what `fstrim` or `blkdiscard -z` in a guest does).
 //!
-//! What must hold: the source's mapping costs at most 16 bytes per updated block; zeroing 64 GiB
+//! What must hold: the source's mapping costs at most 20 bytes per updated block (12 for the
+//! run, 4 for its slot in the reserved file, the rest the tree); zeroing 64 GiB
 //! grows the source by less than 5 MiB of RSS and adds a handful of runs; the round that carries
 //! the zeroed range sends it as zero extents (kilobytes on the wire, not gigabytes); round 1 sends
 //! only what is allocated; and the destination holds exactly what was written. The figures are
 //! printed (`cargo test -p e2e --test scale -- --nocapture`; `scripts/bench-scale` runs it in
 //! release mode for the README).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use e2e::migration::*;
 use e2e::*;
@@ -111,6 +112,8 @@ fn a_terabyte_disk_migrates_in_time_and_memory_that_follow_its_data() {
     let pid = src.server.proc.pid();
     let mut ctl = src.ctl();
     let mut c = RawClient::connect(&src.server.socket, "", false).unwrap();
+    // The flush after the scattered writes syncs them all: a minute on a slow disk.
+    c.set_read_timeout(hang_limit(SCATTERED * 4096)).unwrap();
     let mut figures: Vec<(String, String)> = Vec::new();
     let mut fig = |k: &str, v: String| {
         eprintln!("SCALE {k}: {v}");
@@ -126,20 +129,22 @@ fn a_terabyte_disk_migrates_in_time_and_memory_that_follow_its_data() {
         &mut c,
         blocks.iter().enumerate().map(|(i, &b)| (request(Cmd::Write, i as u64, b * 4096, 4096), block_of(b))),
     );
+    let written = t.elapsed();
     flush(&mut c);
     fig("200,000 scattered 4 KiB writes (ROW)", format!("{:.1} s", t.elapsed().as_secs_f64()));
+    fig("flush after 200,000 scattered writes", format!("{:.1} s", (t.elapsed() - written).as_secs_f64()));
     let r = row(&mut ctl);
     let (updated, map_bytes) = (r["blocks-updated"].as_u64().unwrap(), r["map-bytes"].as_u64().unwrap());
     assert_eq!(updated, SCATTERED);
     let per_block = map_bytes as f64 / updated as f64;
     fig("mapping per updated block", format!("{per_block:.1} bytes ({map_bytes} bytes, {} runs)", r["map-runs"]));
     fig("source RSS growth for them", format!("{:.1} MiB", (rss_kib(pid) - rss0) as f64 / 1024.0));
-    assert!(per_block <= 16.0, "{per_block:.1} bytes per updated block");
+    assert!(per_block <= 20.0, "{per_block:.1} bytes per updated block");
 
     // The migration: round 1 carries the 64 MiB allocated, round 2 the scattered blocks.
     let t = Instant::now();
     ctl.ok("migrate-start", json!({ "uri": format!("tcp:127.0.0.1:{port}") }));
-    let ready = wait_phase(&mut ctl, "ready", Duration::from_secs(600));
+    let ready = wait_phase(&mut ctl, "ready", hang_limit(SCATTERED * 4096 + DATA_PIECES * PIECE));
     fig("migrate-start -> ready", format!("{:.1} s", t.elapsed().as_secs_f64()));
     let base = &ready["rounds"][0];
     fig(
