@@ -492,7 +492,10 @@ fn destination_disk_full() {
     let error = error_of(&status);
     eprintln!("destination disk full: {error}");
     assert_mentions(&error, &["No space left"], "the source's error");
-    assert_eq!(rounds_at_failure(&status), (1, vec![]), "{status}");
+    // The destination fails while it writes round 1; a loaded machine's destination may lag
+    // behind the sender by the socket buffers, so the source may already be in round 2.
+    let (round, done) = rounds_at_failure(&status);
+    assert!(round <= 2 && done.iter().all(|k| k == "base"), "{status}");
     assert_uncommitted(&dst);
     recover(&src, Some(writer), Vec::new(), 14);
     drop(dst);
