@@ -13,6 +13,7 @@ use crate::image::Image;
 use crate::journal::Journal;
 use crate::merge::{self, MergeProgress};
 use crate::overlay::Overlay;
+use crate::reserved::{self, Found};
 use crate::storage::{suffixed, Extent, Posix, Storage, SyncLatch};
 use crate::table::{Table, WrittenRun};
 use crate::tracking::DirtyTracker;
@@ -81,6 +82,20 @@ pub struct Disk {
     tracker: DirtyTracker,
 }
 
+/// Refuses a path that holds something not ours (nothing, an empty file and our own overlay
+/// files pass).
+fn refuse_unless_ours(path: &Path, found: Found) -> Result<(), StoreError> {
+    if found != Found::Other {
+        return Ok(());
+    }
+    Err(StoreError::Refused {
+        path: path.to_owned(),
+        why: "this file is not an overlay file of nbd-row-proxy (it has no header of ours): refusing to use, \
+              truncate or delete it; choose another --reserved path, or move the file away"
+            .into(),
+    })
+}
+
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
     move |source| StoreError::Io { what, path: path.to_owned(), source }
 }
@@ -102,19 +117,20 @@ impl Disk {
         );
         let reserved_path = opts.reserved.clone().unwrap_or_else(|| suffixed(image_path, ".row"));
         let journal_path = suffixed(&reserved_path, ".map");
-        let exists = |p: &Path| storage.exists(p).map_err(io_err("looking for", p));
-        if opts.discard_overlay && exists(&journal_path)? {
+        let inspect = |p: &Path| reserved::inspect(&*storage, p).map_err(io_err("looking at", p));
+        if opts.discard_overlay && inspect(&journal_path)? != Found::Nothing {
             tracing::warn!(journal = %journal_path.display(), "discarding an old ROW overlay: this image is about to be overwritten");
-            for path in [&journal_path, &reserved_path] {
-                match storage.remove(path) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                        return Err(io_err("removing old overlay", path)(e))
-                    }
-                    _ => {}
+            let found = [(&journal_path, inspect(&journal_path)?), (&reserved_path, inspect(&reserved_path)?)];
+            for (path, found) in &found {
+                refuse_unless_ours(path, *found)?;
+            }
+            for (path, found) in found {
+                if found != Found::Nothing {
+                    storage.remove(path).map_err(io_err("removing old overlay", path))?;
                 }
             }
         }
-        let recovered = if exists(&journal_path)? {
+        let recovered = if inspect(&journal_path)? != Found::Nothing {
             if opts.read_only {
                 return Err(StoreError::Mode("the image has a ROW overlay; it cannot be opened read-only".into()));
             }
@@ -125,13 +141,7 @@ impl Disk {
         let overlay = match recovered {
             Some(o) => Some(Arc::new(o)),
             None => {
-                // No committed journal means no overlay: leftovers of an interrupted row-start.
-                for path in [&journal_path, &reserved_path] {
-                    if exists(path)? {
-                        tracing::warn!(path = %path.display(), "removing a leftover of an interrupted ROW start");
-                        storage.remove(path).map_err(io_err("removing a leftover overlay file", path))?;
-                    }
-                }
+                Self::clear_leftovers(&*storage, &reserved_path, &journal_path)?;
                 None
             }
         };
@@ -147,6 +157,44 @@ impl Disk {
         })
     }
 
+    /// With no committed journal, files at the overlay's paths are leftovers of an interrupted
+    /// ROW start, removed only if they are ours and hold no data; anything else is refused.
+    fn clear_leftovers(storage: &dyn Storage, reserved_path: &Path, journal_path: &Path) -> Result<(), StoreError> {
+        let found = [
+            (reserved_path, reserved::inspect(storage, reserved_path).map_err(io_err("looking at", reserved_path))?),
+            (journal_path, reserved::inspect(storage, journal_path).map_err(io_err("looking at", journal_path))?),
+        ];
+        for (path, found) in found {
+            match found {
+                Found::Reserved { holds_slots: true, .. } => {
+                    return Err(StoreError::Refused {
+                        path: path.to_owned(),
+                        why: format!(
+                            "this ROW overlay holds writes, but its journal {} is missing or empty, so which \
+                             block each write belongs to is lost; nothing was changed (restore the journal, or \
+                             remove both files by hand to give up those writes)",
+                            journal_path.display()
+                        ),
+                    })
+                }
+                Found::Journal(_) if path == reserved_path => {
+                    return Err(StoreError::Refused {
+                        path: path.to_owned(),
+                        why: "this is an overlay journal, not a reserved file: choose another --reserved path".into(),
+                    })
+                }
+                other => refuse_unless_ours(path, other)?,
+            }
+        }
+        for (path, found) in [(reserved_path, Found::Nothing), (journal_path, Found::Nothing)] {
+            if reserved::inspect(storage, path).map_err(io_err("looking at", path))? != found {
+                tracing::warn!(path = %path.display(), "removing a leftover of an interrupted ROW start");
+                storage.remove(path).map_err(io_err("removing a leftover overlay file", path))?;
+            }
+        }
+        Ok(())
+    }
+
     fn recover(
         storage: &dyn Storage,
         image: &Arc<Image>,
@@ -160,15 +208,44 @@ impl Disk {
             return Ok(None);
         };
         let table = Table::recovered(replayed.mapped);
-        let reserved =
-            if storage.exists(reserved_path).map_err(io_err("looking for", reserved_path))? || table.slots() > 0 {
-                Image::open(storage, reserved_path, false, latch.clone())
-            } else {
-                Image::create(storage, reserved_path, 0, latch.clone())
+        let found = reserved::inspect(storage, reserved_path).map_err(io_err("looking at", reserved_path))?;
+        let refuse = |why: String| Err(StoreError::Refused { path: reserved_path.to_owned(), why });
+        let headed = replayed.data_start > 0;
+        let reserved = match found {
+            Found::Nothing if table.slots() > 0 => {
+                return refuse(format!(
+                    "the journal {} maps {} blocks into this reserved file, which is missing: restore it \
+                     (nothing was changed)",
+                    journal_path.display(),
+                    table.len()
+                ))
             }
-            .map_err(io_err("opening reserved file", reserved_path))?;
+            Found::Nothing if headed => {
+                Image::create_new(storage, reserved_path, &reserved::header(size, &replayed.id), latch.clone())
+            }
+            Found::Nothing => Image::create_new(storage, reserved_path, &[], latch.clone()),
+            Found::Reserved { id, .. } if headed && id != replayed.id => {
+                return refuse(format!(
+                    "this reserved file belongs to another ROW session than the journal {}: they are not a \
+                     pair (nothing was changed)",
+                    journal_path.display()
+                ))
+            }
+            Found::Reserved { .. } if headed => Image::open(storage, reserved_path, false, latch.clone()),
+            // The identity layout of older releases has no header.
+            Found::Other | Found::Empty if !headed => Image::open(storage, reserved_path, false, latch.clone()),
+            _ => {
+                return refuse(format!(
+                    "this is not the reserved file of the overlay journaled in {} (no header of ours): \
+                     nothing was changed",
+                    journal_path.display()
+                ))
+            }
+        }
+        .map_err(io_err("opening reserved file", reserved_path))?;
         // Every slot the journal maps must be in the file (the last may be a short block).
-        if table.slots() > 0 && reserved.size() <= (table.slots() - 1) * BLOCK_SIZE {
+        let needed = replayed.data_start + table.slots().saturating_sub(1) * BLOCK_SIZE;
+        if table.slots() > 0 && reserved.size() <= needed {
             return Err(StoreError::BadJournal {
                 path: reserved_path.to_owned(),
                 why: format!(
@@ -185,7 +262,8 @@ impl Disk {
             journal = %journal_path.display(),
             "recovered ROW overlay"
         );
-        let overlay = Overlay::recovered(image.clone(), reserved, table, journal, replayed.merging);
+        let overlay =
+            Overlay::recovered(image.clone(), reserved, table, journal, replayed.merging, replayed.data_start);
         Ok(Some(overlay))
     }
 
@@ -631,7 +709,7 @@ mod tests {
         d.write_at(&[5; 512], 50 * BLOCK_SIZE + 512, false).unwrap();
         d.flush().unwrap();
         let reserved = s.contents(d.reserved_path()).unwrap();
-        let slots: Vec<u8> = reserved.chunks(4096).map(|c| *c.iter().max().unwrap()).collect();
+        let slots: Vec<u8> = reserved[4096..].chunks(4096).map(|c| *c.iter().max().unwrap()).collect();
         assert_eq!(slots, vec![0, 4, 3, 5], "slot 0 punched, block 3 rewritten in place, block 50 moved");
         let expect = |d: &Disk| {
             let mut b50 = vec![0u8; 4096];
@@ -672,5 +750,69 @@ mod tests {
         let image = s.contents(path).unwrap();
         let block = |b: u64| image[(b * BLOCK_SIZE) as usize..((b + 1) * BLOCK_SIZE) as usize].to_vec();
         assert_eq!((block(5), block(6), block(9)), (vec![7; 4096], vec![8; 4096], vec![0; 4096]));
+    }
+
+    fn open(s: &SimStorage, reserved: Option<&str>) -> Result<Disk, StoreError> {
+        let opts = DiskOptions { reserved: reserved.map(PathBuf::from), ..DiskOptions::default() };
+        Disk::open_on(Arc::new(s.clone()), Path::new("/vm/d.raw"), opts)
+    }
+
+    fn put(s: &SimStorage, path: &str, bytes: &[u8]) {
+        use crate::storage::OpenMode;
+        let f = s.open(Path::new(path), OpenMode::Create).unwrap();
+        f.write_all_at(bytes, 0).unwrap();
+        f.sync_all().unwrap();
+    }
+
+    #[test]
+    fn a_path_that_holds_anything_else_is_refused_and_left_alone() {
+        let (s, d) = disk();
+        drop(d);
+        // Another VM's image, the served image itself, a journal: never truncated or deleted.
+        put(&s, "/vm/other.raw", &[9; 8192]);
+        for path in ["/vm/other.raw", "/vm/d.raw"] {
+            let before = s.contents(Path::new(path)).unwrap();
+            assert!(matches!(open(&s, Some(path)), Err(StoreError::Refused { .. })), "{path}");
+            assert_eq!(s.contents(Path::new(path)).unwrap(), before, "{path} untouched");
+        }
+        // A leftover of our own interrupted ROW start (header, no data, no journal) is cleared.
+        let d = open(&s, None).unwrap();
+        d.row_start().unwrap();
+        drop(d);
+        s.remove(Path::new("/vm/d.raw.row.map")).unwrap();
+        let d = open(&s, None).unwrap();
+        assert_eq!(d.mode(), Mode::Direct);
+        assert!(!s.exists(Path::new("/vm/d.raw.row")).unwrap());
+        d.row_start().unwrap();
+    }
+
+    #[test]
+    fn writes_without_their_journal_or_with_another_session_s_are_refused() {
+        let (s, d) = disk();
+        d.row_start().unwrap();
+        d.write_at(&[5; 4096], 0, false).unwrap();
+        d.flush().unwrap();
+        drop(d);
+        let (reserved, journal) = (Path::new("/vm/d.raw.row"), Path::new("/vm/d.raw.row.map"));
+        let saved = s.contents(journal).unwrap();
+        // The journal zeroed or deleted: the reserved file holds the only copy of the write.
+        for damage in [Some(vec![0u8; saved.len()]), None] {
+            match &damage {
+                Some(bytes) => put(&s, "/vm/d.raw.row.map", bytes),
+                None => s.remove(journal).unwrap(),
+            }
+            assert!(matches!(open(&s, None), Err(StoreError::Refused { .. })));
+            assert!(s.exists(reserved).unwrap(), "the writes are still there");
+        }
+        put(&s, "/vm/d.raw.row.map", &saved);
+        // Another session's reserved file beside this journal.
+        let other = s.contents(reserved).unwrap();
+        let d = open(&s, None).unwrap();
+        d.row_stop(|_| {}).unwrap();
+        d.row_start().unwrap();
+        d.flush().unwrap();
+        drop(d);
+        put(&s, "/vm/d.raw.row", &other);
+        assert!(matches!(open(&s, None), Err(StoreError::Refused { .. })));
     }
 }

@@ -46,6 +46,16 @@ impl Image {
         Ok(Self { file, size, path: path.to_owned(), read_only: false, latch })
     }
 
+    /// Creates a file that must not exist yet, holding `head`, durably, and locks it.
+    pub fn create_new(storage: &dyn Storage, path: &Path, head: &[u8], latch: Arc<SyncLatch>) -> io::Result<Self> {
+        let file = storage.open(path, OpenMode::CreateNew)?;
+        file.lock(LockMode::Writer)?;
+        file.write_all_at(head, 0)?;
+        latch.sync(path, || file.sync_all())?;
+        storage.sync_parent(path)?;
+        Ok(Self { file, size: head.len() as u64, path: path.to_owned(), read_only: false, latch })
+    }
+
     /// Size in bytes.
     pub fn size(&self) -> u64 {
         self.size

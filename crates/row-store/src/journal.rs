@@ -1,13 +1,19 @@
 //! The mapping journal: an append-only file that makes the ROW mapping survive a crash.
 //!
-//! Layout: a 64-byte header (magic, version, block size, image size, header CRC), then
-//! fixed-size records, each with its own CRC. A record is appended only after the data it
-//! describes is durable, and the journal is synced before a FLUSH is acknowledged. A torn last
-//! record (the process died while appending) fails its CRC and is cut off on replay.
+//! Layout: a 64-byte header (magic, version, block size, image size, the overlay's id, where
+//! slots start in the reserved file, header CRC), then fixed-size records, each with its own
+//! CRC. A record is appended only after the data it describes is durable, and the journal is
+//! synced before a FLUSH is acknowledged.
+//!
+//! Each append is a *batch* closed by a [`Record::BatchEnd`] that counts its records and holds
+//! their CRC, so replay tells a torn last append (the process or the machine died while it
+//! was written: cut off, as those changes were never acknowledged) from damage (a bad record
+//! with a whole batch after it: that batch was appended only once the damaged one was durable,
+//! so acknowledged changes are gone). Damage is refused; the proxy does not serve.
 //!
 //! Version 3 records say which slots of the reserved file hold mapped blocks. Versions 1 and 2
-//! (an identity-mapped reserved file: block *b* at offset *b* × 4 KiB) are still read, as slots
-//! equal to the block numbers, so an overlay left by an older release comes back.
+//! (an identity-mapped reserved file: block *b* at offset *b* × 4 KiB, no header, no batches)
+//! are still read, as slots equal to the block numbers, and rewritten in version 3 once.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -18,13 +24,63 @@ use crate::table::{Change, Held, Mapping, Table, MAX_SLOTS};
 use crate::StoreError;
 
 const MAGIC: &[u8; 8] = b"NBDROWJ1";
-/// Version 2 added zeroed ranges, version 3 slots; older journals are still read.
+/// Version 2 added zeroed ranges, version 3 slots, batches and the overlay's id.
 const VERSION: u32 = 3;
 const HEADER_LEN: u64 = 64;
 /// A version 3 record: kind, start, count, slot, CRC.
 const RECORD_LEN: usize = 21;
 /// A version 1 or 2 record: kind, start, count, CRC.
 const OLD_RECORD_LEN: usize = 17;
+
+/// Identifies one ROW session's overlay: its journal and reserved file carry the same id, so
+/// files of two sessions are never taken for a pair.
+pub type OverlayId = [u8; 16];
+
+/// What a journal's header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// Format version.
+    pub version: u32,
+    /// Block size the mapping counts in.
+    pub block_size: u32,
+    /// Size of the image the overlay covers.
+    pub image_size: u64,
+    /// The overlay's id (zero for journals of versions 1 and 2).
+    pub id: OverlayId,
+    /// Where slot 0 starts in the reserved file (after its header; 0 for the identity layout).
+    pub data_start: u64,
+}
+
+impl Header {
+    fn encode(&self) -> [u8; HEADER_LEN as usize] {
+        let mut h = [0u8; HEADER_LEN as usize];
+        h[..8].copy_from_slice(MAGIC);
+        h[8..12].copy_from_slice(&self.version.to_le_bytes());
+        h[12..16].copy_from_slice(&self.block_size.to_le_bytes());
+        h[16..24].copy_from_slice(&self.image_size.to_le_bytes());
+        h[24..40].copy_from_slice(&self.id);
+        h[40..48].copy_from_slice(&self.data_start.to_le_bytes());
+        let crc = crc32fast::hash(&h[..60]);
+        h[60..].copy_from_slice(&crc.to_le_bytes());
+        h
+    }
+
+    /// Decodes a header; `None` unless it has our magic and a valid CRC.
+    pub fn decode(h: &[u8]) -> Option<Self> {
+        if h.len() < HEADER_LEN as usize || &h[..8] != MAGIC || crc32fast::hash(&h[..60]).to_le_bytes() != h[60..64] {
+            return None;
+        }
+        let version = u32::from_le_bytes(h[8..12].try_into().unwrap());
+        let modern = version >= 3;
+        Some(Self {
+            version,
+            block_size: u32::from_le_bytes(h[12..16].try_into().unwrap()),
+            image_size: u64::from_le_bytes(h[16..24].try_into().unwrap()),
+            id: if modern { h[24..40].try_into().unwrap() } else { [0; 16] },
+            data_start: if modern { u64::from_le_bytes(h[40..48].try_into().unwrap()) } else { 0 },
+        })
+    }
+}
 
 /// What a journal record says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +110,13 @@ pub enum Record {
         /// Number of blocks.
         count: u32,
     },
+    /// Closes a batch: the `count` records before it, whose bytes have the CRC `crc`.
+    BatchEnd {
+        /// Records in the batch.
+        count: u32,
+        /// CRC-32 of their bytes.
+        crc: u32,
+    },
 }
 
 impl Record {
@@ -63,6 +126,7 @@ impl Record {
             Record::Unmap { start, count } => (2, start, count, 0),
             Record::MergeBegin => (3, 0, 0, 0),
             Record::Zero { start, count } => (4, start, count, 0),
+            Record::BatchEnd { count, crc } => (5, 0, count, crc),
         };
         let mut out = [0u8; RECORD_LEN];
         out[0] = kind;
@@ -93,7 +157,22 @@ impl Record {
             2 => Some(Record::Unmap { start, count }),
             3 => Some(Record::MergeBegin),
             4 => Some(Record::Zero { start, count }),
+            5 if version >= 3 => Some(Record::BatchEnd { count, crc: slot }),
             _ => None,
+        }
+    }
+
+    fn apply(&self, replayed: &mut Replayed) {
+        let m = &mut replayed.mapped;
+        let end = |start: u64, count: u32| start + u64::from(count);
+        match *self {
+            Record::Map { start, count, slot } => {
+                Table::replay(m, start, end(start, count), Held::Data, u64::from(slot))
+            }
+            Record::Zero { start, count } => Table::replay(m, start, end(start, count), Held::Zero, 0),
+            Record::Unmap { start, count } => Table::replay(m, start, end(start, count), Held::Base, 0),
+            Record::MergeBegin => replayed.merging = true,
+            Record::BatchEnd { .. } => {}
         }
     }
 }
@@ -105,9 +184,20 @@ pub struct Replayed {
     pub mapped: Mapping,
     /// Whether a merge had begun.
     pub merging: bool,
-    /// The journal's version: below 3, the reserved file is identity-mapped and has the
-    /// image's size.
+    /// The journal's version as found (below 3: upgraded from the identity layout).
     pub version: u32,
+    /// The overlay's id (zero for an overlay of the identity layout).
+    pub id: OverlayId,
+    /// Where slot 0 starts in the reserved file.
+    pub data_start: u64,
+}
+
+/// How far replay got through a journal's records.
+enum Replay {
+    /// Every record applied.
+    Whole,
+    /// The last append is torn from this byte of the records on: cut it off.
+    TornAt(usize),
 }
 
 /// An open journal.
@@ -120,26 +210,27 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Creates a new journal (replacing any file at `path`) and makes it durable.
+    /// Creates a new journal for the overlay `id` (nothing may be at `path`) and makes it
+    /// durable.
     pub fn create(
         storage: &dyn Storage,
         path: &Path,
-        block_size: u32,
-        image_size: u64,
+        header: Header,
         latch: Arc<SyncLatch>,
     ) -> Result<Self, StoreError> {
         let io = |e| StoreError::Io { what: "creating journal", path: path.to_owned(), source: e };
-        let file = storage.open(path, OpenMode::Create).map_err(io)?;
+        let file = storage.open(path, OpenMode::CreateNew).map_err(io)?;
         file.lock(LockMode::Writer).map_err(io)?;
-        file.write_all_at(&header_bytes(block_size, image_size), 0).map_err(io)?;
+        file.write_all_at(&Header { version: VERSION, ..header }.encode(), 0).map_err(io)?;
         latch.sync(path, || file.sync_all()).map_err(io)?;
         storage.sync_parent(path).map_err(io)?;
         Ok(Self { file, path: path.to_owned(), len: HEADER_LEN, latch })
     }
 
     /// Opens an existing journal, checks it belongs to this image, and replays it. A torn tail
-    /// is cut off so later appends follow the last whole record. `Ok(None)`: the file holds no
-    /// header at all (empty or zeroes), i.e. the ROW start that was creating it never committed.
+    /// is cut off so later appends follow the last whole batch; damage before an intact batch
+    /// is refused. `Ok(None)`: the file holds no header at all (empty or zeroes), i.e. the ROW
+    /// start that was creating it never committed.
     pub fn open(
         storage: &dyn Storage,
         path: &Path,
@@ -159,79 +250,72 @@ impl Journal {
         if header.iter().all(|&b| b == 0) {
             return Ok(None);
         }
-        if file_len < HEADER_LEN {
-            return Err(StoreError::BadJournal { path: path.to_owned(), why: "header is incomplete".into() });
-        }
         let bad = |why: String| StoreError::BadJournal { path: path.to_owned(), why };
-        if &header[..8] != MAGIC || crc32fast::hash(&header[..60]).to_le_bytes() != header[60..] {
-            return Err(bad("not a journal of this program, or its header is corrupt".into()));
+        if file_len < HEADER_LEN {
+            return Err(bad("header is incomplete".into()));
         }
-        let version = u32::from_le_bytes(header[8..12].try_into().unwrap());
-        let bs = u32::from_le_bytes(header[12..16].try_into().unwrap());
-        let size = u64::from_le_bytes(header[16..24].try_into().unwrap());
-        if !(1..=VERSION).contains(&version) {
-            return Err(bad(format!("version {version}, this program reads 1 to {VERSION}")));
+        let h = Header::decode(&header)
+            .ok_or_else(|| bad("not a journal of this program, or its header is corrupt".into()))?;
+        if !(1..=VERSION).contains(&h.version) {
+            return Err(bad(format!("version {}, this program reads 1 to {VERSION}", h.version)));
         }
-        if bs != block_size || size != image_size {
+        if h.block_size != block_size || h.image_size != image_size {
             return Err(bad(format!(
-                "written for a {size}-byte image with {bs}-byte blocks, but the image has {image_size} bytes and blocks of {block_size}"
+                "written for a {}-byte image with {}-byte blocks, but the image has {image_size} bytes and blocks of {block_size}",
+                h.image_size, h.block_size
             )));
         }
         let mut rest = Vec::new();
         file.read_append(&mut rest, (file_len - HEADER_LEN) as usize, HEADER_LEN).map_err(io)?;
-        let mut replayed = Replayed { version, ..Replayed::default() };
-        let record_len = if version >= 3 { RECORD_LEN } else { OLD_RECORD_LEN };
-        let mut good = 0usize;
-        for chunk in rest.chunks_exact(record_len) {
-            let Some(record) = Record::decode(chunk, version) else { break };
-            let m = &mut replayed.mapped;
-            let end = |start: u64, count: u32| start + u64::from(count);
-            match record {
-                Record::Map { start, count, slot } => {
-                    Table::replay(m, start, end(start, count), Held::Data, u64::from(slot))
-                }
-                Record::Zero { start, count } => Table::replay(m, start, end(start, count), Held::Zero, 0),
-                Record::Unmap { start, count } => Table::replay(m, start, end(start, count), Held::Base, 0),
-                Record::MergeBegin => replayed.merging = true,
-            }
-            good += record_len;
+        let mut replayed = Replayed { version: h.version, id: h.id, data_start: h.data_start, ..Replayed::default() };
+        let replay = if h.version >= 3 {
+            replay_batches(&rest, &mut replayed)
+        } else {
+            replay_old(&rest, &mut replayed, h.version)
+        };
+        let good = match replay.map_err(bad)? {
+            Replay::Whole => rest.len(),
+            Replay::TornAt(at) => at,
+        };
+        if h.version < VERSION {
+            drop(file);
+            Self::upgrade(storage, path, h, &replayed)?;
+            return Self::open(storage, path, block_size, image_size, latch)
+                .map(|opened| opened.map(|(journal, new)| (journal, Replayed { version: h.version, ..new })));
         }
         let len = HEADER_LEN + good as u64;
-        if version < VERSION {
-            // Appends carry slots from now on: rewrite the journal in this version, once.
-            drop(file);
-            let mut bytes = header_bytes(block_size, image_size).to_vec();
-            let mut records = records(&Table::changes_of(&replayed.mapped));
-            if replayed.merging {
-                records.push(Record::MergeBegin);
-            }
-            records.iter().for_each(|r| bytes.extend_from_slice(&r.encode()));
-            storage.replace(path, &bytes).map_err(|e| StoreError::Io {
-                what: "upgrading journal",
-                path: path.to_owned(),
-                source: e,
-            })?;
-            tracing::info!(path = %path.display(), from = version, to = VERSION, "ROW journal upgraded");
-            return Self::open(storage, path, block_size, image_size, latch)
-                .map(|opened| opened.map(|(journal, new)| (journal, Replayed { version, ..new })));
-        }
-        if len != HEADER_LEN + rest.len() as u64 {
-            tracing::warn!(path = %path.display(), dropped = rest.len() - good, "journal has a torn tail; cutting it off");
+        if good != rest.len() {
+            tracing::warn!(path = %path.display(), dropped = rest.len() - good, "journal has a torn last append; cutting it off");
             file.set_len(len).map_err(io)?;
             latch.sync(path, || file.sync_all()).map_err(io)?;
         }
         Ok(Some((Self { file, path: path.to_owned(), len, latch }, replayed)))
     }
 
-    /// Appends records and syncs them.
+    /// Rewrites a journal of the identity layout in this version, once: appends carry slots
+    /// and batches from now on. Slots keep the block numbers (`data_start` 0, no id).
+    fn upgrade(storage: &dyn Storage, path: &Path, old: Header, replayed: &Replayed) -> Result<(), StoreError> {
+        let mut bytes = Header { version: VERSION, id: [0; 16], data_start: 0, ..old }.encode().to_vec();
+        let mut records = records(&Table::changes_of(&replayed.mapped));
+        if replayed.merging {
+            records.push(Record::MergeBegin);
+        }
+        bytes.extend_from_slice(&batch(&records));
+        storage.replace(path, &bytes).map_err(|e| StoreError::Io {
+            what: "upgrading journal",
+            path: path.to_owned(),
+            source: e,
+        })?;
+        tracing::info!(path = %path.display(), from = old.version, to = VERSION, "ROW journal upgraded");
+        Ok(())
+    }
+
+    /// Appends records as one batch and syncs them.
     pub fn append(&mut self, records: &[Record]) -> io::Result<()> {
         if records.is_empty() {
             return Ok(());
         }
-        let mut buf = Vec::with_capacity(records.len() * RECORD_LEN);
-        for r in records {
-            buf.extend_from_slice(&r.encode());
-        }
+        let buf = batch(records);
         self.latch.check()?;
         self.file.write_all_at(&buf, self.len)?;
         self.latch.sync(&self.path, || self.file.sync_data())?;
@@ -250,16 +334,69 @@ impl Journal {
     }
 }
 
-/// A journal header of this version.
-fn header_bytes(block_size: u32, image_size: u64) -> [u8; HEADER_LEN as usize] {
-    let mut header = [0u8; HEADER_LEN as usize];
-    header[..8].copy_from_slice(MAGIC);
-    header[8..12].copy_from_slice(&VERSION.to_le_bytes());
-    header[12..16].copy_from_slice(&block_size.to_le_bytes());
-    header[16..24].copy_from_slice(&image_size.to_le_bytes());
-    let crc = crc32fast::hash(&header[..60]);
-    header[60..].copy_from_slice(&crc.to_le_bytes());
-    header
+/// The bytes of `records` closed by their [`Record::BatchEnd`] (several if a batch would
+/// count more than `u32::MAX` records).
+fn batch(records: &[Record]) -> Vec<u8> {
+    let mut out = Vec::with_capacity((records.len() + 1) * RECORD_LEN);
+    for chunk in records.chunks(u32::MAX as usize) {
+        let from = out.len();
+        chunk.iter().for_each(|r| out.extend_from_slice(&r.encode()));
+        let end = Record::BatchEnd { count: chunk.len() as u32, crc: crc32fast::hash(&out[from..]) };
+        out.extend_from_slice(&end.encode());
+    }
+    out
+}
+
+/// The records of a whole batch starting at record `first`, if one is there.
+fn whole_batch(rest: &[u8], first: usize) -> Option<(Vec<Record>, usize)> {
+    let mut records = Vec::new();
+    let mut at = first;
+    while at + RECORD_LEN <= rest.len() {
+        match Record::decode(&rest[at..at + RECORD_LEN], VERSION)? {
+            Record::BatchEnd { count, crc } => {
+                let ok = count as usize == records.len() && crc32fast::hash(&rest[first..at]) == crc;
+                return ok.then_some((records, at + RECORD_LEN));
+            }
+            r => records.push(r),
+        }
+        at += RECORD_LEN;
+    }
+    None
+}
+
+/// Applies every whole batch; a bad one must be the last thing in the file (a torn append).
+fn replay_batches(rest: &[u8], replayed: &mut Replayed) -> Result<Replay, String> {
+    let mut at = 0;
+    while at < rest.len() {
+        let Some((records, next)) = whole_batch(rest, at) else {
+            // Torn, unless a whole batch follows somewhere: then this one was durable once.
+            let later = (at + RECORD_LEN..rest.len()).step_by(RECORD_LEN).find(|&s| whole_batch(rest, s).is_some());
+            return match later {
+                None => Ok(Replay::TornAt(at)),
+                Some(s) => Err(format!(
+                    "damaged at byte {} though intact records follow at byte {}: changes acknowledged to the \
+                     guest would be lost, so the overlay is not used (restore the journal from a backup, or \
+                     remove the overlay files to drop its writes)",
+                    HEADER_LEN + at as u64,
+                    HEADER_LEN + s as u64
+                )),
+            };
+        };
+        records.iter().for_each(|r| r.apply(replayed));
+        at = next;
+    }
+    Ok(Replay::Whole)
+}
+
+/// Versions 1 and 2: records one by one, the first bad one and all after it cut off.
+fn replay_old(rest: &[u8], replayed: &mut Replayed, version: u32) -> Result<Replay, String> {
+    for (i, chunk) in rest.chunks(OLD_RECORD_LEN).enumerate() {
+        match (chunk.len() == OLD_RECORD_LEN).then(|| Record::decode(chunk, version)).flatten() {
+            Some(r) => r.apply(replayed),
+            None => return Ok(Replay::TornAt(i * OLD_RECORD_LEN)),
+        }
+    }
+    Ok(Replay::Whole)
 }
 
 /// The records of mapping changes, in order (a record counts at most `u32::MAX` blocks).
@@ -296,7 +433,7 @@ pub(crate) mod tests {
     fn replay_applies_records_in_order_and_cuts_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
-        let mut j = Journal::create(&Posix, &path, 4096, 1 << 20, SyncLatch::new()).unwrap();
+        let mut j = Journal::create(&Posix, &path, header(1 << 20), SyncLatch::new()).unwrap();
         j.append(&records(&[Change::Data(1, 4, 0), Change::Data(7, 8, 3), Change::Zero(9, 11), Change::Zero(20, 30)]))
             .unwrap();
         j.append(&[
@@ -378,7 +515,7 @@ pub(crate) mod tests {
     fn journal_of_another_image_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
-        drop(Journal::create(&Posix, &path, 4096, 1 << 20, SyncLatch::new()).unwrap());
+        drop(Journal::create(&Posix, &path, header(1 << 20), SyncLatch::new()).unwrap());
         let open = |size| Journal::open(&Posix, &path, 4096, size, SyncLatch::new());
         assert!(matches!(open(2 << 20), Err(StoreError::BadJournal { .. })));
         std::fs::write(&path, b"garbage").unwrap();
@@ -388,6 +525,50 @@ pub(crate) mod tests {
         assert!(open(1 << 20).unwrap().is_none());
         std::fs::write(&path, [0u8; 30]).unwrap();
         assert!(open(1 << 20).unwrap().is_none());
+    }
+
+    fn header(image_size: u64) -> Header {
+        Header { version: VERSION, block_size: 4096, image_size, id: [7; 16], data_start: 4096 }
+    }
+
+    /// A journal of two appends (a batch of two records, then one of one) and its length.
+    fn two_batches(path: &Path) -> u64 {
+        let mut j = Journal::create(&Posix, path, header(1 << 20), SyncLatch::new()).unwrap();
+        j.append(&records(&[Change::Data(1, 2, 0), Change::Data(5, 6, 1)])).unwrap();
+        j.append(&records(&[Change::Zero(7, 9)])).unwrap();
+        j.size()
+    }
+
+    fn flip(path: &Path, at: u64) {
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes[at as usize] ^= 0x40;
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn damage_before_an_intact_append_is_refused_not_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        two_batches(&path);
+        // One byte of the first record: the second append, synced after it, proves it was whole.
+        flip(&path, HEADER_LEN + 3);
+        let err = Journal::open(&Posix, &path, 4096, 1 << 20, SyncLatch::new()).unwrap_err();
+        assert!(err.to_string().contains("intact records follow"), "{err}");
+        // The file is left as it was for the operator.
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), HEADER_LEN + 5 * RECORD_LEN as u64);
+    }
+
+    #[test]
+    fn a_torn_last_append_is_cut_even_if_its_end_survived() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let len = two_batches(&path);
+        // The last append lost its first record's page but kept its BatchEnd.
+        flip(&path, len - 2 * RECORD_LEN as u64 + 1);
+        let (j, r) = Journal::open(&Posix, &path, 4096, 1 << 20, SyncLatch::new()).unwrap().unwrap();
+        assert_eq!(j.size(), HEADER_LEN + 3 * RECORD_LEN as u64);
+        assert_eq!(r.mapped.blocks(), 2, "the first append's two blocks, not the torn zeroing");
+        assert_eq!((r.id, r.data_start), ([7; 16], 4096));
     }
 
     #[test]

@@ -53,6 +53,7 @@ pub mod image;
 pub mod journal;
 pub mod merge;
 pub mod overlay;
+pub mod reserved;
 pub mod storage;
 pub mod table;
 pub mod tracking;
@@ -117,4 +118,12 @@ pub enum StoreError {
     /// The operation does not fit the current mode.
     #[error("{0}")]
     Mode(String),
+    /// A file at an overlay path is not what it must be there; nothing was changed.
+    #[error("{}: {why}", path.display())]
+    Refused {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, and what the operator can do.
+        why: String,
+    },
 }

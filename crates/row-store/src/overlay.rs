@@ -22,7 +22,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::backend::{BlockBackend, Caps, ZeroFlags};
 use crate::image::Image;
-use crate::journal::{self, Journal, Record};
+use crate::journal::{self, Header, Journal, Record};
+use crate::reserved;
 use crate::storage::{Extent, Storage, SyncLatch};
 use crate::table::{Held, Piece, Table};
 use crate::{StoreError, BLOCK_SIZE};
@@ -39,6 +40,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Overlay {
     base: Arc<Image>,
     reserved: Image,
+    /// Where slot 0 starts in the reserved file (after its header).
+    data_start: u64,
     table: Mutex<Table>,
     /// Also serialises flushes, so journal records go out in order.
     journal: Mutex<Journal>,
@@ -47,8 +50,9 @@ pub struct Overlay {
 }
 
 impl Overlay {
-    /// Starts a session: creates the reserved file, then the journal, which is the commit point
-    /// (a restart with a journal comes back in ROW mode).
+    /// Starts a session: creates the reserved file (with its header), then the journal, which is
+    /// the commit point (a restart with a journal comes back in ROW mode). Nothing may be at
+    /// either path: the caller cleared leftovers of its own and refused anything else.
     pub fn create(
         storage: &dyn Storage,
         base: Arc<Image>,
@@ -57,24 +61,62 @@ impl Overlay {
         latch: Arc<SyncLatch>,
     ) -> Result<Self, StoreError> {
         let size = base.size();
-        let reserved = Image::create(storage, reserved, 0, latch.clone()).map_err(|source| StoreError::Io {
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id).map_err(|e| StoreError::Io {
+            what: "drawing an overlay id for",
+            path: reserved.to_owned(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        let head = reserved::header(size, &id);
+        let created = Image::create_new(storage, reserved, &head, latch.clone());
+        let reserved_file = created.map_err(|source| StoreError::Io {
             what: "creating reserved file",
             path: reserved.to_owned(),
             source,
         })?;
-        let journal = Journal::create(storage, journal, BLOCK_SIZE as u32, size, latch)?;
-        Ok(Self::assemble(base, reserved, Table::default(), journal, false))
+        let header = Header {
+            version: 0,
+            block_size: BLOCK_SIZE as u32,
+            image_size: size,
+            id,
+            data_start: reserved::HEADER_LEN,
+        };
+        let journal = match Journal::create(storage, journal, header, latch) {
+            Ok(j) => j,
+            Err(e) => {
+                // Ours, just made, holding nothing: do not leave it behind.
+                let _ = storage.remove(reserved);
+                return Err(e);
+            }
+        };
+        Ok(Self::assemble(base, reserved_file, Table::default(), journal, false, reserved::HEADER_LEN))
     }
 
-    /// An overlay recovered after a restart: the journal replayed, the reserved file reopened.
-    pub fn recovered(base: Arc<Image>, reserved: Image, table: Table, journal: Journal, merging: bool) -> Self {
-        Self::assemble(base, reserved, table, journal, merging)
+    /// An overlay recovered after a restart: the journal replayed, the reserved file reopened;
+    /// its slots start at `data_start`.
+    pub fn recovered(
+        base: Arc<Image>,
+        reserved: Image,
+        table: Table,
+        journal: Journal,
+        merging: bool,
+        data_start: u64,
+    ) -> Self {
+        Self::assemble(base, reserved, table, journal, merging, data_start)
     }
 
-    fn assemble(base: Arc<Image>, reserved: Image, table: Table, journal: Journal, merging: bool) -> Self {
+    fn assemble(
+        base: Arc<Image>,
+        reserved: Image,
+        table: Table,
+        journal: Journal,
+        merging: bool,
+        data_start: u64,
+    ) -> Self {
         Self {
             base,
             reserved,
+            data_start,
             table: Mutex::new(table),
             journal: Mutex::new(journal),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -156,8 +198,8 @@ impl Overlay {
     }
 
     /// Where byte `at` of a data piece lies in the reserved file.
-    fn slot_offset(p: &Piece, at: u64) -> u64 {
-        p.slot * BLOCK_SIZE + (at - p.start * BLOCK_SIZE)
+    fn slot_offset(&self, p: &Piece, at: u64) -> u64 {
+        self.data_start + p.slot * BLOCK_SIZE + (at - p.start * BLOCK_SIZE)
     }
 
     /// Hands out `n` new slots.
@@ -185,11 +227,11 @@ impl Overlay {
         for p in &pieces {
             let (a, b) = ((p.start * BLOCK_SIZE).max(offset), self.block_end(p.end - 1).min(offset + len));
             match p.held {
-                Held::Data => self.reserved.write_at(part(a, b), Self::slot_offset(p, a), false)?,
+                Held::Data => self.reserved.write_at(part(a, b), self.slot_offset(p, a), false)?,
                 Held::Base if to_base => self.base.write_at(part(a, b), a, false)?,
                 _ => {
                     let (from, to) = (p.start * BLOCK_SIZE, self.block_end(p.end - 1));
-                    let at = next * BLOCK_SIZE;
+                    let at = self.data_start + next * BLOCK_SIZE;
                     if (from, to) == (a, b) {
                         self.reserved.write_at(part(a, b), at, false)?;
                     } else {
@@ -230,8 +272,7 @@ impl Overlay {
         let _stripes = self.lock_stripes(fb, end_block - 1);
         let pieces = lock(&self.table).pieces(fb, end_block);
         for p in pieces.iter().filter(|p| p.held == Held::Data) {
-            let from = p.slot * BLOCK_SIZE;
-            self.reserved.discard(from, (p.end - p.start) * BLOCK_SIZE)?;
+            self.reserved.discard(self.slot_offset(p, p.start * BLOCK_SIZE), (p.end - p.start) * BLOCK_SIZE)?;
         }
         lock(&self.table).record_write(fb, end_block, true);
         Ok(())
@@ -244,7 +285,7 @@ impl Overlay {
         let _stripes = self.lock_stripes(fb, lb);
         self.for_pieces(offset, len, |a, b, p| match p.held {
             Held::Base => self.base.zero(a, b - a, flags.may_punch, flags.fast_only),
-            Held::Data => self.reserved.zero(Self::slot_offset(&p, a), b - a, flags.may_punch, flags.fast_only),
+            Held::Data => self.reserved.zero(self.slot_offset(&p, a), b - a, flags.may_punch, flags.fast_only),
             Held::Zero => Ok(()),
         })
     }
@@ -296,7 +337,7 @@ impl Overlay {
         }
         self.for_pieces(offset, len as u64, |start, end, p| match p.held {
             Held::Base => self.base.read_append(out, (end - start) as usize, start),
-            Held::Data => self.reserved.read_append(out, (end - start) as usize, Self::slot_offset(&p, start)),
+            Held::Data => self.reserved.read_append(out, (end - start) as usize, self.slot_offset(&p, start)),
             Held::Zero => {
                 out.resize(out.len() + (end - start) as usize, 0);
                 Ok(())
@@ -307,7 +348,7 @@ impl Overlay {
     /// Reads a block range's data from its slots into `out` (the merge copies it back).
     pub(crate) fn read_slots(&self, out: &mut Vec<u8>, p: &Piece) -> io::Result<()> {
         let (from, to) = (p.start * BLOCK_SIZE, self.block_end(p.end - 1));
-        self.reserved.read_append(out, (to - from) as usize, p.slot * BLOCK_SIZE)
+        self.reserved.read_append(out, (to - from) as usize, self.slot_offset(p, from))
     }
 }
 
@@ -363,7 +404,7 @@ impl BlockBackend for Overlay {
     fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
         self.for_pieces(offset, len.min(self.size().saturating_sub(offset)), |a, b, p| match p.held {
             Held::Base => self.base.cache(a, b - a),
-            Held::Data => self.reserved.cache(Self::slot_offset(&p, a), b - a),
+            Held::Data => self.reserved.cache(self.slot_offset(&p, a), b - a),
             Held::Zero => Ok(()),
         })
     }

@@ -40,6 +40,8 @@ pub enum OpenMode {
     ReadWrite,
     /// Created, or truncated to empty if it exists; reads and writes.
     Create,
+    /// Created; fails with `AlreadyExists` if anything is at the path. Reads and writes.
+    CreateNew,
 }
 
 /// What a lock on an image claims, in QEMU's terms: the permissions we use and those we let

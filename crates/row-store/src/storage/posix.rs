@@ -34,6 +34,9 @@ impl Storage for Posix {
             OpenMode::Create => {
                 o.write(true).create(true).truncate(true).mode(0o600);
             }
+            OpenMode::CreateNew => {
+                o.write(true).create_new(true).mode(0o600);
+            }
         }
         let file = o.open(path)?;
         Ok(Box::new(PosixFile { file, path: path.to_owned() }))

@@ -291,8 +291,11 @@ impl Storage for SimStorage {
                 inode.queued.push(c);
                 ino
             }
+            (Some(_), OpenMode::CreateNew) => {
+                return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} exists", path.display())))
+            }
             (Some(ino), _) => ino,
-            (None, OpenMode::Create) => {
+            (None, OpenMode::Create | OpenMode::CreateNew) => {
                 let ino = fs.next_inode;
                 fs.next_inode += 1;
                 fs.inodes.insert(ino, Inode::default());
