@@ -274,4 +274,3 @@ proptest! {
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap().block_on(run(script));
     }
 }
-

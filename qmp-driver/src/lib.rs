@@ -11,7 +11,11 @@
 //!   over;
 //! - helpers for what a migration driver needs ([`Qmp::query_status`], [`Qmp::migrate`],
 //!   [`Qmp::query_migrate`], ...), each checked against QEMU 7.2 and documented as typed or
-//!   raw.
+//!   raw;
+//! - [`Features`] ([`Qmp::features`]): what the QEMU in front of us offers, read from its
+//!   QMP schema (`block-job-change`, migration capabilities and parameters, `migrate`'s
+//!   arguments, `nbd-server-start`'s address form), so callers decide by what a QEMU accepts
+//!   and not by its version number.
 //!
 //! The `qapi` types follow QEMU 9.x, while the QEMU here is 7.2: it sends enum values they
 //! lack (`query-migrate-capabilities` lists `block` and `compress`), omits fields they require
@@ -42,6 +46,7 @@ pub mod commands;
 pub mod decoded;
 pub mod error;
 pub mod event;
+pub mod features;
 pub mod proxy;
 
 pub use client::{Peer, Qmp, DEFAULT_COMMAND_TIMEOUT};
@@ -49,6 +54,7 @@ pub use commands::{parse_capabilities, BlockJob, CapabilityState, MigrationInfo,
 pub use decoded::Decoded;
 pub use error::QmpError;
 pub use event::QemuEvent;
+pub use features::{AddrForm, Features, Support};
 pub use proxy::{DiskMigration, DiskMigrationError};
 pub use qapi;
 pub use qmp_proto::{CommandError, ErrorClass, Greeting, Timestamp, Version};

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use control_api::{MigrateFinishArgs, MigrateStartArgs, NoArgs, Phase, QueryDigest, QueryMigrate, StatusReply};
 use qmp_driver::proxy::status;
-use qmp_driver::{DiskMigration, Peer, Qmp};
+use qmp_driver::{DiskMigration, Peer, Qmp, Support};
 use serde_json::{json, Value};
 
 use crate::disks::{disk_name, disk_specs, DiskSpec};
@@ -244,12 +244,54 @@ async fn preflight(ctx: &mut Ctx) -> Result<()> {
     if !ctx.args.strategy.by_proxies() && ctx.disks.len() > 1 {
         bail!("qemu-mirror moves one disk; use --strategy row or bitmap for a VM with several");
     }
+    check_features(ctx).await?;
     check_drive_count(ctx).await?;
     let by_proxies = ctx.args.strategy.by_proxies();
     for disk in &mut ctx.disks {
         check_disk(disk, by_proxies).await.with_context(|| disk.name.clone())?;
     }
     Ok(())
+}
+
+/// The migration capabilities row-migrate turns on, per side (all required).
+const SRC_CAPABILITIES: [&str; 2] = ["events", "pause-before-switchover"];
+const DST_CAPABILITIES: [&str; 2] = ["events", "late-block-activate"];
+
+/// Refuses, before anything changes, a QEMU whose QMP schema lacks what row-migrate will send
+/// it (a capability, a migration parameter, the mirror's copy mode): decided by what each QEMU
+/// says it accepts, not by its version, which only goes into the messages.
+async fn check_features(ctx: &mut Ctx) -> Result<()> {
+    let mirror_mode = (!ctx.args.strategy.by_proxies()).then(|| mirror_copy_mode(ctx.args.mirror_copy_mode));
+    let tls: &[&str] = if ctx.args.tls_creds.is_some() { &["tls-creds"] } else { &[] };
+    let src_params = [&["downtime-limit", "max-bandwidth"][..], tls].concat();
+    for (qemu, who, caps, params) in [
+        (&mut ctx.src, "the source QEMU", SRC_CAPABILITIES, src_params),
+        (&mut ctx.dst, "the destination QEMU", DST_CAPABILITIES, tls.to_vec()),
+    ] {
+        let features = qemu.features().await.with_context(|| format!("query-qmp-schema on {who}"))?;
+        tracing::debug!("{who}: QEMU {}", features.version);
+        for deprecated in features.require_capabilities(who, &caps).map_err(|e| anyhow!(e))? {
+            tracing::warn!("{who} (QEMU {}) marks the migration capability {deprecated} deprecated", features.version);
+        }
+        for p in params {
+            if features.parameter(p) == Support::No {
+                bail!("{who} (QEMU {}) has no migration parameter {p} (migrate-set-parameters)", features.version);
+            }
+        }
+        if let Some(mode) = mirror_mode.filter(|_| who == "the source QEMU") {
+            if !features.mirror_copy_modes.contains(mode) {
+                bail!("{who} (QEMU {}) has no blockdev-mirror copy-mode {mode}", features.version);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn mirror_copy_mode(mode: MirrorMode) -> &'static str {
+    match mode {
+        MirrorMode::Background => "background",
+        MirrorMode::WriteBlocking => "write-blocking",
+    }
 }
 
 /// Refuses a run that would leave one of the guest's writable drives behind: the destination
@@ -324,8 +366,9 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
         if ctx.args.strategy.by_proxies() { precopy_disk(ctx).await? } else { mirror_until_ready(ctx).await? };
     let precopy_seconds = ctx.started.elapsed().as_secs_f64();
     // Memory: pause before switchover on the source, late block activation on the destination.
-    ctx.src.migrate_set_capabilities(&[("events", true), ("pause-before-switchover", true)]).await?;
-    ctx.dst.migrate_set_capabilities(&[("events", true), ("late-block-activate", true)]).await?;
+    // Both sides' schemas were checked for these in the preflight.
+    ctx.src.migrate_set_capabilities(&SRC_CAPABILITIES.map(|c| (c, true))).await?;
+    ctx.dst.migrate_set_capabilities(&DST_CAPABILITIES.map(|c| (c, true))).await?;
     let memory_limit = memory_share(ctx.args.downtime_limit);
     let mut params = json!({ "downtime-limit": memory_limit.as_millis() as u64 });
     // Unlimited unless asked (QEMU's default is 128 MiB/s; libvirt sets it unlimited too).
@@ -757,10 +800,7 @@ async fn mirror_until_ready(ctx: &mut Ctx) -> Result<Value> {
     }
     ctx.src.execute_raw("blockdev-add", target).await.context("connecting the source QEMU to the destination proxy")?;
     ctx.mirror_started = true;
-    let mode = match ctx.args.mirror_copy_mode {
-        MirrorMode::Background => "background",
-        MirrorMode::WriteBlocking => "write-blocking",
-    };
+    let mode = mirror_copy_mode(ctx.args.mirror_copy_mode);
     let mut job =
         json!({ "job-id": MIRROR_JOB, "device": node, "target": MIRROR_NODE, "sync": "full", "copy-mode": mode });
     if let Some(b) = ctx.args.max_bandwidth {

@@ -1,6 +1,9 @@
-//! Against a real QEMU (7.2 here): start `qemu-system-x86_64 -accel tcg -S` with a QMP Unix
+//! Against a real QEMU, whichever is first on PATH (10.0 from bookworm-backports as
+//! scripts/setup installs it; 7.2 in `scripts/test --qemu72-subset`, which puts the binaries
+//! unpacked by scripts/qemu72 first): start `qemu-system-x86_64 -accel tcg -S` with a QMP Unix
 //! socket, drive it through what the migration driver needs, and kill it by pid at the end
-//! (also on failure, from a `Drop` guard).
+//! (also on failure, from a `Drop` guard). Version differences are read from the QEMU in front
+//! of us (its QMP schema, see `qmp_driver::Features`), not assumed.
 //!
 //! Skipped, with a note on stderr, when no QEMU is installed; set `QMP_DRIVER_REQUIRE_QEMU=1`
 //! to make that a failure instead, and `QEMU_SYSTEM_X86_64` to choose the binary.
@@ -9,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime};
 
-use qmp_driver::{Qmp, QmpError};
+use qmp_driver::{Qmp, QmpError, Support};
 use qmp_proto::ErrorClass;
 use serde_json::json;
 
@@ -122,6 +125,20 @@ async fn status_capabilities_cont_stop_and_events() {
     assert!(state(&caps, "events"));
     assert!(state(&caps, "pause-before-switchover"));
 
+    // The schema's capabilities are exactly those QEMU lists, and it refuses one it lacks.
+    let features = qmp.features().await.unwrap();
+    eprintln!("features: {features:?}");
+    assert_eq!(features.version.split('.').next(), Some(qmp.version().major.to_string().as_str()));
+    let listed: std::collections::BTreeSet<&str> = caps.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(listed, features.capabilities.keys().map(String::as_str).collect(), "schema vs listed capabilities");
+    for name in ["events", "pause-before-switchover", "late-block-activate", "postcopy-ram"] {
+        assert_ne!(features.capability(name), Support::No, "{name}");
+    }
+    if features.capability("block") == Support::No {
+        let err = qmp.migrate_set_capabilities(&[("block", false)]).await.unwrap_err();
+        assert!(matches!(&err, QmpError::Command { error, .. } if error.class == ErrorClass::GenericError), "{err}");
+    }
+
     // A capability QEMU does not know is a command error; the connection goes on.
     let err = qmp.migrate_set_capabilities(&[("no-such-capability", true)]).await.unwrap_err();
     assert!(matches!(&err, QmpError::Command { error, .. } if error.class == ErrorClass::GenericError), "{err}");
@@ -160,6 +177,15 @@ async fn status_capabilities_cont_stop_and_events() {
     assert_eq!(jobs[0].len, 1 << 30);
     if qmp.version().major < 8 {
         assert!(jobs[0].typed.is_none(), "7.2 mirror job decoded typed: {:?}", jobs[0].raw);
+    }
+    // block-job-change (8.2+) switches the running mirror to write-blocking; where the schema
+    // lacks it, QEMU does not know the command.
+    let change =
+        qmp.execute_raw("block-job-change", json!({"id": "m0", "type": "mirror", "copy-mode": "write-blocking"})).await;
+    match (features.block_job_change(), change) {
+        (true, Ok(_)) => {}
+        (false, Err(QmpError::Command { error, .. })) if error.class == ErrorClass::CommandNotFound => {}
+        (has, other) => panic!("block-job-change in the schema: {has}, sent: {other:?}"),
     }
     let blocks = qmp.query_block().await.unwrap();
     assert!(blocks.raw().as_array().unwrap().is_empty(), "no -drive, no BlockBackend: {blocks}");
