@@ -150,6 +150,43 @@ fn qemu_mirror_strategy_moves_a_writing_guest_and_its_disk() {
     migrate_once("qemu-mirror", Role::MirrorTarget, None);
 }
 
+/// QEMU's mirror started in the background and switched to write-blocking at READY
+/// (`block-job-change`, QEMU 8.2+; write-blocking from the start on an older QEMU).
+#[test]
+fn qemu_mirror_switches_to_write_blocking_at_ready() {
+    let _serial = serial();
+    let mut rig = Rig::start(Role::MirrorTarget, MIGRATE_SECONDS);
+    std::thread::sleep(Duration::from_secs(2));
+    let extra = ["--verify-disk", "--mirror-copy-mode", "ready-then-write-blocking"];
+    let report = rig.migrate_ok(HostId::A, HostId::B, "qemu-mirror", &extra);
+    check_report(&report, "qemu-mirror", None, true);
+    let mode = report["disk"]["copy-mode"].as_str().unwrap_or_default();
+    assert!(mode == "background, write-blocking at READY" || mode == "write-blocking", "{report}");
+    let (a, b) = (index(&rig, HostId::A), index(&rig, HostId::B));
+    check_landed(&mut rig, a, b, false);
+}
+
+/// RAM and disk post-copy together: `--postcopy always` switches QEMU's memory copy to
+/// post-copy a second into it (paced at 20 MB/s so that the copy takes seconds): the guest runs
+/// on B while most of its pages are still on A and are fetched as it touches them, and the
+/// final disk round is left for after the switchover; the guest's RAM ledger and every block
+/// it wrote verify on B.
+#[test]
+fn ram_postcopy_moves_a_writing_guest_with_its_memory_still_on_a() {
+    let _serial = serial();
+    let mut rig = Rig::start(Role::Receive, MIGRATE_SECONDS);
+    std::thread::sleep(Duration::from_secs(2));
+    // Paced, so that the memory copy's first pass takes seconds, not the blink of an unpaced veth.
+    let report = rig.migrate_ok(HostId::A, HostId::B, "row", &["--postcopy", "always", "--max-bandwidth", "20MB/s"]);
+    check_report(&report, "row", Some(3), false);
+    let ram = &report["ram-postcopy"];
+    assert!(ram["reason"].as_str().unwrap_or_default().contains("at once"), "{report}");
+    assert!(ram["seconds"].as_f64().is_some() && ram["remaining-bytes"].as_u64().is_some(), "{report}");
+    let (a, b) = (index(&rig, HostId::A), index(&rig, HostId::B));
+    check_landed(&mut rig, a, b, true);
+    eprintln!("[{:5.1}s] RAM post-copy: done", rig.secs());
+}
+
 /// A writing guest on A, `row-migrate --postcopy always` to B with the source's push held back
 /// `hold_ms` after the switchover; returns once B runs the guest and misses blocks.
 fn switch_over_with_postcopy_held(hold_ms: u32) -> (Rig, Driver) {

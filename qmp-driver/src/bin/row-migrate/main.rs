@@ -11,6 +11,7 @@
 //! `migrate-continue` has been sent, nothing is undone and the source guest stays paused.
 
 mod disks;
+mod ram;
 mod recover;
 mod report;
 mod rollback;
@@ -133,6 +134,10 @@ pub enum MirrorMode {
     Background,
     /// Guest writes wait until they are mirrored (converges, slows the guest).
     WriteBlocking,
+    /// Background until the mirror is READY, then write-blocking (the bulk copy does not slow
+    /// the guest, the rest converges): switched with `block-job-change` where the QEMU has it
+    /// (8.2+), write-blocking from the start where it does not.
+    ReadyThenWriteBlocking,
 }
 
 /// The command line.
@@ -193,6 +198,18 @@ pub struct Args {
     /// switchover).
     #[arg(long, value_enum, default_value_t = PostcopyArg::Auto)]
     pub postcopy: PostcopyArg,
+    /// Post-copy of memory (QEMU's `postcopy-ram`); by default as --postcopy. `auto` switches
+    /// QEMU to post-copy when its pre-copy passes stop shrinking and what is left would not stop
+    /// and copy within memory's share of the budget; `always` a second into the copy; `never`
+    /// waits for pre-copy to converge. During a RAM post-copy the guest runs on the destination
+    /// while its untouched pages are still on the source: a failure of either host then loses
+    /// the guest. Needs `postcopy-ram` on both QEMUs (`auto` goes on without it, with a warning).
+    #[arg(long, value_enum, value_name = "WHEN")]
+    pub ram_postcopy: Option<PostcopyArg>,
+    /// Turn on QEMU's `auto-converge`: it throttles the guest's vCPUs while memory does not
+    /// converge (the guest slows down instead of its memory moving after the switchover).
+    #[arg(long)]
+    pub auto_converge: bool,
     /// Disk pre-copy rounds before the final one (row: 2, bitmap: 3).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub rounds: Option<u32>,

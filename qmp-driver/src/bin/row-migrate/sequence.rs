@@ -10,6 +10,7 @@ use qmp_driver::{DiskMigration, Peer, Qmp, Support};
 use serde_json::{json, Value};
 
 use crate::disks::{disk_name, disk_specs, DiskSpec};
+use crate::ram::{RamDecision, RamWatch};
 use crate::report::{progress_detail, progress_done, progress_line};
 use crate::{exit, Args, MirrorMode, PostcopyArg, Strategy};
 
@@ -69,6 +70,12 @@ pub struct Ctx {
     pub finish_sent: bool,
     /// `migrate-continue` has been (or is being) sent: from here on nothing is undone.
     pub continue_sent: bool,
+    /// When memory may switch to post-copy (`never` if a QEMU lacks `postcopy-ram`).
+    pub ram_postcopy: PostcopyArg,
+    /// Why QEMU's memory copy was switched to post-copy, with the bytes left then.
+    pub ram_switched: Option<(String, u64)>,
+    /// The source QEMU can change a running mirror's copy mode (`block-job-change`, 8.2+).
+    pub block_job_change: bool,
 }
 
 /// Runs `f` on every disk at once and returns the results in disk order.
@@ -139,6 +146,9 @@ pub async fn run(args: Args) -> Result<Value, Failure> {
         mirror_started: false,
         finish_sent: false,
         continue_sent: false,
+        ram_postcopy: PostcopyArg::Never,
+        ram_switched: None,
+        block_job_change: false,
     };
     preflight(&mut ctx).await.map_err(refused)?;
     let outcome = tokio::select! {
@@ -264,6 +274,10 @@ async fn check_features(ctx: &mut Ctx) -> Result<()> {
     let mirror_mode = (!ctx.args.strategy.by_proxies()).then(|| mirror_copy_mode(ctx.args.mirror_copy_mode));
     let tls: &[&str] = if ctx.args.tls_creds.is_some() { &["tls-creds"] } else { &[] };
     let src_params = [&["downtime-limit", "max-bandwidth"][..], tls].concat();
+    let ram_mode = ctx.args.ram_postcopy.unwrap_or(ctx.args.postcopy);
+    let ctx_auto_converge = ctx.args.auto_converge;
+    let mut ram_offered = true;
+    let mut block_job_change = false;
     for (qemu, who, caps, params) in [
         (&mut ctx.src, "the source QEMU", SRC_CAPABILITIES, src_params),
         (&mut ctx.dst, "the destination QEMU", DST_CAPABILITIES, tls.to_vec()),
@@ -278,19 +292,39 @@ async fn check_features(ctx: &mut Ctx) -> Result<()> {
                 bail!("{who} (QEMU {}) has no migration parameter {p} (migrate-set-parameters)", features.version);
             }
         }
+        if ram_mode != PostcopyArg::Never && features.capability("postcopy-ram") == Support::No {
+            if ram_mode == PostcopyArg::Always {
+                bail!("{who} (QEMU {}) has no postcopy-ram capability (--ram-postcopy always)", features.version);
+            }
+            tracing::warn!(
+                "{who} (QEMU {}) has no postcopy-ram: memory will not switch to post-copy",
+                features.version
+            );
+            ram_offered = false;
+        }
+        if ctx_auto_converge && who == "the source QEMU" && features.capability("auto-converge") == Support::No {
+            bail!("{who} (QEMU {}) has no auto-converge capability", features.version);
+        }
+        if who == "the source QEMU" {
+            block_job_change = features.block_job_change();
+        }
         if let Some(mode) = mirror_mode.filter(|_| who == "the source QEMU") {
             if !features.mirror_copy_modes.contains(mode) {
                 bail!("{who} (QEMU {}) has no blockdev-mirror copy-mode {mode}", features.version);
             }
         }
     }
+    ctx.ram_postcopy = if ram_offered { ram_mode } else { PostcopyArg::Never };
+    ctx.block_job_change = block_job_change;
     Ok(())
 }
 
+/// The copy mode the mirror starts with (`ready-then-write-blocking` switches at READY when
+/// the QEMU can).
 fn mirror_copy_mode(mode: MirrorMode) -> &'static str {
     match mode {
         MirrorMode::Background => "background",
-        MirrorMode::WriteBlocking => "write-blocking",
+        MirrorMode::WriteBlocking | MirrorMode::ReadyThenWriteBlocking => "write-blocking",
     }
 }
 
@@ -367,8 +401,14 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
     let precopy_seconds = ctx.started.elapsed().as_secs_f64();
     // Memory: pause before switchover on the source, late block activation on the destination.
     // Both sides' schemas were checked for these in the preflight.
-    ctx.src.migrate_set_capabilities(&SRC_CAPABILITIES.map(|c| (c, true))).await?;
+    let src_caps: Vec<_> = SRC_CAPABILITIES
+        .map(|c| (c, true))
+        .into_iter()
+        .chain(ctx.args.auto_converge.then_some(("auto-converge", true)))
+        .collect();
+    ctx.src.migrate_set_capabilities(&src_caps).await?;
     ctx.dst.migrate_set_capabilities(&DST_CAPABILITIES.map(|c| (c, true))).await?;
+    enable_ram_postcopy(ctx).await?;
     let memory_limit = memory_share(ctx.args.downtime_limit);
     let mut params = json!({ "downtime-limit": memory_limit.as_millis() as u64 });
     // Unlimited unless asked (QEMU's default is 128 MiB/s; libvirt sets it unlimited too).
@@ -442,7 +482,8 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
     ctx.continue_sent = true;
     pause("before-continue").await;
     ctx.src.migrate_continue("pre-switchover").await.context("migrate-continue")?;
-    wait_migration(&mut ctx.src, "completed").await?;
+    // A RAM post-copy completes once the rest of memory has moved: after_switchover waits.
+    wait_migration(&mut ctx.src, if ctx.ram_switched.is_some() { "postcopy-active" } else { "completed" }).await?;
     let resume = ctx
         .dst
         .wait_event(RESUME_TIMEOUT, |e| e.name == "RESUME")
@@ -468,6 +509,7 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
         "verify-disk-ms": verify_seconds * 1000.0,
         "qemu-reported-downtime-ms": mem.downtime_ms(),
         "memory-bytes": mem.ram_transferred(),
+        "ram-postcopy": ctx.ram_switched.as_ref().map(|(why, left)| json!({ "reason": why, "remaining-bytes": left })),
         "memory-total-time-ms": mem.total_time_ms(),
         "disk": disk,
         "disk-verified": verified,
@@ -478,6 +520,15 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
 /// every post-copy to end, then completes every disk migration. Not bounded by `--timeout`: a
 /// post-copy moves what the guest wrote faster than the link, and it ends when that is moved.
 pub async fn after_switchover(ctx: &mut Ctx, report: &mut Value) -> Result<()> {
+    if ctx.ram_switched.is_some() {
+        let started = Instant::now();
+        let mem = wait_ram_postcopy(ctx).await?;
+        let pc = &mut report["ram-postcopy"];
+        pc["seconds"] = json!(started.elapsed().as_secs_f64());
+        pc["page-requests"] = json!(mem.ram("postcopy-requests"));
+        report["memory-bytes"] = json!(mem.ram_transferred());
+        report["qemu-reported-downtime-ms"] = json!(mem.downtime_ms());
+    }
     if !ctx.args.strategy.by_proxies() {
         return Ok(());
     }
@@ -712,6 +763,7 @@ const MEMORY_WATCH_EVERY: Duration = Duration::from_secs(1);
 async fn wait_memory_copy(ctx: &mut Ctx) -> Result<qmp_proto::Timestamp> {
     let mut stop = None;
     let mut moved = (None, Instant::now());
+    let mut ram = RamWatch::new(ctx.ram_postcopy, memory_share(ctx.args.downtime_limit));
     loop {
         if let Some(e) = ctx.src.next_event(MEMORY_WATCH_EVERY).await? {
             match e.name.as_str() {
@@ -736,6 +788,11 @@ async fn wait_memory_copy(ctx: &mut Ctx) -> Result<qmp_proto::Timestamp> {
                 _ => 0.0,
             };
             progress_line("memory", &progress_detail(done, done + left, rate));
+            if let RamDecision::StartPostcopy(why) = ram.sample(info.ram("dirty-sync-count").unwrap_or(0), left, rate) {
+                tracing::info!("memory switches to post-copy: {why}");
+                ctx.src.execute_raw("migrate-start-postcopy", json!({})).await.context("migrate-start-postcopy")?;
+                ctx.ram_switched = Some((why, left));
+            }
         }
         if transferred != moved.0 {
             moved = (transferred, Instant::now());
@@ -761,6 +818,66 @@ async fn wait_memory_copy(ctx: &mut Ctx) -> Result<qmp_proto::Timestamp> {
                 }
             }
         }
+    }
+}
+
+/// Turns `postcopy-ram` on, destination first (it checks there that the host can fault pages
+/// in, `userfaultfd`); with `auto`, a QEMU that refuses leaves memory to pre-copy, with a warning.
+async fn enable_ram_postcopy(ctx: &mut Ctx) -> Result<()> {
+    if ctx.ram_postcopy == PostcopyArg::Never {
+        return Ok(());
+    }
+    let on = [("postcopy-ram", true)];
+    let refused = match ctx.dst.migrate_set_capabilities(&on).await {
+        Err(e) => Some(anyhow!(e).context("postcopy-ram on the destination QEMU")),
+        Ok(()) => match ctx.src.migrate_set_capabilities(&on).await {
+            Err(e) => {
+                let _ = ctx.dst.migrate_set_capabilities(&[("postcopy-ram", false)]).await;
+                Some(anyhow!(e).context("postcopy-ram on the source QEMU"))
+            }
+            Ok(()) => None,
+        },
+    };
+    match refused {
+        None => Ok(()),
+        Some(e) if ctx.ram_postcopy == PostcopyArg::Always => Err(e),
+        Some(e) => {
+            tracing::warn!("memory will not switch to post-copy: {e:#}");
+            ctx.ram_postcopy = PostcopyArg::Never;
+            Ok(())
+        }
+    }
+}
+
+/// After a RAM post-copy's switchover (the guest runs on the destination): waits until QEMU
+/// has moved the rest of memory, with progress, failing only if it stops moving for
+/// `--stall-timeout` or fails. Returns the source's last `query-migrate`.
+async fn wait_ram_postcopy(ctx: &mut Ctx) -> Result<qmp_driver::MigrationInfo> {
+    let mut moved = (None, Instant::now());
+    loop {
+        let info = ctx.src.query_migrate().await.context("query-migrate during the RAM post-copy")?;
+        match info.status.as_str() {
+            "completed" => {
+                progress_done();
+                return Ok(info);
+            }
+            "failed" | "cancelled" | "postcopy-paused" => bail!(
+                "QEMU's RAM post-copy {}: {} (the guest runs on the destination and misses pages only the \
+                 source holds; recover with QEMU's migrate-recover, or the guest is lost)",
+                info.status,
+                info.error_desc().unwrap_or("no reason given")
+            ),
+            _ => {}
+        }
+        if let (Some(done), Some(left)) = (info.ram_transferred(), info.ram_remaining()) {
+            progress_line("memory post-copy", &format!("{} MiB left", left >> 20));
+            if moved.0 != Some(done) {
+                moved = (Some(done), Instant::now());
+            } else if moved.1.elapsed() >= ctx.args.stall_timeout {
+                bail!("QEMU's RAM post-copy moved no byte for {}", humantime::format_duration(ctx.args.stall_timeout));
+            }
+        }
+        let _ = ctx.src.next_event(MEMORY_WATCH_EVERY).await?;
     }
 }
 
@@ -800,7 +917,8 @@ async fn mirror_until_ready(ctx: &mut Ctx) -> Result<Value> {
     }
     ctx.src.execute_raw("blockdev-add", target).await.context("connecting the source QEMU to the destination proxy")?;
     ctx.mirror_started = true;
-    let mode = mirror_copy_mode(ctx.args.mirror_copy_mode);
+    let switch_at_ready = ctx.args.mirror_copy_mode == MirrorMode::ReadyThenWriteBlocking && ctx.block_job_change;
+    let mode = if switch_at_ready { "background" } else { mirror_copy_mode(ctx.args.mirror_copy_mode) };
     let mut job =
         json!({ "job-id": MIRROR_JOB, "device": node, "target": MIRROR_NODE, "sync": "full", "copy-mode": mode });
     if let Some(b) = ctx.args.max_bandwidth {
@@ -822,7 +940,14 @@ async fn mirror_until_ready(ctx: &mut Ctx) -> Result<Value> {
         }
     }
     progress_done();
-    mirror_stats(ctx).await
+    if switch_at_ready {
+        // From here every guest write waits until it is mirrored: what is left cannot grow.
+        let change = json!({ "id": MIRROR_JOB, "type": "mirror", "copy-mode": "write-blocking" });
+        ctx.src.execute_raw("block-job-change", change).await.context("block-job-change to write-blocking")?;
+    }
+    let mut stats = mirror_stats(ctx).await?;
+    stats["copy-mode"] = json!(if switch_at_ready { "background, write-blocking at READY" } else { mode });
+    Ok(stats)
 }
 
 async fn mirror_stats(ctx: &mut Ctx) -> Result<Value> {
