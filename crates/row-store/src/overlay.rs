@@ -89,23 +89,12 @@ impl Overlay {
                 return Err(e);
             }
         };
-        Ok(Self::assemble(base, reserved_file, Table::default(), journal, false, reserved::HEADER_LEN))
+        Ok(Self::recovered(base, reserved_file, Table::default(), journal, false, reserved::HEADER_LEN))
     }
 
-    /// An overlay recovered after a restart: the journal replayed, the reserved file reopened;
-    /// its slots start at `data_start`.
+    /// An overlay over `base` from its parts (a new one, or one recovered after a restart: the
+    /// journal replayed, the reserved file reopened); its slots start at `data_start`.
     pub fn recovered(
-        base: Arc<Image>,
-        reserved: Image,
-        table: Table,
-        journal: Journal,
-        merging: bool,
-        data_start: u64,
-    ) -> Self {
-        Self::assemble(base, reserved, table, journal, merging, data_start)
-    }
-
-    fn assemble(
         base: Arc<Image>,
         reserved: Image,
         table: Table,
