@@ -299,3 +299,198 @@ fn units_on_the_command_line_and_the_control_socket() {
         "error: invalid value '10 parsecs' for '--read-wait <DURATION>': expected a duration like 500ms, 2s or 1h30m, or a number of seconds"
     ), "{}", stderr(&out));
 }
+
+/// The five files of a lab PKI, as `tls-certs` writes them.
+const PKI_FILES: [&str; 5] = ["ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem"];
+
+fn tls_certs(dir: &Path, extra: &[&str]) -> Output {
+    Command::new(bin("nbd-row-proxy"))
+        .args(["tls-certs", "--dir"])
+        .arg(dir)
+        .args(["--host", "127.0.0.1"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// Every file in `dir` and its content, sorted by name.
+fn files_in(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn tls_certs_never_replaces_a_file_and_force_keeps_backups() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let out = tls_certs(&pki, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let first = files_in(&pki);
+    assert_eq!(first.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), {
+        let mut names = PKI_FILES.to_vec();
+        names.sort();
+        names
+    });
+
+    // Again: refused in one line naming every file there, status 2, nothing touched.
+    let out = tls_certs(&pki, &[]);
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert_eq!(text.trim_end().lines().count(), 1, "one line: {text}");
+    assert!(text.contains("--force"), "{text}");
+    for name in PKI_FILES {
+        assert!(text.contains(name), "{name} not named: {text}");
+    }
+    assert!(files_in(&pki) == first, "an existing PKI was changed");
+
+    // A site's own CA alone (e.g. /etc/pki/qemu with libvirt's): refused too, and no file is
+    // added beside it.
+    let site = dir.path().join("site");
+    std::fs::create_dir(&site).unwrap();
+    std::fs::write(site.join("ca-cert.pem"), "the site's CA").unwrap();
+    let out = tls_certs(&site, &[]);
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("ca-cert.pem") && !text.contains("server-key.pem"), "{text}");
+    assert_eq!(files_in(&site), vec![("ca-cert.pem".to_string(), b"the site's CA".to_vec())]);
+
+    // --force: each file is first renamed to NAME.bak-<unix-seconds>, and says so.
+    let out = tls_certs(&pki, &["--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    let after = files_in(&pki);
+    for (name, old) in &first {
+        let backups: Vec<&(String, Vec<u8>)> =
+            after.iter().filter(|(n, _)| n.starts_with(&format!("{name}.bak-"))).collect();
+        assert_eq!(backups.len(), 1, "{name}: {after:?}");
+        let (backup, kept) = backups[0];
+        let stamp: u64 = backup[name.len() + 5..].parse().unwrap_or_else(|_| panic!("{backup}"));
+        assert!(stamp > 1_600_000_000, "{backup}");
+        assert!(kept == old, "{backup} does not hold the old {name}");
+        assert!(
+            said.contains(&format!("moved {}", pki.join(name).display())) && said.contains(backup.as_str()),
+            "{said}"
+        );
+        let new = &after.iter().find(|(n, _)| n == name).unwrap().1;
+        assert!(new != old, "{name} was not replaced");
+        let mode = std::fs::metadata(pki.join(name)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, if name.ends_with("-key.pem") { 0o600 } else { 0o644 }, "{name}");
+    }
+    // Twice within a second or not, no backup is ever overwritten: every version is kept.
+    let second = files_in(&pki);
+    let out = tls_certs(&pki, &["--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let third = files_in(&pki);
+    assert_eq!(third.len(), 15, "{:?}", third.iter().map(|(n, _)| n).collect::<Vec<_>>());
+    for (name, content) in first.iter().chain(&second) {
+        assert!(
+            third.iter().any(|(n, c)| n.starts_with(name.as_str()) && c == content),
+            "a version of {name} was lost"
+        );
+    }
+    // The newest files make a working PKI.
+    let creds = nbd_row_proxy::tls::TlsCreds::load(&pki).unwrap();
+    creds.acceptor().unwrap();
+    creds.connector().unwrap();
+}
+
+#[test]
+fn sockets_have_their_modes_whatever_the_umask() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    sparse_file(&image, 1 << 20);
+    let (socket, control) = (dir.path().join("nbd.sock"), dir.path().join("ctl.sock"));
+    let mut cmd = Command::new(bin("nbd-row-proxy"));
+    cmd.args(["serve", "--image"]).arg(&image).arg("--socket").arg(&socket).arg("--control").arg(&control);
+    // SAFETY: umask(2) is async-signal-safe and touches nothing but the child's mask.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    let mut proc = Proc::spawn("nbd-row-proxy", &mut cmd, &dir.path().join("server.log"));
+    proc.wait_for_socket(&control);
+    for (path, want) in [(&socket, 0o660), (&control, 0o600)] {
+        let meta = std::fs::symlink_metadata(path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o7777, want, "{} under umask 000", path.display());
+    }
+    // The proxy creates its other files as before: the disk is still served.
+    ControlClient::connect(&control).ok("query-status", json!({}));
+    assert!(proc.terminate(STOP).success());
+}
+
+#[test]
+fn an_ownership_record_that_is_a_directory_is_refused_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    sparse_file(&image, 1 << 20);
+    let record = dir.path().join("disk.raw.ownership");
+    std::fs::create_dir(&record).unwrap();
+    let socket = dir.path().join("nbd.sock");
+    let out = Command::new(bin("nbd-row-proxy"))
+        .args(["serve", "--image"])
+        .arg(&image)
+        .arg("--socket")
+        .arg(&socket)
+        .output()
+        .unwrap();
+    let text = stderr(&out);
+    // An error it reports (status 1), not an abort (134) on a huge allocation.
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert_eq!(text.trim_end().lines().count(), 1, "one line: {text}");
+    assert!(text.contains(&record.display().to_string()) && text.contains("is a directory"), "{text}");
+    assert!(!socket.exists(), "nothing was started");
+    assert!(record.is_dir(), "the directory is left alone");
+}
+
+#[test]
+fn numbers_out_of_range_on_the_control_socket_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    sparse_file(&image, 1 << 20);
+    let key = key_file(dir.path(), "0123456789abcdef0123456789abcdef");
+    let host = source(dir.path(), &image, &key);
+    let mut ctl = host.ctl();
+    let idle = ctl.ok("query-migrate", json!({}));
+    // Nothing listens there: a refusal must come from the arguments, before any connection.
+    let uri = "tcp:127.0.0.1:1";
+    for (args, says) in [
+        (json!({"uri": uri, "max-bandwidth": "1bit"}), "max-bandwidth is 0 bytes/s"),
+        (json!({"uri": uri, "max-bandwidth": 0}), "leave it out for no limit"),
+        (json!({"uri": uri, "rounds": 0}), "rounds 0 is out of range: 1 to 100"),
+        (json!({"uri": uri, "rounds": 1000}), "rounds 1000 is out of range"),
+        (
+            json!({"uri": uri, "strategy": "bitmap", "bitmap-granularity": 0}),
+            "bitmap-granularity 0 bytes is not a power of two from 4 KiB to 1 GiB",
+        ),
+        (json!({"uri": uri, "strategy": "bitmap", "bitmap-granularity": 3}), "bitmap-granularity 3 bytes"),
+        (json!({"uri": uri, "strategy": "bitmap", "bitmap-granularity": "6KiB"}), "bitmap-granularity 6144 bytes"),
+        (json!({"uri": uri, "strategy": "bitmap", "bitmap-granularity": "4GiB"}), "to 1 GiB"),
+        (json!({"uri": uri, "final-budget-ms": "30d"}), "final-budget-ms 2592000000 is out of range"),
+        (json!({"uri": uri, "hot-threshold": 0}), "hot-threshold 0 is out of range"),
+        (json!({"uri": uri, "hot-threshold": 128}), "hot-threshold 128 is out of range"),
+        (json!({"uri": uri, "rounds": -1}), "invalid value"),
+    ] {
+        let e = ctl.execute("migrate-start", args.clone()).unwrap_err();
+        assert!(e.contains(says), "{args}: {e}");
+        assert!(!e.contains('\n'), "{e}");
+    }
+    let e = ctl.execute("migrate-finish", json!({"budget-ms": "2d"})).unwrap_err();
+    assert!(e.contains("budget-ms 172800000 is out of range"), "{e}");
+    let e = ctl.execute("query-row", json!({"hot-threshold": 0})).unwrap_err();
+    assert!(e.contains("hot-threshold 0 is out of range"), "{e}");
+    // None of them started anything.
+    assert_eq!(ctl.ok("query-migrate", json!({})), idle);
+    // The smallest values in range are taken.
+    ctl.ok("query-row", json!({"hot-threshold": 1}));
+}

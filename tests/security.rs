@@ -573,3 +573,239 @@ fn hold_silent_session(port: u16) -> Duration {
     let _ = s.read_to_end(&mut rest);
     start.elapsed()
 }
+
+/// A TCP NBD connection (no TLS: the server runs with --insecure) through negotiation, with
+/// simple replies; the server then waits for requests as long as it stays open. `Err` when the
+/// server closed it at once (its pool was full).
+fn tcp_negotiated(port: u16) -> std::io::Result<TcpStream> {
+    use nbd_proto::consts::*;
+    use nbd_proto::option::InfoRequest;
+    use nbd_proto::{ClientFlags, ClientOption, OptionReply, OptionReplyKind};
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(HANG_LIMIT))?;
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting)?;
+    let mut out = Vec::new();
+    ClientFlags { bits: NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES }.encode(&mut out);
+    ClientOption::Go(InfoRequest { export: String::new(), requests: vec![] }).encode(&mut out);
+    s.write_all(&out)?;
+    let mut buf = Vec::new();
+    loop {
+        if let Some((reply, n)) = OptionReply::decode(&buf).map_err(std::io::Error::other)? {
+            buf.drain(..n);
+            match reply.kind {
+                OptionReplyKind::Ack => return Ok(s),
+                OptionReplyKind::Error { code, message } => {
+                    return Err(std::io::Error::other(format!("refused: {code:#x} {message}")))
+                }
+                _ => continue,
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Whether the server closes a new connection at once, without a greeting.
+fn closed_at_once(mut s: impl Read) -> bool {
+    let mut buf = [0u8; 18];
+    matches!(s.read(&mut buf), Ok(0) | Err(_))
+}
+
+#[test]
+fn tcp_clients_cannot_keep_qemus_unix_socket_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    let data = random_bytes(11, 1 << 20);
+    std::fs::write(&image, &data).unwrap();
+    let port = free_port();
+    let tcp = format!("127.0.0.1:{port}");
+    let server = Server::start(dir.path(), &image, &["--tcp", &tcp, "--insecure", "--max-connections", "4"]);
+    // Four TCP clients fill the TCP pool (negotiated, so no timer ends them); a fifth is closed
+    // at once.
+    let mut held: Vec<TcpStream> = (0..4)
+        .map(|_| e2e::rig::wait_until("a TCP connection to be served", HANG_LIMIT, || tcp_negotiated(port).ok()))
+        .collect();
+    let fifth = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    fifth.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(closed_at_once(&fifth), "a TCP connection beyond the cap was served");
+    // QEMU's socket still gets in, and reads.
+    let mut unix: Vec<RawClient> = (0..4)
+        .map(|_| {
+            e2e::rig::wait_until("a Unix client to be served", HANG_LIMIT, || {
+                RawClient::connect(&server.socket, "", true).ok()
+            })
+        })
+        .collect();
+    let r = unix[0].call(request(Cmd::Read, 1, 4096, 8192), &[]).unwrap();
+    assert!((r.error, &r.data[..]) == (0, &data[4096..12288]), "a Unix client read wrong data");
+    // The Unix pool is capped on its own, and full now: neither pool takes from the other.
+    let extra = std::os::unix::net::UnixStream::connect(&server.socket).unwrap();
+    extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(closed_at_once(&extra), "a Unix connection beyond the cap was served");
+    drop(held.pop());
+    held.push(e2e::rig::wait_until("a TCP slot to be free again", HANG_LIMIT, || tcp_negotiated(port).ok()));
+    drop(unix.pop());
+    let mut again = e2e::rig::wait_until("a Unix slot to be free again", HANG_LIMIT, || {
+        RawClient::connect(&server.socket, "", true).ok()
+    });
+    assert_eq!(again.call(request(Cmd::Read, 2, 0, 4096), &[]).unwrap().data, data[..4096]);
+}
+
+/// Sends `count` READs of `len` bytes on a simple-reply TCP connection, and reads none of them.
+fn tcp_reads(s: &mut TcpStream, count: u64, len: u32) {
+    let mut wire = Vec::new();
+    for i in 0..count {
+        request(Cmd::Read, i, 0, len).encode(&mut wire);
+    }
+    s.write_all(&wire).unwrap();
+}
+
+/// Reads `count` simple replies of `len` bytes each; returns how many were successful reads.
+fn tcp_replies(s: &mut TcpStream, count: u64, len: u32) -> u64 {
+    let mut ok = 0;
+    let mut data = vec![0u8; len as usize];
+    for _ in 0..count {
+        let mut header = [0u8; 16];
+        s.read_exact(&mut header).unwrap();
+        let error = u32::from_be_bytes(header[4..8].try_into().unwrap());
+        if error == 0 {
+            s.read_exact(&mut data).unwrap();
+            ok += 1;
+        }
+    }
+    ok
+}
+
+#[test]
+fn replies_unread_by_many_clients_stay_within_the_process_budget() {
+    use nbd_row_proxy::nbd::connection::{MAX_IN_FLIGHT_BYTES, TCP_IN_FLIGHT_BYTES, TOTAL_IN_FLIGHT_BYTES};
+    const LEN: u32 = 32 << 20;
+    const READS: u64 = 2;
+    const UNIX: usize = 12;
+    const TCP: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    std::fs::write(&image, random_bytes(9, LEN as usize)).unwrap();
+    let port = free_port();
+    let tcp = format!("127.0.0.1:{port}");
+    let server = Server::start(dir.path(), &image, &["--tcp", &tcp, "--insecure"]);
+    let pid = server.proc.pid();
+    let before = rss_kib(pid);
+    // Without a process-wide budget, each connection could hold its own 64 MiB: far more than
+    // the bound below.
+    let unbounded = (UNIX + TCP) as u64 * MAX_IN_FLIGHT_BYTES as u64;
+    let budget = TOTAL_IN_FLIGHT_BYTES as u64;
+    let bound = budget + (128 << 20);
+    assert!(unbounded > 2 * bound);
+    let mut tcp_clients: Vec<TcpStream> = (0..TCP).map(|_| tcp_negotiated(port).unwrap()).collect();
+    for s in &mut tcp_clients {
+        tcp_reads(s, READS, LEN);
+    }
+    let mut unix_clients: Vec<RawClient> =
+        (0..UNIX).map(|_| RawClient::connect(&server.socket, "", true).unwrap()).collect();
+    for c in &mut unix_clients {
+        let mut wire = Vec::new();
+        for i in 0..READS {
+            request(Cmd::Read, i, 0, LEN).encode(&mut wire);
+        }
+        c.send_raw(&wire).unwrap();
+    }
+    // The budget fills up (how fast depends on the machine); then it holds.
+    e2e::rig::wait_until("the replies to fill the budget", HANG_LIMIT, || {
+        (rss_kib(pid).saturating_sub(before) * 1024 >= budget * 3 / 4).then_some(())
+    });
+    let mut peak = 0;
+    for _ in 0..20 {
+        peak = peak.max(rss_kib(pid));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let grew = peak.saturating_sub(before) * 1024;
+    eprintln!(
+        "{} clients, {} MiB of unread replies asked for: RSS {} -> {} KiB (+{} MiB; budget {} MiB, TCP's share {} MiB)",
+        UNIX + TCP,
+        ((UNIX + TCP) as u64 * READS * LEN as u64) >> 20,
+        before,
+        peak,
+        grew >> 20,
+        budget >> 20,
+        TCP_IN_FLIGHT_BYTES >> 20
+    );
+    assert!(grew < bound, "RSS grew by {} MiB, over the {} MiB budget and a margin", grew >> 20, budget >> 20);
+    // Once the clients read, every reply comes, right: waiting for the budget is not a deadlock.
+    let readers: Vec<std::thread::JoinHandle<u64>> = tcp_clients
+        .into_iter()
+        .map(|mut s| std::thread::spawn(move || tcp_replies(&mut s, READS, LEN)))
+        .chain(unix_clients.into_iter().map(|mut c| {
+            std::thread::spawn(move || {
+                (0..READS).filter(|_| c.recv().is_ok_and(|r| r.error == 0 && r.data.len() == LEN as usize)).count()
+                    as u64
+            })
+        }))
+        .collect();
+    let done: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+    assert_eq!(done, (UNIX + TCP) as u64 * READS);
+}
+
+#[test]
+fn a_flood_of_refused_connections_logs_a_handful_of_warnings() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    sparse_file(&image, 1 << 20);
+    let port = free_port();
+    let tcp = format!("127.0.0.1:{port}");
+    let mut server = Server::start(dir.path(), &image, &["--tcp", &tcp, "--insecure", "--max-connections", "4"]);
+    let started = Instant::now();
+    // 200 clients that speak something else: each fails negotiation.
+    for _ in 0..200 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(HANG_LIMIT)).unwrap();
+        s.write_all(b"GET ").unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    }
+    // 200 more beyond the cap: each is refused.
+    let _held: Vec<TcpStream> = (0..4)
+        .map(|_| e2e::rig::wait_until("a TCP connection to be served", HANG_LIMIT, || tcp_negotiated(port).ok()))
+        .collect();
+    for _ in 0..200 {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(HANG_LIMIT)).unwrap();
+        assert!(closed_at_once(&s));
+    }
+    // The counts left out come in summaries, one per kind and interval: wait for them to add up.
+    let counts = |log: &str| -> (u64, u64, u64) {
+        let warnings: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ")).collect();
+        // A line stands for its own event and those it says were left out before it; a
+        // summary only for those it counts.
+        let count = |what: &str, field: &str| -> u64 {
+            warnings
+                .iter()
+                .filter(|l| l.contains(what))
+                .map(|l| {
+                    let n = l.split_whitespace().find_map(|w| w.strip_prefix(field)?.parse::<u64>().ok());
+                    n.unwrap_or(0) + u64::from(field == "suppressed=")
+                })
+                .sum()
+        };
+        let failed = count("connection ended", "suppressed=") + count("ended before transmission", "failed=");
+        let refused = count("refusing this one", "suppressed=") + count("more NBD connections refused", "refused=");
+        (failed, refused, warnings.len() as u64)
+    };
+    let (failed, refused, lines) = e2e::rig::wait_until("the suppressed warnings to be counted", HANG_LIMIT, || {
+        let c = counts(&server.proc.log_text());
+        (c.0 >= 200 && c.1 >= 200).then_some(c)
+    });
+    let took = started.elapsed();
+    let log = server.proc.log_text();
+    assert_eq!(failed, 200, "{log}");
+    assert!(refused >= 200, "{log}");
+    // The first of each kind, then at most one line of each kind per 10 s.
+    assert!(lines <= 2 * (took.as_secs() / 10 + 2), "{lines} warnings in {took:?}:\n{log}");
+    assert!(!log.contains(" ERROR "), "{log}");
+    server.proc.terminate(HANG_LIMIT);
+}

@@ -113,6 +113,10 @@ pub struct TlsCertsArgs {
     /// A name the server certificate carries (DNS name or IP address); repeatable.
     #[arg(long = "host", required = true)]
     pub hosts: Vec<String>,
+    /// Replace files already in --dir: each is first renamed to NAME.bak-<unix-seconds>. Without
+    /// it, an existing file is an error and nothing is written.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `receive`: `serve`'s arguments and where the migration arrives.

@@ -35,7 +35,8 @@ fn fd_budget() -> usize {
 /// How long a merge still running at exit may hold up the process (it resumes on the next start).
 const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(2);
 
-/// Exit status of a usage error (clap's) or an invalid `RUST_LOG`.
+/// Exit status of a usage error (clap's), an invalid `RUST_LOG`, or `tls-certs` refusing to replace
+/// files.
 const EXIT_USAGE: u8 = 2;
 
 fn main() -> std::process::ExitCode {
@@ -48,6 +49,9 @@ fn main() -> std::process::ExitCode {
         eprintln!("nbd-row-proxy: {e}");
         return std::process::ExitCode::from(EXIT_USAGE);
     }
+    if let cli::Cmd::TlsCerts(a) = &cli.command {
+        return tls_certs(a);
+    }
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -57,14 +61,32 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(cli: cli::Cli) -> Result<()> {
-    if let cli::Cmd::TlsCerts(a) = &cli.command {
-        tls::make_lab_pki(&a.dir, &a.hosts)?;
-        println!("wrote a lab CA and certificates for {} into {}", a.hosts.join(", "), a.dir.display());
-        return Ok(());
+/// `tls-certs`: a lab PKI, never over existing files unless `--force` (which keeps backups).
+fn tls_certs(a: &cli::TlsCertsArgs) -> std::process::ExitCode {
+    match tls::make_lab_pki_with(&a.dir, &a.hosts, a.force) {
+        Ok(backups) => {
+            for b in backups {
+                println!("moved {} to {}", b.from.display(), b.to.display());
+            }
+            println!("wrote a lab CA and certificates for {} into {}", a.hosts.join(", "), a.dir.display());
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e @ tls::TlsError::Exists { .. }) => {
+            eprintln!("nbd-row-proxy: {e}");
+            std::process::ExitCode::from(EXIT_USAGE)
+        }
+        Err(e) => {
+            eprintln!("nbd-row-proxy: {e}");
+            std::process::ExitCode::FAILURE
+        }
     }
+}
+
+fn run(cli: cli::Cli) -> Result<()> {
     let mut config = cli.validate()?;
-    config.max_connections = config.max_connections.min(fd_budget());
+    // The Unix socket and the TCP listener each have a pool of `max_connections`.
+    let pools = 1 + usize::from(config.tcp.is_some());
+    config.max_connections = config.max_connections.min((fd_budget() / pools).max(1));
     let (disk, record_file, record) = server::open_disk(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let result = runtime.block_on(server::run(config, disk, record_file, record));

@@ -11,7 +11,7 @@ use qmp_proto::{Greeting, Version};
 use row_store::{BlockBackend, Disk, DiskOptions, Mode};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
@@ -19,7 +19,7 @@ use crate::cli::{check_socket_path, Config};
 use crate::control::{Control, ControlHandler};
 use crate::migration::dest::Incoming;
 use crate::migration::source::Outgoing;
-use crate::nbd::connection::Stream;
+use crate::nbd::connection::{NegotiationFailed, SharedBudget, Stream, TCP_IN_FLIGHT_BYTES, TOTAL_IN_FLIGHT_BYTES};
 use crate::nbd::export::Catalog;
 use crate::ownership::{Access, Gate, Guarded, RecordFile};
 use crate::proxy::{Events, Merger, Proxy};
@@ -38,7 +38,8 @@ pub fn open_disk(config: &Config) -> Result<(Arc<Disk>, RecordFile, Option<Owner
     let record = record_file.load()?;
     let receiving = config.listen.is_some();
     let holds = matches!(&record, Some(Ownership::Destination { stage: DestStage::Committed | DestStage::Owner, .. }));
-    if let (Some(Ownership::Destination { stage: DestStage::Incomplete, session, since }), false) = (&record, receiving)
+    if let (Some(Ownership::Destination { stage: DestStage::Incomplete, session, since, .. }), false) =
+        (&record, receiving)
     {
         bail!(
             "{} is incomplete: migration session {session} to it did not commit ({since}). Run `nbd-row-proxy \
@@ -99,13 +100,37 @@ fn check_size(image: &Path, size: u64) -> Result<()> {
     Ok(())
 }
 
-/// Binds a Unix socket at a path `check_socket_path` accepted: a stale socket is replaced.
+/// Mode of the NBD socket, whatever the umask: its owner and its group (e.g. `kvm`, QEMU's under
+/// libvirt, as the systemd unit's `Group=` makes it) may connect, nobody else.
+pub const NBD_SOCKET_MODE: u32 = 0o660;
+/// Mode of the control socket, whatever the umask: only its owner may connect.
+pub const CONTROL_SOCKET_MODE: u32 = 0o600;
+
+/// Runs `bind`, which creates the socket file `path`, under a umask that leaves at most `mode`
+/// on it, then sets exactly `mode`: the socket is never open to more than that, not even for a
+/// moment under a lax umask (e.g. `umask 000`). The umask is the process's, so a file another
+/// thread creates meanwhile gets at most the same restriction, never a wider mode.
+fn bind_with_mode<T>(path: &Path, mode: u32, bind: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: umask(2) only swaps the process's file mode creation mask; it cannot fail.
+    let old = unsafe { libc::umask(!mode & 0o777) };
+    let bound = bind();
+    // SAFETY: as above, restoring the mask that was there.
+    unsafe { libc::umask(old) };
+    let listener = bound?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}
+
+/// Binds a Unix socket at a path `check_socket_path` accepted, with [`NBD_SOCKET_MODE`]: a stale
+/// socket is replaced.
 fn bind_unix(path: &Path) -> Result<UnixListener> {
     check_socket_path("socket", path)?;
     if path.exists() {
         std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
     }
-    UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))
+    bind_with_mode(path, NBD_SOCKET_MODE, || UnixListener::bind(path))
+        .with_context(|| format!("binding {}", path.display()))
 }
 
 /// Socket files this process created, removed when it stops (or fails to start).
@@ -181,7 +206,7 @@ async fn bind(config: &Config) -> Result<Listeners> {
     let control = match &config.control {
         Some(path) => {
             check_socket_path("--control", path)?;
-            let l = qmp_proto::bind_control_socket(path)
+            let l = bind_with_mode(path, CONTROL_SOCKET_MODE, || qmp_proto::bind_control_socket(path))
                 .with_context(|| format!("binding control socket {}", path.display()))?;
             created.0.push(path.clone());
             Some(l)
@@ -246,9 +271,37 @@ pub async fn run(config: Config, disk: Arc<Disk>, record_file: RecordFile, recor
     shut_down(conns, &disk).await
 }
 
+/// How often warnings about a flood of connections that never got in are summed up: at most
+/// one line of each kind per interval.
+const WARN_INTERVAL: Duration = Duration::from_secs(10);
+/// Connections refused because their listener's pool was full.
+static REFUSED: logging::RateLimit = logging::RateLimit::new(WARN_INTERVAL);
+/// Connections that ended before transmission (no TLS, no certificate, garbage, too slow).
+static NOT_NEGOTIATED: logging::RateLimit = logging::RateLimit::new(WARN_INTERVAL);
+/// Failed accepts (e.g. out of file descriptors).
+static ACCEPT_FAILED: logging::RateLimit = logging::RateLimit::new(WARN_INTERVAL);
+
+/// The connections of one listener: at most `max` at once, and the byte budget their requests
+/// share.
+struct Pool {
+    listener: &'static str,
+    slots: Arc<Semaphore>,
+    max: usize,
+    budget: SharedBudget,
+}
+
+impl Pool {
+    fn new(listener: &'static str, max: usize, budget: SharedBudget) -> Self {
+        Self { listener, slots: Arc::new(Semaphore::new(max)), max, budget }
+    }
+}
+
 /// Accepts NBD connections until SIGTERM or SIGINT; returns the connections still running.
-/// Beyond `max_connections` new connections are closed at once; the others go on. TCP
-/// connections must negotiate TLS when `tls` is given.
+/// The Unix socket and the TCP listener each serve at most `max_connections` at once, so TCP
+/// clients (authenticated or not) can never keep QEMU's Unix socket from getting in; beyond that
+/// new connections are closed at once, and the others go on. All connections' requests share one
+/// byte budget, of which TCP connections may hold part. TCP connections must negotiate TLS when
+/// `tls` is given.
 async fn serve_until_signal(
     l: &Listeners,
     catalog: Catalog,
@@ -257,6 +310,11 @@ async fn serve_until_signal(
     shutdown: &watch::Receiver<bool>,
     (mut sigterm, mut sigint): (Signal, Signal),
 ) -> Result<JoinSet<()>> {
+    let total = SharedBudget::new(TOTAL_IN_FLIGHT_BYTES);
+    let unix_pool = Pool::new("unix", max_connections, total.clone());
+    let tcp_pool = Pool::new("tcp", max_connections, total.capped(TCP_IN_FLIGHT_BYTES));
+    let mut summaries = tokio::time::interval(WARN_INTERVAL);
+    summaries.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut conns = JoinSet::new();
     let mut next_id = 0u64;
     loop {
@@ -267,40 +325,78 @@ async fn serve_until_signal(
                 if let Err(e) = done { tracing::error!(error = %e, "connection task failed"); }
                 continue;
             }
-            c = l.unix.accept() => c.map(|(s, _)| (Box::new(s) as Box<dyn Stream>, "unix".to_string(), None)),
+            _ = summaries.tick() => {
+                summarize_suppressed();
+                continue;
+            }
+            c = l.unix.accept() => c.map(|(s, _)| (Box::new(s) as Box<dyn Stream>, "unix".to_string(), None, &unix_pool)),
             c = accept_tcp(l.tcp.as_ref()) => c.map(|(s, addr)| {
                 let _ = s.set_nodelay(true);
-                (Box::new(s) as Box<dyn Stream>, addr.to_string(), tls.clone())
+                (Box::new(s) as Box<dyn Stream>, addr.to_string(), tls.clone(), &tcp_pool)
             }),
         };
-        let (stream, kind, tls) = match accepted {
+        let (stream, kind, tls, pool) = match accepted {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
+                if let Some(suppressed) = ACCEPT_FAILED.hit() {
+                    tracing::warn!(error = %e, suppressed, "accept failed");
+                }
                 tokio::time::sleep(ACCEPT_RETRY).await;
                 continue;
             }
         };
-        // Connections that ended but were not reaped yet do not count against the cap.
+        // Reap the connections that ended (their slots are free already).
         while let Some(done) = conns.try_join_next() {
             if let Err(e) = done {
                 tracing::error!(error = %e, "connection task failed");
             }
         }
-        if conns.len() >= max_connections {
-            tracing::warn!(peer = %kind, max_connections, "too many NBD connections: refusing this one");
+        let Ok(slot) = pool.slots.clone().try_acquire_owned() else {
+            if let Some(suppressed) = REFUSED.hit() {
+                tracing::warn!(
+                    peer = %kind,
+                    listener = pool.listener,
+                    max_connections = pool.max,
+                    suppressed,
+                    "too many NBD connections: refusing this one (more refusals within {WARN_INTERVAL:?} are \
+                     counted, not logged)"
+                );
+            }
             continue;
-        }
+        };
         next_id += 1;
         let peer = format!("{kind}#{next_id}");
-        let (catalog, rx) = (catalog.clone(), shutdown.clone());
+        let (catalog, rx, budget) = (catalog.clone(), shutdown.clone(), pool.budget.clone());
         conns.spawn(async move {
-            match crate::nbd::connection::serve(stream, tls, catalog, peer.clone(), rx).await {
+            let _slot = slot;
+            match crate::nbd::connection::serve_with(stream, tls, catalog, peer.clone(), rx, &budget).await {
                 Ok(()) => {}
                 Err(e) if client_hung_up(&e) => tracing::debug!(%peer, "the client hung up: {e:#}"),
+                Err(e) if e.downcast_ref::<NegotiationFailed>().is_some() => {
+                    if let Some(suppressed) = NOT_NEGOTIATED.hit() {
+                        tracing::warn!(
+                            %peer,
+                            suppressed,
+                            "connection ended: {e:#} (more such within {WARN_INTERVAL:?} are counted, not logged)"
+                        );
+                    }
+                }
                 Err(e) => tracing::warn!(%peer, "connection ended: {e:#}"),
             }
         });
+    }
+}
+
+/// One line for each kind of warning left out over the last interval, with the count.
+fn summarize_suppressed() {
+    if let Some(n) = REFUSED.overdue() {
+        tracing::warn!(refused = n, "{n} more NBD connections refused (too many) since the last such message");
+    }
+    if let Some(n) = NOT_NEGOTIATED.overdue() {
+        tracing::warn!(failed = n, "{n} more NBD connections ended before transmission since the last such message");
+    }
+    if let Some(n) = ACCEPT_FAILED.overdue() {
+        tracing::warn!(failed = n, "{n} more accepts failed since the last such message");
     }
 }
 

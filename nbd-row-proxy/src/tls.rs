@@ -55,6 +55,18 @@ pub enum TlsError {
         #[source]
         source: std::io::Error,
     },
+    /// The lab PKI would replace files (`tls-certs` without `--force`).
+    #[error(
+        "{} already holds {}: nothing written (--force first renames each to NAME.bak-<unix-seconds>)",
+        dir.display(),
+        names.join(", ")
+    )]
+    Exists {
+        /// The directory.
+        dir: PathBuf,
+        /// The files already there.
+        names: Vec<String>,
+    },
     /// Generating the lab PKI failed.
     #[error("generating certificates: {0}")]
     Generate(#[from] rcgen::Error),
@@ -139,43 +151,95 @@ pub fn server_name(host: &str) -> Option<ServerName<'static>> {
     ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']').to_string()).ok()
 }
 
+/// The files [`make_lab_pki`] writes, in the order it writes them.
+pub const LAB_PKI_FILES: [&str; 5] =
+    ["ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem"];
+
 /// Writes a throwaway CA and a server and a client certificate signed by it into `dir`, in the
 /// layout above; the server certificate names `hosts` (DNS names or IP addresses). Keys are
-/// written with mode 0600.
+/// written with mode 0600. Never replaces a file: if any of [`LAB_PKI_FILES`] is there, nothing
+/// is written ([`TlsError::Exists`]); see [`make_lab_pki_with`].
 pub fn make_lab_pki(dir: &Path, hosts: &[String]) -> Result<(), TlsError> {
+    make_lab_pki_with(dir, hosts, false).map(|_| ())
+}
+
+/// A file [`make_lab_pki_with`] moved aside: where it was, and where it is now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backup {
+    /// The file's old path.
+    pub from: PathBuf,
+    /// Its backup, `NAME.bak-<unix-seconds>` (with `.N` after it if that was taken).
+    pub to: PathBuf,
+}
+
+/// [`make_lab_pki`]; with `force`, files already there are first renamed to
+/// `NAME.bak-<unix-seconds>` (never over an existing backup), and the backups are returned. The
+/// new files are created exclusively, so a file that appears meanwhile is not replaced either.
+pub fn make_lab_pki_with(dir: &Path, hosts: &[String], force: bool) -> Result<Vec<Backup>, TlsError> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-    let write = |name: &str, text: &str, secret: bool| -> Result<(), TlsError> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = dir.join(name);
-        let err = |source| TlsError::Write { path: path.clone(), source };
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(if secret { 0o600 } else { 0o644 })
-            .open(&path)
-            .map_err(err)?;
-        f.write_all(text.as_bytes()).map_err(err)
-    };
-    std::fs::create_dir_all(dir).map_err(|source| TlsError::Write { path: dir.to_owned(), source })?;
+    let existing: Vec<&str> =
+        LAB_PKI_FILES.iter().copied().filter(|name| std::fs::symlink_metadata(dir.join(name)).is_ok()).collect();
+    if !existing.is_empty() && !force {
+        return Err(TlsError::Exists { dir: dir.to_owned(), names: existing.iter().map(|n| n.to_string()).collect() });
+    }
+    // Generated before anything is moved: a failure here leaves the directory as it was.
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.distinguished_name.push(DnType::CommonName, "nbd-row-proxy lab CA");
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_key = KeyPair::generate()?;
     let ca_cert = ca.self_signed(&ca_key)?;
-    write("ca-cert.pem", &ca_cert.pem(), false)?;
+    let mut files = vec![("ca-cert.pem".to_string(), ca_cert.pem(), false)];
     let issuer = Issuer::new(ca, ca_key);
     for (role, names) in [("server", hosts.to_vec()), ("client", vec!["nbd-row-proxy-client".to_string()])] {
         let mut params = CertificateParams::new(names.clone())?;
         params.distinguished_name.push(DnType::CommonName, names.first().cloned().unwrap_or_default());
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &issuer)?;
-        write(&format!("{role}-cert.pem"), &cert.pem(), false)?;
-        write(&format!("{role}-key.pem"), &key.serialize_pem(), true)?;
+        files.push((format!("{role}-cert.pem"), cert.pem(), false));
+        files.push((format!("{role}-key.pem"), key.serialize_pem(), true));
     }
-    Ok(())
+    std::fs::create_dir_all(dir).map_err(|source| TlsError::Write { path: dir.to_owned(), source })?;
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let backups = existing.iter().map(|name| back_up(&dir.join(name), stamp)).collect::<Result<Vec<_>, _>>()?;
+    for (name, text, secret) in &files {
+        write_new(&dir.join(name), text, *secret)?;
+    }
+    Ok(backups)
+}
+
+/// Moves `path` to `path.bak-STAMP` (or `.bak-STAMP.N`), never over an existing file: the
+/// backup is a new link, made exclusively, before the old name goes.
+fn back_up(path: &Path, stamp: u64) -> Result<Backup, TlsError> {
+    let err = |source| TlsError::Write { path: path.to_owned(), source };
+    for n in 0u32.. {
+        let suffix = if n == 0 { format!(".bak-{stamp}") } else { format!(".bak-{stamp}.{n}") };
+        let to = row_store::storage::suffixed(path, &suffix);
+        match std::fs::hard_link(path, &to) {
+            Ok(()) => {
+                std::fs::remove_file(path).map_err(err)?;
+                return Ok(Backup { from: path.to_owned(), to });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(err(e)),
+        }
+    }
+    unreachable!("u32 backups of one file")
+}
+
+/// Creates `path` (it must not exist) with `text`: mode 0600 for a key, 0644 otherwise.
+fn write_new(path: &Path, text: &str, secret: bool) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |source| TlsError::Write { path: path.to_owned(), source };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(if secret { 0o600 } else { 0o644 })
+        .open(path)
+        .map_err(err)?;
+    f.write_all(text.as_bytes()).map_err(err)?;
+    f.sync_all().map_err(err)
 }
 
 #[cfg(test)]

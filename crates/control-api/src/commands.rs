@@ -284,7 +284,58 @@ pub struct MigrateFinishArgs {
     pub budget_ms: Option<u64>,
 }
 
+/// Most pre-copy rounds `migrate-start` takes (`rounds`).
+pub const MAX_ROUNDS: u32 = 100;
+/// Largest dirty granularity `migrate-start` takes (`bitmap-granularity`).
+pub const MAX_BITMAP_GRANULARITY: u64 = 1 << 30;
+/// Longest final-round budget `migrate-start` and `migrate-finish` take (`final-budget-ms`,
+/// `budget-ms`): a day.
+pub const MAX_BUDGET_MS: u64 = 24 * 60 * 60 * 1000;
+
+fn check_budget(name: &str, ms: Option<u64>) -> Result<(), String> {
+    match ms {
+        Some(ms) if ms > MAX_BUDGET_MS => {
+            Err(format!("{name} {ms} is out of range: at most {MAX_BUDGET_MS} ms (a day)"))
+        }
+        _ => Ok(()),
+    }
+}
+
 impl MigrateStartArgs {
+    /// Checks every number, with a message that names the argument and its range: `rounds` 1 to
+    /// [`MAX_ROUNDS`]; `max-bandwidth` at least 1 byte/s (a rate that rounds to 0, such as
+    /// `"1bit"`, is an error, not "unlimited"); `bitmap-granularity` a power of two from
+    /// `block_size` (the server's tracking block) to [`MAX_BITMAP_GRANULARITY`];
+    /// `final-budget-ms` at most [`MAX_BUDGET_MS`]. (`hot-threshold` depends on the server's
+    /// default: the server checks it.)
+    pub fn check(&self, block_size: u64) -> Result<(), String> {
+        if let Some(r) = self.rounds {
+            if !(1..=MAX_ROUNDS).contains(&r) {
+                return Err(format!(
+                    "rounds {r} is out of range: 1 to {MAX_ROUNDS} (pre-copy rounds before the final one, round 1 \
+                     included)"
+                ));
+            }
+        }
+        if self.max_bandwidth == Some(0) {
+            return Err("max-bandwidth is 0 bytes/s (a rate under 1 byte/s, such as 1bit, rounds to 0), which would \
+                        never send anything: give at least 1 byte/s, or leave it out for no limit"
+                .into());
+        }
+        if let Some(g) = self.bitmap_granularity {
+            if !g.is_power_of_two() || g < block_size || g > MAX_BITMAP_GRANULARITY {
+                return Err(format!(
+                    "bitmap-granularity {g} bytes is not a power of two from {} to {} (the disk is tracked in {} \
+                     blocks)",
+                    units::format_size(block_size),
+                    units::format_size(MAX_BITMAP_GRANULARITY),
+                    units::format_size(block_size)
+                ));
+            }
+        }
+        check_budget("final-budget-ms", self.final_budget_ms)
+    }
+
     /// Arguments with every option at its default.
     pub fn new(uri: impl Into<String>, strategy: Strategy) -> Self {
         Self {
@@ -298,6 +349,13 @@ impl MigrateStartArgs {
             final_budget_ms: None,
             tls_hostname: None,
         }
+    }
+}
+
+impl MigrateFinishArgs {
+    /// Checks every number: `budget-ms` at most [`MAX_BUDGET_MS`].
+    pub fn check(&self) -> Result<(), String> {
+        check_budget("budget-ms", self.budget_ms)
     }
 }
 
@@ -350,6 +408,34 @@ mod tests {
         // Optional members left out when serialised, so an older server accepts them.
         assert_eq!(serde_json::to_value(MigrateStartArgs::new("u", Strategy::Bitmap)).unwrap()["strategy"], "bitmap");
         assert!(serde_json::to_value(QueryRowArgs::default()).unwrap().as_object().unwrap().is_empty());
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_refused_with_the_argument_named() {
+        let args = |json: &str| serde_json::from_str::<MigrateStartArgs>(json).unwrap();
+        assert_eq!(args(r#"{"uri": "u"}"#).check(4096), Ok(()));
+        let ok = r#"{"uri": "u", "rounds": 1, "max-bandwidth": 1, "bitmap-granularity": "4KiB", "final-budget-ms": 0}"#;
+        assert_eq!(args(ok).check(4096), Ok(()));
+        assert_eq!(args(r#"{"uri": "u", "rounds": 100, "bitmap-granularity": "1GiB"}"#).check(4096), Ok(()));
+        for (json, says) in [
+            (r#"{"uri": "u", "rounds": 0}"#, "rounds 0 is out of range: 1 to 100"),
+            (r#"{"uri": "u", "rounds": 101}"#, "rounds 101 is out of range"),
+            (r#"{"uri": "u", "max-bandwidth": "1bit"}"#, "max-bandwidth is 0 bytes/s"),
+            (r#"{"uri": "u", "max-bandwidth": 0}"#, "leave it out for no limit"),
+            (r#"{"uri": "u", "bitmap-granularity": 0}"#, "bitmap-granularity 0 bytes is not a power of two from 4 KiB"),
+            (r#"{"uri": "u", "bitmap-granularity": 3}"#, "bitmap-granularity 3 bytes"),
+            (r#"{"uri": "u", "bitmap-granularity": 2048}"#, "bitmap-granularity 2048 bytes"),
+            (r#"{"uri": "u", "bitmap-granularity": 12288}"#, "bitmap-granularity 12288 bytes"),
+            (r#"{"uri": "u", "bitmap-granularity": "2GiB"}"#, "to 1 GiB"),
+            (r#"{"uri": "u", "final-budget-ms": "2d"}"#, "final-budget-ms 172800000 is out of range"),
+        ] {
+            let e = args(json).check(4096).unwrap_err();
+            assert!(e.contains(says), "{json}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        let finish = |json: &str| serde_json::from_str::<MigrateFinishArgs>(json).unwrap().check();
+        assert_eq!(finish(r#"{"budget-ms": 0}"#), Ok(()));
+        assert!(finish(r#"{"budget-ms": "25h"}"#).unwrap_err().contains("budget-ms 90000000 is out of range"));
     }
 
     #[test]

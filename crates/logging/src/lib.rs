@@ -8,6 +8,8 @@
 //! client that lists exports, asks for an export that is not there, or hangs up).
 
 use std::io::IsTerminal;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use tracing_subscriber::EnvFilter;
@@ -71,9 +73,107 @@ pub fn init(format: LogFormat, default: &str) -> Result<(), LogError> {
     installed.map_err(|e| LogError::Installed(e.to_string()))
 }
 
+/// Keeps a flood of like events (a refused connection, a failed handshake) from flooding the
+/// log: the first is logged, and then at most one line per `interval`, which says how many were
+/// left out since the last one. [`RateLimit::overdue`] gives the count of events left out when
+/// no new one comes to carry it, for a summary on a timer.
+///
+/// ```
+/// # use std::time::Duration;
+/// static REFUSED: logging::RateLimit = logging::RateLimit::new(Duration::from_secs(10));
+/// for _ in 0..1000 {
+///     if let Some(suppressed) = REFUSED.hit() {
+///         eprintln!("refusing a connection ({suppressed} more refused since the last message)");
+///     }
+/// }
+/// ```
+#[derive(Debug)]
+pub struct RateLimit {
+    interval: Duration,
+    window: Mutex<Window>,
+}
+
+#[derive(Debug, Default)]
+struct Window {
+    /// When the last line was let through.
+    logged: Option<Instant>,
+    /// Events left out since then.
+    suppressed: u64,
+}
+
+impl RateLimit {
+    /// At most one line per `interval`.
+    pub const fn new(interval: Duration) -> Self {
+        Self { interval, window: Mutex::new(Window { logged: None, suppressed: 0 }) }
+    }
+
+    /// The interval.
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// An event now: `Some(n)` to log it, `n` like events having been left out since the last
+    /// line; `None` to leave it out (it is counted).
+    pub fn hit(&self) -> Option<u64> {
+        self.hit_at(Instant::now())
+    }
+
+    /// [`RateLimit::hit`] at `now`.
+    pub fn hit_at(&self, now: Instant) -> Option<u64> {
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        match w.logged {
+            Some(t) if now.saturating_duration_since(t) < self.interval => {
+                w.suppressed += 1;
+                None
+            }
+            _ => {
+                w.logged = Some(now);
+                Some(std::mem::take(&mut w.suppressed))
+            }
+        }
+    }
+
+    /// `Some(n)` once the interval since the last line is over and `n > 0` events were left out
+    /// since then: log a summary line (it counts as the interval's line).
+    pub fn overdue(&self) -> Option<u64> {
+        self.overdue_at(Instant::now())
+    }
+
+    /// [`RateLimit::overdue`] at `now`.
+    pub fn overdue_at(&self, now: Instant) -> Option<u64> {
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let over = w.logged.is_none_or(|t| now.saturating_duration_since(t) >= self.interval);
+        if !over || w.suppressed == 0 {
+            return None;
+        }
+        w.logged = Some(now);
+        Some(std::mem::take(&mut w.suppressed))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flood_makes_one_line_per_interval_with_the_count_left_out() {
+        let limit = RateLimit::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(limit.hit_at(t0), Some(0), "the first is logged");
+        assert_eq!((0..99).filter_map(|_| limit.hit_at(at(1))).count(), 0, "the rest of the interval is not");
+        assert_eq!(limit.overdue_at(at(9)), None, "no summary before the interval is over");
+        assert_eq!(limit.hit_at(at(10)), Some(99), "the next line says how many were left out");
+        assert_eq!(limit.hit_at(at(11)), None);
+        assert_eq!(limit.hit_at(at(12)), None);
+        // No event comes to carry the count: the timer's summary does, once.
+        assert_eq!(limit.overdue_at(at(15)), None);
+        assert_eq!(limit.overdue_at(at(20)), Some(2));
+        assert_eq!(limit.overdue_at(at(40)), None, "nothing left out since");
+        assert_eq!(limit.hit_at(at(25)), None, "the summary counts as the interval's line");
+        assert_eq!(limit.hit_at(at(30)), Some(1));
+        assert_eq!(limit.hit_at(at(100)), Some(0), "a quiet log logs every event");
+    }
 
     #[test]
     fn filters_parse_or_say_why_not() {

@@ -10,5 +10,6 @@ use qmp_proto::CommandError;
 use super::{failed, Control};
 
 pub async fn run(c: Arc<Control>, args: MigrateFinishArgs) -> Result<MigrationStatus, CommandError> {
+    args.check().map_err(failed)?;
     c.outgoing.finish(args).await.map_err(failed)
 }

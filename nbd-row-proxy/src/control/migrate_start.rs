@@ -16,6 +16,7 @@ const DEFAULT_BITMAP_GRANULARITY: u64 = 1 << 20;
 const DEFAULT_FINAL_BUDGET: Duration = Duration::from_millis(50);
 
 pub async fn run(c: Arc<Control>, args: MigrateStartArgs) -> Result<MigrateStartReply, CommandError> {
+    args.check(BLOCK_SIZE).map_err(failed)?;
     crate::migration::parse_uri(&args.uri).map_err(failed)?;
     // Pre-copy rounds before the final one: the paper's ROW does two (base, cold updates); its
     // block-bitmap baseline three (the whole disk, then twice what was dirtied).
@@ -26,11 +27,11 @@ pub async fn run(c: Arc<Control>, args: MigrateStartArgs) -> Result<MigrateStart
     let margs = MigrateArgs {
         uri: args.uri,
         strategy: args.strategy,
-        rounds: args.rounds.unwrap_or(default_rounds).max(1),
+        rounds: args.rounds.unwrap_or(default_rounds),
         hot_threshold: super::hot_threshold(&c, args.hot_threshold)?,
-        max_bandwidth: args.max_bandwidth.filter(|b| *b > 0),
+        max_bandwidth: args.max_bandwidth,
         compress: args.compress,
-        bitmap_granularity_blocks: (args.bitmap_granularity.unwrap_or(DEFAULT_BITMAP_GRANULARITY) / BLOCK_SIZE).max(1),
+        bitmap_granularity_blocks: args.bitmap_granularity.unwrap_or(DEFAULT_BITMAP_GRANULARITY) / BLOCK_SIZE,
         tls_hostname: args.tls_hostname,
         final_budget: match args.final_budget_ms.map(Duration::from_millis).unwrap_or(DEFAULT_FINAL_BUDGET) {
             d if d.is_zero() => None,

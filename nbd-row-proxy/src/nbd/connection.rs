@@ -7,7 +7,11 @@
 //! out in completion order. A request sent to the blocking pool holds a share of the
 //! connection's byte budget ([`MAX_IN_FLIGHT_BYTES`]) from before its payload is read until its
 //! reply is on the socket, and nothing more is read while replies cannot be written, so a client
-//! that stops reading replies stops being read: back-pressure, not buffering.
+//! that stops reading replies stops being read: back-pressure, not buffering. It also holds the
+//! same share of a process-wide budget ([`SharedBudget`], [`TOTAL_IN_FLIGHT_BYTES`], of which
+//! TCP connections together may hold [`TCP_IN_FLIGHT_BYTES`]): a request waits for it rather
+//! than allocating past it, so many such clients together cannot exhaust the host's memory, and
+//! TCP clients cannot take all of it from QEMU's Unix socket.
 
 use std::io::{self, IoSlice};
 use std::sync::Arc;
@@ -34,12 +38,72 @@ pub const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// requests).
 pub const MAX_IN_FLIGHT_BYTES: u32 = 2 * MAX_REQUEST_LEN;
 
+/// Bytes of request payloads and replies all connections together may have in flight.
+pub const TOTAL_IN_FLIGHT_BYTES: u32 = 256 << 20;
+/// The part of [`TOTAL_IN_FLIGHT_BYTES`] TCP connections together may hold: the rest is always
+/// there for the Unix socket's (QEMU's).
+pub const TCP_IN_FLIGHT_BYTES: u32 = TOTAL_IN_FLIGHT_BYTES / 2;
+
+/// Byte budgets shared by connections, taken in order by each request besides its own
+/// connection's: the process-wide one, and for a class of connections (TCP) a cap of its own.
+#[derive(Debug, Clone)]
+pub struct SharedBudget(Vec<Arc<Semaphore>>);
+
+impl SharedBudget {
+    /// A process-wide budget of `bytes`.
+    pub fn new(bytes: u32) -> Self {
+        Self(vec![Arc::new(Semaphore::new(bytes as usize))])
+    }
+
+    /// The same budget, with a cap of `bytes` on what the connections given this one hold
+    /// together.
+    pub fn capped(&self, bytes: u32) -> Self {
+        Self(std::iter::once(Arc::new(Semaphore::new(bytes as usize))).chain(self.0.iter().cloned()).collect())
+    }
+}
+
+/// The shares of the budgets a request holds until its reply is written.
+#[derive(Debug)]
+struct Held {
+    _permits: Vec<OwnedSemaphorePermit>,
+}
+
+/// A connection's own budget and the shared ones, in the order they are taken.
+struct Budget {
+    pools: Vec<Arc<Semaphore>>,
+}
+
+impl Budget {
+    fn new(shared: &SharedBudget) -> Self {
+        let own = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES as usize));
+        Self { pools: std::iter::once(own).chain(shared.0.iter().cloned()).collect() }
+    }
+
+    /// `bytes` of every budget if they are all free now; none otherwise.
+    fn try_take(&self, bytes: u32) -> Option<Held> {
+        let mut held = Vec::with_capacity(self.pools.len());
+        for pool in &self.pools {
+            held.push(pool.clone().try_acquire_many_owned(bytes).ok()?);
+        }
+        Some(Held { _permits: held })
+    }
+
+    /// `bytes` of every budget, waiting for them in order.
+    async fn take(&self, bytes: u32) -> Held {
+        let mut held = Vec::with_capacity(self.pools.len());
+        for pool in &self.pools {
+            held.push(pool.clone().acquire_many_owned(bytes).await.expect("budgets are never closed"));
+        }
+        Held { _permits: held }
+    }
+}
+
 /// A connection's byte stream: Unix, TCP, or TLS over TCP.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
-/// A reply and the share of the byte budget its request holds until it is written.
-type Reply = (Vec<u8>, Option<OwnedSemaphorePermit>);
+/// A reply and the share of the byte budgets its request holds until it is written.
+type Reply = (Vec<u8>, Option<Held>);
 
 /// Reads framed messages out of a byte stream with the sans-I/O decoders.
 struct FrameReader<R> {
@@ -164,18 +228,46 @@ struct Stats {
     bytes_written: u64,
 }
 
+/// What a connection's error says when it failed before transmission began: a client that
+/// never got in (the wrong protocol, no TLS, no certificate, too slow). A flood of them is
+/// logged as one line now and then, not one each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NegotiationFailed;
+
+impl std::fmt::Display for NegotiationFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("negotiation failed")
+    }
+}
+
 /// Serves one connection to completion. `tls`: the export requires TLS on this connection
-/// (STARTTLS before any other option). `peer` names it in logs.
+/// (STARTTLS before any other option). `peer` names it in logs. Its requests share a budget of
+/// their own ([`TOTAL_IN_FLIGHT_BYTES`]); the server's connections share one ([`serve_with`]).
 pub async fn serve(
     stream: Box<dyn Stream>,
     tls: Option<TlsAcceptor>,
     catalog: Catalog,
     peer: String,
+    shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    serve_with(stream, tls, catalog, peer, shutdown, &SharedBudget::new(TOTAL_IN_FLIGHT_BYTES)).await
+}
+
+/// [`serve`], with requests drawing on `shared` as well as on the connection's own budget. An
+/// error before transmission began carries [`NegotiationFailed`] as its context.
+pub async fn serve_with(
+    stream: Box<dyn Stream>,
+    tls: Option<TlsAcceptor>,
+    catalog: Catalog,
+    peer: String,
     mut shutdown: watch::Receiver<bool>,
+    shared: &SharedBudget,
 ) -> Result<()> {
     let negotiated = tokio::time::timeout(NEGOTIATION_TIMEOUT, negotiate(stream, tls, catalog, &peer))
         .await
-        .map_err(|_| anyhow!("negotiation took longer than {NEGOTIATION_TIMEOUT:?}"))??;
+        .map_err(|_| anyhow!("took longer than {NEGOTIATION_TIMEOUT:?}"))
+        .and_then(|r| r)
+        .context(NegotiationFailed)?;
     let Some((reader, session)) = negotiated else { return Ok(()) };
     let (stream, buffered) = reader.into_parts();
     let (r, writer) = tokio::io::split(stream);
@@ -197,6 +289,7 @@ pub async fn serve(
         &mut reader,
         &mut replies,
         &session,
+        &Budget::new(shared),
         (&done_tx, &mut done_rx, &mut in_flight),
         &mut shutdown,
         &mut stats,
@@ -231,7 +324,7 @@ struct Replies<W> {
     writer: W,
     batch: Vec<Vec<u8>>,
     bytes: usize,
-    held: Vec<OwnedSemaphorePermit>,
+    held: Vec<Held>,
 }
 
 impl<W: AsyncWrite + Unpin> Replies<W> {
@@ -326,11 +419,11 @@ async fn transmission<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     reader: &mut FrameReader<R>,
     replies: &mut Replies<W>,
     session: &Arc<Session>,
+    budget: &Budget,
     (done_tx, done_rx, in_flight): Completions<'_>,
     shutdown: &mut watch::Receiver<bool>,
     stats: &mut Stats,
 ) -> Result<()> {
-    let budget = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES as usize));
     loop {
         if *shutdown.borrow() {
             return Ok(());
@@ -392,16 +485,16 @@ async fn transmission<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             None
         } else {
             // The budget comes back as replies are written: while it is short, the gathered
-            // replies go out and the next completion is taken in, until there is room.
+            // replies go out and the next completion is taken in, until there is room. With
+            // nothing of its own in flight, the connection waits for other connections' replies
+            // to free the shared budgets.
             loop {
-                if let Ok(permit) = budget.clone().try_acquire_many_owned(cost(&req)) {
-                    break Some(permit);
+                if let Some(held) = budget.try_take(cost(&req)) {
+                    break Some(held);
                 }
                 replies.flush().await.context("sending replies")?;
                 if *in_flight == 0 {
-                    break Some(
-                        budget.clone().acquire_many_owned(cost(&req)).await.expect("the budget is never closed"),
-                    );
+                    break Some(budget.take(cost(&req)).await);
                 }
                 if let Some(reply) = done_rx.recv().await {
                     *in_flight -= 1;

@@ -122,11 +122,30 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Makes the directory entries of `path`'s directory durable (after a create, rename or
     /// delete).
     fn sync_parent(&self, path: &Path) -> io::Result<()>;
-    /// Reads a small whole file.
+    /// Reads a small whole file (a state file such as `IMAGE.ownership`). Anything else at the
+    /// path, a directory or a device, or a file over 64 MiB, is refused with `InvalidData` and a
+    /// message that says what is there, rather than read (a directory reports a size of
+    /// exabytes on some file systems).
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        /// Larger than any state file the store writes, by far.
+        const MAX_SMALL_FILE: u64 = 64 << 20;
+        let refuse = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+        // The kind of file, where the path is a real one (a simulated store's are not).
+        if let Ok(meta) = std::fs::metadata(path) {
+            if meta.is_dir() {
+                return Err(refuse("is a directory, not a file".into()));
+            }
+            if !meta.is_file() {
+                return Err(refuse("is not a regular file".into()));
+            }
+        }
         let f = self.open(path, OpenMode::ReadOnly)?;
+        let size = f.size()?;
+        if size > MAX_SMALL_FILE {
+            return Err(refuse(format!("is {size} bytes, not a small state file (at most {MAX_SMALL_FILE})")));
+        }
         let mut out = Vec::new();
-        f.read_append(&mut out, f.size()? as usize, 0)?;
+        f.read_append(&mut out, size as usize, 0)?;
         Ok(out)
     }
     /// Replaces a small file atomically and durably: writes a temporary file, syncs it, renames
