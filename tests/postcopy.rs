@@ -126,7 +126,8 @@ fn the_destination_serves_at_once_and_every_block_arrives() {
     let done = wait_postcopy_done(&src, HANG_LIMIT);
     assert!(done.postcopy.as_ref().unwrap().fetches > 0, "{done:?}");
     sctl.ok("migrate-complete", serde_json::json!({}));
-    assert!(!residual_log.exists(), "the residual log goes once every block is here");
+    // It stays, marked complete: a log gone missing is never taken for a post-copy that ended.
+    assert!(residual_log.exists(), "the residual log is kept, marked complete");
     let status = dctl.call::<QueryStatus>(NoArgs {}).unwrap();
     assert_eq!(status.postcopy.unwrap().missing_blocks, 0);
     drop(c);
@@ -176,4 +177,63 @@ fn a_source_killed_during_post_copy_fails_reads_then_resumes_after_a_restart() {
     drop(c);
     assert!(read_all(&dst.server) == model, "every block arrived after the restart");
     std::env::remove_var(control_api::PAUSE_VAR);
+}
+
+/// The destination's residual log damaged while blocks are still missing (deleted, cut to its
+/// header, one byte flipped in the missing ranges): a restarted destination cannot prove which
+/// blocks it holds, so it refuses every read and write (EIO, with the reason in query-status)
+/// instead of serving the image's stale blocks; with the log put back, the post-copy goes on and
+/// nothing is lost.
+#[test]
+fn a_damaged_residual_log_is_refused_not_trusted() {
+    let _serial = serial();
+    std::env::set_var(control_api::PAUSE_VAR, PUSH_PAUSE);
+    let (src_dir, dst_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let protection = ["--read-wait", "1s"];
+    let (src, mut dst, model, port, dst_image) = switch_over_with_postcopy(src_dir.path(), dst_dir.path(), &protection);
+    let log = dst_dir.path().join("disk.raw.residual");
+    let saved = std::fs::read(&log).unwrap();
+    let key = src_dir.path().join("key");
+    let mut args = vec!["--auth-key-file", key.to_str().unwrap()];
+    args.extend_from_slice(&protection);
+    let header = migration_session::residual::HEADER_LEN;
+    let damages: [(&str, Option<Vec<u8>>); 3] = [
+        ("deleted", None),
+        ("cut to its header", Some(saved[..header].to_vec())),
+        (
+            "a byte flipped in the missing ranges",
+            Some({
+                let mut b = saved.clone();
+                b[header + 5] ^= 0x20;
+                b
+            }),
+        ),
+    ];
+    for (what, damaged) in damages {
+        dst.server.proc.wait_or_kill(Duration::ZERO);
+        match &damaged {
+            Some(bytes) => std::fs::write(&log, bytes).unwrap(),
+            None => std::fs::remove_file(&log).unwrap(),
+        }
+        dst = destination_with(dst_dir.path(), &dst_image, &args, port);
+        let mut c = RawClient::connect(&dst.server.socket, "", true).unwrap();
+        let at = (LATE_FIRST * BS) as u64;
+        let r = c.call(request(Cmd::Read, 1, at, BS as u32), &[]).unwrap();
+        assert_ne!(r.error, 0, "{what}: a block that may be missing is never served stale");
+        let r = c.call(request(Cmd::Read, 2, 0, BS as u32), &[]).unwrap();
+        assert_ne!(r.error, 0, "{what}: no block is served at all");
+        let w = c.call(request(Cmd::Write, 3, 0, BS as u32), &random_bytes(5, BS)).unwrap();
+        assert_ne!(w.error, 0, "{what}: nor written");
+        let status = dst.ctl().call::<QueryStatus>(NoArgs {}).unwrap();
+        let why = status.writes_refused.unwrap_or_default();
+        assert!(why.contains("residual"), "{what}: query-status says why: {why:?}");
+    }
+    // Put back, the log governs again: the push resumes and every block arrives.
+    dst.server.proc.wait_or_kill(Duration::ZERO);
+    std::fs::write(&log, &saved).unwrap();
+    std::env::remove_var(control_api::PAUSE_VAR);
+    let dst = destination_with(dst_dir.path(), &dst_image, &args, port);
+    let done = wait_postcopy_done(&src, HANG_LIMIT);
+    assert!(done.postcopy.is_some());
+    assert!(read_all(&dst.server) == model, "every block arrived once the log was back");
 }

@@ -32,6 +32,9 @@ pub enum Access {
     Committed,
     /// The disk was handed over to another host: writes refused for this reason.
     Fenced(String),
+    /// Which blocks this host holds cannot be proven (a damaged post-copy record): reads and
+    /// writes refused (EIO) for this reason, never stale data.
+    Broken(String),
 }
 
 /// Called (once) by the first write after a commit, before that write is done; an error
@@ -104,6 +107,7 @@ impl Gate {
             }
             Access::Incoming => Err(refused("the disk is still being migrated to this host")),
             Access::Fenced(why) => Err(refused(why)),
+            Access::Broken(why) => Err(io::Error::other(why)),
         }
     }
 
@@ -167,8 +171,10 @@ impl BlockBackend for Guarded {
 
     fn read_append(&self, out: &mut Vec<u8>, len: usize, offset: u64) -> io::Result<()> {
         // The NBD layer waits for the commit before reading an incoming disk.
-        if *self.gate.access.borrow() == Access::Incoming {
-            return Err(io::Error::other("the disk has not been migrated here yet"));
+        match &*self.gate.access.borrow() {
+            Access::Incoming => return Err(io::Error::other("the disk has not been migrated here yet")),
+            Access::Broken(why) => return Err(io::Error::other(why.clone())),
+            _ => {}
         }
         self.disk.read_append(out, len, offset)
     }
@@ -338,6 +344,7 @@ mod tests {
             stage: migration_session::DestStage::Committed,
             session: migration_session::SessionId([3; 16]),
             since: migration_session::now_rfc3339(),
+            postcopy: true,
         };
         f.store(Some(&r)).unwrap();
         assert_eq!(f.load().unwrap(), Some(r));

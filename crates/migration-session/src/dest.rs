@@ -78,6 +78,8 @@ pub struct DestSession {
     phase: IncomingPhase,
     session: Option<SessionId>,
     since: String,
+    /// The session committed by a post-copy (see [`Ownership::Destination`]).
+    postcopy: bool,
 }
 
 type Step = Result<Vec<DestAction>, DestRefusal>;
@@ -85,20 +87,20 @@ type Step = Result<Vec<DestAction>, DestRefusal>;
 impl DestSession {
     /// Waiting for a first session.
     pub fn new() -> Self {
-        Self { phase: IncomingPhase::Waiting, session: None, since: now_rfc3339() }
+        Self { phase: IncomingPhase::Waiting, session: None, since: now_rfc3339(), postcopy: false }
     }
 
     /// The state as the ownership record left it before a restart, and what to do about it.
     /// A committed or owned disk is served read-write at once.
     pub fn restore(record: &Ownership) -> (Self, Vec<DestAction>) {
         match record {
-            Ownership::Destination { stage, session, since } => {
+            Ownership::Destination { stage, session, since, postcopy } => {
                 let phase = match stage {
                     DestStage::Incomplete => IncomingPhase::Waiting,
                     DestStage::Committed => IncomingPhase::Committed,
                     DestStage::Owner => IncomingPhase::Owner,
                 };
-                let s = Self { phase, session: Some(*session), since: since.clone() };
+                let s = Self { phase, session: Some(*session), since: since.clone(), postcopy: *postcopy };
                 let actions = if phase == IncomingPhase::Waiting { vec![] } else { vec![DestAction::OpenAccess] };
                 (s, actions)
             }
@@ -117,6 +119,11 @@ impl DestSession {
         self.session
     }
 
+    /// Whether the session held was committed by a post-copy (its residual log must exist).
+    pub fn postcopy(&self) -> bool {
+        self.postcopy
+    }
+
     /// When the current phase began (RFC 3339).
     pub fn since(&self) -> &str {
         &self.since
@@ -128,7 +135,12 @@ impl DestSession {
     }
 
     fn record(&self, stage: DestStage) -> Ownership {
-        Ownership::Destination { stage, session: self.session.expect("a session is held"), since: self.since.clone() }
+        Ownership::Destination {
+            stage,
+            session: self.session.expect("a session is held"),
+            since: self.since.clone(),
+            postcopy: self.postcopy,
+        }
     }
 
     fn enter(&mut self, phase: IncomingPhase) {
@@ -147,6 +159,7 @@ impl DestSession {
             p => return Err(DestRefusal::Holds { session: self.session.expect("held"), phase: p }),
         }
         self.session = Some(session);
+        self.postcopy = false;
         self.enter(IncomingPhase::Receiving);
         Ok(vec![DestAction::Persist(self.record(DestStage::Incomplete)), DestAction::ResetImage])
     }
@@ -161,9 +174,10 @@ impl DestSession {
     }
 
     /// The source's commit: make the image durable, record it, serve it, answer.
-    pub fn commit(&mut self, session: SessionId) -> Step {
+    pub fn commit(&mut self, session: SessionId, postcopy: bool) -> Step {
         self.accepts_data(session).map_err(|_| DestRefusal::Unexpected { what: "commit", phase: self.phase })?;
         self.enter(IncomingPhase::Committed);
+        self.postcopy = postcopy;
         Ok(vec![
             DestAction::SyncImage,
             DestAction::Persist(self.record(DestStage::Committed)),
@@ -269,7 +283,7 @@ mod tests {
             d.begin(S).unwrap();
         }
         if matches!(phase, IncomingPhase::Committed | IncomingPhase::Owner) {
-            d.commit(S).unwrap();
+            d.commit(S, false).unwrap();
         }
         if phase == IncomingPhase::Owner {
             d.local_write().unwrap();
@@ -296,7 +310,7 @@ mod tests {
         assert_eq!(stage(&a), Some(DestStage::Incomplete));
         assert!(d.accepts_data(S).is_ok() && d.accepts_data(OTHER).is_err());
         assert!(!d.serves());
-        let a = d.commit(S).unwrap();
+        let a = d.commit(S, false).unwrap();
         assert_eq!(a[0], SyncImage);
         assert_eq!(stage(&a), Some(DestStage::Committed));
         assert_eq!(&a[2..], &[OpenAccess, SendCommitted]);
@@ -331,7 +345,7 @@ mod tests {
         for p in ALL {
             let mut d = at(p);
             let before = d.clone();
-            let r = d.commit(S);
+            let r = d.commit(S, false);
             if p == IncomingPhase::Receiving {
                 assert!(r.is_ok());
             } else {
@@ -340,7 +354,7 @@ mod tests {
             }
         }
         let mut d = at(IncomingPhase::Receiving);
-        assert!(d.commit(OTHER).is_err());
+        assert!(d.commit(OTHER, false).is_err());
     }
 
     #[test]
@@ -416,7 +430,12 @@ mod tests {
             (DestStage::Committed, IncomingPhase::Committed, true),
             (DestStage::Owner, IncomingPhase::Owner, true),
         ] {
-            let (d, a) = DestSession::restore(&Ownership::Destination { stage, session: S, since: now_rfc3339() });
+            let (d, a) = DestSession::restore(&Ownership::Destination {
+                stage,
+                session: S,
+                since: now_rfc3339(),
+                postcopy: false,
+            });
             assert_eq!(d.phase(), phase);
             assert_eq!(d.serves(), serves);
             assert_eq!(a.contains(&OpenAccess), serves);

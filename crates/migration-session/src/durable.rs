@@ -122,6 +122,11 @@ pub enum Ownership {
         session: SessionId,
         /// When it got there, RFC 3339.
         since: String,
+        /// Committed by a post-copy: blocks came after the commit, so the residual log must be
+        /// there (until it says the post-copy completed); without it nothing proves which
+        /// blocks this host holds.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        postcopy: bool,
     },
 }
 
@@ -182,7 +187,12 @@ mod tests {
         let bytes = r.encode();
         assert!(std::str::from_utf8(&bytes).unwrap().contains("\"handed-over\""));
         assert_eq!(Ownership::decode(&bytes).unwrap(), r);
-        let d = Ownership::Destination { stage: DestStage::Owner, session: SessionId([2; 16]), since: now_rfc3339() };
+        let d = Ownership::Destination {
+            stage: DestStage::Owner,
+            session: SessionId([2; 16]),
+            since: now_rfc3339(),
+            postcopy: true,
+        };
         assert_eq!(Ownership::decode(&d.encode()).unwrap(), d);
         let other = String::from_utf8(bytes).unwrap().replace("\"version\": 1", "\"version\": 9");
         assert!(Ownership::decode(other.as_bytes()).is_err());

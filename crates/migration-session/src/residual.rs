@@ -113,28 +113,27 @@ impl BlockSet {
     }
 }
 
-/// What a record of the residual log says about a range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResidualRecord {
-    /// The range is missing: the source holds it.
-    Missing {
-        /// First block.
-        first: u64,
-        /// Blocks.
-        count: u64,
-    },
-    /// The range is held here (it arrived, or the guest overwrote it), durably.
-    Held {
-        /// First block.
-        first: u64,
-        /// Blocks.
-        count: u64,
-    },
-}
-
 /// The residual log's file format (see the module's doc).
+///
+/// A header (magic, version, block size, session, how many `missing` records follow and their
+/// CRC, the header's own CRC) and the `missing` records, all written and synced once before the
+/// commit: damage there means the destination cannot tell which blocks it lacks, and is refused.
+/// Then groups of `held` records, each closed by a trailer with their count and CRC (appended
+/// after the image data they vouch for was synced), and a final `complete` marker once every
+/// block is here. A torn last group is dropped (its blocks are fetched again: safe, as it was
+/// never acknowledged); a bad group with a whole group after it was durable once, so dropping it
+/// could let the source overwrite what the guest wrote here: refused.
 #[derive(Debug)]
 pub struct ResidualLog;
+
+/// What a residual log says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Residue {
+    /// These blocks are still missing.
+    Missing(BlockSet),
+    /// The post-copy completed: every block is here.
+    Complete,
+}
 
 /// A residual log that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -145,73 +144,167 @@ pub enum BadResidual {
     /// The log of another session.
     #[error("the residual log belongs to session {0}, not to the session held")]
     Session(SessionId),
+    /// Damaged where it must be whole: which blocks are here cannot be proven.
+    #[error("the residual log is damaged ({0}): which blocks this host holds cannot be proven")]
+    Damaged(String),
 }
 
 const MAGIC: &[u8; 8] = b"NBDROWRS";
-const VERSION: u32 = 1;
-/// Bytes of the header: magic, version, block size, session id.
-pub const HEADER_LEN: usize = 8 + 4 + 4 + 16;
+const VERSION: u32 = 2;
+/// Bytes of the header: magic, version, block size, session id, missing records, their CRC,
+/// the header's CRC.
+pub const HEADER_LEN: usize = 8 + 4 + 4 + 16 + 8 + 4 + 4;
 /// Bytes of a record: kind, first block, count, CRC-32 of the rest.
 pub const RECORD_LEN: usize = 1 + 8 + 8 + 4;
 const KIND_MISSING: u8 = 1;
 const KIND_HELD: u8 = 2;
+/// Closes a group: `first` holds the group's CRC, `count` its records.
+const KIND_GROUP_END: u8 = 3;
+const KIND_COMPLETE: u8 = 4;
+
+fn push_record(kind: u8, first: u64, count: u64, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.push(kind);
+    out.extend_from_slice(&first.to_le_bytes());
+    out.extend_from_slice(&count.to_le_bytes());
+    let crc = crc32fast::hash(&out[start..]);
+    out.extend_from_slice(&crc.to_le_bytes());
+}
+
+/// A record's kind, first and count, if its CRC holds.
+fn read_record(rec: &[u8]) -> Option<(u8, u64, u64)> {
+    let (body, crc) = rec.split_at(RECORD_LEN - 4);
+    (crc32fast::hash(body).to_le_bytes() == crc).then(|| {
+        let first = u64::from_le_bytes(body[1..9].try_into().expect("8 bytes"));
+        (body[0], first, u64::from_le_bytes(body[9..17].try_into().expect("8 bytes")))
+    })
+}
 
 impl ResidualLog {
-    /// The header of a new log for `session`.
-    pub fn header(session: SessionId, block_size: u32) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER_LEN);
+    /// A new log for `session`: the header and the `missing` ranges.
+    pub fn create(session: SessionId, block_size: u32, missing: &BlockSet) -> Vec<u8> {
+        let mut body = Vec::with_capacity(missing.runs() * RECORD_LEN);
+        for (first, end) in missing.iter() {
+            push_record(KIND_MISSING, first, end - first, &mut body);
+        }
+        let mut out = Vec::with_capacity(HEADER_LEN + body.len());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&block_size.to_le_bytes());
         out.extend_from_slice(&session.0);
+        out.extend_from_slice(&(missing.runs() as u64).to_le_bytes());
+        out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&body);
         out
     }
 
-    /// Appends a record's bytes.
-    pub fn record(r: ResidualRecord, out: &mut Vec<u8>) {
-        let (kind, first, count) = match r {
-            ResidualRecord::Missing { first, count } => (KIND_MISSING, first, count),
-            ResidualRecord::Held { first, count } => (KIND_HELD, first, count),
-        };
+    /// Appends a group of `held` ranges `(first, end)` with its trailer.
+    pub fn held(ranges: &[(u64, u64)], out: &mut Vec<u8>) {
         let start = out.len();
-        out.push(kind);
-        out.extend_from_slice(&first.to_le_bytes());
-        out.extend_from_slice(&count.to_le_bytes());
+        for &(first, end) in ranges {
+            push_record(KIND_HELD, first, end - first, out);
+        }
         let crc = crc32fast::hash(&out[start..]);
-        out.extend_from_slice(&crc.to_le_bytes());
+        push_record(KIND_GROUP_END, u64::from(crc), ranges.len() as u64, out);
     }
 
-    /// The blocks still missing by the log `bytes` of `session`. A torn or corrupt tail (a
-    /// record cut by a power loss) ends the log: it was never synced, so nothing relied on it.
-    pub fn replay(bytes: &[u8], session: SessionId, block_size: u32) -> Result<BlockSet, BadResidual> {
+    /// Appends the marker of a completed post-copy.
+    pub fn complete(out: &mut Vec<u8>) {
+        Self::held(&[], out);
+        let at = out.len() - RECORD_LEN;
+        out.truncate(at);
+        push_record(KIND_COMPLETE, 0, 0, out);
+    }
+
+    /// What the log `bytes` of `session` says (see [`ResidualLog`] for what is refused).
+    pub fn replay(bytes: &[u8], session: SessionId, block_size: u32) -> Result<Residue, BadResidual> {
         let header = bytes.get(..HEADER_LEN).ok_or(BadResidual::Header)?;
         if &header[..8] != MAGIC || header[8..12] != VERSION.to_le_bytes() || header[12..16] != block_size.to_le_bytes()
         {
             return Err(BadResidual::Header);
         }
+        if crc32fast::hash(&header[..HEADER_LEN - 4]).to_le_bytes() != header[HEADER_LEN - 4..] {
+            return Err(BadResidual::Damaged("its header fails its checksum".into()));
+        }
         let theirs = SessionId(header[16..32].try_into().expect("16 bytes"));
         if theirs != session {
             return Err(BadResidual::Session(theirs));
         }
+        let n = u64::from_le_bytes(header[32..40].try_into().expect("8 bytes"));
+        let missing_len = usize::try_from(n).ok().and_then(|n| n.checked_mul(RECORD_LEN));
+        let missing_bytes = missing_len.and_then(|l| bytes.get(HEADER_LEN..HEADER_LEN + l));
+        let Some(missing_bytes) = missing_bytes.filter(|m| crc32fast::hash(m).to_le_bytes() == header[40..44]) else {
+            return Err(BadResidual::Damaged("the missing ranges recorded at the commit are not whole".into()));
+        };
         let mut set = BlockSet::new();
-        for rec in bytes[HEADER_LEN..].chunks_exact(RECORD_LEN) {
-            let (body, crc) = rec.split_at(RECORD_LEN - 4);
-            if crc32fast::hash(body).to_le_bytes() != crc {
-                break;
-            }
-            let first = u64::from_le_bytes(body[1..9].try_into().expect("8 bytes"));
-            let count = u64::from_le_bytes(body[9..17].try_into().expect("8 bytes"));
-            let Some(end) = first.checked_add(count) else { break };
-            match body[0] {
-                KIND_MISSING => set.insert(first, end),
-                KIND_HELD => {
-                    set.remove(first, end);
+        for rec in missing_bytes.chunks_exact(RECORD_LEN) {
+            match read_record(rec) {
+                Some((KIND_MISSING, first, count)) if first.checked_add(count).is_some() => {
+                    set.insert(first, first + count)
                 }
-                _ => break,
+                _ => return Err(BadResidual::Damaged("a missing range is malformed".into())),
             }
         }
-        Ok(set)
+        Self::replay_groups(&bytes[HEADER_LEN + missing_bytes.len()..], set)
     }
+
+    /// Applies the whole groups after the missing ranges.
+    fn replay_groups(rest: &[u8], mut set: BlockSet) -> Result<Residue, BadResidual> {
+        let mut at = 0;
+        while at < rest.len() {
+            match Self::group(rest, at) {
+                Some(Group::Held(ranges, next)) => {
+                    for (first, end) in ranges {
+                        set.remove(first, end);
+                    }
+                    at = next;
+                }
+                Some(Group::Complete) => return Ok(Residue::Complete),
+                None => {
+                    let later =
+                        (at + RECORD_LEN..rest.len()).step_by(RECORD_LEN).find(|&s| Self::group(rest, s).is_some());
+                    if let Some(s) = later {
+                        return Err(BadResidual::Damaged(format!(
+                            "a record at byte {} is bad, but whole records follow at byte {}",
+                            HEADER_LEN + at,
+                            HEADER_LEN + s
+                        )));
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(Residue::Missing(set))
+    }
+
+    /// The whole group (or completion marker) starting at `at`, if one is there.
+    fn group(rest: &[u8], at: usize) -> Option<Group> {
+        let mut ranges = Vec::new();
+        let mut pos = at;
+        while pos + RECORD_LEN <= rest.len() {
+            match read_record(&rest[pos..pos + RECORD_LEN])? {
+                (KIND_COMPLETE, ..) if pos == at => return Some(Group::Complete),
+                (KIND_HELD, first, count) => ranges.push((first, first.checked_add(count)?)),
+                (KIND_GROUP_END, crc, count) => {
+                    let whole = count == ranges.len() as u64 && u64::from(crc32fast::hash(&rest[at..pos])) == crc;
+                    return whole.then_some(Group::Held(ranges, pos + RECORD_LEN));
+                }
+                _ => return None,
+            }
+            pos += RECORD_LEN;
+        }
+        None
+    }
+}
+
+/// A group of the log.
+enum Group {
+    /// `held` ranges, and where the next group starts.
+    Held(Vec<(u64, u64)>, usize),
+    /// The completion marker.
+    Complete,
 }
 
 #[cfg(test)]
@@ -238,25 +331,60 @@ mod tests {
         assert!(s.is_empty());
     }
 
-    #[test]
-    fn the_log_replays_and_ignores_a_torn_tail() {
-        let id = SessionId([7; 16]);
-        let mut log = ResidualLog::header(id, 4096);
-        ResidualLog::record(ResidualRecord::Missing { first: 100, count: 50 }, &mut log);
-        ResidualLog::record(ResidualRecord::Held { first: 110, count: 10 }, &mut log);
+    fn log_of(id: SessionId) -> (Vec<u8>, usize) {
+        let mut missing = BlockSet::new();
+        missing.insert(100, 150);
+        missing.insert(200, 210);
+        let mut log = ResidualLog::create(id, 4096, &missing);
+        ResidualLog::held(&[(110, 120)], &mut log);
         let whole = log.len();
-        ResidualLog::record(ResidualRecord::Held { first: 100, count: 10 }, &mut log);
-        let set = ResidualLog::replay(&log, id, 4096).unwrap();
-        assert_eq!(set.iter().collect::<Vec<_>>(), vec![(120, 150)]);
-        // Cut inside the last record: as if it had never been written.
-        let torn = ResidualLog::replay(&log[..whole + 7], id, 4096).unwrap();
-        assert_eq!(torn.iter().collect::<Vec<_>>(), vec![(100, 110), (120, 150)]);
+        ResidualLog::held(&[(100, 105), (105, 110)], &mut log);
+        (log, whole)
+    }
+
+    fn missing(r: Result<Residue, BadResidual>) -> Vec<(u64, u64)> {
+        match r {
+            Ok(Residue::Missing(set)) => set.iter().collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_log_replays_and_drops_only_a_torn_last_group() {
+        let id = SessionId([7; 16]);
+        let (log, whole) = log_of(id);
+        assert_eq!(missing(ResidualLog::replay(&log, id, 4096)), vec![(120, 150), (200, 210)]);
+        // Cut inside the last group, or its first record lost with its trailer kept: as if it
+        // had never been written (its blocks are fetched again).
+        let torn = vec![(100, 110), (120, 150), (200, 210)];
+        assert_eq!(missing(ResidualLog::replay(&log[..whole + 7], id, 4096)), torn);
         let mut flipped = log.clone();
         flipped[whole + 3] ^= 1;
-        assert_eq!(ResidualLog::replay(&flipped, id, 4096).unwrap(), torn);
+        assert_eq!(missing(ResidualLog::replay(&flipped, id, 4096)), torn);
         assert_eq!(ResidualLog::replay(&log, SessionId([8; 16]), 4096), Err(BadResidual::Session(id)));
         assert_eq!(ResidualLog::replay(&log, id, 512), Err(BadResidual::Header));
         assert_eq!(ResidualLog::replay(b"short", id, 4096), Err(BadResidual::Header));
+        let mut done = log;
+        ResidualLog::complete(&mut done);
+        assert_eq!(ResidualLog::replay(&done, id, 4096), Ok(Residue::Complete));
+    }
+
+    #[test]
+    fn damage_the_log_cannot_explain_is_refused() {
+        let id = SessionId([7; 16]);
+        let (log, whole) = log_of(id);
+        let damaged = |at: usize| {
+            let mut bytes = log.clone();
+            bytes[at] ^= 0x10;
+            ResidualLog::replay(&bytes, id, 4096)
+        };
+        // The header, a missing range, and the first group with a whole group after it.
+        for at in [20, HEADER_LEN + 3, HEADER_LEN + 2 * RECORD_LEN + 3, whole - RECORD_LEN - 5] {
+            assert!(matches!(damaged(at), Err(BadResidual::Damaged(_))), "byte {at}: {:?}", damaged(at));
+        }
+        // Missing ranges cut short.
+        let cut = ResidualLog::replay(&log[..HEADER_LEN + RECORD_LEN], id, 4096);
+        assert!(matches!(cut, Err(BadResidual::Damaged(_))), "{cut:?}");
     }
 
     proptest! {

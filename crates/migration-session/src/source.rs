@@ -782,6 +782,7 @@ mod tests {
             stage: crate::durable::DestStage::Owner,
             session: ID,
             since: now_rfc3339(),
+            postcopy: false,
         });
         assert_eq!((s.phase(), a), (Phase::Idle, vec![]));
     }

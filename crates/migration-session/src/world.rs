@@ -321,7 +321,7 @@ impl World {
         let d = &mut self.dst.machine;
         let (result, answer_to) = match msg {
             ToDest::Begin(id) => (d.begin(id).map(|a| (a, Some(ToSource::Accepted(id)))), id),
-            ToDest::Commit(id) => (d.commit(id).map(|a| (a, None)), id),
+            ToDest::Commit(id) => (d.commit(id, false).map(|a| (a, None)), id),
             ToDest::Discard(id) => (d.discard(id).map(|a| (a, None)), id),
             ToDest::Done(id) => (d.done(id).map(|a| (a, None)), id),
             ToDest::Revoke(id) => match d.revoke(id) {

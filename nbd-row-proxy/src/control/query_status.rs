@@ -34,7 +34,7 @@ pub async fn run(c: Arc<Control>, _: NoArgs) -> Result<StatusReply, CommandError
     let access = p.gate.access();
     let writes_refused = match (&access, p.disk.sync_failure()) {
         (_, Some(why)) => Some(format!("a sync failed ({why}); restart the server to recover from what is on disk")),
-        (Access::Fenced(why), None) => Some(why.clone()),
+        (Access::Fenced(why) | Access::Broken(why), None) => Some(why.clone()),
         _ => None,
     };
     Ok(StatusReply {

@@ -66,8 +66,11 @@ impl Incoming {
     pub fn new(proxy: Arc<Proxy>, machine: DestSession) -> Arc<Self> {
         let serves = machine.phase();
         let session = machine.session();
+        let postcopy = machine.postcopy();
         let me = Arc::new(Self { proxy, machine: Mutex::new(machine) });
-        me.restore_residual(serves, session);
+        if !me.restore_residual(serves, session, postcopy) {
+            return me;
+        }
         match serves {
             IncomingPhase::Committed => me.open_committed(),
             IncomingPhase::Owner => me.proxy.gate.set(Access::Open),
@@ -78,12 +81,18 @@ impl Incoming {
 
     /// A post-copy interrupted by a restart goes on (the source resumes it); a log left by a
     /// session that did not commit is thrown away.
-    fn restore_residual(&self, phase: IncomingPhase, session: Option<SessionId>) {
+    /// Returns false if the residual cannot be used: the disk is then refused (`Broken`).
+    fn restore_residual(&self, phase: IncomingPhase, session: Option<SessionId>, postcopy: bool) -> bool {
         let disk = self.proxy.disk.clone();
         match (phase, session) {
-            (IncomingPhase::Committed | IncomingPhase::Owner, Some(id)) => match Residual::open(disk, id) {
+            (IncomingPhase::Committed | IncomingPhase::Owner, Some(id)) => match Residual::open(disk, id, postcopy) {
                 Ok(r) => self.proxy.postcopy.set(r.map(Arc::new)),
-                Err(e) => tracing::error!("the post-copy residual cannot be read: {e:#}"),
+                Err(e) => {
+                    // Which blocks are here cannot be proven: serve none of them.
+                    tracing::error!("the post-copy residual cannot be used: {e:#}; refusing every request");
+                    self.proxy.gate.set(Access::Broken(format!("{e:#}")));
+                    return false;
+                }
             },
             _ => {
                 if let Err(e) = Residual::discard(disk.image_path()) {
@@ -91,6 +100,7 @@ impl Incoming {
                 }
             }
         }
+        true
     }
 
     fn lock(&self) -> MutexGuard<'_, DestSession> {
@@ -389,6 +399,12 @@ impl Incoming {
             last_word(&mut wr, &Message::Error { message: e.to_string() }).await;
             return Err(e);
         }
+        if let Access::Broken(why) = self.proxy.gate.access() {
+            // Never "nothing missing" when that cannot be proven: the source keeps its copy.
+            let e = anyhow!("this host cannot prove which blocks it holds: {why}");
+            last_word(&mut wr, &Message::Error { message: e.to_string() }).await;
+            return Err(e);
+        }
         let Some(residual) = self.proxy.postcopy.residual() else {
             tracing::info!(%session, "the source resumed a post-copy that is already complete");
             send(&mut wr, &Message::Holds).await?;
@@ -589,6 +605,7 @@ impl Incoming {
 
     /// The commit: sync everything received, record it, then serve the disk.
     async fn commit(self: &Arc<Self>, session: SessionId, missing: BlockSet) -> Result<()> {
+        let postcopy = !missing.is_empty();
         self.blocking(move |me| -> Result<()> {
             // The sync comes first: the record must never say committed for data not on disk.
             me.proxy.disk.flush().context("syncing the image")?;
@@ -599,7 +616,7 @@ impl Incoming {
                     .context("recording the post-copy residual")?;
                 me.proxy.postcopy.set(Some(Arc::new(r)));
             }
-            for a in me.apply(|m| m.commit(session))? {
+            for a in me.apply(|m| m.commit(session, postcopy))? {
                 if a == DestAction::OpenAccess {
                     me.open_committed();
                 }

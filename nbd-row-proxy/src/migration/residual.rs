@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
-use migration_session::{BlockSet, ResidualLog, ResidualRecord, SessionId};
+use migration_session::{BlockSet, ResidualLog, Residue, SessionId};
 use migration_stream::{Message, MAX_BLOCK_LEN};
 use row_store::storage::suffixed;
 use row_store::{BlockBackend, Disk, Posix, Storage, ZeroFlags, BLOCK_SIZE};
@@ -107,7 +107,6 @@ struct State {
 #[derive(Debug)]
 pub struct Residual {
     disk: Arc<Disk>,
-    path: PathBuf,
     state: Mutex<State>,
     arrived: Notify,
     /// The guest's first request came (the source was told to start pushing).
@@ -119,7 +118,7 @@ impl Residual {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn with(disk: Arc<Disk>, path: PathBuf, missing: BlockSet, log: File) -> Self {
+    fn with(disk: Arc<Disk>, missing: BlockSet, log: File) -> Self {
         let state = State {
             missing,
             requested: BlockSet::new(),
@@ -128,38 +127,44 @@ impl Residual {
             since_checkpoint: 0,
             stats: PullStats::default(),
         };
-        Self { disk, path, state: Mutex::new(state), arrived: Notify::new(), running: Default::default() }
+        Self { disk, state: Mutex::new(state), arrived: Notify::new(), running: Default::default() }
     }
 
     /// Records `missing` durably as the residual of `session` (at a post-copy commit, before
     /// the commit itself is recorded). Blocking.
     pub fn create(disk: Arc<Disk>, session: SessionId, missing: BlockSet) -> io::Result<Self> {
         let path = log_path(disk.image_path());
-        let mut bytes = ResidualLog::header(session, BLOCK_SIZE as u32);
-        for (start, end) in missing.iter() {
-            ResidualLog::record(ResidualRecord::Missing { first: start, count: end - start }, &mut bytes);
-        }
+        let bytes = ResidualLog::create(session, BLOCK_SIZE as u32, &missing);
         Posix.replace(&path, &bytes)?;
         let log = std::fs::OpenOptions::new().append(true).open(&path)?;
-        Ok(Self::with(disk, path, missing, log))
+        Ok(Self::with(disk, missing, log))
     }
 
-    /// The residual of `session` left by a restart, if a post-copy was running. Blocking.
-    pub fn open(disk: Arc<Disk>, session: SessionId) -> anyhow::Result<Option<Self>> {
+    /// The residual of `session` left by a restart, if a post-copy was running. `expected`: the
+    /// ownership record says the session was committed by a post-copy, so a missing log is
+    /// damage, not a post-copy that ended. A log that cannot prove which blocks are here is an
+    /// error: the disk must not be served as if it held them. Blocking.
+    pub fn open(disk: Arc<Disk>, session: SessionId, expected: bool) -> anyhow::Result<Option<Self>> {
         let path = log_path(disk.image_path());
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !expected => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => anyhow::bail!(
+                "{} is missing, but session {session} was committed by a post-copy: which blocks this host \
+                 holds cannot be proven (restore the file, or give the disk back to the source)",
+                path.display()
+            ),
             Err(e) => return Err(anyhow::Error::new(e).context(format!("reading {}", path.display()))),
         };
-        let missing = ResidualLog::replay(&bytes, session, BLOCK_SIZE as u32)
+        let replayed = ResidualLog::replay(&bytes, session, BLOCK_SIZE as u32)
             .map_err(|e| anyhow::Error::new(e).context(format!("{} cannot be used", path.display())))?;
+        let Residue::Missing(missing) = replayed else { return Ok(None) };
         let log = std::fs::OpenOptions::new().append(true).open(&path)?;
         tracing::warn!(
             blocks = missing.blocks(),
             "a post-copy was running before the restart: waiting for the source to resume it"
         );
-        Ok(Some(Self::with(disk, path, missing, log)))
+        Ok(Some(Self::with(disk, missing, log)))
     }
 
     /// Throws the residual away (the disk was given back to the source). Blocking.
@@ -284,10 +289,8 @@ impl Residual {
         if held.is_empty() {
             return Ok(());
         }
-        let mut bytes = Vec::with_capacity(held.len() * migration_session::residual::RECORD_LEN);
-        for (s, e) in &held {
-            ResidualLog::record(ResidualRecord::Held { first: *s, count: e - s }, &mut bytes);
-        }
+        let mut bytes = Vec::with_capacity((held.len() + 1) * migration_session::residual::RECORD_LEN);
+        ResidualLog::held(&held, &mut bytes);
         let mut st = self.lock();
         let r = match st.log.as_mut() {
             Some(f) => f.write_all(&bytes).and_then(|_| f.sync_data()),
@@ -300,16 +303,21 @@ impl Residual {
         r
     }
 
-    /// Every block is here: sync the image and remove the log. Blocking.
+    /// Every block is here: sync the image and mark the log complete (it stays, so that a log
+    /// gone missing is never taken for a post-copy that ended; the next session removes it).
+    /// Blocking.
     pub fn finish(&self) -> anyhow::Result<()> {
         let left = self.missing_blocks();
         if left > 0 {
             anyhow::bail!("the source says it pushed everything, but {left} blocks are still missing");
         }
         self.disk.flush()?;
-        self.lock().log = None;
-        Posix.remove(&self.path)?;
-        Posix.sync_parent(&self.path)?;
+        let mut bytes = Vec::new();
+        ResidualLog::complete(&mut bytes);
+        if let Some(mut f) = self.lock().log.take() {
+            f.write_all(&bytes)?;
+            f.sync_data()?;
+        }
         Ok(())
     }
 
@@ -562,23 +570,28 @@ mod tests {
         disk.write_at(&block(3), 2 * BLOCK_SIZE, false).unwrap();
         r.written(covered);
         drop(r);
-        let again = Residual::open(disk.clone(), ID).unwrap().expect("the log survives");
+        let again = Residual::open(disk.clone(), ID, true).unwrap().expect("the log survives");
         assert_eq!(again.missing_ranges(), vec![(BLOCK_SIZE, 7 * BLOCK_SIZE)]);
         // A flush of the guest's writes (the checkpoint) records them.
         let covered = again.cover(2 * BLOCK_SIZE, BLOCK_SIZE);
         again.written(covered);
         again.checkpoint().unwrap();
         drop(again);
-        let third = Residual::open(disk.clone(), ID).unwrap().unwrap();
+        let third = Residual::open(disk.clone(), ID, true).unwrap().unwrap();
         assert_eq!(third.missing_ranges(), vec![(BLOCK_SIZE, BLOCK_SIZE), (3 * BLOCK_SIZE, 5 * BLOCK_SIZE)]);
         // The log of another session is refused, not trusted.
-        assert!(Residual::open(disk.clone(), SessionId([1; 16])).is_err());
-        // Finishing with blocks still missing is refused; once all arrived the log goes.
+        assert!(Residual::open(disk.clone(), SessionId([1; 16]), true).is_err());
+        // Finishing with blocks still missing is refused; once all arrived the log says so.
         assert!(third.finish().is_err());
         let rest: Vec<u8> = (0..8).flat_map(|b| block(b as u8)).collect();
         third.receive(0, &rest).unwrap();
         third.finish().unwrap();
-        assert!(Residual::open(disk, ID).unwrap().is_none());
+        drop(third);
+        assert!(Residual::open(disk.clone(), ID, true).unwrap().is_none());
+        // Gone while the record says a post-copy committed: nothing proves what is here.
+        std::fs::remove_file(log_path(disk.image_path())).unwrap();
+        assert!(Residual::open(disk.clone(), ID, true).is_err());
+        assert!(Residual::open(disk, ID, false).unwrap().is_none(), "a record of an older release");
     }
 
     #[tokio::test]
