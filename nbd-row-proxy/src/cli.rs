@@ -180,7 +180,8 @@ pub struct ServeArgs {
     /// Allow migration streams with neither TLS nor a key (a trusted test network only).
     #[arg(long)]
     pub insecure: bool,
-    /// NBD connections served at once; more are refused (the ones being served go on).
+    /// NBD connections served at once on each listener (the unix socket and TCP have separate
+    /// pools); more are refused (the ones being served go on).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 }

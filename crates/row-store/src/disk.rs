@@ -815,4 +815,33 @@ mod tests {
         put(&s, "/vm/d.raw.row", &other);
         assert!(matches!(open(&s, None), Err(StoreError::Refused { .. })));
     }
+
+    #[test]
+    fn a_reserved_file_missing_or_cut_short_is_refused() {
+        let (s, d) = disk();
+        d.row_start().unwrap();
+        d.write_at(&[5; 8192], 0, false).unwrap();
+        d.flush().unwrap();
+        drop(d);
+        let reserved = Path::new("/vm/d.raw.row");
+        let whole = s.contents(reserved).unwrap();
+        // Cut short: the journal maps two slots, the file holds one.
+        put(&s, "/vm/d.raw.row", &whole[..whole.len() - 4096]);
+        assert!(matches!(open(&s, None), Err(StoreError::BadJournal { .. })));
+        // Gone: the journal still maps its blocks; it is refused, not replaced by an empty one.
+        s.remove(reserved).unwrap();
+        assert!(matches!(open(&s, None), Err(StoreError::Refused { .. })));
+        assert!(!s.exists(reserved).unwrap());
+        put(&s, "/vm/d.raw.row", &whole);
+        let d = open(&s, None).unwrap();
+        let mut got = vec![0u8; 8192];
+        d.read_at(&mut got, 0).unwrap();
+        assert_eq!(got, vec![5; 8192]);
+        // Another overlay's journal given as the reserved file.
+        drop(d);
+        let journal = s.contents(Path::new("/vm/d.raw.row.map")).unwrap();
+        put(&s, "/vm/other.map", &journal);
+        assert!(matches!(open(&s, Some("/vm/other.map")), Err(StoreError::Refused { .. })));
+        assert_eq!(s.contents(Path::new("/vm/other.map")).unwrap(), journal);
+    }
 }
