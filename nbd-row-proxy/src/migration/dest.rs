@@ -179,7 +179,9 @@ impl Incoming {
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
                     Err(e) => {
-                        tracing::warn!(error = %e, "accepting a migration connection failed");
+                        if let Some(suppressed) = MIGRATION_ACCEPT_FAILED.hit() {
+                            tracing::warn!(error = %e, suppressed, "accepting a migration connection failed");
+                        }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
@@ -195,10 +197,14 @@ impl Incoming {
                 let mut w = waiting.lock().unwrap_or_else(|e| e.into_inner());
                 if w.len() >= MAX_UNAUTHENTICATED {
                     if let Some((old, tx)) = w.pop_front() {
-                        tracing::warn!(
-                            connection = old,
-                            "too many unauthenticated migration connections: dropping the oldest"
-                        );
+                        if let Some(suppressed) = EVICTED.hit() {
+                            tracing::warn!(
+                                connection = old,
+                                suppressed,
+                                "too many unauthenticated migration connections: dropping the oldest (more \
+                                 within {MIGRATION_WARN_INTERVAL:?} are counted, not logged)"
+                            );
+                        }
                         let _ = tx.send(());
                     }
                 }
@@ -213,7 +219,14 @@ impl Incoming {
                     r = me.handshake(stream) => match r {
                         Ok(a) => Some(a),
                         Err(e) => {
-                            tracing::warn!(%peer, "migration connection: {e:#}");
+                            if let Some(suppressed) = UNAUTHENTICATED.hit() {
+                                tracing::warn!(
+                                    %peer,
+                                    suppressed,
+                                    "migration connection: {e:#} (more such within {MIGRATION_WARN_INTERVAL:?} are \
+                                     counted, not logged)"
+                                );
+                            }
                             None
                         }
                     },
@@ -626,6 +639,13 @@ impl Incoming {
         .await
     }
 }
+
+/// At most one warning of each kind per interval about migration connections that never got
+/// a session (strangers, floods): the first, then a count.
+const MIGRATION_WARN_INTERVAL: Duration = Duration::from_secs(10);
+static UNAUTHENTICATED: logging::RateLimit = logging::RateLimit::new(MIGRATION_WARN_INTERVAL);
+static EVICTED: logging::RateLimit = logging::RateLimit::new(MIGRATION_WARN_INTERVAL);
+static MIGRATION_ACCEPT_FAILED: logging::RateLimit = logging::RateLimit::new(MIGRATION_WARN_INTERVAL);
 
 /// Resolves once `shutdown` says stop (or its sender is gone).
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {
