@@ -494,3 +494,84 @@ fn numbers_out_of_range_on_the_control_socket_are_refused() {
     // The smallest values in range are taken.
     ctl.ok("query-row", json!({"hot-threshold": 1}));
 }
+
+/// What bash offers for `words` (the last one being completed) with the completion script of
+/// `name` that `--generate-docs` writes, run in a real bash the way bash runs it on TAB.
+fn bash_complete(script: &Path, name: &str, words: &[&str]) -> Vec<String> {
+    let function = format!("_{}", name.replace('-', "__"));
+    let shell = format!(
+        r#"source "$1" || exit 9
+shift
+COMP_WORDS=("$@")
+COMP_CWORD=$(( $# - 1 ))
+COMP_LINE="$*"
+COMP_POINT=${{#COMP_LINE}}
+prev=""
+(( COMP_CWORD > 0 )) && prev="${{COMP_WORDS[COMP_CWORD-1]}}"
+{function} "{name}" "${{COMP_WORDS[COMP_CWORD]}}" "$prev"
+printf '%s\n' "${{COMPREPLY[@]}}""#
+    );
+    let out =
+        run_ok(Command::new("bash").args(["--norc", "--noprofile", "-c", &shell, "bash"]).arg(script).args(words));
+    String::from_utf8(out.stdout).unwrap().lines().filter(|l| !l.is_empty()).map(str::to_string).collect()
+}
+
+/// The generated bash completion completes subcommands and each subcommand's own flags (the
+/// script clap_complete writes for a name with a dash labelled the subcommands' cases so that
+/// none matched, and nothing was offered after a subcommand).
+#[test]
+fn bash_completes_the_subcommands_and_their_flags() {
+    require_tool("bash");
+    let out = tempfile::tempdir().unwrap();
+    run_ok(Command::new(bin("nbd-row-proxy")).arg("--generate-docs").arg(out.path()));
+    let script = out.path().join("completions/bash/nbd-row-proxy");
+    let has = |got: &[String], want: &[&str], line: &str| {
+        for w in want {
+            assert!(got.iter().any(|g| g == w), "`{line}<TAB>` offers {got:?}, not {w}");
+        }
+    };
+    let top = bash_complete(&script, "nbd-row-proxy", &["nbd-row-proxy", ""]);
+    has(&top, &["serve", "receive", "tls-certs"], "nbd-row-proxy ");
+    assert_eq!(bash_complete(&script, "nbd-row-proxy", &["nbd-row-proxy", "re"]), ["receive"]);
+    let serve = bash_complete(&script, "nbd-row-proxy", &["nbd-row-proxy", "serve", "--"]);
+    has(&serve, &["--image", "--socket", "--control", "--tls-creds"], "nbd-row-proxy serve --");
+    assert!(!serve.iter().any(|f| f == "--listen"), "serve offers receive's --listen: {serve:?}");
+    let receive = bash_complete(&script, "nbd-row-proxy", &["nbd-row-proxy", "receive", "--li"]);
+    assert_eq!(receive, ["--listen"], "nbd-row-proxy receive --li<TAB>");
+    let certs = bash_complete(&script, "nbd-row-proxy", &["nbd-row-proxy", "tls-certs", "--"]);
+    has(&certs, &["--dir", "--host", "--force"], "nbd-row-proxy tls-certs --");
+    let logs = bash_complete(&script, "nbd-row-proxy", &["nbd-row-proxy", "serve", "--log-format", ""]);
+    assert_eq!(logs, ["text", "json"]);
+
+    // row-migrate has no subcommands: its flags, and the values of its enums.
+    run_ok(Command::new(bin("row-migrate")).arg("--generate-docs").arg(out.path()));
+    let script = out.path().join("completions/bash/row-migrate");
+    let flags = bash_complete(&script, "row-migrate", &["row-migrate", "--mem"]);
+    assert_eq!(flags, ["--mem-uri"]);
+    let strategies = bash_complete(&script, "row-migrate", &["row-migrate", "--strategy", ""]);
+    assert_eq!(strategies, ["row", "bitmap", "qemu-mirror"]);
+}
+
+/// `row-migrate --help` and a usage error show every flag a migration needs, --mem-uri too.
+#[test]
+fn row_migrate_usage_names_the_required_mem_uri() {
+    let help = String::from_utf8(run_ok(Command::new(bin("row-migrate")).arg("--help")).stdout).unwrap();
+    let usage: Vec<&str> = help.lines().skip_while(|l| !l.starts_with("Usage:")).take(2).collect();
+    assert!(usage[0].contains("--src-qmp") && usage[0].contains("--mem-uri <MEM_URI>"), "{help}");
+    assert!(usage[0].contains("--disk-uri") && usage[0].contains("--disk <SRC,DST,URI>"), "{help}");
+    assert!(usage[1].contains("--recover") && !usage[1].contains("--mem-uri"), "{help}");
+    let out = Command::new(bin("row-migrate")).args(["--src-qmp", "a", "--dst-qmp", "b"]).output().unwrap();
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("the following required arguments were not provided") && text.contains("--mem-uri"),
+        "{text}"
+    );
+    // --recover needs no --mem-uri.
+    let out = Command::new(bin("row-migrate"))
+        .args(["--src-qmp", "/nonexistent/a", "--dst-qmp", "/nonexistent/b", "--recover"])
+        .args(["--src-proxy", "/nonexistent/c", "--dst-proxy", "/nonexistent/d"])
+        .output()
+        .unwrap();
+    assert!(!stderr(&out).contains("required arguments"), "{}", stderr(&out));
+}

@@ -439,3 +439,311 @@ fn rollback_when_the_destination_qemu_dies_during_the_memory_migration() {
         },
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Refusals before anything starts, and runs after a failed one
+
+/// `row-migrate` from A to B with the sockets of the rig's newest sides and the arguments given
+/// here (unlike [`Rig::spawn_driver`], no `--tls-creds`, `--mem-uri` or `--json` of its own);
+/// `disk_uri` and `dst_proxy` replace the strategy's URI and B's control socket.
+fn driver_command(
+    rig: &mut Rig,
+    strategy: &str,
+    disk_uri: Option<&str>,
+    dst_proxy: Option<&std::path::Path>,
+    args: &[&str],
+) -> std::process::Command {
+    let (src_qmp, src_ctl) = (rig.a().qmp.clone(), rig.a().ctl.clone());
+    let (dst_qmp, dst_ctl) = (rig.b().qmp.clone(), rig.b().ctl.clone());
+    let default_uri = if strategy == "qemu-mirror" {
+        format!("nbd://{ADDR_B}:{MIRROR_PORT}/{EXPORT}")
+    } else {
+        format!("tcp:{ADDR_B}:{DISK_PORT}")
+    };
+    let mut cmd = std::process::Command::new(bin("row-migrate"));
+    cmd.arg("--src-qmp").arg(src_qmp).arg("--dst-qmp").arg(dst_qmp);
+    cmd.arg("--src-proxy").arg(src_ctl).arg("--dst-proxy").arg(dst_proxy.unwrap_or(&dst_ctl));
+    cmd.args(["--disk-uri", disk_uri.unwrap_or(&default_uri), "--strategy", strategy]).args(args);
+    cmd
+}
+
+/// What a refused run must not change: both QEMUs' run states, migrations, objects and block
+/// jobs and nodes, and both proxies' modes and phases.
+fn untouched_state(rig: &mut Rig) -> Value {
+    let mut state = json!({});
+    for host in [HostId::A, HostId::B] {
+        let side = rig.side(host);
+        let mon = side.mon.clone();
+        let ask = |command: &str, args: Value| {
+            qmp(&mon, command, args).unwrap_or_else(|e| panic!("{command} on {host:?}'s QEMU: {e}"))
+        };
+        let mut objects: Vec<String> = ask("qom-list", json!({ "path": "/objects" }))
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["name"].as_str().unwrap_or_default().to_string())
+            .collect();
+        objects.sort();
+        let mut nodes: Vec<String> = ask("query-named-block-nodes", json!({}))
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["node-name"].as_str().unwrap_or_default().to_string())
+            .collect();
+        nodes.sort();
+        let proxy = side.proxy_status();
+        let migration = side.proxy_migration();
+        state[format!("{host:?}")] = json!({
+            "qemu-status": ask("query-status", json!({}))["status"],
+            "qemu-migrate": ask("query-migrate", json!({}))["status"],
+            "objects": objects,
+            "block-jobs": ask("query-block-jobs", json!({})),
+            "nodes": nodes,
+            "proxy": [proxy["mode"], proxy["incoming"], proxy["incoming-phase"], proxy["writes-refused"]],
+            "proxy-phase": migration["phase"],
+        });
+    }
+    state
+}
+
+/// Bad flags and a destination proxy that waits for no disk are refused with status 2 and one
+/// line, before row-migrate changes anything on either QEMU or proxy; a relative `--tls-creds`
+/// is made absolute (QEMU would read it from its own working directory), and the migration
+/// then works.
+#[test]
+fn bad_flags_are_refused_before_anything_changes_and_a_relative_tls_dir_works() {
+    let _serial = serial();
+    let mut rig = Rig::start(Role::Receive, MIGRATE_SECONDS);
+    let pki = rig.pki.clone();
+    let pki_arg = pki.to_str().unwrap().to_string();
+    let empty = rig.dir.path().join("empty-pki");
+    std::fs::create_dir(&empty).unwrap();
+    let partial = rig.dir.path().join("partial-pki");
+    std::fs::create_dir(&partial).unwrap();
+    for f in ["ca-cert.pem", "server-cert.pem", "server-key.pem"] {
+        std::fs::copy(pki.join(f), partial.join(f)).unwrap();
+    }
+    // Every file there, none a certificate or key: only QEMU can tell.
+    let garbage = rig.dir.path().join("garbage-pki");
+    std::fs::create_dir(&garbage).unwrap();
+    for f in ["ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem"] {
+        std::fs::write(garbage.join(f), "not PEM").unwrap();
+    }
+    let mem = format!("tcp:{ADDR_B}:{MEM_PORT}");
+    // A `serve` proxy with a disk of the same size, given as the destination.
+    let serve_dir = rig.dir.path().join("serve");
+    std::fs::create_dir(&serve_dir).unwrap();
+    let serve_image = serve_dir.join("disk.raw");
+    sparse_file(&serve_image, DISK_SIZE);
+    let serve_ctl = serve_dir.join("ctl.sock");
+    let mut serve = Proc::spawn(
+        "serve proxy",
+        std::process::Command::new(bin("nbd-row-proxy"))
+            .args(["serve", "--image"])
+            .arg(&serve_image)
+            .arg("--socket")
+            .arg(serve_dir.join("nbd.sock"))
+            .arg("--control")
+            .arg(&serve_ctl),
+        &serve_dir.join("proxy.log"),
+    );
+    serve.wait_for_socket(&serve_ctl);
+
+    let before = untouched_state(&mut rig);
+    let (empty_arg, partial_arg) = (empty.to_str().unwrap(), partial.to_str().unwrap());
+    let garbage_arg = garbage.to_str().unwrap();
+    let row_uri = format!("tcp:{ADDR_B}:{MIRROR_PORT}");
+    // (what, strategy, --disk-uri, --dst-proxy, flags, what the line says)
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, Option<&'a std::path::Path>, Vec<&'a str>, Vec<&'a str>);
+    let cases: Vec<Case> = vec![
+        (
+            "a missing --tls-creds",
+            "row",
+            None,
+            None,
+            vec!["--tls-creds", "/nonexistent", "--mem-uri", &mem],
+            vec!["--tls-creds /nonexistent", "No such file"],
+        ),
+        (
+            "an empty --tls-creds",
+            "row",
+            None,
+            None,
+            vec!["--tls-creds", empty_arg, "--mem-uri", &mem],
+            vec!["no ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem, client-key.pem"],
+        ),
+        (
+            "a --tls-creds without client files",
+            "row",
+            None,
+            None,
+            vec!["--tls-creds", partial_arg, "--mem-uri", &mem],
+            vec!["no client-cert.pem, client-key.pem"],
+        ),
+        (
+            "a --tls-creds QEMU cannot load",
+            "row",
+            None,
+            None,
+            vec!["--tls-creds", garbage_arg, "--mem-uri", &mem],
+            vec!["the source QEMU cannot load them as a TLS client"],
+        ),
+        (
+            "a --mem-uri without tcp:",
+            "row",
+            None,
+            None,
+            vec!["--tls-creds", &pki_arg, "--mem-uri", "host-b:4444"],
+            vec!["--mem-uri", "expected tcp:HOST:PORT"],
+        ),
+        (
+            "a --mem-uri without a port",
+            "row",
+            None,
+            None,
+            vec!["--mem-uri", "tcp:host-b"],
+            vec!["--mem-uri", "no port"],
+        ),
+        ("a --mem-uri with a bad port", "row", None, None, vec!["--mem-uri", "tcp:host-b:99999"], vec!["is no port"]),
+        (
+            "a tcp: --disk-uri for qemu-mirror",
+            "qemu-mirror",
+            Some(&row_uri),
+            None,
+            vec!["--mem-uri", &mem],
+            vec!["nbd://HOST:PORT/EXPORT"],
+        ),
+        (
+            "a receive proxy for qemu-mirror",
+            "qemu-mirror",
+            None,
+            None,
+            vec!["--mem-uri", &mem],
+            vec!["it is a `receive` proxy (incoming phase waiting)"],
+        ),
+        (
+            "a serve proxy as the destination",
+            "row",
+            None,
+            Some(&serve_ctl),
+            vec!["--mem-uri", &mem],
+            vec!["the destination proxy is not waiting for a disk: it is a `serve` proxy (mode direct)"],
+        ),
+    ];
+    for (what, strategy, disk_uri, dst_proxy, args, says) in cases {
+        let mut cmd = driver_command(&mut rig, strategy, disk_uri, dst_proxy, &args);
+        let started = std::time::Instant::now();
+        let out = cmd.output().unwrap();
+        let took = started.elapsed();
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        eprintln!("[{:5.1}s] {what}: exit {:?} after {took:?}: {}", rig.secs(), out.status.code(), text.trim_end());
+        assert_eq!(out.status.code(), Some(2), "{what}: {text}");
+        assert_eq!(text.trim_end().lines().count(), 1, "{what}: one line: {text}");
+        assert!(text.starts_with("row-migrate: nothing was changed: "), "{what}: {text}");
+        for s in says {
+            assert!(text.contains(s), "{what}: does not say {s:?}: {text}");
+        }
+        assert!(!text.contains("rolled back") && !text.contains('{'), "{what}: {text}");
+        assert!(took < Duration::from_secs(5), "{what}: refused only after {took:?}");
+        assert_eq!(untouched_state(&mut rig), before, "{what} changed something");
+    }
+    assert!(serve.terminate(Duration::from_secs(30)).success());
+
+    // A relative --tls-creds, from another directory: the migration works.
+    let cwd = rig.dir.path().join("a1");
+    let mut cmd = driver_command(&mut rig, "row", None, None, &["--tls-creds", "../pki", "--mem-uri", &mem, "--json"]);
+    let out = cmd.current_dir(&cwd).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "with --tls-creds ../pki from {}: {text}", cwd.display());
+    let report: Value = serde_json::from_slice(out.stdout.trim_ascii()).expect("a JSON report");
+    check_report(&report, "row", Some(3), false);
+    let (a, b) = (index(&rig, HostId::A), index(&rig, HostId::B));
+    check_landed(&mut rig, a, b, true);
+}
+
+/// Whether `host`'s QEMU still holds qemu-mirror's job or target node.
+fn mirror_leftovers(rig: &mut Rig, host: HostId) -> Vec<String> {
+    let mon = rig.side(host).mon.clone();
+    let mut left = Vec::new();
+    for j in qmp(&mon, "query-block-jobs", json!({})).unwrap().as_array().unwrap() {
+        left.push(format!("job {}", j["device"]));
+    }
+    for n in qmp(&mon, "query-named-block-nodes", json!({})).unwrap().as_array().unwrap() {
+        if n["node-name"] == "rowmig-target" {
+            left.push("node rowmig-target".into());
+        }
+    }
+    left
+}
+
+/// Waits until the source QEMU's mirror job (its QMP monitor `mon`) has copied something.
+fn wait_mirror(mon: &std::path::Path) {
+    wait_until("the mirror job", HANG_LIMIT, || {
+        let jobs = qmp(mon, "query-block-jobs", json!({})).ok()?;
+        jobs.as_array()?.iter().any(|j| j["device"] == "rowmig-mirror" && j["offset"].as_u64() > Some(0)).then_some(())
+    });
+}
+
+/// qemu-mirror after failed runs: a run that times out during the mirror, and one whose
+/// destination proxy dies during it, roll back and leave neither the mirror job nor its target
+/// node on the source QEMU; a run killed during the mirror leaves both, and the next run
+/// removes them; that run then moves the guest.
+#[test]
+fn qemu_mirror_cleans_up_after_a_failed_run_and_a_retry_migrates() {
+    let _serial = serial();
+    // Resilient drives: B's QEMU waits for its proxy, which step 2 kills and restarts.
+    let guest = Guest { resilient: true, ..Guest::default() };
+    let mut rig = Rig::start_with(Role::MirrorTarget, 45, guest, &[]);
+    std::thread::sleep(Duration::from_secs(1));
+    let key = rig.key.clone();
+
+    // 1. --timeout during the mirror: rolled back, nothing left.
+    let res = rig
+        .spawn_driver(HostId::A, HostId::B, "qemu-mirror", &["--max-bandwidth", "2MiB", "--timeout", "3s"])
+        .wait(HANG_LIMIT);
+    eprintln!("[{:5.1}s] mirror with --timeout 3s: exit {:?}: {}", rig.secs(), res.code, res.stderr.trim_end());
+    assert_eq!(res.code, Some(3), "stderr:\n{}", res.stderr);
+    let errors: Vec<&str> =
+        res.stderr.lines().filter(|l| l.starts_with("row-migrate: ") && *l != "row-migrate: rolling back").collect();
+    assert_eq!(errors.len(), 1, "one error line:\n{}", res.stderr);
+    assert!(errors[0].contains("did not finish within 3s") && errors[0].contains("rolled back"), "{}", errors[0]);
+    assert!(!res.stderr.contains("WARN"), "the rollback warned:\n{}", res.stderr);
+    assert_eq!(mirror_leftovers(&mut rig, HostId::A), Vec::<String>::new(), "after the rollback");
+    assert_eq!(rig.a().qemu_status().as_deref(), Some("running"));
+    assert_eq!(rig.b().qemu_status().as_deref(), Some("inmigrate"));
+
+    // 2. The destination proxy killed during the mirror: the job fails, rolled back, nothing left.
+    let driver = rig.spawn_driver(HostId::A, HostId::B, "qemu-mirror", &["--max-bandwidth", "2MiB"]);
+    let mon = rig.a().mon.clone();
+    wait_mirror(&mon);
+    rig.b().kill_proxy();
+    let res = driver.wait(HANG_LIMIT);
+    eprintln!("[{:5.1}s] destination proxy killed: exit {:?}: {}", rig.secs(), res.code, res.stderr.trim_end());
+    assert_eq!(res.code, Some(3), "stderr:\n{}", res.stderr);
+    let errors: Vec<&str> =
+        res.stderr.lines().filter(|l| l.starts_with("row-migrate: ") && *l != "row-migrate: rolling back").collect();
+    assert_eq!(errors.len(), 1, "one error line:\n{}", res.stderr);
+    assert!(errors[0].contains("mirror") && errors[0].contains("rolled back"), "{}", errors[0]);
+    assert!(!errors[0].contains('{'), "raw QEMU JSON in the error: {}", errors[0]);
+    assert_eq!(mirror_leftovers(&mut rig, HostId::A), Vec::<String>::new(), "after the rollback");
+    assert_eq!(rig.a().qemu_status().as_deref(), Some("running"));
+    rig.b().start_proxy(Role::MirrorTarget, &key);
+
+    // 3. Killed during the mirror: the job and the node stay behind.
+    let driver = rig.spawn_driver(HostId::A, HostId::B, "qemu-mirror", &["--max-bandwidth", "2MiB"]);
+    wait_mirror(&mon);
+    signal(driver.pid(), libc::SIGKILL);
+    let killed = driver.wait(Duration::from_secs(10));
+    assert_eq!(killed.code, None, "row-migrate was not killed: {}", killed.stderr);
+    let left = mirror_leftovers(&mut rig, HostId::A);
+    eprintln!("[{:5.1}s] row-migrate killed during the mirror; left on A: {left:?}", rig.secs());
+    assert!(left.iter().any(|l| l.contains("node")), "the kill left nothing to clean up: {left:?}");
+
+    // 4. The retry removes them and migrates.
+    let report = rig.migrate_ok(HostId::A, HostId::B, "qemu-mirror", &[]);
+    check_report(&report, "qemu-mirror", None, false);
+    let a_left = mirror_leftovers(&mut rig, HostId::A);
+    assert_eq!(a_left, Vec::<String>::new(), "after the migration");
+    let (a, b) = (index(&rig, HostId::A), index(&rig, HostId::B));
+    check_landed(&mut rig, a, b, false);
+}

@@ -82,9 +82,28 @@ pub fn render(cmd: Command, related: &[&str]) -> io::Result<Vec<(PathBuf, Vec<u8
     for shell in SHELLS {
         let mut script = Vec::new();
         clap_complete::generate(shell, &mut cmd, name.clone(), &mut script);
+        if shell == Shell::Bash {
+            script = fix_bash_labels(&script, &name);
+        }
         files.push((completion_path(shell, &name), script));
     }
     Ok(files)
+}
+
+/// The separator clap_complete's bash script puts between a command and its subcommand in the
+/// names its `cmd` variable takes (`nbd__row__proxy__subcmd__serve`).
+const BASH_SUBCMD: &str = "__subcmd__";
+
+/// Makes the bash script of a binary whose name has a dash complete its subcommands:
+/// clap_complete (4.6) sets `cmd` to `nbd__row__proxy__subcmd__serve` (the name's dashes as
+/// `__`) but labels that subcommand's case `nbd__subcmd__row__subcmd__proxy__subcmd__serve` (the
+/// name's dashes as `__subcmd__`), so no subcommand's options were ever offered. The labels are
+/// rewritten to what `cmd` holds; a name without a dash is left as it is.
+fn fix_bash_labels(script: &[u8], name: &str) -> Vec<u8> {
+    let text = String::from_utf8_lossy(script);
+    let wrong = format!("{}{BASH_SUBCMD}", name.replace('-', BASH_SUBCMD));
+    let right = format!("{}{BASH_SUBCMD}", name.replace('-', "__"));
+    text.replace(&wrong, &right).into_bytes()
 }
 
 /// Writes every file for `cmd` under `out`; returns the paths written.
@@ -178,6 +197,27 @@ mod tests {
         assert!(!top.contains("tool\\-help"), "clap's help subcommand has no page: {top}");
         let serve = String::from_utf8(files[1].1.clone()).unwrap();
         assert!(serve.contains("\\-\\-image") && serve.contains("tool serve"), "{serve}");
+    }
+
+    #[test]
+    fn bash_case_labels_match_what_cmd_is_set_to() {
+        let cmd = Command::new("my-tool")
+            .subcommand(Command::new("serve").arg(Arg::new("image").long("image")))
+            .subcommand(Command::new("tls-certs").arg(Arg::new("out").long("out")));
+        let files = render(cmd, &[]).unwrap();
+        let (_, bash) = files.iter().find(|(p, _)| p.ends_with("completions/bash/my-tool")).unwrap();
+        let bash = String::from_utf8(bash.clone()).unwrap();
+        // Every name `cmd` is set to has a case of its own, and no case is unreachable.
+        let set: Vec<&str> = bash
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("cmd=\"")?.strip_suffix('"'))
+            .filter(|c| !c.is_empty())
+            .collect();
+        assert_eq!(set, ["my__tool", "my__tool__subcmd__serve", "my__tool__subcmd__tls__subcmd__certs"], "{bash}");
+        for c in &set {
+            assert!(bash.contains(&format!("\n        {c})\n")), "no case for {c}:\n{bash}");
+        }
+        assert!(!bash.contains("my__subcmd__tool"), "{bash}");
     }
 
     #[test]

@@ -79,6 +79,13 @@ Units: rates as 100mbit, 1Gbit/s (bits) or 12MB/s (SI), 12MiB/s (IEC), a plain n
 durations as 500ms, 2s, 1h30m, a plain number is seconds.
 Logs: stderr, filtered by RUST_LOG (default warn); --log-format json for one JSON object per line.";
 
+/// The usage line: a migration needs --mem-uri and a disk (the single-disk flags or --disk);
+/// --recover only the sockets.
+const USAGE: &str = "row-migrate [OPTIONS] --src-qmp <SRC_QMP> --dst-qmp <DST_QMP> --mem-uri <MEM_URI> \
+<--src-proxy <SRC_PROXY> --dst-proxy <DST_PROXY> --disk-uri <DISK_URI> | --disk <SRC,DST,URI>...>
+       row-migrate [OPTIONS] --src-qmp <SRC_QMP> --dst-qmp <DST_QMP> --recover \
+<--src-proxy <SRC_PROXY> --dst-proxy <DST_PROXY> | --disk <SRC,DST,URI>...>";
+
 /// How the disk moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Strategy {
@@ -146,6 +153,8 @@ pub enum MirrorMode {
     name = "row-migrate",
     version,
     about = "Live-migrate a QEMU guest with its local disk",
+    // clap leaves --mem-uri out of the usage it derives (it is required unless --recover).
+    override_usage = USAGE,
     after_help = EXIT_CODES,
     after_long_help = format!("{EXAMPLES}\n\n{EXIT_CODES}")
 )]
@@ -338,5 +347,9 @@ mod tests {
         let help = Args::command().render_long_help().to_string();
         assert!(help.contains("5  failed after the switchover"), "{help}");
         assert!(help.contains("Examples:") && help.contains("--recover"), "{help}");
+        let usage = Args::command().render_usage().to_string();
+        let first = usage.lines().next().unwrap_or_default();
+        assert!(first.contains("--mem-uri <MEM_URI>") && first.contains("--disk-uri"), "{usage}");
+        assert!(usage.lines().nth(1).is_some_and(|l| l.contains("--recover")), "{usage}");
     }
 }

@@ -15,8 +15,6 @@ use crate::sequence::{Ctx, MIRROR_JOB, MIRROR_NODE};
 
 /// How long the source proxy may take to give the disk back (it may ask the destination).
 const DISK_CANCEL_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long the mirror job may take to end after a forced cancel.
-const MIRROR_ABORT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the state queries for the report may take each.
 const STATE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Tries, 100 ms apart, to get the source guest running again.
@@ -26,10 +24,17 @@ const RESUME_TRIES: u32 = 50;
 pub async fn rollback(ctx: &mut Ctx) -> Result<()> {
     eprintln!("row-migrate: rolling back");
     let mut errors = Vec::new();
-    if ctx.mirror_started {
-        let _ = ctx.src.execute_raw("block-job-cancel", json!({ "device": MIRROR_JOB, "force": true })).await;
-        let _ = ctx.src.wait_event(MIRROR_ABORT_TIMEOUT, |e| e.name.starts_with("BLOCK_JOB_")).await;
-        let _ = ctx.src.execute_raw("blockdev-del", json!({ "node-name": MIRROR_NODE })).await;
+    // qemu-mirror: the job and its target node go (the next run would otherwise find the node
+    // name taken). Whether they were added is not known for sure when the failure interrupted
+    // a command, so they are looked for.
+    if ctx.mirror_started || !ctx.args.strategy.by_proxies() {
+        match crate::sequence::remove_mirror(&mut ctx.src).await {
+            Ok(_) => ctx.mirror_started = false,
+            Err(e) => tracing::warn!(
+                "the mirror job {MIRROR_JOB} or its node {MIRROR_NODE} may be left on the source QEMU (the next \
+                 row-migrate removes them): {e:#}"
+            ),
+        }
     }
     // The disks first. Before migrate-finish no destination got a commit, so the source may
     // run whatever its proxies say; after it, only once every proxy has its disk back.

@@ -102,7 +102,7 @@ fn refused(error: anyhow::Error) -> Failure {
 }
 
 /// Runs the whole migration; a failure says how it ended (see [`exit`]).
-pub async fn run(args: Args) -> Result<Value, Failure> {
+pub async fn run(mut args: Args) -> Result<Value, Failure> {
     let connect = |path: &std::path::Path, flag: String, what: &'static str, peer: Peer| {
         let path = path.to_path_buf();
         async move {
@@ -118,6 +118,7 @@ pub async fn run(args: Args) -> Result<Value, Failure> {
     };
     let specs = disk_specs(&args).map_err(|e| refused(anyhow!(e)))?;
     distinct_sockets(&args, &specs).map_err(refused)?;
+    check_args(&mut args, &specs).map_err(refused)?;
     let src = connect(&args.src_qmp, "--src-qmp".into(), "source QEMU", Peer::Qemu).await.map_err(refused)?;
     let dst = connect(&args.dst_qmp, "--dst-qmp".into(), "destination QEMU", Peer::Qemu).await.map_err(refused)?;
     let count = specs.len();
@@ -238,6 +239,94 @@ fn distinct_sockets(args: &Args, specs: &[DiskSpec]) -> Result<()> {
     Ok(())
 }
 
+/// The files of a TLS credentials directory QEMU's `tls-creds-x509` objects load: the source
+/// QEMU is the client, the destination QEMU the server, and each verifies the other.
+pub const TLS_FILES: [&str; 5] =
+    ["ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem"];
+
+/// Checks the flags that need no component, before any is contacted: `--mem-uri` is a
+/// `tcp:HOST:PORT`, qemu-mirror's `--disk-uri` an `nbd://HOST:PORT/EXPORT`, and `--tls-creds` a
+/// directory with every file QEMU loads (made absolute here: QEMU resolves a relative path
+/// against its own working directory, not row-migrate's).
+fn check_args(args: &mut Args, specs: &[DiskSpec]) -> Result<()> {
+    parse_tcp_uri(args.mem_uri()).context("--mem-uri")?;
+    if !args.strategy.by_proxies() {
+        for spec in specs {
+            parse_nbd_uri(&spec.uri)?;
+        }
+    }
+    if let Some(dir) = &args.tls_creds {
+        args.tls_creds = Some(tls_dir(dir)?);
+    }
+    Ok(())
+}
+
+/// `tcp:HOST:PORT` (an IPv6 address in brackets, QEMU's options after a comma): the host and
+/// the port.
+pub fn parse_tcp_uri(uri: &str) -> Result<(String, u16)> {
+    let expected = "expected tcp:HOST:PORT, e.g. tcp:host-b:4444";
+    let rest =
+        uri.strip_prefix("tcp:").ok_or_else(|| anyhow!("{uri:?}: {expected} (QEMU's memory stream goes over TCP)"))?;
+    let rest = rest.split_once(',').map_or(rest, |(address, _options)| address);
+    let (host, port) = rest.rsplit_once(':').ok_or_else(|| anyhow!("{uri:?}: no port; {expected}"))?;
+    let host = match host.strip_prefix('[') {
+        Some(h) => h.strip_suffix(']').ok_or_else(|| anyhow!("{uri:?}: unbalanced [; {expected}"))?,
+        None if host.contains(':') => bail!("{uri:?}: an IPv6 address goes in brackets, e.g. tcp:[::1]:4444"),
+        None => host,
+    };
+    if host.is_empty() {
+        bail!("{uri:?}: no host; {expected}");
+    }
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| anyhow!("{uri:?}: {port:?} is no port (1 to 65535)"))?;
+    Ok((host.to_string(), port))
+}
+
+/// `--tls-creds DIR`: the directory, absolute, once it holds every file of [`TLS_FILES`].
+fn tls_dir(dir: &std::path::Path) -> Result<std::path::PathBuf> {
+    let abs = std::fs::canonicalize(dir).map_err(|e| anyhow!("--tls-creds {}: {e}", dir.display()))?;
+    if !abs.is_dir() {
+        bail!("--tls-creds {}: not a directory", dir.display());
+    }
+    let missing: Vec<&str> = TLS_FILES.iter().copied().filter(|f| !abs.join(f).is_file()).collect();
+    if !missing.is_empty() {
+        bail!(
+            "--tls-creds {}: no {} in it (QEMU's TLS credentials need {})",
+            dir.display(),
+            missing.join(", "),
+            TLS_FILES.join(", ")
+        );
+    }
+    Ok(abs)
+}
+
+/// The id of the credentials object the preflight loads and removes at once, to learn whether
+/// each QEMU can read `--tls-creds`.
+const TLS_CHECK_OBJECT: &str = "rowmig-tls-check";
+
+/// Has each QEMU load the TLS credentials (and drops them again): a directory it cannot read
+/// (another host's path, permissions) is refused before anything starts.
+async fn check_tls(ctx: &mut Ctx) -> Result<()> {
+    let Some(dir) = ctx.args.tls_creds.clone() else { return Ok(()) };
+    for (qemu, who, endpoint) in
+        [(&mut ctx.src, "the source QEMU", "client"), (&mut ctx.dst, "the destination QEMU", "server")]
+    {
+        let object = json!({ "qom-type": "tls-creds-x509", "id": TLS_CHECK_OBJECT, "dir": dir,
+                             "endpoint": endpoint, "verify-peer": true });
+        let added = qemu.execute_raw("object-add", object).await;
+        if added.is_ok() {
+            qemu.execute_raw("object-del", json!({ "id": TLS_CHECK_OBJECT }))
+                .await
+                .with_context(|| format!("object-del {TLS_CHECK_OBJECT} on {who}"))?;
+        }
+        added.map_err(|e| anyhow!("--tls-creds {}: {who} cannot load them as a TLS {endpoint}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
 /// Checks both sides before anything changes.
 async fn preflight(ctx: &mut Ctx) -> Result<()> {
     let src_status = ctx.src.query_status().await.context("query-status on the source QEMU")?;
@@ -255,6 +344,7 @@ async fn preflight(ctx: &mut Ctx) -> Result<()> {
         bail!("qemu-mirror moves one disk; use --strategy row or bitmap for a VM with several");
     }
     check_features(ctx).await?;
+    check_tls(ctx).await?;
     check_drive_count(ctx).await?;
     let by_proxies = ctx.args.strategy.by_proxies();
     for disk in &mut ctx.disks {
@@ -364,14 +454,21 @@ async fn check_disk(disk: &mut DiskPair, by_proxies: bool) -> Result<()> {
     }
     if by_proxies {
         if !dp.incoming {
-            bail!("the destination proxy is not waiting for a disk (run it as `nbd-row-proxy receive`)");
+            let what = match dp.incoming_phase {
+                Some(phase) => format!("a `receive` proxy that already holds a migrated disk (incoming phase {phase})"),
+                None => format!("a `serve` proxy (mode {})", json!(dp.mode).as_str().unwrap_or("?")),
+            };
+            bail!("the destination proxy is not waiting for a disk: it is {what}; start `nbd-row-proxy receive` there");
         }
         let m = disk.src_proxy.call::<QueryMigrate>(NoArgs {}).await?;
         if m.phase.is_active() {
             bail!("the source proxy is already migrating (phase {})", m.phase);
         }
-    } else if dp.incoming {
-        bail!("for qemu-mirror the destination proxy must be a plain `serve` with --tcp, not `receive`");
+    } else if dp.incoming || dp.incoming_phase.is_some() {
+        let phase = dp.incoming_phase.map_or_else(String::new, |p| format!(" (incoming phase {p})"));
+        bail!(
+            "for qemu-mirror the destination proxy must be a plain `serve` with --tcp; it is a `receive` proxy{phase}"
+        );
     }
     Ok(())
 }
@@ -905,6 +1002,11 @@ async fn wait_migration(qemu: &mut Qmp, status: &str) -> Result<qmp_proto::Times
 /// qemu-mirror: `blockdev-mirror` onto the destination proxy until the job is READY.
 async fn mirror_until_ready(ctx: &mut Ctx) -> Result<Value> {
     let (host, port, export) = parse_nbd_uri(&ctx.disks[0].spec.uri)?;
+    // A run that failed before this fix, or was killed, may have left the job or the node.
+    if remove_mirror(&mut ctx.src).await.context("removing the mirror an earlier run left")? {
+        tracing::warn!("removed the mirror job or node ({MIRROR_JOB}, {MIRROR_NODE}) an earlier run left");
+        ctx.src.take_events();
+    }
     let blocks = ctx.src.execute_raw("query-block", json!({})).await?;
     let node = blocks
         .as_array()
@@ -929,7 +1031,14 @@ async fn mirror_until_ready(ctx: &mut Ctx) -> Result<Value> {
         if let Some(e) = ctx.src.next_event(Duration::from_millis(250)).await? {
             match e.name.as_str() {
                 "BLOCK_JOB_READY" => break,
-                "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_ERROR" => bail!("the mirror job ended early: {}", e.data),
+                "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_ERROR" => {
+                    // BLOCK_JOB_ERROR says which operation failed, BLOCK_JOB_COMPLETED why.
+                    let why = e.data["error"].as_str().map(str::to_string).unwrap_or_else(|| {
+                        let op = e.data["operation"].as_str().unwrap_or("an I/O");
+                        format!("{op} error (is the destination proxy still there?)")
+                    });
+                    bail!("the mirror to {} failed before it was ready: {why}", ctx.disks[0].spec.uri)
+                }
                 _ => continue,
             }
         }
@@ -964,9 +1073,63 @@ async fn mirror_complete(ctx: &mut Ctx) -> Result<Value> {
         .wait_event(MIRROR_CANCEL_TIMEOUT, |e| e.name == "BLOCK_JOB_COMPLETED" || e.name == "BLOCK_JOB_CANCELLED")
         .await
         .context("the mirror did not complete")?;
-    let _ = ctx.src.execute_raw("blockdev-del", json!({ "node-name": MIRROR_NODE })).await;
+    remove_mirror(&mut ctx.src).await.context("removing the mirror's target node")?;
     ctx.mirror_started = false;
     Ok(stats)
+}
+
+/// How long the mirror's job and node may take to go.
+const MIRROR_REMOVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Removes what qemu-mirror adds to the source QEMU, if it is there: cancels the job
+/// ([`MIRROR_JOB`]) and waits until it is gone (dismissing it if it concluded), then deletes
+/// the target node ([`MIRROR_NODE`]), which the job holds until it is gone. Returns whether
+/// there was anything to remove.
+pub async fn remove_mirror(qemu: &mut Qmp) -> Result<bool> {
+    let deadline = Instant::now() + MIRROR_REMOVE_TIMEOUT;
+    let mut found = false;
+    let mut cancelled = false;
+    loop {
+        let jobs = qemu.execute_raw("query-jobs", json!({})).await.context("query-jobs")?;
+        let Some(job) = jobs.as_array().and_then(|j| j.iter().find(|j| j["id"] == MIRROR_JOB)).cloned() else {
+            break;
+        };
+        found = true;
+        let status = job["status"].as_str().unwrap_or_default();
+        match status {
+            "concluded" => {
+                let _ = qemu.execute_raw("job-dismiss", json!({ "id": MIRROR_JOB })).await;
+            }
+            "pending" => {
+                let _ = qemu.execute_raw("job-finalize", json!({ "id": MIRROR_JOB })).await;
+            }
+            "aborting" | "waiting" | "null" => {}
+            _ if !cancelled => {
+                let _ = qemu.execute_raw("block-job-cancel", json!({ "device": MIRROR_JOB, "force": true })).await;
+                cancelled = true;
+            }
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            bail!("the mirror job {MIRROR_JOB} is still there (status {status}) after {MIRROR_REMOVE_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    loop {
+        let nodes = qemu.execute_raw("query-named-block-nodes", json!({})).await.context("query-named-block-nodes")?;
+        if !nodes.as_array().is_some_and(|n| n.iter().any(|n| n["node-name"] == MIRROR_NODE)) {
+            return Ok(found);
+        }
+        found = true;
+        match qemu.execute_raw("blockdev-del", json!({ "node-name": MIRROR_NODE })).await {
+            Ok(_) => return Ok(found),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(anyhow!(e).context(format!("blockdev-del {MIRROR_NODE} on the source QEMU")))
+            }
+            Err(e) => tracing::debug!("blockdev-del {MIRROR_NODE}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Waits at a named point when the `NBD_ROW_PAUSE` test hook asks for it.
@@ -982,11 +1145,20 @@ fn secs(t: &qmp_proto::Timestamp) -> f64 {
 }
 
 fn parse_nbd_uri(uri: &str) -> Result<(String, String, String)> {
-    let rest = uri
-        .strip_prefix("nbd://")
-        .ok_or_else(|| anyhow!("--disk-uri for qemu-mirror must be nbd://HOST:PORT/EXPORT"))?;
+    let bad = || anyhow!("{uri:?}: --disk-uri for qemu-mirror must be nbd://HOST:PORT/EXPORT");
+    let rest = uri.strip_prefix("nbd://").ok_or_else(bad)?;
     let (hostport, export) = rest.split_once('/').unwrap_or((rest, ""));
-    let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "10809"));
+    // An IPv6 address goes in brackets; the port defaults to NBD's.
+    let (host, port) = match hostport.strip_prefix('[') {
+        Some(v6) => {
+            let (host, after) = v6.split_once(']').ok_or_else(bad)?;
+            (host, if after.is_empty() { "10809" } else { after.strip_prefix(':').ok_or_else(bad)? })
+        }
+        None => hostport.split_once(':').unwrap_or((hostport, "10809")),
+    };
+    if host.is_empty() || port.parse::<u16>().ok().filter(|p| *p != 0).is_none() {
+        return Err(bad());
+    }
     Ok((host.to_string(), port.to_string(), export.to_string()))
 }
 
@@ -1011,6 +1183,22 @@ mod tests {
         // A cap above what the link carried, or none: QEMU fills the link's queue.
         assert!(!paced_below(Some(100_000_000), Some(10_000_000.0)));
         assert!(!paced_below(None, Some(10_000_000.0)));
+    }
+
+    #[test]
+    fn memory_and_mirror_uris_are_checked() {
+        assert_eq!(parse_tcp_uri("tcp:host-b:4444").unwrap(), ("host-b".to_string(), 4444));
+        assert_eq!(parse_tcp_uri("tcp:[::1]:4444").unwrap(), ("::1".to_string(), 4444));
+        assert_eq!(parse_tcp_uri("tcp:10.0.0.2:4444,ipv4=on").unwrap(), ("10.0.0.2".to_string(), 4444));
+        for bad in ["host-b:4444", "unix:/run/x", "tcp:host-b", "tcp::4444", "tcp:h:0", "tcp:h:99999", "tcp:::1:4444"] {
+            assert!(parse_tcp_uri(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_nbd_uri("nbd://h:10809/vm1").unwrap(), ("h".into(), "10809".into(), "vm1".into()));
+        assert_eq!(parse_nbd_uri("nbd://h/vm1").unwrap(), ("h".into(), "10809".into(), "vm1".into()));
+        assert_eq!(parse_nbd_uri("nbd://[::1]:7/x").unwrap(), ("::1".into(), "7".into(), "x".into()));
+        for bad in ["tcp:h:1", "nbd://:1/x", "nbd://h:port/x", "nbd://[::1/x"] {
+            assert!(parse_nbd_uri(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
