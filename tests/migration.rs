@@ -182,3 +182,62 @@ fn query_status_shows_migration_and_merge_progress_to_any_client() {
     assert_eq!(p["total-bytes"].as_u64(), Some((SIZE / 2) as u64), "{p}");
     assert!(p["done-bytes"].as_u64().unwrap() <= (SIZE / 2) as u64, "{p}");
 }
+
+/// `migrate-cancel` during a final round that would take long (every block rewritten after the
+/// pre-copy, sent at 2 MiB/s with post-copy off): the round stops before its commit instead of
+/// holding the source for the whole round (the cancel used to wait behind it and time out),
+/// `migrate-finish` fails saying so, the source writes again and the destination holds nothing.
+#[test]
+fn a_cancel_stops_a_final_round_before_its_commit() {
+    let _serial = serial();
+    let (src_dir, dst_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let key = key_file(src_dir.path(), "cancel-final-key-0123456789abcdef");
+    let (image, _) = source_image(src_dir.path(), 43);
+    let src = source(src_dir.path(), &image, &key);
+    let dst_image = dst_dir.path().join("disk.raw");
+    sparse_file(&dst_image, SIZE as u64);
+    let port = free_port();
+    let dst = destination(dst_dir.path(), &dst_image, &key, port);
+    let mut ctl = src.ctl();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    ctl.ok("migrate-start", json!({ "uri": uri, "strategy": "row", "max-bandwidth": 2 << 20, "rounds": 1 }));
+    wait_phase(&mut ctl, "ready", HANG_LIMIT);
+    // Every block rewritten: the final round carries the whole 32 MiB, about 16 s at 2 MiB/s.
+    let mut c = RawClient::connect(&src.server.socket, "", true).unwrap();
+    for i in 0..(SIZE / BS) as u64 {
+        let block = random_bytes(i + 1000, BS);
+        assert_eq!(c.call(request(Cmd::Write, i, i * BS as u64, BS as u32), &block).unwrap().error, 0);
+    }
+    let control = src.control.clone();
+    let finish = std::thread::spawn(move || {
+        let mut ctl = ControlClient::connect(&control);
+        ctl.execute("migrate-finish", json!({ "postcopy": "never" }))
+    });
+    // Once the final round is under way (and has sent something), cancel it.
+    let started = std::time::Instant::now();
+    loop {
+        let m = ctl.ok("query-migrate", json!({}));
+        let sending = m["rounds"].as_array().and_then(|r| r.last()).is_some_and(|r| r["kind"] == "final");
+        if m["phase"] == "finishing" && (sending || m["round-blocks"].as_u64().unwrap_or(0) > 0) {
+            break;
+        }
+        assert!(started.elapsed() < HANG_LIMIT, "no final round: {m}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    ctl.ok("migrate-cancel", json!({}));
+    let finished = finish.join().unwrap();
+    let err = finished.expect_err("the final round was cancelled");
+    assert!(err.contains("migrate-cancel during the final round"), "{err}");
+    let status = ctl.ok("query-migrate", json!({}));
+    assert!(status["round-remaining-blocks"].as_u64().unwrap_or(0) > 0, "stopped before its end: {status}");
+    // The source owns its disk again: writes go through; the destination committed nothing.
+    let started = std::time::Instant::now();
+    while !ctl.ok("query-status", json!({}))["writes-refused"].is_null() {
+        assert!(started.elapsed() < HANG_LIMIT, "the source still refuses writes");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(c.call(request(Cmd::Write, 1, 0, BS as u32), &vec![1u8; BS]).unwrap().error, 0);
+    let d = dst.ctl().ok("query-status", json!({}));
+    assert!(d["incoming-phase"] != "committed" && d["incoming-phase"] != "owner", "{d}");
+}

@@ -117,6 +117,29 @@ struct Shared {
     machine: Mutex<SourceSession>,
     progress: Arc<Mutex<Progress>>,
     postcopy: Arc<Mutex<Option<PostcopyStatus>>>,
+    /// `migrate-cancel`s asked, counted as they arrive (before the actor takes them in turn).
+    cancels: Cancels,
+}
+
+/// A count of `migrate-cancel`s, readable while the actor is busy with another request.
+#[derive(Debug, Default)]
+struct Cancels(std::sync::atomic::AtomicU64);
+
+impl Cancels {
+    fn count(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn ask(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Resolves once a cancel was asked after the count was `before`.
+    async fn asked_since(&self, before: u64) {
+        while self.count() == before {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// The control socket's handle on outgoing migrations.
@@ -167,8 +190,10 @@ impl Outgoing {
         self.ask(|r| Request::Finish(args, r)).await
     }
 
-    /// `migrate-cancel`.
+    /// `migrate-cancel`. Counted at once, so that a final round under way (which holds the
+    /// actor) stops before its commit.
     pub async fn cancel(&self) -> Result<(), MigrationError> {
+        self.shared.cancels.ask();
         self.ask(Request::Cancel).await
     }
 
@@ -881,6 +906,7 @@ impl Actor {
         let disk = self.proxy.disk.clone();
         let mut postcopy = None;
         let mut residual = Vec::new();
+        let cancels_before = self.shared.cancels.count();
         let result: Result<()> = async {
             pause("final-round").await;
             let log = DiskLog(&disk);
@@ -899,23 +925,34 @@ impl Actor {
             };
             let live: Arc<dyn BlockBackend> = disk.clone();
             let started = Instant::now();
-            rounds.send(&mut conn.out, RoundKind::Final, live, ranges).await?;
-            if !residual.is_empty() {
-                let size = disk.size();
-                let mut frames = Vec::new();
-                for s in &residual {
-                    let offset = s.first * BLOCK_SIZE;
-                    let end = ((s.first + s.count) * BLOCK_SIZE).min(size);
-                    Message::Missing { offset, len: end - offset }.encode(&mut frames);
+            let sent = async {
+                rounds.send(&mut conn.out, RoundKind::Final, live, ranges).await?;
+                if !residual.is_empty() {
+                    let size = disk.size();
+                    let mut frames = Vec::new();
+                    for s in &residual {
+                        let offset = s.first * BLOCK_SIZE;
+                        let end = ((s.first + s.count) * BLOCK_SIZE).min(size);
+                        Message::Missing { offset, len: end - offset }.encode(&mut frames);
+                    }
+                    conn.out.send_urgent(&frames).await?;
+                    // After this commit the source's disk is the only copy of the residual: it
+                    // must survive a crash of this host (the guest's last writes may not have
+                    // been flushed when it paused).
+                    let d = disk.clone();
+                    tokio::task::spawn_blocking(move || d.flush())
+                        .await?
+                        .context("syncing the disk before a post-copy")?;
                 }
-                conn.out.send_urgent(&frames).await?;
-            }
-            if !residual.is_empty() {
-                // After this commit the source's disk is the only copy of the residual: it
-                // must survive a crash of this host (the guest's last writes may not have
-                // been flushed when it paused).
-                let d = disk.clone();
-                tokio::task::spawn_blocking(move || d.flush()).await?.context("syncing the disk before a post-copy")?;
+                Ok::<(), anyhow::Error>(())
+            };
+            // Until the commit goes out nothing is promised to the destination: a migrate-cancel
+            // stops the round at once (a final round can take minutes on a slow link).
+            tokio::select! {
+                r = sent => r?,
+                _ = self.shared.cancels.asked_since(cancels_before) => {
+                    bail!("migrate-cancel during the final round: nothing was committed")
+                }
             }
             // Between rounds the destination says nothing: a frame already here (an early
             // `Committed` among them) answers no commit of ours and must not be taken for one.
