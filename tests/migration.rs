@@ -208,7 +208,7 @@ fn a_cancel_stops_a_final_round_before_its_commit() {
         let block = random_bytes(i + 1000, BS);
         assert_eq!(c.call(request(Cmd::Write, i, i * BS as u64, BS as u32), &block).unwrap().error, 0);
     }
-    let control = src.control.clone();
+    let control = src.control;
     let finish = std::thread::spawn(move || {
         let mut ctl = ControlClient::connect(&control);
         ctl.execute("migrate-finish", json!({ "postcopy": "never" }))
