@@ -166,7 +166,7 @@ fn qemu_mirror_switches_to_write_blocking_at_ready() {
     check_landed(&mut rig, a, b, false);
 }
 
-/// RAM and disk post-copy together: `--postcopy always` switches QEMU's memory copy to
+/// RAM and disk post-copy together: `--ram-postcopy always` switches QEMU's memory copy to
 /// post-copy a second into it (paced at 20 MB/s so that the copy takes seconds): the guest runs
 /// on B while most of its pages are still on A and are fetched as it touches them, and the
 /// final disk round is left for after the switchover; the guest's RAM ledger and every block
@@ -177,7 +177,8 @@ fn ram_postcopy_moves_a_writing_guest_with_its_memory_still_on_a() {
     let mut rig = Rig::start(Role::Receive, MIGRATE_SECONDS);
     std::thread::sleep(Duration::from_secs(2));
     // Paced, so that the memory copy's first pass takes seconds, not the blink of an unpaced veth.
-    let report = rig.migrate_ok(HostId::A, HostId::B, "row", &["--postcopy", "always", "--max-bandwidth", "20MB/s"]);
+    let args = ["--postcopy", "always", "--ram-postcopy", "always", "--max-bandwidth", "20MB/s"];
+    let report = rig.migrate_ok(HostId::A, HostId::B, "row", &args);
     check_report(&report, "row", Some(3), false);
     let ram = &report["ram-postcopy"];
     assert!(ram["reason"].as_str().unwrap_or_default().contains("at once"), "{report}");

@@ -207,7 +207,8 @@ pub struct Args {
     /// switchover).
     #[arg(long, value_enum, default_value_t = PostcopyArg::Auto)]
     pub postcopy: PostcopyArg,
-    /// Post-copy of memory (QEMU's `postcopy-ram`); by default as --postcopy. `auto` switches
+    /// Post-copy of memory (QEMU's `postcopy-ram`); by default `auto`, or `never` with
+    /// `--postcopy never`. `auto` switches
     /// QEMU to post-copy when its pre-copy passes stop shrinking and what is left would not stop
     /// and copy within memory's share of the budget; `always` a second into the copy; `never`
     /// waits for pre-copy to converge. During a RAM post-copy the guest runs on the destination

@@ -54,7 +54,7 @@ impl RamWatch {
         }
         let decision = match self.mode {
             // At the first sample: a first pass over a fast link converges before any second.
-            PostcopyArg::Always => RamDecision::StartPostcopy("at once (--postcopy always)".into()),
+            PostcopyArg::Always => RamDecision::StartPostcopy("at once (--ram-postcopy always)".into()),
             _ => self.converges(rate),
         };
         self.decided = decision != RamDecision::Wait;
