@@ -867,6 +867,7 @@ async fn wait_memory_copy(ctx: &mut Ctx) -> Result<qmp_proto::Timestamp> {
     let mut stop = None;
     let mut moved = (None, Instant::now());
     let mut ram = RamWatch::new(ctx.ram_postcopy, memory_share(ctx.args.downtime_limit));
+    let mut sampled = Instant::now();
     loop {
         if let Some(e) = ctx.src.next_event(MEMORY_WATCH_EVERY).await? {
             match e.name.as_str() {
@@ -881,8 +882,13 @@ async fn wait_memory_copy(ctx: &mut Ctx) -> Result<qmp_proto::Timestamp> {
                 },
                 _ => {}
             }
-            continue;
+            // Events can come faster than a second (a MIGRATION_PASS per pass near the end of a
+            // copy that does not converge): sample by the clock, not only when none came.
+            if sampled.elapsed() < MEMORY_WATCH_EVERY {
+                continue;
+            }
         }
+        sampled = Instant::now();
         let info = ctx.src.query_migrate().await?;
         let transferred = info.ram_transferred();
         if let (Some(done), Some(left)) = (transferred, info.ram_remaining()) {
