@@ -186,22 +186,6 @@ impl Table {
         self.next_slot
     }
 
-    /// Whether every block of `[start, end)` holds data (in a slot).
-    pub fn holds_data(&self, start: u64, end: u64) -> bool {
-        let mut at = start;
-        self.map.for_each_in(start, end, |r| {
-            if r.start == at && held(&r) == Held::Data {
-                at = r.end();
-            }
-        });
-        at >= end
-    }
-
-    /// Whether every block of `[start, end)` has its full content in the overlay (data or zero).
-    pub fn covers(&self, start: u64, end: u64) -> bool {
-        self.map.covers(start, end)
-    }
-
     /// Whether a block is in the overlay.
     pub fn is_mapped(&self, block: u64) -> bool {
         self.map.get(block).is_some()
@@ -237,23 +221,15 @@ impl Table {
         out
     }
 
-    /// What holds each part of `[start, end)`, in order, gaps included.
+    /// What holds each part of `[start, end)`, in order, gaps included: the pieces, joined
+    /// whatever their slots.
     pub fn segments(&self, start: u64, end: u64) -> Vec<Segment> {
         let mut out: Vec<Segment> = Vec::new();
-        let mut at = start;
-        let mut push = |s: Segment| match out.last_mut() {
-            Some(last) if last.end == s.start && last.held == s.held => last.end = s.end,
-            _ => out.push(s),
-        };
-        self.map.for_each_in(start, end, |r| {
-            if r.start > at {
-                push(Segment { start: at, end: r.start, held: Held::Base });
+        for p in self.pieces(start, end) {
+            match out.last_mut() {
+                Some(last) if last.end == p.start && last.held == p.held => last.end = p.end,
+                _ => out.push(Segment { start: p.start, end: p.end, held: p.held }),
             }
-            push(Segment { start: r.start, end: r.end(), held: held(&r) });
-            at = r.end();
-        });
-        if at < end {
-            push(Segment { start: at, end, held: Held::Base });
         }
         out
     }
@@ -393,14 +369,17 @@ mod tests {
         t.record_rewrite(2, 3);
         let slot = t.allocate(1).unwrap();
         t.record_placed(3, 4, slot);
-        assert!(t.covers(0, 4) && !t.covers(0, 5) && t.holds_data(0, 4));
+        assert_eq!(
+            t.segments(0, 5)[..2],
+            [Segment { start: 0, end: 4, held: Held::Data }, Segment { start: 4, end: 5, held: Held::Base }]
+        );
         let runs: Vec<_> = t.iter().collect();
         assert_eq!(runs[0], WrittenRun { start: 0, len: 2, writes: 1, epoch: 0, zero: false });
         assert_eq!(runs[1], WrittenRun { start: 2, len: 1, writes: 2, epoch: 1, zero: false });
         assert_eq!(runs[2], WrittenRun { start: 3, len: 1, writes: 1, epoch: 1, zero: false });
         assert_eq!(t.pieces(0, 4), vec![Piece { start: 0, end: 4, held: Held::Data, slot: 0 }]);
         t.record_write(10, 1 << 24, true);
-        assert!(!t.holds_data(3, 11));
+        assert!(t.pieces(3, 11).iter().any(|p| p.held != Held::Data), "not all data");
         assert_eq!(
             t.segments(3, 12),
             vec![
