@@ -47,6 +47,10 @@
 //! | 14   | `Revoke`      | empty: the first message of a session asking for its disk back   |
 //! | 15   | `Revoked`     | empty                                                            |
 //! | 16   | `Keepalive`   | empty: the source is alive with nothing to send                  |
+//! | 17   | `Missing`     | up to 4096 ranges: LEB128 (gap after the previous range, len)    |
+//! | 18   | `Fetch`       | id u64, offset u64, len u32                                      |
+//! | 19   | `Fetched`     | id u64, then a `Data` payload                                    |
+//! | 20–24 | `PushDone`, `Holds`, `Resume`, `Resumed`, `Running` | empty                   |
 //!
 //! Session parameters (29 bytes): `session_id[16] disk_size:u64 block_size:u32 strategy:u8`
 //! (strategy 0 row, 1 bitmap; block_size never 0).
@@ -77,15 +81,15 @@ pub use auth::{client_mac, nonce, server_mac, verify, Key, KeyError, MAX_KEY_LEN
 pub use block::{decode_block, decode_block_into, encode_block, is_zero};
 pub use error::StreamError;
 pub use message::{
-    Codec, Message, RoundKind, SessionParams, Strategy, UnknownStrategy, DATA_HEADER_LEN, FRAME_OVERHEAD, HEADER_LEN,
-    MAX_FRAME_PAYLOAD, MAX_REASON_LEN,
+    missing_frames, Codec, Message, RoundKind, SessionParams, Strategy, UnknownStrategy, DATA_HEADER_LEN,
+    FRAME_OVERHEAD, HEADER_LEN, MAX_FRAME_PAYLOAD, MAX_MISSING_RUNS, MAX_REASON_LEN,
 };
 
 /// Identifies the migration protocol; the first bytes of both hello payloads.
 pub const MAGIC: [u8; 8] = *b"NBDROWM1";
 
 /// The protocol version this crate speaks.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 
 /// The largest block a `Data` frame carries (its `logical_len`), 8 MiB. A frame's whole
 /// payload may be up to [`MAX_FRAME_PAYLOAD`], which leaves room for the `Data` fields.

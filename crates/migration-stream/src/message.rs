@@ -17,6 +17,8 @@ pub const MAX_FRAME_PAYLOAD: usize = MAX_BLOCK_LEN + FETCHED_HEADER_LEN;
 const FETCH_LEN: usize = 8 + 8 + 4;
 /// Bytes of a `Fetched` payload before the encoded block: the request id and the `Data` fields.
 pub const FETCHED_HEADER_LEN: usize = 8 + DATA_HEADER_LEN;
+/// The most ranges one `Missing` frame carries (its payload is at most 20 bytes a range).
+pub const MAX_MISSING_RUNS: usize = 4096;
 /// The longest `Reject`/`Discard`/`Error` text, in bytes; the encoder truncates longer text
 /// (at a character boundary) and the decoder refuses it.
 pub const MAX_REASON_LEN: usize = 4096;
@@ -290,13 +292,14 @@ pub enum Message {
     /// memory moves); a session silent for long is dropped.
     Keepalive,
     /// source → dest, in a post-copy switchover's final round (and dest → source in answer to
-    /// `Resume`): this range has not been sent; the destination fetches it when read and the
-    /// source pushes it after the switchover.
+    /// `Resume`): these ranges have not been sent; the destination fetches them when read and
+    /// the source pushes them after the switchover. Up to [`MAX_MISSING_RUNS`] ranges, in
+    /// increasing order, each as LEB128 varints (gap from the end of the one before, length):
+    /// the list is sent while the guest is paused, often over the link QEMU's memory stream is
+    /// still draining, so it is kept small (about 5 bytes a range instead of 28).
     Missing {
-        /// Byte offset on the disk.
-        offset: u64,
-        /// Length in bytes; never 0.
-        len: u64,
+        /// `(offset, len)` byte ranges, increasing and apart; no length is 0.
+        runs: Vec<(u64, u64)>,
     },
     /// dest → source: send this range now, ahead of everything else (a read waits for it).
     Fetch {
@@ -416,7 +419,8 @@ impl Message {
             Self::Reject { reason: s } | Self::Discard { reason: s } | Self::Error { message: s } => clip(s).len(),
             Self::RoundBegin { .. } => 5,
             Self::Data { payload, .. } => DATA_HEADER_LEN + payload.len(),
-            Self::Zero { .. } | Self::Missing { .. } => 16,
+            Self::Zero { .. } => 16,
+            Self::Missing { runs } => missing_payload(runs).len(),
             Self::RoundEnd { .. } => 4,
             Self::Fetch { .. } => FETCH_LEN,
             Self::Fetched { payload, .. } => FETCHED_HEADER_LEN + payload.len(),
@@ -477,10 +481,11 @@ impl Message {
                 out.extend_from_slice(&logical_len.to_le_bytes());
                 out.extend_from_slice(payload);
             }
-            Self::Zero { offset, len } | Self::Missing { offset, len } => {
+            Self::Zero { offset, len } => {
                 out.extend_from_slice(&offset.to_le_bytes());
                 out.extend_from_slice(&len.to_le_bytes());
             }
+            Self::Missing { runs } => out.extend_from_slice(&missing_payload(runs)),
             Self::RoundEnd { round } => out.extend_from_slice(&round.to_le_bytes()),
             Self::Fetch { id, offset, len } => {
                 out.extend_from_slice(&id.to_le_bytes());
@@ -555,7 +560,7 @@ fn check_len(ty: u8, len: usize) -> Result<(), StreamError> {
         T_ROUND_BEGIN => (len == 5, "RoundBegin payload is not 5 bytes"),
         T_DATA => (len > DATA_HEADER_LEN, "Data payload too short"),
         T_ZERO => (len == 16, "Zero payload is not 16 bytes"),
-        T_MISSING => (len == 16, "Missing payload is not 16 bytes"),
+        T_MISSING => ((2..=MAX_MISSING_RUNS * 20).contains(&len), "Missing payload length out of range"),
         T_FETCH => (len == FETCH_LEN, "Fetch payload is not 20 bytes"),
         T_FETCHED => (len > FETCHED_HEADER_LEN, "Fetched payload too short"),
         T_ROUND_END => (len == 4, "RoundEnd payload is not 4 bytes"),
@@ -646,17 +651,7 @@ fn parse_payload(ty: u8, p: &[u8]) -> Result<Message, StreamError> {
             Message::Zero { offset, len }
         }
         T_ROUND_END => Message::RoundEnd { round: Reader::new(p, "RoundEnd payload").u32()? },
-        T_MISSING => {
-            let mut r = Reader::new(p, "Missing payload");
-            let (offset, len) = (r.u64()?, r.u64()?);
-            if len == 0 {
-                return Err(StreamError::Malformed("Missing with len 0"));
-            }
-            if offset.checked_add(len).is_none() {
-                return Err(StreamError::Malformed("Missing extends past the end of a 64-bit disk"));
-            }
-            Message::Missing { offset, len }
-        }
+        T_MISSING => Message::Missing { runs: parse_missing(p)? },
         T_FETCH => {
             let mut r = Reader::new(p, "Fetch payload");
             let (id, offset, len) = (r.u64()?, r.u64()?, r.u32()?);
@@ -709,6 +704,60 @@ fn clip(s: &str) -> &str {
 }
 
 /// A forward-only little-endian reader over a complete payload.
+/// `ranges` (in any order; touching or overlapping ones are joined) as `Missing` frames,
+/// [`MAX_MISSING_RUNS`] ranges a frame.
+pub fn missing_frames(ranges: &[(u64, u64)]) -> Vec<Message> {
+    let mut sorted: Vec<(u64, u64)> = ranges.iter().copied().filter(|r| r.1 > 0).collect();
+    sorted.sort_unstable();
+    let mut joined: Vec<(u64, u64)> = Vec::with_capacity(sorted.len());
+    for (offset, len) in sorted {
+        match joined.last_mut() {
+            Some((o, l)) if offset <= *o + *l => *l = (*l).max(offset + len - *o),
+            _ => joined.push((offset, len)),
+        }
+    }
+    joined.chunks(MAX_MISSING_RUNS).map(|c| Message::Missing { runs: c.to_vec() }).collect()
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn missing_payload(runs: &[(u64, u64)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(runs.len() * 5);
+    let mut end = 0u64;
+    for &(offset, len) in runs {
+        put_varint(&mut out, offset - end);
+        put_varint(&mut out, len);
+        end = offset + len;
+    }
+    out
+}
+
+fn parse_missing(p: &[u8]) -> Result<Vec<(u64, u64)>, StreamError> {
+    let bad = StreamError::Malformed;
+    let mut r = Reader::new(p, "Missing payload");
+    let mut runs = Vec::new();
+    let mut end = 0u64;
+    while !r.buf.is_empty() {
+        if runs.len() == MAX_MISSING_RUNS {
+            return Err(bad("Missing with more than MAX_MISSING_RUNS ranges"));
+        }
+        let (gap, len) = (r.varint()?, r.varint()?);
+        if len == 0 {
+            return Err(bad("Missing with len 0"));
+        }
+        let offset = end.checked_add(gap).ok_or(bad("Missing extends past the end of a 64-bit disk"))?;
+        end = offset.checked_add(len).ok_or(bad("Missing extends past the end of a 64-bit disk"))?;
+        runs.push((offset, len));
+    }
+    Ok(runs)
+}
+
 struct Reader<'a> {
     buf: &'a [u8],
     what: &'static str,
@@ -742,6 +791,27 @@ impl<'a> Reader<'a> {
 
     fn u64(&mut self) -> Result<u64, StreamError> {
         Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    /// A LEB128 varint of at most 10 bytes that fits 64 bits.
+    fn varint(&mut self) -> Result<u64, StreamError> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let b = self.u8()?;
+            let bits = u64::from(b & 0x7f);
+            if i == 9 && b > 1 {
+                return Err(StreamError::Malformed("varint above 64 bits"));
+            }
+            v |= bits << (7 * i);
+            if b & 0x80 == 0 {
+                // One encoding per value, so a frame re-encodes to the same bytes.
+                if i > 0 && b == 0 {
+                    return Err(StreamError::Malformed("varint not in its shortest form"));
+                }
+                return Ok(v);
+            }
+        }
+        Err(StreamError::Malformed("varint above 64 bits"))
     }
 
     fn rest(&mut self) -> &'a [u8] {
@@ -806,7 +876,8 @@ mod tests {
             Message::Revoke,
             Message::Revoked,
             Message::Keepalive,
-            Message::Missing { offset: 1 << 20, len: 4096 },
+            Message::Missing { runs: vec![(1 << 20, 4096)] },
+            Message::Missing { runs: vec![(0, 1), (4096, u64::MAX / 2), (u64::MAX - 10, 10)] },
             Message::Fetch { id: 9, offset: 4096, len: MAX_BLOCK_LEN as u32 },
             Message::fetched(3, 8192, &noise, true),
             Message::fetched(u64::MAX, 0, &[0u8; 512], false),
@@ -828,9 +899,31 @@ mod tests {
         assert_eq!(bad(T_FETCH, &fetch), StreamError::Malformed("Fetch length is 0 or above MAX_BLOCK_LEN"));
         fetch[16..].copy_from_slice(&(MAX_BLOCK_LEN as u32 + 1).to_le_bytes());
         assert_eq!(bad(T_FETCH, &fetch), StreamError::Malformed("Fetch length is 0 or above MAX_BLOCK_LEN"));
-        let mut missing = u64::MAX.to_le_bytes().to_vec();
-        missing.extend_from_slice(&2u64.to_le_bytes());
+        let mut missing = Vec::new();
+        put_varint(&mut missing, u64::MAX);
+        put_varint(&mut missing, 2);
         assert_eq!(bad(T_MISSING, &missing), StreamError::Malformed("Missing extends past the end of a 64-bit disk"));
+        assert_eq!(bad(T_MISSING, &[0, 0]), StreamError::Malformed("Missing with len 0"));
+        // Unsorted, touching and overlapping ranges go out sorted and joined.
+        let frames = missing_frames(&[(8192, 4096), (0, 4096), (4096, 4096), (10_000, 100), (1 << 20, 0)]);
+        assert_eq!(frames, vec![Message::Missing { runs: vec![(0, 12288)] }]);
+        assert_eq!(bad(T_MISSING, &[0x80; 11]), StreamError::Malformed("varint above 64 bits"));
+        assert_eq!(bad(T_MISSING, &[0, 0x80]), StreamError::Malformed("Missing payload"));
+        assert_eq!(bad(T_MISSING, &[0, 0x81, 0]), StreamError::Malformed("varint not in its shortest form"));
+        assert_eq!(bad(T_MISSING, b""), StreamError::Malformed("Missing payload length out of range"));
+        // A list longer than a frame is split; each frame decodes alone, the biggest fits.
+        let many: Vec<(u64, u64)> = (0..10_000u64).map(|i| (i * (u64::MAX / 20_000), u64::MAX / 40_000)).collect();
+        let frames = missing_frames(&many);
+        assert_eq!(frames.len(), 3);
+        let mut back = Vec::new();
+        for f in &frames {
+            let Message::Missing { runs } = Message::decode(&enc(f)).unwrap().unwrap().0 else { panic!() };
+            back.extend(runs);
+        }
+        assert_eq!(back, many);
+        // About five bytes a range for a residual of scattered 4 KiB blocks.
+        let scattered: Vec<(u64, u64)> = (0..4096u64).map(|i| (i * 40 * 4096, 4096)).collect();
+        assert!(missing_payload(&scattered).len() <= 5 * 4096);
         assert_eq!(bad(T_FETCHED, &[0; FETCHED_HEADER_LEN]), StreamError::Malformed("Fetched payload too short"));
         assert_eq!(bad(T_HOLDS, b"x"), StreamError::Malformed("unexpected payload on an empty message"));
         assert_eq!(bad(T_LAST + 1, b""), StreamError::UnknownType(T_LAST + 1));
@@ -1071,6 +1164,18 @@ mod tests {
             Just(Message::Revoked),
             Just(Message::Keepalive),
             text.prop_map(|message| Message::Error { message }),
+            proptest::collection::vec((0..1u64 << 40, 1..1u64 << 30), 1..64).prop_map(|gaps| {
+                let mut end = 0;
+                let runs = gaps
+                    .into_iter()
+                    .map(|(gap, len)| {
+                        let offset = end + gap;
+                        end = offset + len;
+                        (offset, len)
+                    })
+                    .collect();
+                Message::Missing { runs }
+            }),
         ]
     }
 
