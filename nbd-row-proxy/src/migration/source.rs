@@ -927,22 +927,36 @@ impl Actor {
             let started = Instant::now();
             let sent = async {
                 rounds.send(&mut conn.out, RoundKind::Final, live, ranges).await?;
+                let sent_at = started.elapsed();
                 if !residual.is_empty() {
                     let size = disk.size();
+                    let ranges: Vec<(u64, u64)> = residual
+                        .iter()
+                        .map(|s| {
+                            let offset = s.first * BLOCK_SIZE;
+                            (offset, ((s.first + s.count) * BLOCK_SIZE).min(size) - offset)
+                        })
+                        .collect();
                     let mut frames = Vec::new();
-                    for s in &residual {
-                        let offset = s.first * BLOCK_SIZE;
-                        let end = ((s.first + s.count) * BLOCK_SIZE).min(size);
-                        Message::Missing { offset, len: end - offset }.encode(&mut frames);
+                    for m in migration_stream::missing_frames(&ranges) {
+                        m.encode(&mut frames);
                     }
                     conn.out.send_urgent(&frames).await?;
                     // After this commit the source's disk is the only copy of the residual: it
                     // must survive a crash of this host (the guest's last writes may not have
                     // been flushed when it paused).
                     let d = disk.clone();
+                    let synced = Instant::now();
                     tokio::task::spawn_blocking(move || d.flush())
                         .await?
                         .context("syncing the disk before a post-copy")?;
+                    tracing::info!(
+                        round_ms = sent_at.as_millis() as u64,
+                        missing_ranges = residual.len(),
+                        missing_bytes = frames.len(),
+                        sync_ms = synced.elapsed().as_millis() as u64,
+                        "final round sent with the post-copy's missing list"
+                    );
                 }
                 Ok::<(), anyhow::Error>(())
             };
@@ -960,6 +974,7 @@ impl Actor {
                 bail!("{} before the commit", dest_problem(Some(early)));
             }
             lock(&self.shared.machine).commit_sent();
+            let commit_sent = Instant::now();
             send(&mut conn.out.writer, &Message::Commit).await?;
             let answer = conn
                 .next_answering(tokio::time::Instant::now() + COMMIT_TIMEOUT)
@@ -969,6 +984,11 @@ impl Actor {
                 Some(Ok(Message::Committed)) => {}
                 other => bail!("{}", dest_problem(other)),
             }
+            tracing::info!(
+                commit_ms = commit_sent.elapsed().as_millis() as u64,
+                round_ms = started.elapsed().as_millis() as u64,
+                "the destination confirmed the commit"
+            );
             // The round's time includes the destination's sync: that is what the paused VM waits for.
             if let Some(r) = lock(&rounds.progress).rounds.last_mut() {
                 r.seconds = started.elapsed().as_secs_f64();
@@ -1131,12 +1151,14 @@ impl PushCtx {
         let mut todo = Vec::new();
         loop {
             match reader.next_within(COMMIT_TIMEOUT, "the destination's missing ranges").await? {
-                Message::Missing { offset, len } => {
-                    if !offset.is_multiple_of(BLOCK_SIZE) || offset.checked_add(len).is_none_or(|e| e > size) {
-                        bail!("the destination misses {offset}+{len}, which is not a range of blocks of this disk");
+                Message::Missing { runs } => {
+                    for (offset, len) in runs {
+                        if !offset.is_multiple_of(BLOCK_SIZE) || offset.checked_add(len).is_none_or(|e| e > size) {
+                            bail!("the destination misses {offset}+{len}, which is not a range of blocks of this disk");
+                        }
+                        let first = offset / BLOCK_SIZE;
+                        todo.push(Span { first, count: (offset + len).div_ceil(BLOCK_SIZE) - first, zero: false });
                     }
-                    let first = offset / BLOCK_SIZE;
-                    todo.push(Span { first, count: (offset + len).div_ceil(BLOCK_SIZE) - first, zero: false });
                 }
                 Message::Resumed => break,
                 Message::Holds => return Ok(None),
