@@ -317,7 +317,12 @@ fn control_commands_out_of_order_answer_errors_and_leave_the_proxy_usable() {
 }
 
 fn proxy(args: &[&str]) -> std::process::Output {
-    Command::new(bin("nbd-row-proxy")).args(args).output().unwrap()
+    let image = args.iter().position(|a| *a == "--image").map(|i| Path::new(args[i + 1]));
+    let mut cmd = Command::new(bin("nbd-row-proxy"));
+    if let Some(image) = image {
+        cmd.env("NBD_ROW_PROXY_STATE_DIR", state_dir_of(image));
+    }
+    cmd.args(args).output().unwrap()
 }
 
 fn refused(args: &[&str], words: &str) {
@@ -373,7 +378,9 @@ fn typos_destroy_nothing_and_a_failed_start_leaves_no_file() {
     let mut left: Vec<String> =
         std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     left.sort();
-    assert_eq!(left, ["disk.raw", "notes.txt"], "a failed start left files behind");
+    // The disk's state entry (in the rig, `state/` beside the image) is its home, kept for the
+    // next start; nothing else is left.
+    assert_eq!(left, ["disk.raw", "notes.txt", "state"], "a failed start left files behind");
 
     // A live socket is never taken over.
     let server = Server::start(dir.path(), &image, &[]);
@@ -415,4 +422,191 @@ fn a_served_image_is_locked_against_qemu_tools_and_a_second_server() {
     refused(&["serve", "--image", img, "--socket", dir.path().join("p.sock").to_str().unwrap()], "in use");
     q.terminate(Duration::from_secs(5));
     let _ = Path::new(&sock);
+}
+
+#[test]
+fn the_fence_follows_the_disk_through_links_and_a_new_image_at_an_old_path_is_a_new_disk() {
+    let p = pair(12);
+    p.hand_over();
+    let Pair { src_dir, dst_dir, key, src, dst, port, .. } = p;
+    let (src_image, dst_image) = (src.image.clone(), dst.image.clone());
+    drop(src);
+    // The host's one state directory; the disk under other names in another directory.
+    let state = state_dir_of(&src_image);
+    let args = |extra: &[&str]| {
+        let mut a = vec!["--auth-key-file", key.to_str().unwrap(), "--state-dir", state.to_str().unwrap()];
+        a.extend_from_slice(extra);
+        a.into_iter().map(str::to_string).collect::<Vec<_>>()
+    };
+    let elsewhere = tempfile::tempdir().unwrap();
+    let hard = elsewhere.path().join("hard.raw");
+    std::fs::hard_link(&src_image, &hard).unwrap();
+    let sym = elsewhere.path().join("sym.raw");
+    std::os::unix::fs::symlink(&src_image, &sym).unwrap();
+    for alias in [&hard, &sym] {
+        let a = args(&[]);
+        let host = source_with(elsewhere.path(), alias, &a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(write(&host.server, 0, &[1; 4096]), NBD_EPERM, "{} bypassed the fence", alias.display());
+        assert_eq!(status(&host)["fence"]["phase"], "handed-over");
+    }
+    // A copy keeps the disk id (cp --preserve=xattr, rsync -X): refused, never fenced or adopted.
+    let copy = elsewhere.path().join("copy.raw");
+    run_ok(Command::new("cp").arg("--preserve=xattr").arg(&src_image).arg(&copy));
+    let sock = elsewhere.path().join("copy.sock");
+    let out = proxy(&[
+        "serve",
+        "--image",
+        copy.to_str().unwrap(),
+        "--socket",
+        sock.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("a copy of an image keeps its disk id"), "{err}");
+
+    // On B, a fresh image where the received one was is a new disk: it waits for a migration.
+    drop(dst);
+    std::fs::remove_file(&dst_image).unwrap();
+    sparse_file(&dst_image, SIZE as u64);
+    let fresh = destination(dst_dir.path(), &dst_image, &key, port);
+    assert_eq!(status(&fresh)["incoming-phase"], "waiting");
+    drop(src_dir);
+}
+
+/// A loop device attached to `file`; detached when dropped.
+struct Loop(PathBuf);
+
+impl Loop {
+    fn attach(file: &Path) -> Self {
+        let out = Command::new("losetup").args(["--find", "--show"]).arg(file).output().unwrap();
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        Self(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("--detach").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_loop_device_disk_migrates_and_its_state_survives_a_simulated_reboot() {
+    require_tool("losetup");
+    let src_dir = tempfile::tempdir().unwrap();
+    let dst_dir = tempfile::tempdir().unwrap();
+    let key = key_file(src_dir.path(), KEY);
+    let (backing, data) = source_image(src_dir.path(), 13);
+    let state = src_dir.path().join("var-lib-state");
+    let dev = Loop::attach(&backing);
+    let protection = ["--auth-key-file", key.to_str().unwrap(), "--state-dir", state.to_str().unwrap()];
+    let dev_dir = |dev: &Path| std::fs::read_dir(dev.parent().unwrap()).unwrap().count();
+    let in_dev_before = dev_dir(&dev.0);
+
+    // ROW on the device, a flushed write, then the proxy is killed and the "host reboots" (the
+    // loop device goes away and comes back, perhaps under another number).
+    let src = source_with(src_dir.path(), &dev.0, &protection);
+    src.ctl().ok("row-start", json!({}));
+    assert_eq!(write(&src.server, 8192, &[0x5a; 4096]), 0);
+    signal(src.server.proc.pid(), libc::SIGKILL);
+    drop(src);
+    drop(dev);
+    let dev = Loop::attach(&backing);
+    let src = source_with(src_dir.path(), &dev.0, &protection);
+    assert_eq!(status(&src)["mode"], "row", "the overlay came back");
+    assert_eq!(read(&src.server, 8192, 4096), vec![0x5a; 4096], "the flushed ROW write survived");
+    src.ctl().ok("row-stop", json!({"wait": true}));
+
+    // Migrated to B, the device's fence survives the next "reboot" too.
+    let dst_image = dst_dir.path().join("disk.raw");
+    sparse_file(&dst_image, SIZE as u64);
+    let port = free_port();
+    let dst = destination(dst_dir.path(), &dst_image, &key, port);
+    let mut ctl = src.ctl();
+    ctl.ok("migrate-start", json!({"uri": format!("tcp:127.0.0.1:{port}"), "strategy": "row"}));
+    wait_phase(&mut ctl, "ready", HANG_LIMIT);
+    assert_eq!(ctl.ok("migrate-finish", json!({}))["phase"], "handed-over");
+    let mut want = data;
+    want[8192..12288].fill(0x5a);
+    assert!(read_all(&dst.server) == want, "B holds the device's disk");
+    drop(ctl);
+    drop(src);
+    drop(dev);
+    let dev = Loop::attach(&backing);
+    let src = source_with(src_dir.path(), &dev.0, &protection);
+    assert_eq!(write(&src.server, 0, &[1; 4096]), NBD_EPERM, "the fence is gone after a reboot");
+    assert_eq!(status(&src)["fence"]["phase"], "handed-over");
+    // Nothing of ours was ever put in /dev.
+    assert_eq!(dev_dir(&dev.0), in_dev_before, "files appeared in /dev");
+    drop(src);
+}
+
+/// A tmpfs mounted at a path; unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        run_ok(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(at));
+        Self(at.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("--lazy").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_state_disk_at_the_first_write_answers_enospc_and_leaves_no_temporary_file() {
+    let src_dir = tempfile::tempdir().unwrap();
+    let dst_dir = tempfile::tempdir().unwrap();
+    let key = key_file(src_dir.path(), KEY);
+    let (image, _) = source_image(src_dir.path(), 14);
+    let src = source(src_dir.path(), &image, &key);
+    let dst_image = dst_dir.path().join("disk.raw");
+    sparse_file(&dst_image, SIZE as u64);
+    // B's state directory is a small file system of its own.
+    let state = Tmpfs::mount(&state_dir_of(&dst_image), "1m");
+    let port = free_port();
+    let dst = destination(dst_dir.path(), &dst_image, &key, port);
+    let mut ctl = src.ctl();
+    ctl.ok("migrate-start", json!({"uri": format!("tcp:127.0.0.1:{port}"), "strategy": "row"}));
+    wait_phase(&mut ctl, "ready", HANG_LIMIT);
+    assert_eq!(ctl.ok("migrate-finish", json!({}))["phase"], "handed-over");
+    assert_eq!(status(&dst)["incoming-phase"], "committed");
+
+    // The state disk fills up: the guest's first write cannot be recorded as the owner's.
+    let filler = state.0.join("filler");
+    let _ = Command::new("dd").arg("if=/dev/zero").arg(format!("of={}", filler.display())).arg("bs=64k").status();
+    assert_eq!(write(&dst.server, 0, &[7; 4096]), nbd_proto::consts::NBD_ENOSPC, "{}", dst.server.proc.log_text());
+    assert_eq!(status(&dst)["incoming-phase"], "committed", "still committed, not owner");
+    let leftovers: Vec<_> = walk(&state.0).into_iter().filter(|p| p.to_string_lossy().ends_with(".tmp")).collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    let log = dst.server.proc.log_text();
+    assert!(log.contains("recording this host as the disk's owner failed"), "no WARN:\n{log}");
+
+    // Room again: the write goes through and B owns the disk.
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(write(&dst.server, 0, &[7; 4096]), 0);
+    assert_eq!(status(&dst)["incoming-phase"], "owner");
+    assert_eq!(read(&dst.server, 0, 4096), vec![7; 4096]);
+    drop((ctl, src, dst));
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

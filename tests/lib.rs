@@ -206,6 +206,22 @@ impl Drop for Proc {
     }
 }
 
+/// The state directory the test rig gives the proxy of `image`: `state/` beside it, so a
+/// restarted proxy finds its disk's state again and the test's directory holds everything.
+pub fn state_dir_of(image: &Path) -> PathBuf {
+    image.parent().unwrap_or(Path::new(".")).join("state")
+}
+
+/// The state entry (overlay, journal, ownership record, residual) of the disk at `image`
+/// served by the rig: found by the disk id on the image's extended attribute.
+pub fn state_entry_of(image: &Path) -> PathBuf {
+    let id = xattr::get(image, "user.nbd-row-proxy.disk-id")
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("{} has no disk id: was it ever served?", image.display()));
+    state_dir_of(image).join(String::from_utf8(id).unwrap())
+}
+
 /// An `nbd-row-proxy serve` process on a Unix socket in a temporary directory.
 pub struct Server {
     /// The process.
@@ -225,6 +241,8 @@ impl Server {
         let socket = dir.join("nbd.sock");
         let mut cmd = Command::new(bin("nbd-row-proxy"));
         cmd.arg(subcommand).arg("--image").arg(image).arg("--socket").arg(&socket).args(extra);
+        // Each test's disks keep their state beside them (a --state-dir in `extra` wins).
+        cmd.env("NBD_ROW_PROXY_STATE_DIR", state_dir_of(image));
         cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
         let mut proc = Proc::spawn("nbd-row-proxy", &mut cmd, &dir.join("server.log"));
         proc.wait_for_socket(&socket);

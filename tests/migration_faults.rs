@@ -252,7 +252,7 @@ fn wait_direct(src: &Src, timeout: Duration) -> Value {
         let status = ctl.ok("query-status", json!({}));
         if status["mode"] == "direct" {
             assert!(status["writes-refused"].is_null() || status["writes-refused"] == false, "{status}");
-            let reserved = PathBuf::from(format!("{}.row", src.host.image.display()));
+            let reserved = state_entry_of(&src.host.image).join("overlay");
             assert!(!reserved.exists(), "{} is still there in direct mode", reserved.display());
             return status;
         }
@@ -416,7 +416,7 @@ fn wrong_key_on_the_destination() {
     let status = src.host.ctl().ok("query-status", json!({}));
     assert_eq!(status["mode"], "direct", "{status}");
     assert!(status["reserved"].is_null(), "{status}");
-    assert!(!PathBuf::from(format!("{}.row", src.host.image.display())).exists());
+    assert!(!state_entry_of(&src.host.image).join("overlay").exists());
     // The attempt is on record, as failed, and nothing else changed.
     let m = src.host.ctl().ok("query-migrate", json!({}));
     assert_eq!(m["phase"], "failed", "{m}");

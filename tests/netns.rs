@@ -20,6 +20,7 @@ fn proxy_in(ns: &str, dir: &Path, subcommand: &str, image: &Path, key: &Path, ex
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", ns])
         .arg(bin("nbd-row-proxy"))
+        .env("NBD_ROW_PROXY_STATE_DIR", state_dir_of(image))
         .arg(subcommand)
         .arg("--image")
         .arg(image)

@@ -41,6 +41,7 @@ fn an_invalid_rust_log_is_an_error_with_status_2() {
     sparse_file(&image, 1 << 20);
     let socket = dir.path().join("nbd.sock");
     let proxy = Command::new(bin("nbd-row-proxy"))
+        .env("NBD_ROW_PROXY_STATE_DIR", state_dir_of(&image))
         .args(["serve", "--image"])
         .arg(&image)
         .arg("--socket")
@@ -209,6 +210,7 @@ fn an_image_smaller_than_a_block_is_refused_and_an_odd_size_is_warned_about() {
         sparse_file(&image, size);
         let socket = dir.path().join("nbd.sock");
         let out = Command::new(bin("nbd-row-proxy"))
+            .env("NBD_ROW_PROXY_STATE_DIR", state_dir_of(&image))
             .args(["serve", "--image"])
             .arg(&image)
             .arg("--socket")
@@ -289,6 +291,7 @@ fn units_on_the_command_line_and_the_control_socket() {
 
     // A bad unit on the command line: one line, status 2, nothing started.
     let out = Command::new(bin("nbd-row-proxy"))
+        .env("NBD_ROW_PROXY_STATE_DIR", state_dir_of(&dst_image))
         .args(["receive", "--listen", "127.0.0.1:1", "--image"])
         .arg(&dst_image)
         .args(["--socket", "/nonexistent/x.sock", "--read-wait", "10 parsecs"])
@@ -410,6 +413,7 @@ fn sockets_have_their_modes_whatever_the_umask() {
     let (socket, control) = (dir.path().join("nbd.sock"), dir.path().join("ctl.sock"));
     let mut cmd = Command::new(bin("nbd-row-proxy"));
     cmd.args(["serve", "--image"]).arg(&image).arg("--socket").arg(&socket).arg("--control").arg(&control);
+    cmd.env("NBD_ROW_PROXY_STATE_DIR", state_dir_of(&image));
     // SAFETY: umask(2) is async-signal-safe and touches nothing but the child's mask.
     unsafe {
         cmd.pre_exec(|| {
@@ -434,11 +438,13 @@ fn an_ownership_record_that_is_a_directory_is_refused_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.raw");
     sparse_file(&image, 1 << 20);
-    let record = dir.path().join("disk.raw.ownership");
-    std::fs::create_dir(&record).unwrap();
+    let record = state_dir_of(&image).join("vm1-root").join("ownership");
+    std::fs::create_dir_all(&record).unwrap();
     let socket = dir.path().join("nbd.sock");
     let out = Command::new(bin("nbd-row-proxy"))
-        .args(["serve", "--image"])
+        .env("NBD_ROW_PROXY_STATE_DIR", state_dir_of(&image))
+        .env("RUST_LOG", "warn")
+        .args(["serve", "--disk-id", "vm1-root", "--image"])
         .arg(&image)
         .arg("--socket")
         .arg(&socket)

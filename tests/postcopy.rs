@@ -87,7 +87,7 @@ fn the_destination_serves_at_once_and_every_block_arrives() {
     std::env::set_var(control_api::PAUSE_VAR, PUSH_PAUSE);
     let (src_dir, dst_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (src, dst, mut model, _, dst_image) = switch_over_with_postcopy(src_dir.path(), dst_dir.path(), &[]);
-    let residual_log = dst_dir.path().join("disk.raw.residual");
+    let residual_log = state_entry_of(&dst_image).join("residual");
     assert!(residual_log.exists(), "the destination records what it does not hold yet");
     let mut dctl = dst.ctl();
     let status = dctl.call::<QueryStatus>(NoArgs {}).unwrap();
@@ -191,7 +191,7 @@ fn a_damaged_residual_log_is_refused_not_trusted() {
     let (src_dir, dst_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let protection = ["--read-wait", "1s"];
     let (src, mut dst, model, port, dst_image) = switch_over_with_postcopy(src_dir.path(), dst_dir.path(), &protection);
-    let log = dst_dir.path().join("disk.raw.residual");
+    let log = state_entry_of(&dst_image).join("residual");
     let saved = std::fs::read(&log).unwrap();
     let key = src_dir.path().join("key");
     let mut args = vec!["--auth-key-file", key.to_str().unwrap()];

@@ -540,6 +540,7 @@ fn bad_flags_are_refused_before_anything_changes_and_a_relative_tls_dir_works() 
     let mut serve = Proc::spawn(
         "serve proxy",
         std::process::Command::new(bin("nbd-row-proxy"))
+            .env("NBD_ROW_PROXY_STATE_DIR", state_dir_of(&serve_image))
             .args(["serve", "--image"])
             .arg(&serve_image)
             .arg("--socket")

@@ -86,7 +86,7 @@ fn row_rounds_under_a_writing_guest_keep_every_latest_version() {
     wait_for_log(&mut guest, "WORKLOAD written=", HANG_LIMIT);
     let booted = t0.elapsed();
 
-    let reserved = dir.path().join("disk.raw.row");
+    let reserved = state_entry_of(&image).join("overlay");
     let mut merged = Vec::new();
     for round in 1..=2 {
         c.ok("row-start", json!({}));
@@ -134,7 +134,7 @@ fn row_rounds_under_a_writing_guest_keep_every_latest_version() {
     assert_eq!(status["mode"], "direct", "{status}");
     assert!(status["reserved"].is_null(), "{status}");
     assert!(!reserved.exists(), "reserved file must be deleted");
-    assert!(!dir.path().join("disk.raw.row.map").exists(), "journal must be deleted");
+    assert!(!state_entry_of(&image).join("overlay.map").exists(), "journal must be deleted");
     assert_eq!(c.ok("query-row", json!({}))["blocks-updated"], 0);
 
     // Every block the guest wrote holds exactly its latest version; nothing else was touched.

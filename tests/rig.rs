@@ -210,6 +210,7 @@ impl Side {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns])
             .arg(bin("nbd-row-proxy"))
+            .env("NBD_ROW_PROXY_STATE_DIR", state_dir_of(&self.image))
             .arg(sub)
             .arg("--image")
             .arg(&self.image)

@@ -53,7 +53,7 @@ fn row_freezes_the_base_serves_it_and_merges_back() {
     let ev = c.next_event(HANG_LIMIT).expect("ROW_STARTED event");
     assert_eq!(ev.event, "ROW_STARTED");
     assert_eq!(c.ok("query-status", json!({}))["mode"], "row");
-    assert!(dir.path().join("disk.raw.row").exists());
+    assert!(state_entry_of(&image).join("overlay").exists());
 
     let mut expected = original.clone();
     let mut apply = |off: usize, data: &[u8]| expected[off..off + data.len()].copy_from_slice(data);
@@ -99,8 +99,8 @@ fn row_freezes_the_base_serves_it_and_merges_back() {
     let done = c.ok("row-stop", json!({"wait": true}));
     assert_eq!(done["merged-blocks"], 307);
     assert_eq!(c.ok("query-status", json!({}))["mode"], "direct");
-    assert!(!dir.path().join("disk.raw.row").exists(), "reserved file must be deleted");
-    assert!(!dir.path().join("disk.raw.row.map").exists(), "journal must be deleted");
+    assert!(!state_entry_of(&image).join("overlay").exists(), "reserved file must be deleted");
+    assert!(!state_entry_of(&image).join("overlay.map").exists(), "journal must be deleted");
     assert!(std::fs::read(&image).unwrap() == expected, "image after merge differs");
     // The base export is gone with ROW.
     let out = Command::new("nbdinfo").arg(server.uri_of("vm1@base")).output().unwrap();

@@ -57,6 +57,7 @@ fn nbd_over_tcp_needs_tls_and_works_with_qemu_tools_and_libnbd() {
     let tcp = format!("127.0.0.1:{port}");
     // --tcp without TLS is refused unless the operator says the network is trusted.
     let out = Command::new(bin("nbd-row-proxy"))
+        .env("NBD_ROW_PROXY_STATE_DIR", state_dir_of(&image))
         .args(["serve", "--image", img, "--socket", dir.path().join("x.sock").to_str().unwrap(), "--tcp", &tcp])
         .output()
         .unwrap();
@@ -355,6 +356,7 @@ fn a_stream_with_neither_tls_nor_key_needs_insecure() {
     let image = dir.path().join("disk.raw");
     sparse_file(&image, 1 << 20);
     let out = Command::new(bin("nbd-row-proxy"))
+        .env("NBD_ROW_PROXY_STATE_DIR", state_dir_of(&image))
         .args(["receive", "--image", image.to_str().unwrap(), "--socket"])
         .arg(dir.path().join("n.sock"))
         .args(["--listen", "127.0.0.1:1"])

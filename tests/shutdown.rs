@@ -32,6 +32,7 @@ impl Notified {
         notify.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
         let mut cmd = Command::new(bin("nbd-row-proxy"));
         cmd.args(["serve", "--image"]).arg(image).arg("--socket").arg(&socket).arg("--control").arg(&control);
+        cmd.env("NBD_ROW_PROXY_STATE_DIR", state_dir_of(image));
         cmd.env("NOTIFY_SOCKET", &notify_path).env("RUST_LOG", "info");
         let proc = Proc::spawn("nbd-row-proxy", &mut cmd, &dir.join(format!("{tag}.log")));
         let mut n = Self { proc, socket, control, notify };

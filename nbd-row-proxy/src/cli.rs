@@ -158,7 +158,19 @@ pub struct ServeArgs {
     /// Refuse writes.
     #[arg(long)]
     pub read_only: bool,
-    /// Reserved file that receives writes while ROW is on (default: IMAGE.row).
+    /// Where the disk's durable state lives (overlay, journal, ownership record, post-copy
+    /// residual): one entry per disk, found by the disk's identity, not its path. Older state
+    /// beside the image (IMAGE.row, .row.map, .ownership, .residual) is moved in once.
+    #[arg(long, value_name = "DIR", env = "NBD_ROW_PROXY_STATE_DIR", default_value = crate::state::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// The disk's id (its state entry's name): 1 to 128 of A-Z a-z 0-9 . _ -. By default a
+    /// file's id is kept in its extended attribute user.nbd-row-proxy.disk-id (made at first
+    /// use), an LVM/device-mapper volume's is its dm uuid, a loop device's its backing file's;
+    /// other block devices need one.
+    #[arg(long, value_name = "ID")]
+    pub disk_id: Option<String>,
+    /// Reserved file that receives writes while ROW is on (its journal is PATH.map); by default
+    /// both are in the disk's state entry.
     #[arg(long)]
     pub reserved: Option<PathBuf>,
     /// Control socket (QMP-shaped JSON, mode 0600) for row-start, row-stop, query-status, ...
@@ -191,6 +203,10 @@ pub struct ServeArgs {
 pub struct Config {
     /// The image.
     pub image: PathBuf,
+    /// The state directory.
+    pub state_dir: PathBuf,
+    /// The operator's disk id.
+    pub disk_id: Option<String>,
     /// The reserved file, if not the default.
     pub reserved: Option<PathBuf>,
     /// The NBD Unix socket.
@@ -242,6 +258,11 @@ pub fn check_socket_path(what: &str, path: &Path) -> Result<()> {
     }
 }
 
+/// `path` made absolute against the working directory (a daemon's may change).
+fn absolute(what: &str, path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("{what} {}", path.display()))
+}
+
 impl Cli {
     /// Checks every argument; nothing is created or bound yet.
     pub fn validate(self) -> Result<Config> {
@@ -261,10 +282,15 @@ impl Cli {
                 bail!("--control and --socket are the same path");
             }
         }
+        if let Some(id) = &args.disk_id {
+            crate::state::DiskId::parse(id)?;
+        }
+        let state_dir = absolute("--state-dir", &args.state_dir)?;
         // A socket path that names one of the disk's own files is a typo that would hide it.
-        let reserved = args.reserved.clone().unwrap_or_else(|| suffixed(&args.image, ".row"));
-        let disk_files =
-            [args.image.clone(), reserved.clone(), suffixed(&reserved, ".map"), suffixed(&args.image, ".ownership")];
+        let mut disk_files = vec![args.image.clone(), state_dir.clone()];
+        if let Some(reserved) = &args.reserved {
+            disk_files.extend([reserved.clone(), suffixed(reserved, ".map")]);
+        }
         for sock in std::iter::once(&args.socket).chain(args.control.as_ref()) {
             if disk_files.iter().any(|f| f == sock) {
                 bail!("{} is one of the disk's own files, not a place for a socket", sock.display());
@@ -308,6 +334,8 @@ impl Cli {
         }
         Ok(Config {
             image: args.image,
+            state_dir,
+            disk_id: args.disk_id,
             reserved: args.reserved,
             socket: args.socket,
             tcp,

@@ -34,8 +34,9 @@ impl Lab {
     pub async fn start(args: &[&str]) -> Result<Self> {
         let cli = Cli::try_parse_from(std::iter::once("nbd-row-proxy").chain(args.iter().copied()))?;
         let config = cli.validate()?;
-        let (disk, record_file, record) = server::open_disk(&config)?;
-        let control = server::assemble(&config, &disk, record_file, record).await;
+        let opened = server::open_disk(&config)?;
+        let disk = opened.disk.clone();
+        let control = server::assemble(&config, opened).await;
         Ok(Self { control, config, disk })
     }
 

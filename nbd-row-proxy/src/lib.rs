@@ -10,4 +10,5 @@ pub mod notify;
 pub mod ownership;
 pub mod proxy;
 pub mod server;
+pub mod state;
 pub mod tls;

@@ -87,9 +87,9 @@ fn run(cli: cli::Cli) -> Result<()> {
     // The Unix socket and the TCP listener each have a pool of `max_connections`.
     let pools = 1 + usize::from(config.tcp.is_some());
     config.max_connections = config.max_connections.min((fd_budget() / pools).max(1));
-    let (disk, record_file, record) = server::open_disk(&config)?;
+    let opened = server::open_disk(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let result = runtime.block_on(server::run(config, disk, record_file, record));
+    let result = runtime.block_on(server::run(config, opened));
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
     result
 }

@@ -17,7 +17,6 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::migration::residual::Postcopy;
 use migration_session::{BadRecord, Ownership};
-use row_store::storage::suffixed;
 use row_store::{BlockBackend, Caps, Disk, Extent, Posix, Storage, ZeroFlags};
 use tokio::sync::watch;
 
@@ -95,8 +94,12 @@ impl Gate {
                     let mut hook = self.hook.lock().unwrap_or_else(|e| e.into_inner());
                     if *self.access.borrow() == Access::Committed {
                         if let Some(h) = hook.as_ref() {
-                            h().map_err(|e| {
-                                io::Error::new(e.kind(), format!("recording this host as the disk's owner: {e}"))
+                            h().map_err(|e| match e.raw_os_error() {
+                                // The errno is what the client gets (ENOSPC for a full disk).
+                                Some(_) => e,
+                                None => {
+                                    io::Error::new(e.kind(), format!("recording this host as the disk's owner: {e}"))
+                                }
                             })?;
                         }
                         *hook = None;
@@ -245,9 +248,9 @@ pub enum RecordError {
 }
 
 impl RecordFile {
-    /// The record of `image`.
-    pub fn of(image: &Path) -> Self {
-        Self { path: suffixed(image, ".ownership") }
+    /// The record at `path` (a disk's, see [`crate::state::StateEntry::ownership`]).
+    pub fn at(path: PathBuf) -> Self {
+        Self { path }
     }
 
     /// Its path.
@@ -338,7 +341,7 @@ mod tests {
     #[test]
     fn records_are_stored_replaced_and_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let f = RecordFile::of(&dir.path().join("disk.raw"));
+        let f = RecordFile::at(dir.path().join("disk.raw.ownership"));
         assert!(f.load().unwrap().is_none());
         let r = Ownership::Destination {
             stage: migration_session::DestStage::Committed,

@@ -100,6 +100,8 @@ pub struct Proxy {
     pub gate: Arc<Gate>,
     /// Its persisted ownership record.
     pub record: RecordFile,
+    /// Where its durable state lives.
+    pub state: crate::state::StateEntry,
     /// The control socket's events.
     pub events: Events,
     /// The merge back.

@@ -23,6 +23,7 @@ use crate::nbd::connection::{NegotiationFailed, SharedBudget, Stream, TCP_IN_FLI
 use crate::nbd::export::Catalog;
 use crate::ownership::{Access, Gate, Guarded, RecordFile};
 use crate::proxy::{Events, Merger, Proxy};
+use crate::state::{Lookup, StateEntry};
 
 /// How long in-flight requests may take to finish after SIGTERM (the systemd unit's
 /// TimeoutStopSec leaves room for it and the flush after it).
@@ -32,9 +33,28 @@ const EVENT_BACKLOG: usize = 1024;
 /// Pause after a failed accept (e.g. out of file descriptors).
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
-/// Opens the disk as its ownership record allows. Blocking.
-pub fn open_disk(config: &Config) -> Result<(Arc<Disk>, RecordFile, Option<Ownership>)> {
-    let record_file = RecordFile::of(&config.image);
+/// A disk opened as its ownership record allows, with where its durable state lives.
+pub struct Opened {
+    /// The disk.
+    pub disk: Arc<Disk>,
+    /// Its ownership record's file.
+    pub record_file: RecordFile,
+    /// The record, if there is one.
+    pub record: Option<Ownership>,
+    /// Its state entry.
+    pub state: StateEntry,
+}
+
+/// Finds the disk's state entry and opens the disk as its ownership record allows. Blocking.
+pub fn open_disk(config: &Config) -> Result<Opened> {
+    let state = StateEntry::locate(&Lookup {
+        state_dir: &config.state_dir,
+        image: &config.image,
+        disk_id: config.disk_id.as_deref(),
+        reserved: config.reserved.as_deref(),
+        read_only: config.read_only,
+    })?;
+    let record_file = RecordFile::at(state.ownership());
     let record = record_file.load()?;
     let receiving = config.listen.is_some();
     let holds = matches!(&record, Some(Ownership::Destination { stage: DestStage::Committed | DestStage::Owner, .. }));
@@ -49,16 +69,17 @@ pub fn open_disk(config: &Config) -> Result<(Arc<Disk>, RecordFile, Option<Owner
         );
     }
     let options = DiskOptions {
-        reserved: config.reserved.clone(),
+        reserved: Some(state.reserved().to_owned()),
         read_only: config.read_only,
         // A destination overwrites the whole image, so an old overlay is obsolete there; not
         // once it holds a committed disk.
         discard_overlay: receiving && !holds,
+        disk_tag: state.id().tag(),
     };
     let disk =
         Disk::open(&config.image, options).with_context(|| format!("opening disk {}", config.image.display()))?;
     check_size(&config.image, disk.size())?;
-    Ok((Arc::new(disk), record_file, record))
+    Ok(Opened { disk: Arc::new(disk), record_file, record, state })
 }
 
 /// Sector size of the guests' block layer: QEMU sizes NBD disks in whole 512-byte sectors.
@@ -148,17 +169,14 @@ impl Drop for Created {
 /// The shared state of the proxy, its migration state machines, and the control commands,
 /// as the ownership record says: a destination (receiving, or holding a committed disk), or a
 /// source (perhaps fenced by a hand-over). Binds nothing: [`run`] adds the listeners.
-pub async fn assemble(
-    config: &Config,
-    disk: &Arc<Disk>,
-    record_file: RecordFile,
-    record: Option<Ownership>,
-) -> Arc<Control> {
+pub async fn assemble(config: &Config, opened: Opened) -> Arc<Control> {
+    let Opened { disk, record_file, record, state } = opened;
     let receiving = config.listen.is_some();
     let proxy = Arc::new(Proxy {
-        disk: disk.clone(),
+        disk,
         gate: Gate::new(Access::Open),
         record: record_file,
+        state,
         events: Events::new(EVENT_BACKLOG),
         merger: Merger::default(),
         export: config.export.clone(),
@@ -217,8 +235,9 @@ async fn bind(config: &Config) -> Result<Listeners> {
 }
 
 /// Serves the disk until SIGTERM or SIGINT, then drains connections and flushes.
-pub async fn run(config: Config, disk: Arc<Disk>, record_file: RecordFile, record: Option<Ownership>) -> Result<()> {
-    let control = assemble(&config, &disk, record_file, record).await;
+pub async fn run(config: Config, opened: Opened) -> Result<()> {
+    let disk = opened.disk.clone();
+    let control = assemble(&config, opened).await;
     let proxy = control.proxy.clone();
     let mut listeners = bind(&config).await?;
     let live: Arc<dyn BlockBackend> = Arc::new(Guarded::new(disk.clone(), proxy.gate.clone(), proxy.postcopy.clone()));
@@ -230,6 +249,8 @@ pub async fn run(config: Config, disk: Arc<Disk>, record_file: RecordFile, recor
         size = disk.size(),
         mode = disk.mode().as_str(),
         access = ?proxy.gate.access(),
+        disk_id = %proxy.state.id(),
+        state = %proxy.state.dir().display(),
         "serving"
     );
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::backend::{BlockBackend, Caps, ZeroFlags};
 use crate::image::Image;
-use crate::journal::Journal;
+use crate::journal::{DiskTag, Journal};
 use crate::merge::{self, MergeProgress};
 use crate::overlay::Overlay;
 use crate::reserved::{self, Found};
@@ -30,6 +30,9 @@ pub struct DiskOptions {
     /// Delete an overlay left by an earlier run instead of recovering it. A migration
     /// destination overwrites the whole image, so an old overlay is obsolete there.
     pub discard_overlay: bool,
+    /// The disk an overlay belongs to, kept in its journal: an overlay of another disk (a
+    /// `--reserved` typo) is refused, never adopted. Zero: not bound.
+    pub disk_tag: DiskTag,
 }
 
 /// A snapshot of the overlay for `query-status` / `query-row`.
@@ -77,6 +80,7 @@ pub struct Disk {
     image: Arc<Image>,
     reserved_path: PathBuf,
     journal_path: PathBuf,
+    disk_tag: DiskTag,
     latch: Arc<SyncLatch>,
     gate: RwLock<Gate>,
     tracker: DirtyTracker,
@@ -134,7 +138,7 @@ impl Disk {
             if opts.read_only {
                 return Err(StoreError::Mode("the image has a ROW overlay; it cannot be opened read-only".into()));
             }
-            Self::recover(&*storage, &image, &reserved_path, &journal_path, &latch)?
+            Self::recover(&*storage, &image, &reserved_path, &journal_path, opts.disk_tag, &latch)?
         } else {
             None
         };
@@ -151,6 +155,7 @@ impl Disk {
             image,
             reserved_path,
             journal_path,
+            disk_tag: opts.disk_tag,
             latch,
             gate: RwLock::new(Gate { overlay, epoch }),
             tracker: DirtyTracker::default(),
@@ -200,6 +205,7 @@ impl Disk {
         image: &Arc<Image>,
         reserved_path: &Path,
         journal_path: &Path,
+        disk: DiskTag,
         latch: &Arc<SyncLatch>,
     ) -> Result<Option<Overlay>, StoreError> {
         let size = image.size();
@@ -207,6 +213,16 @@ impl Disk {
         else {
             return Ok(None);
         };
+        if replayed.disk != [0; 12] && disk != [0; 12] && replayed.disk != disk {
+            return Err(StoreError::Refused {
+                path: journal_path.to_owned(),
+                why: format!(
+                    "this overlay belongs to another disk than {} (its journal names another disk): refusing to \
+                     adopt it; point --reserved at this disk's own overlay (nothing was changed)",
+                    image.path().display()
+                ),
+            });
+        }
         let table = Table::recovered(replayed.mapped);
         let found = reserved::inspect(storage, reserved_path).map_err(io_err("looking at", reserved_path))?;
         let refuse = |why: String| Err(StoreError::Refused { path: reserved_path.to_owned(), why });
@@ -338,6 +354,7 @@ impl Disk {
             self.image.clone(),
             &self.reserved_path,
             &self.journal_path,
+            self.disk_tag,
             self.latch.clone(),
         )?;
         g.overlay = Some(Arc::new(overlay));
@@ -762,6 +779,32 @@ mod tests {
         let f = s.open(Path::new(path), OpenMode::Create).unwrap();
         f.write_all_at(bytes, 0).unwrap();
         f.sync_all().unwrap();
+    }
+
+    #[test]
+    fn an_overlay_of_another_disk_is_refused_and_left_alone() {
+        let s = SimStorage::new(3);
+        let tagged = |image: &str, tag: u8| {
+            let opts =
+                DiskOptions { reserved: Some("/state/overlay".into()), disk_tag: [tag; 12], ..DiskOptions::default() };
+            Disk::open_on(Arc::new(s.clone()), Path::new(image), opts)
+        };
+        for image in ["/vm/a.raw", "/vm/b.raw"] {
+            put(&s, image, &[0; 8192]);
+        }
+        let a = tagged("/vm/a.raw", 1).unwrap();
+        a.row_start().unwrap();
+        a.write_at(&[0xaa; 4096], 0, false).unwrap();
+        a.flush().unwrap();
+        drop(a);
+        let journal = s.contents(Path::new("/state/overlay.map")).unwrap();
+        // Disk b pointed at a's overlay (a --reserved typo): refused, nothing changed.
+        let Err(err) = tagged("/vm/b.raw", 2) else { panic!("adopted another disk's overlay") };
+        assert!(err.to_string().contains("another disk"), "{err}");
+        assert_eq!(s.contents(Path::new("/state/overlay.map")).unwrap(), journal);
+        // Its own disk adopts it; an unbound opener (an older caller) too.
+        assert_eq!(tagged("/vm/a.raw", 1).unwrap().mode(), Mode::Row);
+        assert_eq!(tagged("/vm/a.raw", 0).unwrap().mode(), Mode::Row);
     }
 
     #[test]

@@ -35,6 +35,9 @@ const OLD_RECORD_LEN: usize = 17;
 /// Identifies one ROW session's overlay: its journal and reserved file carry the same id, so
 /// files of two sessions are never taken for a pair.
 pub type OverlayId = [u8; 16];
+/// Which disk an overlay belongs to (derived from the disk's id by its user); all zero when
+/// not bound (journals of older releases, or a user that does not say).
+pub type DiskTag = [u8; 12];
 
 /// What a journal's header says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +52,8 @@ pub struct Header {
     pub id: OverlayId,
     /// Where slot 0 starts in the reserved file (after its header; 0 for the identity layout).
     pub data_start: u64,
+    /// The disk the overlay belongs to (zero: not bound).
+    pub disk: DiskTag,
 }
 
 impl Header {
@@ -60,6 +65,7 @@ impl Header {
         h[16..24].copy_from_slice(&self.image_size.to_le_bytes());
         h[24..40].copy_from_slice(&self.id);
         h[40..48].copy_from_slice(&self.data_start.to_le_bytes());
+        h[48..60].copy_from_slice(&self.disk);
         let crc = crc32fast::hash(&h[..60]);
         h[60..].copy_from_slice(&crc.to_le_bytes());
         h
@@ -78,6 +84,7 @@ impl Header {
             image_size: u64::from_le_bytes(h[16..24].try_into().unwrap()),
             id: if modern { h[24..40].try_into().unwrap() } else { [0; 16] },
             data_start: if modern { u64::from_le_bytes(h[40..48].try_into().unwrap()) } else { 0 },
+            disk: if modern { h[48..60].try_into().unwrap() } else { [0; 12] },
         })
     }
 }
@@ -188,6 +195,8 @@ pub struct Replayed {
     pub version: u32,
     /// The overlay's id (zero for an overlay of the identity layout).
     pub id: OverlayId,
+    /// The disk it belongs to (zero: not bound).
+    pub disk: DiskTag,
     /// Where slot 0 starts in the reserved file.
     pub data_start: u64,
 }
@@ -267,7 +276,8 @@ impl Journal {
         }
         let mut rest = Vec::new();
         file.read_append(&mut rest, (file_len - HEADER_LEN) as usize, HEADER_LEN).map_err(io)?;
-        let mut replayed = Replayed { version: h.version, id: h.id, data_start: h.data_start, ..Replayed::default() };
+        let mut replayed =
+            Replayed { version: h.version, id: h.id, disk: h.disk, data_start: h.data_start, ..Replayed::default() };
         let replay = if h.version >= 3 {
             replay_batches(&rest, &mut replayed)
         } else {
@@ -295,7 +305,7 @@ impl Journal {
     /// Rewrites a journal of the identity layout in this version, once: appends carry slots
     /// and batches from now on. Slots keep the block numbers (`data_start` 0, no id).
     fn upgrade(storage: &dyn Storage, path: &Path, old: Header, replayed: &Replayed) -> Result<(), StoreError> {
-        let mut bytes = Header { version: VERSION, id: [0; 16], data_start: 0, ..old }.encode().to_vec();
+        let mut bytes = Header { version: VERSION, id: [0; 16], data_start: 0, disk: [0; 12], ..old }.encode().to_vec();
         let mut records = records(&Table::changes_of(&replayed.mapped));
         if replayed.merging {
             records.push(Record::MergeBegin);
@@ -528,7 +538,7 @@ pub(crate) mod tests {
     }
 
     fn header(image_size: u64) -> Header {
-        Header { version: VERSION, block_size: 4096, image_size, id: [7; 16], data_start: 4096 }
+        Header { version: VERSION, block_size: 4096, image_size, id: [7; 16], data_start: 4096, disk: [3; 12] }
     }
 
     /// A journal of two appends (a batch of two records, then one of one) and its length.

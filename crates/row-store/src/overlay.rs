@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::backend::{BlockBackend, Caps, ZeroFlags};
 use crate::image::Image;
-use crate::journal::{self, Header, Journal, Record};
+use crate::journal::{self, DiskTag, Header, Journal, Record};
 use crate::reserved;
 use crate::storage::{Extent, Storage, SyncLatch};
 use crate::table::{Held, Piece, Table};
@@ -58,6 +58,7 @@ impl Overlay {
         base: Arc<Image>,
         reserved: &Path,
         journal: &Path,
+        disk: DiskTag,
         latch: Arc<SyncLatch>,
     ) -> Result<Self, StoreError> {
         let size = base.size();
@@ -80,6 +81,7 @@ impl Overlay {
             image_size: size,
             id,
             data_start: reserved::HEADER_LEN,
+            disk,
         };
         let journal = match Journal::create(storage, journal, header, latch) {
             Ok(j) => j,

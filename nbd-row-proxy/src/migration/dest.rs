@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use control_api::{IncomingData, IncomingPhase, MigrationIncoming, Strategy};
@@ -85,17 +85,19 @@ impl Incoming {
     fn restore_residual(&self, phase: IncomingPhase, session: Option<SessionId>, postcopy: bool) -> bool {
         let disk = self.proxy.disk.clone();
         match (phase, session) {
-            (IncomingPhase::Committed | IncomingPhase::Owner, Some(id)) => match Residual::open(disk, id, postcopy) {
-                Ok(r) => self.proxy.postcopy.set(r.map(Arc::new)),
-                Err(e) => {
-                    // Which blocks are here cannot be proven: serve none of them.
-                    tracing::error!("the post-copy residual cannot be used: {e:#}; refusing every request");
-                    self.proxy.gate.set(Access::Broken(format!("{e:#}")));
-                    return false;
+            (IncomingPhase::Committed | IncomingPhase::Owner, Some(id)) => {
+                match Residual::open(disk, &self.proxy.state.residual(), id, postcopy) {
+                    Ok(r) => self.proxy.postcopy.set(r.map(Arc::new)),
+                    Err(e) => {
+                        // Which blocks are here cannot be proven: serve none of them.
+                        tracing::error!("the post-copy residual cannot be used: {e:#}; refusing every request");
+                        self.proxy.gate.set(Access::Broken(format!("{e:#}")));
+                        return false;
+                    }
                 }
-            },
+            }
             _ => {
-                if let Err(e) = Residual::discard(disk.image_path()) {
+                if let Err(e) = Residual::discard(&self.proxy.state.residual()) {
                     tracing::warn!("removing a stale residual log: {e}");
                 }
             }
@@ -148,7 +150,22 @@ impl Incoming {
                     me.emit(IncomingData { phase: IncomingPhase::Owner, ..me.data() });
                     Ok(())
                 }
-                Err(e) => Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!("{e:#}"))),
+                Err(e) => {
+                    if let Some(suppressed) = OWNER_RECORD_FAILED.hit() {
+                        tracing::warn!(
+                            suppressed,
+                            "a write is refused: recording this host as the disk's owner failed: {e:#}"
+                        );
+                    }
+                    // A full disk is ENOSPC to the guest (it pauses on it, and goes on once there
+                    // is room), not a permission problem.
+                    let io =
+                        e.chain().find_map(|c| c.downcast_ref::<std::io::Error>()).and_then(|io| io.raw_os_error());
+                    Err(match io {
+                        Some(errno) => std::io::Error::from_raw_os_error(errno),
+                        None => std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!("{e:#}")),
+                    })
+                }
             }
         }));
     }
@@ -327,7 +344,7 @@ impl Incoming {
                     let mut answered = false;
                     if me.proxy.postcopy.residual().is_some() {
                         me.proxy.postcopy.set(None);
-                        Residual::discard(me.proxy.disk.image_path()).context("removing the residual log")?;
+                        Residual::discard(&me.proxy.state.residual()).context("removing the residual log")?;
                     }
                     for a in actions {
                         match a {
@@ -425,8 +442,8 @@ impl Incoming {
         };
         let ranges = residual.missing_ranges();
         tracing::warn!(%session, ranges = ranges.len(), blocks = residual.missing_blocks(), "the source resumed the post-copy");
-        for (offset, len) in ranges {
-            send(&mut wr, &Message::Missing { offset, len }).await?;
+        for m in migration_stream::missing_frames(&ranges) {
+            send(&mut wr, &m).await?;
         }
         send(&mut wr, &Message::Resumed).await?;
         self.frames(session, &mut reader, &mut wr).await
@@ -522,13 +539,15 @@ impl Incoming {
                     })
                     .with_context(|| format!("zeroing {len} bytes at {offset}"))?;
                 }
-                Message::Missing { offset, len } => {
-                    let end = offset.checked_add(len).filter(|end| *end <= size);
-                    if end.is_none() || !offset.is_multiple_of(BLOCK_SIZE) {
-                        bail!("missing range at {offset}+{len} is not a range of blocks of the {size}-byte disk");
+                Message::Missing { runs } => {
+                    for (offset, len) in runs {
+                        let end = offset.checked_add(len).filter(|end| *end <= size);
+                        if end.is_none() || !offset.is_multiple_of(BLOCK_SIZE) {
+                            bail!("missing range at {offset}+{len} is not a range of blocks of the {size}-byte disk");
+                        }
+                        let (first, last) = blocks_of(offset, len);
+                        missing.insert(first, last);
                     }
-                    let (first, last) = blocks_of(offset, len);
-                    missing.insert(first, last);
                 }
                 Message::Fetched { id, offset, codec, logical_len, payload } => {
                     if offset.checked_add(logical_len as u64).is_none_or(|end| end > size) {
@@ -620,20 +639,29 @@ impl Incoming {
     async fn commit(self: &Arc<Self>, session: SessionId, missing: BlockSet) -> Result<()> {
         let postcopy = !missing.is_empty();
         self.blocking(move |me| -> Result<()> {
+            let started = Instant::now();
             // The sync comes first: the record must never say committed for data not on disk.
             me.proxy.disk.flush().context("syncing the image")?;
+            let synced = started.elapsed();
             // So does the residual: a committed disk is never served without knowing what it
             // does not hold yet.
             if !missing.is_empty() {
-                let r = Residual::create(me.proxy.disk.clone(), session, missing)
+                let r = Residual::create(me.proxy.disk.clone(), &me.proxy.state.residual(), session, missing)
                     .context("recording the post-copy residual")?;
                 me.proxy.postcopy.set(Some(Arc::new(r)));
             }
+            let residual_recorded = started.elapsed();
             for a in me.apply(|m| m.commit(session, postcopy))? {
                 if a == DestAction::OpenAccess {
                     me.open_committed();
                 }
             }
+            tracing::info!(
+                sync_ms = synced.as_millis() as u64,
+                residual_ms = (residual_recorded - synced).as_millis() as u64,
+                record_ms = (started.elapsed() - residual_recorded).as_millis() as u64,
+                "commit recorded"
+            );
             Ok(())
         })
         .await
@@ -644,6 +672,7 @@ impl Incoming {
 /// a session (strangers, floods): the first, then a count.
 const MIGRATION_WARN_INTERVAL: Duration = Duration::from_secs(10);
 static UNAUTHENTICATED: logging::RateLimit = logging::RateLimit::new(MIGRATION_WARN_INTERVAL);
+static OWNER_RECORD_FAILED: logging::RateLimit = logging::RateLimit::new(MIGRATION_WARN_INTERVAL);
 static EVICTED: logging::RateLimit = logging::RateLimit::new(MIGRATION_WARN_INTERVAL);
 static MIGRATION_ACCEPT_FAILED: logging::RateLimit = logging::RateLimit::new(MIGRATION_WARN_INTERVAL);
 

@@ -12,13 +12,13 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write as _};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use migration_session::{BlockSet, ResidualLog, Residue, SessionId};
 use migration_stream::{Message, MAX_BLOCK_LEN};
-use row_store::storage::suffixed;
+
 use row_store::{BlockBackend, Disk, Posix, Storage, ZeroFlags, BLOCK_SIZE};
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -66,11 +66,6 @@ impl Postcopy {
             received_bytes: stats.received_bytes,
         })
     }
-}
-
-/// The residual log's path for `image`.
-pub fn log_path(image: &Path) -> PathBuf {
-    suffixed(image, ".residual")
 }
 
 /// The first and end block of a byte range.
@@ -132,11 +127,10 @@ impl Residual {
 
     /// Records `missing` durably as the residual of `session` (at a post-copy commit, before
     /// the commit itself is recorded). Blocking.
-    pub fn create(disk: Arc<Disk>, session: SessionId, missing: BlockSet) -> io::Result<Self> {
-        let path = log_path(disk.image_path());
+    pub fn create(disk: Arc<Disk>, path: &Path, session: SessionId, missing: BlockSet) -> io::Result<Self> {
         let bytes = ResidualLog::create(session, BLOCK_SIZE as u32, &missing);
-        Posix.replace(&path, &bytes)?;
-        let log = std::fs::OpenOptions::new().append(true).open(&path)?;
+        Posix.replace(path, &bytes)?;
+        let log = std::fs::OpenOptions::new().append(true).open(path)?;
         Ok(Self::with(disk, missing, log))
     }
 
@@ -144,9 +138,8 @@ impl Residual {
     /// ownership record says the session was committed by a post-copy, so a missing log is
     /// damage, not a post-copy that ended. A log that cannot prove which blocks are here is an
     /// error: the disk must not be served as if it held them. Blocking.
-    pub fn open(disk: Arc<Disk>, session: SessionId, expected: bool) -> anyhow::Result<Option<Self>> {
-        let path = log_path(disk.image_path());
-        let bytes = match std::fs::read(&path) {
+    pub fn open(disk: Arc<Disk>, path: &Path, session: SessionId, expected: bool) -> anyhow::Result<Option<Self>> {
+        let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound && !expected => return Ok(None),
             Err(e) if e.kind() == io::ErrorKind::NotFound => anyhow::bail!(
@@ -159,7 +152,7 @@ impl Residual {
         let replayed = ResidualLog::replay(&bytes, session, BLOCK_SIZE as u32)
             .map_err(|e| anyhow::Error::new(e).context(format!("{} cannot be used", path.display())))?;
         let Residue::Missing(missing) = replayed else { return Ok(None) };
-        let log = std::fs::OpenOptions::new().append(true).open(&path)?;
+        let log = std::fs::OpenOptions::new().append(true).open(path)?;
         tracing::warn!(
             blocks = missing.blocks(),
             "a post-copy was running before the restart: waiting for the source to resume it"
@@ -168,10 +161,9 @@ impl Residual {
     }
 
     /// Throws the residual away (the disk was given back to the source). Blocking.
-    pub fn discard(image: &Path) -> io::Result<()> {
-        let path = log_path(image);
-        match Posix.remove(&path) {
-            Ok(()) => Posix.sync_parent(&path),
+    pub fn discard(path: &Path) -> io::Result<()> {
+        match Posix.remove(path) {
+            Ok(()) => Posix.sync_parent(path),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
         }
@@ -524,6 +516,11 @@ mod tests {
         (dir, Arc::new(Disk::open(&path, DiskOptions::default()).unwrap()))
     }
 
+    /// The residual log of the test's disk.
+    fn log(disk: &Disk) -> std::path::PathBuf {
+        row_store::storage::suffixed(disk.image_path(), ".residual")
+    }
+
     fn block(byte: u8) -> Vec<u8> {
         vec![byte; BLOCK_SIZE as usize]
     }
@@ -537,7 +534,7 @@ mod tests {
         let (_dir, disk) = disk();
         let mut missing = BlockSet::new();
         missing.insert(10, 20);
-        let r = Residual::create(disk.clone(), ID, missing).unwrap();
+        let r = Residual::create(disk.clone(), &log(&disk), ID, missing).unwrap();
         // The guest writes block 12 whole: it is held at once.
         let covered = r.cover(12 * BLOCK_SIZE, BLOCK_SIZE);
         assert_eq!(covered, vec![(12, 13)]);
@@ -561,7 +558,7 @@ mod tests {
         let (_dir, disk) = disk();
         let mut missing = BlockSet::new();
         missing.insert(0, 8);
-        let r = Residual::create(disk.clone(), ID, missing).unwrap();
+        let r = Residual::create(disk.clone(), &log(&disk), ID, missing).unwrap();
         r.receive(0, &block(1)).unwrap();
         r.checkpoint().unwrap();
         // Block 1 arrives but no checkpoint follows: a restart must fetch it again.
@@ -570,28 +567,31 @@ mod tests {
         disk.write_at(&block(3), 2 * BLOCK_SIZE, false).unwrap();
         r.written(covered);
         drop(r);
-        let again = Residual::open(disk.clone(), ID, true).unwrap().expect("the log survives");
+        let again = Residual::open(disk.clone(), &log(&disk), ID, true).unwrap().expect("the log survives");
         assert_eq!(again.missing_ranges(), vec![(BLOCK_SIZE, 7 * BLOCK_SIZE)]);
         // A flush of the guest's writes (the checkpoint) records them.
         let covered = again.cover(2 * BLOCK_SIZE, BLOCK_SIZE);
         again.written(covered);
         again.checkpoint().unwrap();
         drop(again);
-        let third = Residual::open(disk.clone(), ID, true).unwrap().unwrap();
+        let third = Residual::open(disk.clone(), &log(&disk), ID, true).unwrap().unwrap();
         assert_eq!(third.missing_ranges(), vec![(BLOCK_SIZE, BLOCK_SIZE), (3 * BLOCK_SIZE, 5 * BLOCK_SIZE)]);
         // The log of another session is refused, not trusted.
-        assert!(Residual::open(disk.clone(), SessionId([1; 16]), true).is_err());
+        assert!(Residual::open(disk.clone(), &log(&disk), SessionId([1; 16]), true).is_err());
         // Finishing with blocks still missing is refused; once all arrived the log says so.
         assert!(third.finish().is_err());
         let rest: Vec<u8> = (0..8).flat_map(|b| block(b as u8)).collect();
         third.receive(0, &rest).unwrap();
         third.finish().unwrap();
         drop(third);
-        assert!(Residual::open(disk.clone(), ID, true).unwrap().is_none());
+        assert!(Residual::open(disk.clone(), &log(&disk), ID, true).unwrap().is_none());
         // Gone while the record says a post-copy committed: nothing proves what is here.
-        std::fs::remove_file(log_path(disk.image_path())).unwrap();
-        assert!(Residual::open(disk.clone(), ID, true).is_err());
-        assert!(Residual::open(disk, ID, false).unwrap().is_none(), "a record of an older release");
+        std::fs::remove_file(log(&disk)).unwrap();
+        assert!(Residual::open(disk.clone(), &log(&disk), ID, true).is_err());
+        assert!(
+            Residual::open(disk.clone(), &log(&disk), ID, false).unwrap().is_none(),
+            "a record of an older release"
+        );
     }
 
     #[tokio::test]
@@ -599,7 +599,7 @@ mod tests {
         let (_dir, disk) = disk();
         let mut missing = BlockSet::new();
         missing.insert(4, 6);
-        let r = Arc::new(Residual::create(disk, ID, missing).unwrap());
+        let r = Arc::new(Residual::create(disk.clone(), &log(&disk), ID, missing).unwrap());
         let link = Arc::new(FetchLink::default());
         let e = r.wait_held(&link, 4, 5, Duration::from_millis(100)).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);

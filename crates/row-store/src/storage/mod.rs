@@ -152,11 +152,15 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// it over `path` and syncs the directory.
     fn replace(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
         let tmp = suffixed(path, ".tmp");
-        let f = self.open(&tmp, OpenMode::Create)?;
-        f.write_all_at(bytes, 0)?;
-        f.sync_all()?;
-        drop(f);
-        self.rename(&tmp, path)?;
+        let written = self.open(&tmp, OpenMode::Create).and_then(|f| {
+            f.write_all_at(bytes, 0)?;
+            f.sync_all()
+        });
+        if let Err(e) = written.and_then(|()| self.rename(&tmp, path)) {
+            // A full disk must not leave a half-written temporary file behind.
+            let _ = self.remove(&tmp);
+            return Err(e);
+        }
         self.sync_parent(path)
     }
 }
