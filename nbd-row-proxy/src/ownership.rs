@@ -220,6 +220,8 @@ impl BlockBackend for Guarded {
 #[derive(Debug, Clone)]
 pub struct RecordFile {
     path: PathBuf,
+    /// A missing file is damage (see [`RecordFile::of_entry`]).
+    expected: bool,
 }
 
 /// Why the record could not be read or written.
@@ -236,6 +238,18 @@ pub enum RecordError {
         #[source]
         source: io::Error,
     },
+    /// The disk's state entry had a record and it is gone.
+    #[error(
+        "{} is missing: this disk's state entry had an ownership record, and without it nothing says whether \
+         this host may write to the disk (it may have been handed over). Restore the file, or, if this host \
+         certainly owns the disk, remove the whole entry {} (its overlay and fence go with it)",
+        path.display(),
+        path.parent().unwrap_or(Path::new("/")).display()
+    )]
+    Missing {
+        /// The record file.
+        path: PathBuf,
+    },
     /// The file is not a record this program wrote.
     #[error("{} cannot be used", path.display())]
     Bad {
@@ -247,10 +261,24 @@ pub enum RecordError {
     },
 }
 
+/// The file of a disk that has no claim on it: once a state entry exists its record always
+/// exists, so a missing one is damage, never "no migration ever happened".
+const FREE: &[u8] = b"{\n  \"version\": 1,\n  \"role\": \"free\"\n}\n";
+
 impl RecordFile {
-    /// The record at `path` (a disk's, see [`crate::state::StateEntry::ownership`]).
+    /// The record at `path`, which may be missing (no claim).
     pub fn at(path: PathBuf) -> Self {
-        Self { path }
+        Self { path, expected: false }
+    }
+
+    /// The record of the disk whose state entry is `entry`: written (as "free") when the entry
+    /// is new, and from then on refused if missing. Blocking.
+    pub fn of_entry(entry: &crate::state::StateEntry) -> io::Result<Self> {
+        let path = entry.ownership();
+        if entry.is_new() && !path.exists() {
+            Posix.replace(&path, FREE)?;
+        }
+        Ok(Self { path, expected: true })
     }
 
     /// Its path.
@@ -261,18 +289,24 @@ impl RecordFile {
     /// The record, if there is one.
     pub fn load(&self) -> Result<Option<Ownership>, RecordError> {
         match Posix.read(&self.path) {
+            Ok(bytes) if bytes == FREE => Ok(None),
             Ok(bytes) => Ownership::decode(&bytes)
                 .map(Some)
                 .map_err(|source| RecordError::Bad { path: self.path.clone(), source }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && self.expected => {
+                Err(RecordError::Missing { path: self.path.clone() })
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(RecordError::Io { what: "reading", path: self.path.clone(), source }),
         }
     }
 
-    /// Replaces the record durably (`None`: removes it, durably).
+    /// Replaces the record durably (`None`: no claim; in a state entry a "free" record, else
+    /// the file is removed, durably).
     pub fn store(&self, record: Option<&Ownership>) -> io::Result<()> {
         match record {
             Some(r) => Posix.replace(&self.path, &r.encode()),
+            None if self.expected => Posix.replace(&self.path, FREE),
             None => match Posix.remove(&self.path) {
                 Ok(()) => Posix.sync_parent(&self.path),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -356,5 +390,43 @@ mod tests {
         assert!(f.load().unwrap().is_none());
         std::fs::write(f.path(), "{").unwrap();
         assert!(matches!(f.load(), Err(RecordError::Bad { .. })));
+    }
+
+    #[test]
+    fn an_entry_s_record_always_exists_and_a_missing_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.raw");
+        std::fs::File::create(&image).unwrap().set_len(1 << 20).unwrap();
+        let lookup = crate::state::Lookup {
+            state_dir: &dir.path().join("state"),
+            image: &image,
+            disk_id: None,
+            reserved: None,
+            read_only: false,
+        };
+        let entry = crate::state::StateEntry::locate(&lookup).unwrap();
+        let f = RecordFile::of_entry(&entry).unwrap();
+        assert!(f.load().unwrap().is_none(), "a new disk: free");
+        assert!(f.path().exists());
+        let r = Ownership::Source {
+            stage: migration_session::SourceStage::HandedOver,
+            session: migration_session::SessionId([4; 16]),
+            peer: "tcp:192.0.2.2:10810".into(),
+            strategy: control_api::Strategy::Row,
+            fenced_since: None,
+            postcopy: false,
+        };
+        f.store(Some(&r)).unwrap();
+        f.store(None).unwrap();
+        assert!(f.path().exists(), "no claim is a record too");
+        f.store(Some(&r)).unwrap();
+        // Deleted behind our back: the next start refuses, never serves the disk unfenced.
+        std::fs::remove_file(f.path()).unwrap();
+        let again = crate::state::StateEntry::locate(&lookup).unwrap();
+        assert!(!again.is_new());
+        let f = RecordFile::of_entry(&again).unwrap();
+        let e = f.load().unwrap_err();
+        assert!(matches!(e, RecordError::Missing { .. }), "{e}");
+        assert!(e.to_string().contains("Restore the file"), "{e}");
     }
 }

@@ -54,7 +54,8 @@ pub fn open_disk(config: &Config) -> Result<Opened> {
         reserved: config.reserved.as_deref(),
         read_only: config.read_only,
     })?;
-    let record_file = RecordFile::at(state.ownership());
+    let record_file = RecordFile::of_entry(&state)
+        .with_context(|| format!("writing the ownership record {}", state.ownership().display()))?;
     let record = record_file.load()?;
     let receiving = config.listen.is_some();
     let holds = matches!(&record, Some(Ownership::Destination { stage: DestStage::Committed | DestStage::Owner, .. }));
@@ -63,9 +64,9 @@ pub fn open_disk(config: &Config) -> Result<Opened> {
     {
         bail!(
             "{} is incomplete: migration session {session} to it did not commit ({since}). Run `nbd-row-proxy \
-             receive` to migrate it again, or remove {} to serve it as it is",
+             receive` to migrate it again, or remove its state entry {} to serve it as it is",
             config.image.display(),
-            record_file.path().display()
+            state.dir().display()
         );
     }
     let options = DiskOptions {

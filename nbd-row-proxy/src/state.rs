@@ -277,6 +277,7 @@ pub struct StateEntry {
     dir: PathBuf,
     id: DiskId,
     reserved: PathBuf,
+    new: bool,
 }
 
 impl StateEntry {
@@ -305,8 +306,8 @@ impl StateEntry {
             .create(&dir)
             .map_err(io_err("creating the state entry", &dir))?;
         let reserved = lookup.reserved.map(Path::to_owned).unwrap_or_else(|| dir.join("overlay"));
-        let entry = Self { dir, id, reserved };
-        entry.bind(&binding)?;
+        let mut entry = Self { dir, id, reserved, new: false };
+        entry.new = entry.bind(&binding)?;
         // Older state is moved only while the image is ours: a proxy of an older release still
         // serving it holds the lock (and its files open).
         let lock = Posix
@@ -319,8 +320,8 @@ impl StateEntry {
     }
 
     /// Checks the entry's record against `now` (writing it on first use, updating the path
-    /// when the disk is seen under another one).
-    fn bind(&self, now: &Binding) -> Result<(), StateError> {
+    /// when the disk is seen under another one); true on first use.
+    fn bind(&self, now: &Binding) -> Result<bool, StateError> {
         let path = self.dir.join(RECORD);
         let recorded = match std::fs::read(&path) {
             Ok(bytes) => Some(Binding::decode(&bytes).map_err(|why| StateError::Damaged { path: path.clone(), why })?),
@@ -350,13 +351,14 @@ impl StateEntry {
                     "the disk changed size; the state of a disk is only valid for the disk it was recorded for",
                 ))
             }
-            Some(r) if r.path == now.path => return Ok(()),
+            Some(r) if r.path == now.path => return Ok(false),
             Some(r) => {
                 tracing::info!(disk = %now.id, from = %r.path.display(), to = %now.path.display(), "disk seen under another path")
             }
             None => tracing::info!(disk = %now.id, entry = %self.dir.display(), "new state entry"),
         }
-        Posix.replace(&path, &now.encode()).map_err(io_err("writing", &path))
+        Posix.replace(&path, &now.encode()).map_err(io_err("writing", &path))?;
+        Ok(recorded.is_none())
     }
 
     /// Moves state files left beside `image` by older releases into the entry.
@@ -383,6 +385,11 @@ impl StateEntry {
             tracing::info!(from = %old.display(), to = %new.display(), "moved state from beside the image into the state directory");
         }
         Ok(())
+    }
+
+    /// Whether the entry was made by this lookup (the disk's first use here).
+    pub fn is_new(&self) -> bool {
+        self.new
     }
 
     /// The entry's directory.

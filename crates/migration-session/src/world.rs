@@ -9,6 +9,9 @@
 //! take writes; a restart never opens a disk that was closed; a destination that wrote to the disk
 //! keeps it. A forced `reclaim` is the operator's word that the destination is gone for good: it
 //! is taken down, and the rule no longer applies to it.
+//!
+//! Records can be damaged or deleted too: a host whose record is gone (or unreadable) refuses to
+//! start, as the proxy does once its disk has a state entry, until the operator restores it.
 
 use std::collections::VecDeque;
 
@@ -42,6 +45,10 @@ enum ToSource {
 struct Source {
     machine: SourceSession,
     record: Option<Ownership>,
+    /// The record file is gone or damaged (the good copy is `record`, the operator's backup).
+    record_lost: bool,
+    /// The process refused to start (its record is lost) and is not running.
+    down: bool,
     writable: bool,
     /// What the source waits for.
     connecting: bool,
@@ -54,6 +61,8 @@ struct Source {
 struct Dest {
     machine: DestSession,
     record: Option<Ownership>,
+    record_lost: bool,
+    down: bool,
     serving: bool,
     wrote: bool,
 }
@@ -79,7 +88,7 @@ impl Default for World {
 }
 
 /// How many different steps a byte selects among.
-pub const STEPS: u8 = 19;
+pub const STEPS: u8 = 22;
 
 impl World {
     /// A source owning its disk and an empty destination waiting.
@@ -88,13 +97,22 @@ impl World {
             src: Source {
                 machine: SourceSession::new(),
                 record: None,
+                record_lost: false,
+                down: false,
                 writable: true,
                 connecting: false,
                 final_round: false,
                 commit_answer: false,
                 revoke_answer: false,
             },
-            dst: Dest { machine: DestSession::new(), record: None, serving: false, wrote: false },
+            dst: Dest {
+                machine: DestSession::new(),
+                record: None,
+                record_lost: false,
+                down: false,
+                serving: false,
+                wrote: false,
+            },
             to_dest: VecDeque::new(),
             to_source: VecDeque::new(),
             sessions: 0,
@@ -137,7 +155,13 @@ impl World {
     pub fn step(&mut self, b: u8) {
         self.steps += 1;
         let session = self.src.machine.session();
-        match b % STEPS {
+        let step = b % STEPS;
+        // A host that is down does nothing of its own.
+        let source_step = matches!(step, 0 | 4 | 5 | 6 | 9 | 11 | 12 | 13 | 14 | 18);
+        if (self.src.down && source_step) || (self.dst.down && matches!(step, 10 | 15)) {
+            return;
+        }
+        match step {
             0 => {
                 // Real ids are 16 random bytes: never the same twice.
                 self.sessions += 1;
@@ -215,6 +239,13 @@ impl World {
             }
             16 => self.restart_source(),
             17 => self.restart_dest(),
+            19 => self.src.record_lost = true,
+            20 => self.dst.record_lost = true,
+            21 => {
+                // The operator restores the records from a backup.
+                self.src.record_lost = false;
+                self.dst.record_lost = false;
+            }
             _ => {
                 // A revoke that finds the link down.
                 if self.src.revoke_answer {
@@ -246,7 +277,7 @@ impl World {
         if self.dst.wrote && self.dst.machine.phase() != IncomingPhase::Owner {
             return Err(format!("step {}: the destination wrote but is {}", self.steps, self.dst.machine.phase()));
         }
-        if self.dst.serving != self.dst.machine.serves() {
+        if !self.dst.down && self.dst.serving != self.dst.machine.serves() {
             return Err(format!("step {}: the destination's access and phase disagree", self.steps));
         }
         Ok(())
@@ -315,7 +346,7 @@ impl World {
     fn deliver_to_dest(&mut self, newest: bool) {
         let msg = if newest { self.to_dest.pop_back() } else { self.to_dest.pop_front() };
         let Some(msg) = msg else { return };
-        if self.dest_gone {
+        if self.dest_gone || self.dst.down {
             return;
         }
         let d = &mut self.dst.machine;
@@ -345,6 +376,9 @@ impl World {
 
     fn deliver_to_source(&mut self) {
         let Some(msg) = self.to_source.pop_front() else { return };
+        if self.src.down {
+            return;
+        }
         let current = self.src.machine.session();
         let m = &mut self.src.machine;
         let actions = match msg {
@@ -386,6 +420,13 @@ impl World {
     }
 
     fn restart_source(&mut self) {
+        if self.src.record_lost {
+            // Refuses to start: nothing says whether it may write.
+            self.src.down = true;
+            self.src.writable = false;
+            self.to_source.clear();
+            return;
+        }
         let (machine, actions) = match &self.src.record {
             Some(r) => SourceSession::restore(r),
             None => (SourceSession::new(), Vec::new()),
@@ -393,6 +434,8 @@ impl World {
         self.src = Source {
             machine,
             record: self.src.record.clone(),
+            record_lost: false,
+            down: false,
             // The proxy starts with the disk open unless the record's actions close it.
             writable: true,
             connecting: false,
@@ -409,6 +452,13 @@ impl World {
         if self.dest_gone {
             return;
         }
+        if self.dst.record_lost {
+            self.dst.down = true;
+            self.dst.serving = false;
+            self.to_dest.clear();
+            return;
+        }
+        self.dst.down = false;
         let (machine, actions) = match &self.dst.record {
             Some(r) => DestSession::restore(r),
             None => (DestSession::new(), Vec::new()),
@@ -454,9 +504,26 @@ mod tests {
 
     /// Steps weighted so that random walks get through the whole protocol often.
     fn step() -> impl proptest::strategy::Strategy<Value = u8> {
-        const WEIGHTS: [u32; STEPS as usize] = [2, 8, 1, 8, 3, 3, 3, 1, 1, 1, 1, 2, 1, 1, 2, 2, 1, 1, 1];
+        const WEIGHTS: [u32; STEPS as usize] = [2, 8, 1, 8, 3, 3, 3, 1, 1, 1, 1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 1, 1];
         let choices: Vec<_> = (0..STEPS).map(|s| (WEIGHTS[s as usize], Just(s))).collect();
         prop::strategy::Union::new_weighted(choices)
+    }
+
+    #[test]
+    fn a_host_whose_record_is_lost_stays_down_until_it_is_restored() {
+        // Handed over, the destination wrote; the source's record is deleted and it restarts:
+        // it does not come back writable.
+        let w = World::run(&[0, 1, 3, 4, 5, 6, 1, 3, 15, 19, 16]).unwrap();
+        assert!(!w.source_writable());
+        assert!(w.src.down);
+        // Restored, it restarts fenced.
+        let w = World::run(&[0, 1, 3, 4, 5, 6, 1, 3, 15, 19, 16, 21, 16]).unwrap();
+        assert!(!w.source_writable() && !w.src.down);
+        // A destination whose record is lost stops serving until it is restored.
+        let w = World::run(&[0, 1, 3, 4, 5, 6, 1, 3, 15, 20, 17]).unwrap();
+        assert!(!w.dest_serving());
+        let w = World::run(&[0, 1, 3, 4, 5, 6, 1, 3, 15, 20, 17, 21, 17]).unwrap();
+        assert!(w.dest_serving() && w.dest_phase() == IncomingPhase::Owner);
     }
 
     #[test]
