@@ -69,6 +69,11 @@ impl Gate {
         self.access.borrow().clone()
     }
 
+    /// The access as it changes.
+    pub fn watch(&self) -> watch::Receiver<Access> {
+        self.access.subscribe()
+    }
+
     /// Changes the access once no write is in flight. Blocking: call it off the async runtime.
     pub fn set(&self, access: Access) {
         let _exclusive = self.inflight.write().unwrap_or_else(|e| e.into_inner());

@@ -142,6 +142,7 @@ class MigrateStartArgs(Record):
         "bitmap_granularity": ("bitmap-granularity", None, False),
         "final_budget_ms": ("final-budget-ms", None, False),
         "tls_hostname": ("tls-hostname", None, False),
+        "arm": ("arm", None, False),
     }
 
 
@@ -350,7 +351,7 @@ COMMANDS = {
     "row-start": ((), None),
     "row-stop": (("wait",), "RowStopReply"),
     "query-row": (("hot-threshold",), "RowReport"),
-    "migrate-start": (("uri", "strategy", "rounds", "hot-threshold", "max-bandwidth", "compress", "bitmap-granularity", "final-budget-ms", "tls-hostname",), "MigrateStartReply"),
+    "migrate-start": (("uri", "strategy", "rounds", "hot-threshold", "max-bandwidth", "compress", "bitmap-granularity", "final-budget-ms", "tls-hostname", "arm",), "MigrateStartReply"),
     "query-migrate": ((), "MigrationStatus"),
     "migrate-finish": (("postcopy", "budget-ms",), "MigrationStatus"),
     "migrate-cancel": ((), None),

@@ -39,6 +39,8 @@ enum ToSource {
     Failed(SessionId),
     Revoked(SessionId),
     Owns(SessionId),
+    /// The destination's guest writes before any commit: it asks for the disk.
+    Claim(SessionId),
 }
 
 #[derive(Debug)]
@@ -49,6 +51,8 @@ struct Source {
     record_lost: bool,
     /// The process refused to start (its record is lost) and is not running.
     down: bool,
+    /// The session was started armed: the destination's claim hands the disk over.
+    armed: bool,
     writable: bool,
     /// What the source waits for.
     connecting: bool,
@@ -88,7 +92,7 @@ impl Default for World {
 }
 
 /// How many different steps a byte selects among.
-pub const STEPS: u8 = 22;
+pub const STEPS: u8 = 24;
 
 impl World {
     /// A source owning its disk and an empty destination waiting.
@@ -99,6 +103,7 @@ impl World {
                 record: None,
                 record_lost: false,
                 down: false,
+                armed: false,
                 writable: true,
                 connecting: false,
                 final_round: false,
@@ -157,18 +162,27 @@ impl World {
         let session = self.src.machine.session();
         let step = b % STEPS;
         // A host that is down does nothing of its own.
-        let source_step = matches!(step, 0 | 4 | 5 | 6 | 9 | 11 | 12 | 13 | 14 | 18);
+        let source_step = matches!(step, 0 | 4 | 5 | 6 | 9 | 11 | 12 | 13 | 14 | 18 | 22);
         if (self.src.down && source_step) || (self.dst.down && matches!(step, 10 | 15)) {
             return;
         }
         match step {
-            0 => {
+            0 | 22 => {
                 // Real ids are 16 random bytes: never the same twice.
                 self.sessions += 1;
                 let mut id = SessionId([0; 16]);
                 id.0[..8].copy_from_slice(&self.sessions.to_le_bytes());
                 if let Ok(a) = self.src.machine.start(id, "tcp:192.0.2.2:10810", Strategy::Row) {
+                    self.src.armed = step == 22;
                     self.source_actions(a);
+                }
+            }
+            23 => {
+                // The destination's guest writes while the disk is still arriving.
+                if !self.dst.serving {
+                    if let Some(id) = self.dst.machine.session() {
+                        self.to_source.push_back(ToSource::Claim(id));
+                    }
                 }
             }
             1 => self.deliver_to_dest(false),
@@ -384,7 +398,10 @@ impl World {
         let actions = match msg {
             // Answers about another session come on a connection that is gone.
             ToSource::Accepted(id) | ToSource::Committed(id) | ToSource::Failed(id) if Some(id) != current => return,
-            ToSource::Revoked(id) | ToSource::Owns(id) if Some(id) != current => return,
+            ToSource::Revoked(id) | ToSource::Owns(id) | ToSource::Claim(id) if Some(id) != current => return,
+            // An armed, ready source hands over as `migrate-finish` would; otherwise refused.
+            ToSource::Claim(_) if self.src.armed && m.phase() == Phase::Ready => m.finish(),
+            ToSource::Claim(_) => return,
             ToSource::Accepted(_) if self.src.connecting => {
                 self.src.connecting = false;
                 m.connected()
@@ -436,6 +453,7 @@ impl World {
             record: self.src.record.clone(),
             record_lost: false,
             down: false,
+            armed: false,
             // The proxy starts with the disk open unless the record's actions close it.
             writable: true,
             connecting: false,
@@ -504,9 +522,23 @@ mod tests {
 
     /// Steps weighted so that random walks get through the whole protocol often.
     fn step() -> impl proptest::strategy::Strategy<Value = u8> {
-        const WEIGHTS: [u32; STEPS as usize] = [2, 8, 1, 8, 3, 3, 3, 1, 1, 1, 1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 1, 1];
+        const WEIGHTS: [u32; STEPS as usize] = [2, 8, 1, 8, 3, 3, 3, 1, 1, 1, 1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 1, 1, 2, 2];
         let choices: Vec<_> = (0..STEPS).map(|s| (WEIGHTS[s as usize], Just(s))).collect();
         prop::strategy::Union::new_weighted(choices)
+    }
+
+    #[test]
+    fn an_armed_source_hands_over_on_the_destination_s_claim() {
+        // Armed start, Begin, Accepted, pre-copy done; the destination's guest writes (claim),
+        // the claim arrives: the source fences itself and sends the final round; the commit
+        // arrives, Committed comes back; the destination writes and owns the disk.
+        let w = World::run(&[22, 1, 3, 4, 23, 3, 6, 1, 3, 15]).unwrap();
+        assert_eq!(w.dest_phase(), IncomingPhase::Owner);
+        assert!(!w.source_writable() && w.dest_serving());
+        // Not armed: the claim changes nothing.
+        let w = World::run(&[0, 1, 3, 4, 23, 3]).unwrap();
+        assert_eq!(w.source_phase(), Phase::Ready);
+        assert!(w.source_writable() && !w.dest_serving());
     }
 
     #[test]

@@ -51,6 +51,8 @@
 //! | 18   | `Fetch`       | id u64, offset u64, len u32                                      |
 //! | 19   | `Fetched`     | id u64, then a `Data` payload                                    |
 //! | 20–24 | `PushDone`, `Holds`, `Resume`, `Resumed`, `Running` | empty                   |
+//! | 25   | `Claim`       | empty: the destination's guest writes; hand the disk over        |
+//! | 26   | `ClaimRefused`| reason, UTF-8                                                    |
 //!
 //! Session parameters (29 bytes): `session_id[16] disk_size:u64 block_size:u32 strategy:u8`
 //! (strategy 0 row, 1 bitmap; block_size never 0).

@@ -53,8 +53,10 @@ const T_HOLDS: u8 = 21;
 const T_RESUME: u8 = 22;
 const T_RESUMED: u8 = 23;
 const T_RUNNING: u8 = 24;
+const T_CLAIM: u8 = 25;
+const T_CLAIM_REFUSED: u8 = 26;
 /// The last type code.
-const T_LAST: u8 = T_RUNNING;
+const T_LAST: u8 = T_CLAIM_REFUSED;
 
 /// How the source tracks which blocks changed between rounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -334,6 +336,16 @@ pub enum Message {
     /// dest → source, after a post-copy commit: the guest runs here now (its first request
     /// came), so the push no longer competes with the memory migration's last bytes.
     Running,
+    /// dest → source, before any commit: the guest runs here and wants to write (a VM manager
+    /// migrated it and the source QEMU is inactive): hand the disk over now. An armed source
+    /// answers with the final round (what is left goes to post-copy) and the commit.
+    Claim,
+    /// source → dest: the `Claim` is refused (the source is not armed for it); writes here
+    /// stay refused.
+    ClaimRefused {
+        /// Why, UTF-8, at most [`MAX_REASON_LEN`] bytes.
+        reason: String,
+    },
 }
 
 impl Message {
@@ -379,6 +391,8 @@ impl Message {
             Self::Resume => "Resume",
             Self::Resumed => "Resumed",
             Self::Running => "Running",
+            Self::Claim => "Claim",
+            Self::ClaimRefused { .. } => "ClaimRefused",
         }
     }
 
@@ -408,6 +422,8 @@ impl Message {
             Self::Resume => T_RESUME,
             Self::Resumed => T_RESUMED,
             Self::Running => T_RUNNING,
+            Self::Claim => T_CLAIM,
+            Self::ClaimRefused { .. } => T_CLAIM_REFUSED,
         }
     }
 
@@ -416,7 +432,10 @@ impl Message {
             Self::ServerHello { .. } => SERVER_HELLO_LEN,
             Self::ClientHello { .. } => CLIENT_HELLO_LEN,
             Self::Accept { .. } => 32,
-            Self::Reject { reason: s } | Self::Discard { reason: s } | Self::Error { message: s } => clip(s).len(),
+            Self::Reject { reason: s }
+            | Self::Discard { reason: s }
+            | Self::Error { message: s }
+            | Self::ClaimRefused { reason: s } => clip(s).len(),
             Self::RoundBegin { .. } => 5,
             Self::Data { payload, .. } => DATA_HEADER_LEN + payload.len(),
             Self::Zero { .. } => 16,
@@ -434,7 +453,8 @@ impl Message {
             | Self::Holds
             | Self::Resume
             | Self::Resumed
-            | Self::Running => 0,
+            | Self::Running
+            | Self::Claim => 0,
         }
     }
 
@@ -468,7 +488,10 @@ impl Message {
                 out.extend_from_slice(mac);
             }
             Self::Accept { mac } => out.extend_from_slice(mac),
-            Self::Reject { reason: s } | Self::Discard { reason: s } | Self::Error { message: s } => {
+            Self::Reject { reason: s }
+            | Self::Discard { reason: s }
+            | Self::Error { message: s }
+            | Self::ClaimRefused { reason: s } => {
                 out.extend_from_slice(clip(s).as_bytes());
             }
             Self::RoundBegin { round, kind } => {
@@ -509,7 +532,8 @@ impl Message {
             | Self::Holds
             | Self::Resume
             | Self::Resumed
-            | Self::Running => {}
+            | Self::Running
+            | Self::Claim => {}
         }
         debug_assert_eq!(out.len() - start, HEADER_LEN + payload_len);
         let crc = crc32fast::hash(&out[start..]);
@@ -556,7 +580,7 @@ fn check_len(ty: u8, len: usize) -> Result<(), StreamError> {
             ((HELLO_PREFIX_LEN..=MAX_HELLO_LEN).contains(&len), "hello payload length out of range")
         }
         T_ACCEPT => (len == 32, "Accept payload is not 32 bytes"),
-        T_REJECT | T_DISCARD | T_ERROR => (len <= MAX_REASON_LEN, "reason text too long"),
+        T_REJECT | T_DISCARD | T_ERROR | T_CLAIM_REFUSED => (len <= MAX_REASON_LEN, "reason text too long"),
         T_ROUND_BEGIN => (len == 5, "RoundBegin payload is not 5 bytes"),
         T_DATA => (len > DATA_HEADER_LEN, "Data payload too short"),
         T_ZERO => (len == 16, "Zero payload is not 16 bytes"),
@@ -565,7 +589,7 @@ fn check_len(ty: u8, len: usize) -> Result<(), StreamError> {
         T_FETCHED => (len > FETCHED_HEADER_LEN, "Fetched payload too short"),
         T_ROUND_END => (len == 4, "RoundEnd payload is not 4 bytes"),
         T_COMMIT | T_COMMITTED | T_DONE | T_REVOKE | T_REVOKED | T_KEEPALIVE | T_PUSH_DONE | T_HOLDS | T_RESUME
-        | T_RESUMED | T_RUNNING => (len == 0, "unexpected payload on an empty message"),
+        | T_RESUMED | T_RUNNING | T_CLAIM => (len == 0, "unexpected payload on an empty message"),
         _ => return Err(StreamError::UnknownType(ty)),
     };
     if ok {
@@ -676,6 +700,8 @@ fn parse_payload(ty: u8, p: &[u8]) -> Result<Message, StreamError> {
         T_RESUME => Message::Resume,
         T_RESUMED => Message::Resumed,
         T_RUNNING => Message::Running,
+        T_CLAIM => Message::Claim,
+        T_CLAIM_REFUSED => Message::ClaimRefused { reason: text(p)? },
         T_COMMIT => Message::Commit,
         T_COMMITTED => Message::Committed,
         T_DONE => Message::Done,
@@ -886,6 +912,8 @@ mod tests {
             Message::Resume,
             Message::Resumed,
             Message::Running,
+            Message::Claim,
+            Message::ClaimRefused { reason: "not armed".into() },
         ]
     }
 
@@ -1191,7 +1219,7 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_frames_never_panic(ty in 0u8..19, payload in proptest::collection::vec(any::<u8>(), 0..256)) {
+        fn arbitrary_frames_never_panic(ty in 0u8..=T_LAST + 1, payload in proptest::collection::vec(any::<u8>(), 0..256)) {
             let frame = raw_frame(ty, &payload);
             if let Ok(Some((m, n))) = Message::decode(&frame) {
                 prop_assert_eq!(n, frame.len());

@@ -33,6 +33,7 @@ pub async fn run(c: Arc<Control>, args: MigrateStartArgs) -> Result<MigrateStart
         compress: args.compress,
         bitmap_granularity_blocks: args.bitmap_granularity.unwrap_or(DEFAULT_BITMAP_GRANULARITY) / BLOCK_SIZE,
         tls_hostname: args.tls_hostname,
+        arm: args.arm,
         final_budget: match args.final_budget_ms.map(Duration::from_millis).unwrap_or(DEFAULT_FINAL_BUDGET) {
             d if d.is_zero() => None,
             d => Some(d),

@@ -621,6 +621,10 @@ impl Incoming {
                     }
                 },
                 Message::Keepalive => {}
+                Message::ClaimRefused { reason } => {
+                    tracing::warn!(%session, "the source refused to hand the disk over on a write here: {reason}");
+                    self.proxy.postcopy.link.claim_refused(reason);
+                }
                 Message::Done => {
                     if self.proxy.postcopy.residual().is_some() {
                         bail!("the source said done while the post-copy is still running");
@@ -684,6 +688,7 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 /// What the requests of a destination's live export wait for: before the commit a read is
 /// answered with the source's current data (or the image's, with no session connected);
 /// during a post-copy a request waits for the missing blocks it reads or partly overwrites.
+/// Before any commit, a write asks the source for the disk (see [`claim`]).
 #[derive(Debug)]
 pub struct DestPull(pub Arc<Proxy>);
 
@@ -692,6 +697,9 @@ impl Pull for DestPull {
         let proxy = &self.0;
         let wait = proxy.read_wait;
         if proxy.gate.access() == Access::Incoming {
+            if matches!(command, Command::Write | Command::WriteZeroes | Command::Trim) {
+                return claim(proxy.clone(), command, offset, len);
+            }
             if command != Command::Read {
                 return None;
             }
@@ -739,4 +747,55 @@ impl Pull for DestPull {
             Ok(None)
         }))
     }
+}
+
+/// How long a write before the commit waits for an armed source to hand the disk over (its
+/// final round and the commit; what is left comes by post-copy).
+pub const CLAIM_WAIT: Duration = Duration::from_secs(30);
+
+/// A write while the disk is still arriving: this host's guest runs (a VM manager migrated it,
+/// so the source QEMU is inactive). Asks the source for the disk and waits for the commit;
+/// the write then goes on as the first write after it. Fails (EPERM) when no session is up,
+/// when the source refuses (it is not armed), or after [`CLAIM_WAIT`].
+fn claim(proxy: Arc<Proxy>, command: Command, offset: u64, len: u64) -> Option<PullFuture> {
+    let refused_now = |why: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, why);
+    Some(Box::pin(async move {
+        let Some(mut refused) = proxy.postcopy.link.claim() else {
+            return Err(refused_now("the disk is still being migrated to this host".into()));
+        };
+        let mut access = proxy.gate.watch();
+        let handed_over = async {
+            loop {
+                if *access.borrow_and_update() != Access::Incoming {
+                    return Ok(());
+                }
+                tokio::select! {
+                    changed = access.changed() => if changed.is_err() {
+                        return Err(refused_now("shutting down".into()));
+                    },
+                    changed = refused.changed() => {
+                        let reason = refused.borrow_and_update().clone();
+                        match (changed, reason) {
+                            (Err(_), _) => return Err(refused_now("shutting down".into())),
+                            (Ok(()), Some(why)) => {
+                                return Err(refused_now(format!("the source did not hand the disk over: {why}")))
+                            }
+                            (Ok(()), None) => {}
+                        }
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(CLAIM_WAIT, handed_over).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(refused_now(format!("the source did not hand the disk over within {CLAIM_WAIT:?}"))),
+        }
+        // Committed: the write is now a post-copy's first request (it starts the push, and
+        // waits for a missing block it covers in part).
+        match DestPull(proxy).before(command, offset, len) {
+            Some(wait) => wait.await,
+            None => Ok(None),
+        }
+    }))
 }

@@ -20,7 +20,7 @@ use migration_session::{BlockSet, ResidualLog, Residue, SessionId};
 use migration_stream::{Message, MAX_BLOCK_LEN};
 
 use row_store::{BlockBackend, Disk, Posix, Storage, ZeroFlags, BLOCK_SIZE};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 /// Bytes received between two checkpoints of the residual log.
 const CHECKPOINT_BYTES: u64 = 64 << 20;
@@ -398,11 +398,15 @@ fn unrequested(requested: &BlockSet, s: u64, e: u64) -> Vec<(u64, u64)> {
 pub struct FetchLink {
     inner: Mutex<LinkState>,
     attached: Notify,
+    /// The source's answer to this host's last `Claim`: `Some(reason)` once refused.
+    claim_refused: watch::Sender<Option<String>>,
 }
 
 #[derive(Debug, Default)]
 struct LinkState {
     tx: Option<(u64, mpsc::UnboundedSender<Message>)>,
+    /// The connection a `Claim` went out on, unanswered.
+    claimed: Option<u64>,
     generation: u64,
     next_id: u64,
     waiting: HashMap<u64, oneshot::Sender<Vec<u8>>>,
@@ -444,6 +448,26 @@ impl FetchLink {
 
     fn send(&self, msg: Message) -> bool {
         self.lock().tx.as_ref().is_some_and(|(_, tx)| tx.send(msg).is_ok())
+    }
+
+    /// Asks the source for the disk (the guest here wants to write before any commit; see
+    /// `Message::Claim`), once per connection until it answers; returns the watch that says
+    /// whether it refused, or `None` if no session connection is up.
+    pub fn claim(&self) -> Option<watch::Receiver<Option<String>>> {
+        let mut l = self.lock();
+        let (generation, tx) = l.tx.clone()?;
+        if l.claimed != Some(generation) {
+            self.claim_refused.send_replace(None);
+            tx.send(Message::Claim).ok()?;
+            l.claimed = Some(generation);
+        }
+        Some(self.claim_refused.subscribe())
+    }
+
+    /// The source refused the claim: the writes waiting for it fail, the next one asks again.
+    pub fn claim_refused(&self, reason: String) {
+        self.lock().claimed = None;
+        self.claim_refused.send_replace(Some(reason));
     }
 
     /// Asks for blocks `[first, end)` (answers arrive as `Fetched` frames, id 0: no waiter).

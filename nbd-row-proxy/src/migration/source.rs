@@ -72,6 +72,8 @@ pub struct MigrateArgs {
     pub final_budget: Option<Duration>,
     /// The name the destination's TLS certificate must carry (default: the URI's host).
     pub tls_hostname: Option<String>,
+    /// Armed: the destination's first write takes the disk (a VM manager migrated the guest).
+    pub arm: bool,
 }
 
 /// Why an outgoing-migration request was refused or failed.
@@ -282,6 +284,10 @@ impl Plan {
 struct Conn {
     out: Out,
     from_dest: mpsc::Receiver<Result<Message>>,
+    /// The destination's `Claim`s (its guest wants to write), apart from its answers.
+    claims: mpsc::Receiver<()>,
+    /// Frames that go ahead of the rounds (fetch answers, claim refusals).
+    urgent_tx: mpsc::Sender<Vec<u8>>,
     reader: JoinHandle<()>,
     fetcher: JoinHandle<()>,
 }
@@ -292,9 +298,25 @@ impl Conn {
         let (tx, rx) = mpsc::channel(16);
         let (fetch_tx, fetch_rx) = mpsc::channel(FETCH_QUEUE);
         let (urgent_tx, urgent) = mpsc::channel(FETCH_QUEUE);
-        let reader = tokio::spawn(forward_frames(reader, tx, fetch_tx));
-        let fetcher = tokio::spawn(fetch.serve(fetch_rx, urgent_tx));
-        Self { out: Out { writer, limit: RateLimit::new(max_bandwidth), urgent }, from_dest: rx, reader, fetcher }
+        let (claim_tx, claims) = mpsc::channel(1);
+        let reader = tokio::spawn(forward_frames(reader, tx, fetch_tx, claim_tx));
+        let fetcher = tokio::spawn(fetch.serve(fetch_rx, urgent_tx.clone()));
+        Self {
+            out: Out { writer, limit: RateLimit::new(max_bandwidth), urgent },
+            from_dest: rx,
+            claims,
+            urgent_tx,
+            reader,
+            fetcher,
+        }
+    }
+
+    /// Tells the destination its claim is refused, ahead of the rounds' frames.
+    async fn refuse_claim(&self, why: &str) {
+        tracing::warn!("the destination asked for the disk (its guest writes): refused: {why}");
+        let mut frame = Vec::new();
+        Message::ClaimRefused { reason: why.to_string() }.encode(&mut frame);
+        let _ = self.urgent_tx.send(frame).await;
     }
 
     /// A broken pipe often hides the destination's own reason, sent just before it closed: the
@@ -386,6 +408,7 @@ async fn forward_frames(
     mut reader: FrameReader<Reader>,
     tx: mpsc::Sender<Result<Message>>,
     fetches: mpsc::Sender<(u64, u64, u32)>,
+    claims: mpsc::Sender<()>,
 ) {
     loop {
         let item = match reader.next().await {
@@ -393,6 +416,11 @@ async fn forward_frames(
                 if fetches.send((id, offset, len)).await.is_err() {
                     return;
                 }
+                continue;
+            }
+            Ok(Some(Message::Claim)) => {
+                // One pending claim is enough; the session's phase decides what it gets.
+                let _ = claims.try_send(());
                 continue;
             }
             Ok(Some(m)) => Ok(m),
@@ -435,6 +463,8 @@ struct Session {
     link: Link,
     /// What a post-copy switchover left for the push.
     residual: Vec<Span>,
+    /// Handed over on the destination's claim: the session completes by itself.
+    claimed: bool,
 }
 
 struct Actor {
@@ -455,6 +485,8 @@ enum Wake {
     PushEnded(std::result::Result<Result<()>, tokio::task::JoinError>),
     /// Nothing happened for [`KEEPALIVE_EVERY`] on an idle session.
     Quiet,
+    /// The destination's guest wants to write: it asks for the disk.
+    Claim,
 }
 
 impl Actor {
@@ -492,6 +524,7 @@ impl Actor {
                     Some(Link::Idle(conn, _)) => tokio::select! {
                         r = requests.recv() => Wake::Request(r),
                         Some(f) = conn.out.urgent.recv() => Wake::Urgent(f),
+                        Some(()) = conn.claims.recv() => Wake::Claim,
                         m = conn.from_dest.recv() => Wake::FromDest(m),
                         _ = tokio::time::sleep(KEEPALIVE_EVERY) => Wake::Quiet,
                     },
@@ -506,6 +539,7 @@ impl Actor {
                 Wake::Request(None) => return,
                 Wake::Request(Some(req)) => self.handle(req).await,
                 Wake::PrecopyEnded(done) => self.precopy_ended(done).await,
+                Wake::Claim => self.claimed().await,
                 Wake::Quiet => {
                     if let Some(Link::Idle(conn, _)) = self.session.as_mut().map(|s| &mut s.link) {
                         if let Err(e) = send(&mut conn.out.writer, &Message::Keepalive).await {
@@ -543,6 +577,9 @@ impl Actor {
                                     }
                                 }
                                 Err(e) => tracing::error!("the end of the post-copy: {e}"),
+                            }
+                            if self.session.as_ref().is_some_and(|s| s.claimed) {
+                                self.complete_claimed().await;
                             }
                         }
                         Ok(Err(e)) => tracing::warn!("the post-copy push stopped: {e:#}"),
@@ -716,7 +753,7 @@ impl Actor {
             compress: args.compress,
         });
         *lock(&self.shared.postcopy) = None;
-        self.session = Some(Session { args, rounds, link: Link::None, residual: Vec::new() });
+        self.session = Some(Session { args, rounds, link: Link::None, residual: Vec::new(), claimed: false });
         self.perform(actions).await?;
         Ok(id.to_string())
     }
@@ -843,6 +880,48 @@ impl Actor {
             return Err(lock(&self.shared.machine).error().map_or(e, MigrationError::from));
         }
         Ok(status_of(&self.shared))
+    }
+
+    /// The destination asked for the disk: its guest runs there (a VM manager migrated it) and
+    /// wants to write. An armed, ready session hands the disk over as `migrate-finish` with
+    /// post-copy would (writes here are refused first), and completes by itself once the
+    /// destination holds every block; otherwise the claim is refused.
+    async fn claimed(&mut self) {
+        let armed = self.session.as_ref().is_some_and(|s| s.args.arm);
+        let refusal = match self.phase() {
+            // A hand-over is under way or done: the destination's write waits for its commit.
+            Phase::Finishing | Phase::HandedOver | Phase::Completed => return,
+            _ if !armed => {
+                Some("this migration is not armed for a hand-over by the destination's writes (migrate-start arm)")
+            }
+            Phase::Ready => None,
+            _ => Some("the migration is not ready for a hand-over"),
+        };
+        if let Some(why) = refusal {
+            if let Some(Link::Idle(conn, _)) = self.session.as_ref().map(|s| &s.link) {
+                conn.refuse_claim(why).await;
+            }
+            return;
+        }
+        tracing::info!("the destination's guest writes: handing the disk over (a VM manager migrated it)");
+        self.session.as_mut().expect("armed").claimed = true;
+        let finish = MigrateFinishArgs { postcopy: Some(PostcopyMode::Always), budget_ms: None };
+        match self.finish(finish).await {
+            Ok(_) if lock(&self.shared.postcopy).is_none() => self.complete_claimed().await,
+            Ok(_) => {}
+            Err(e) => tracing::error!("the hand-over the destination asked for failed: {e}"),
+        }
+    }
+
+    /// The end of a hand-over the destination claimed: nobody else will say it is complete.
+    async fn complete_claimed(&mut self) {
+        match self.step(SourceSession::complete) {
+            Ok(actions) => match self.perform(actions).await {
+                Ok(()) => tracing::info!("migration complete: the destination owns the disk"),
+                Err(e) => tracing::error!("completing the claimed hand-over: {e}"),
+            },
+            Err(e) => tracing::error!("completing the claimed hand-over: {e}"),
+        }
     }
 
     /// What answers the destination's fetches on this session's connections.
@@ -1039,6 +1118,7 @@ impl Actor {
                 bitmap_granularity_blocks: 1,
                 final_budget: None,
                 tls_hostname: None,
+                arm: false,
             };
             let rounds = Arc::new(Rounds {
                 disk: self.proxy.disk.clone(),
@@ -1046,7 +1126,7 @@ impl Actor {
                 events: self.proxy.events.clone(),
                 compress: true,
             });
-            self.session = Some(Session { args, rounds, link: Link::None, residual: Vec::new() });
+            self.session = Some(Session { args, rounds, link: Link::None, residual: Vec::new(), claimed: false });
             *lock(&self.shared.postcopy) = Some(PostcopyStatus {
                 reason: "resumed after the source proxy restarted".into(),
                 predicted_final_ms: 0.0,
@@ -1270,13 +1350,24 @@ async fn precopy(
     mut stop: watch::Receiver<bool>,
 ) -> (Conn, Plan, Result<()>) {
     let result = {
-        let Conn { out, from_dest, .. } = &mut conn;
+        let Conn { out, from_dest, claims, urgent_tx, .. } = &mut conn;
         let work = precopy_rounds(&disk, &rounds, &args, out, &mut plan);
         tokio::pin!(work);
-        tokio::select! {
-            r = &mut work => r,
-            msg = from_dest.recv() => Err(anyhow!("{}", dest_problem(msg))),
-            _ = stop.wait_for(|s| *s) => Err(anyhow!("cancelled")),
+        loop {
+            tokio::select! {
+                r = &mut work => break r,
+                msg = from_dest.recv() => break Err(anyhow!("{}", dest_problem(msg))),
+                Some(()) = claims.recv() => {
+                    // The round in progress is not cut short: the destination's write fails and
+                    // its next one asks again once the disk is ready.
+                    let why = "the pre-copy is still running; the disk is armed once it is ready";
+                    tracing::warn!("the destination asked for the disk (its guest writes): refused: {why}");
+                    let mut frame = Vec::new();
+                    Message::ClaimRefused { reason: why.into() }.encode(&mut frame);
+                    let _ = urgent_tx.send(frame).await;
+                }
+                () = async { drop(stop.wait_for(|s| *s).await) } => break Err(anyhow!("cancelled")),
+            }
         }
     };
     (conn, plan, result)

@@ -534,7 +534,8 @@ async fn transmission<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     }
                     Err(e) => {
                         tracing::warn!(offset = req.offset, length = req.length, "{e}");
-                        error_reply(&session, req.cookie, NBD_EIO, &e.to_string())
+                        // A refusal (EPERM) stays one: the client must not take it for a media error.
+                        error_reply(&session, req.cookie, super::errno::errno_of(&e, req.flags), &e.to_string())
                     }
                 };
                 let _ = tx.send((reply, permit));

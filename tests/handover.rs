@@ -1,0 +1,128 @@
+//! The hand-over that follows someone else's live migration (a VM manager's): the source proxy
+//! is armed (`migrate-start` with `arm`), and the destination's first write (its guest runs: the
+//! source QEMU is inactive) takes the disk. Checked against the real binaries over a real
+//! migration stream: reads on the destination before the hand-over see the source's current
+//! data; the write is held until the commit and lands; the source refuses writes from then on
+//! and completes by itself once the destination holds every block; an unarmed source refuses.
+
+use std::time::{Duration, Instant};
+
+use e2e::migration::*;
+use e2e::*;
+use nbd_proto::consts::NBD_EPERM;
+use nbd_proto::Command as Cmd;
+use serde_json::{json, Value};
+
+const KEY: &str = "handover-test-key-0123456789abcdef";
+
+fn write(server: &Server, offset: u64, data: &[u8]) -> u32 {
+    let mut c = RawClient::connect(&server.socket, "", true).unwrap();
+    let error = c.call(request(Cmd::Write, 1, offset, data.len() as u32), data).unwrap().error;
+    if error == 0 {
+        assert_eq!(c.call(request(Cmd::Flush, 2, 0, 0), &[]).unwrap().error, 0, "flush");
+    }
+    error
+}
+
+fn read(server: &Server, offset: u64, len: u32) -> Vec<u8> {
+    let mut c = RawClient::connect(&server.socket, "", true).unwrap();
+    let r = c.call(request(Cmd::Read, 1, offset, len), &[]).unwrap();
+    assert_eq!(r.error, 0, "read at {offset}");
+    r.data
+}
+
+fn status(host: &Host) -> Value {
+    host.ctl().ok("query-status", json!({}))
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < HANG_LIMIT, "{what} not reached");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Pair {
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+    src: Host,
+    dst: Host,
+    port: u16,
+    data: Vec<u8>,
+}
+
+fn pair(seed: u64) -> Pair {
+    let (src_dir, dst_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let key = key_file(src_dir.path(), KEY);
+    let (image, data) = source_image(src_dir.path(), seed);
+    let src = source(src_dir.path(), &image, &key);
+    let dst_image = dst_dir.path().join("disk.raw");
+    sparse_file(&dst_image, SIZE as u64);
+    let port = free_port();
+    let dst = destination(dst_dir.path(), &dst_image, &key, port);
+    Pair { _dirs: (src_dir, dst_dir), src, dst, port, data }
+}
+
+impl Pair {
+    fn start(&self, arm: bool) {
+        let mut ctl = self.src.ctl();
+        let uri = format!("tcp:127.0.0.1:{}", self.port);
+        ctl.ok("migrate-start", json!({"uri": uri, "strategy": "row", "arm": arm}));
+        wait_phase(&mut ctl, "ready", HANG_LIMIT);
+    }
+}
+
+#[test]
+fn the_destination_s_first_write_takes_an_armed_disk() {
+    let p = pair(21);
+    p.start(true);
+    let mut want = p.data.clone();
+    // The guest still runs on A: its writes land there, and B's reads see them at once.
+    assert_eq!(write(&p.src.server, 0, &[0xa1; 4096]), 0);
+    want[..4096].fill(0xa1);
+    assert_eq!(read(&p.dst.server, 0, 4096), vec![0xa1; 4096], "a read on B before the hand-over");
+    assert_eq!(status(&p.dst)["incoming-phase"], "receiving");
+    // Writes after the last round that the hand-over must carry (by post-copy).
+    for i in 0..64u64 {
+        let offset = (1 << 20) + i * 40960;
+        assert_eq!(write(&p.src.server, offset, &[0xa2; 4096]), 0);
+        want[offset as usize..offset as usize + 4096].fill(0xa2);
+    }
+
+    // The VM manager migrated the guest: B's first write takes the disk.
+    assert_eq!(write(&p.dst.server, 8192, &[0xb1; 4096]), 0, "the write on B after the claim");
+    want[8192..12288].fill(0xb1);
+    assert_eq!(status(&p.dst)["incoming-phase"], "owner");
+    assert_eq!(write(&p.src.server, 0, &[0xa9; 4096]), NBD_EPERM, "A writes after the hand-over");
+    assert!(status(&p.src)["writes-refused"].is_string());
+    // A completes by itself once B holds every block.
+    let mut ctl = p.src.ctl();
+    wait_phase(&mut ctl, "completed", HANG_LIMIT);
+    wait_for("B holds every block", || status(&p.dst)["incoming"] == false);
+    assert!(read_all(&p.dst.server) == want, "B's disk differs from A's with B's write");
+    let log = p.src.server.proc.log_text();
+    assert!(log.contains("handing the disk over"), "{log}");
+}
+
+#[test]
+fn an_unarmed_source_refuses_the_destination_s_claim() {
+    let p = pair(22);
+    p.start(false);
+    let started = Instant::now();
+    assert_eq!(write(&p.dst.server, 0, &[0xb2; 4096]), NBD_EPERM);
+    assert!(started.elapsed() < e2e_claim_wait(), "the refusal came only after the claim's wait");
+    assert_eq!(p.src.ctl().ok("query-migrate", json!({}))["phase"], "ready");
+    assert_eq!(write(&p.src.server, 0, &[0xa3; 4096]), 0, "A keeps its disk");
+    assert!(p.dst.server.proc.log_text().contains("not armed"), "B says why");
+    // Asked again, refused again; the session goes on and a migrate-finish still works.
+    assert_eq!(write(&p.dst.server, 0, &[0xb2; 4096]), NBD_EPERM);
+    assert_eq!(p.src.ctl().ok("migrate-finish", json!({}))["phase"], "handed-over");
+    let mut want = p.data.clone();
+    want[..4096].fill(0xa3);
+    assert!(read_all(&p.dst.server) == want);
+}
+
+/// How long the destination waits for a claim to be answered.
+fn e2e_claim_wait() -> Duration {
+    nbd_row_proxy::migration::dest::CLAIM_WAIT
+}
