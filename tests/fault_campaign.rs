@@ -232,7 +232,7 @@ fn run_case(fault: Fault, phase: Phase) -> Outcome {
     let _serial = serial();
     let started = Instant::now();
     eprintln!("===== {fault} at {phase}");
-    let guest = Guest { workload: vec!["--sync".into(), "--verify".into()], resilient: true };
+    let guest = Guest { workload: vec!["--sync".into(), "--verify".into()], resilient: true, ..Guest::default() };
     let hold = format!("final-round:{HOLD_MS},update-round:{HOLD_MS}");
     let mut rig = Rig::start_with(Role::Receive, GUEST_SECONDS, guest, &[("NBD_ROW_PAUSE", &hold)]);
     rig.driver_env = vec![("NBD_ROW_PAUSE".into(), format!("before-continue:{HOLD_MS},before-complete:{HOLD_MS}"))];

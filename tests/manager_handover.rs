@@ -29,9 +29,8 @@ fn arm(rig: &mut Rig) {
     e2e::migration::wait_phase(&mut ctl, "ready", HANG_LIMIT);
 }
 
-/// The manager's migration, in libvirt's order; returns the time from the source's stop to
-/// the destination's resume as QEMU reports it (its `downtime`, ms).
-fn manager_migrates(rig: &mut Rig) -> u64 {
+/// The manager starts its migration, in libvirt's order.
+fn manager_starts(rig: &mut Rig) {
     let mem_uri = format!("tcp:{}:{MEM_PORT}", HostId::B.addr());
     let b = rig.b();
     mon(b, "migrate-set-capabilities", json!({"capabilities": [{"capability": "late-block-activate", "state": true}]}));
@@ -43,21 +42,51 @@ fn manager_migrates(rig: &mut Rig) -> u64 {
         json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]}),
     );
     mon(a, "migrate", json!({"uri": mem_uri}));
+}
+
+/// Waits for the source QEMU's migration to reach `status`; at `pre-switchover` continues at
+/// once (as libvirt does: it has no disk of its own to move) unless that is what it waits for.
+fn manager_waits(rig: &mut Rig, status: &str) -> Value {
+    let a = rig.a();
     let start = Instant::now();
     loop {
         let m = mon(a, "query-migrate", json!({}));
-        match m["status"].as_str().unwrap_or_default() {
-            // libvirt continues at once: it has no disk of its own to move.
+        let now = m["status"].as_str().unwrap_or_default();
+        if now == status {
+            return m;
+        }
+        match now {
             "pre-switchover" => {
                 mon(a, "migrate-continue", json!({"state": "pre-switchover"}));
             }
-            "completed" => return m["downtime"].as_u64().unwrap_or_default(),
             "failed" | "cancelled" => panic!("the memory migration failed: {m}"),
             _ => {}
         }
-        assert!(start.elapsed() < HANG_LIMIT, "the memory migration did not complete: {m}");
+        assert!(start.elapsed() < HANG_LIMIT, "the memory migration did not reach {status}: {m}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The manager's whole migration; returns QEMU's `downtime` (ms).
+fn manager_migrates(rig: &mut Rig) -> u64 {
+    manager_starts(rig);
+    manager_waits(rig, "completed")["downtime"].as_u64().unwrap_or_default()
+}
+
+/// After an abandoned hand-over: A's guest still writes to A's disk, which A's proxy still
+/// holds (armed, ready, writes accepted) and B never served; disarmed, A verifies every block.
+fn disk_stays_on_a(rig: &mut Rig) {
+    let a = rig.a();
+    let mut ctl = ControlClient::connect(&a.ctl);
+    assert_eq!(ctl.ok("query-migrate", json!({}))["phase"], "ready");
+    assert!(a.proxy_status()["writes-refused"].is_null(), "{}", a.proxy_status());
+    let b = rig.b().proxy_status();
+    assert_eq!(b["incoming-phase"], "receiving", "{b}");
+    // The operator disarms: the overlay merges back and the guest goes on.
+    ctl.ok("migrate-cancel", json!({}));
+    let text = rig.a().wait_console("WORKLOAD-VERIFY-", HANG_LIMIT);
+    assert!(text.contains("WORKLOAD-VERIFY-OK"), "verification failed on A; console:\n{text}");
+    wait_until("A's overlay merged back", HANG_LIMIT, || (rig.a().proxy_status()["mode"] == "direct").then_some(()));
 }
 
 #[test]
@@ -100,4 +129,35 @@ fn a_manager_s_live_migration_hands_the_disk_over_on_the_destination_s_first_wri
     let log = read_text(&rig.a().image.with_file_name("proxy.log"));
     assert!(log.contains("handing the disk over"), "A's proxy log:\n{log}");
     eprintln!("[{:5.1}s] done", rig.secs());
+}
+
+#[test]
+fn a_manager_migration_aborted_before_the_switchover_leaves_the_disk_on_a() {
+    let _serial = serial();
+    let mut rig = Rig::start(Role::Receive, SECONDS);
+    std::thread::sleep(Duration::from_secs(2));
+    arm(&mut rig);
+    manager_starts(&mut rig);
+    manager_waits(&mut rig, "pre-switchover");
+    // `virsh domjobabort`: QEMU cancels and the guest runs on A again.
+    let a = rig.a();
+    mon(a, "migrate_cancel", json!({}));
+    wait_until("A runs again", HANG_LIMIT, || (rig.a().qemu_status().as_deref() == Some("running")).then_some(()));
+    disk_stays_on_a(&mut rig);
+}
+
+#[test]
+fn the_destination_qemu_killed_before_it_runs_leaves_the_disk_on_a() {
+    let _serial = serial();
+    let guest = Guest { paused_incoming: true, ..Guest::default() };
+    let mut rig = Rig::start_with(Role::Receive, SECONDS, guest, &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    arm(&mut rig);
+    manager_migrates(&mut rig);
+    // B waits paused (libvirt would `cont` it now); it dies instead, and the manager resumes A.
+    rig.b().kill_qemu();
+    let a = rig.a();
+    mon(a, "cont", json!({}));
+    wait_until("A runs again", HANG_LIMIT, || (rig.a().qemu_status().as_deref() == Some("running")).then_some(()));
+    disk_stays_on_a(&mut rig);
 }

@@ -162,11 +162,14 @@ pub struct Guest {
     /// The drive waits for a restarted proxy (NBD `reconnect-delay`) and pauses the guest on an
     /// I/O error (`werror=stop,rerror=stop`) instead of failing its I/O.
     pub resilient: bool,
+    /// An incoming guest waits paused after its migration (`-S`), as libvirt starts it, until
+    /// someone sends `cont`.
+    pub paused_incoming: bool,
 }
 
 impl Default for Guest {
     fn default() -> Self {
-        Self { workload: vec!["--verify".into()], resilient: false }
+        Self { workload: vec!["--verify".into()], resilient: false, paused_incoming: false }
     }
 }
 
@@ -288,6 +291,9 @@ impl Side {
         }
         if incoming {
             cmd.arg("--incoming");
+            if self.guest.paused_incoming {
+                cmd.args(["--", "-S"]);
+            }
         }
         let log = self.image.with_file_name("qemu.log");
         let mut proc = Proc::spawn(&format!("qemu {}", self.name), &mut cmd, &log);
