@@ -268,11 +268,11 @@ pub struct MigrateStartArgs {
     /// With TLS: the name the destination's certificate must carry (default: the URI's host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_hostname: Option<String>,
-    /// Armed for a hand-over that follows someone else's live migration (a VM manager's, e.g.
-    /// `virsh migrate --live` over shared storage): after the pre-copy the updates keep
-    /// flowing, and the destination's first write (its guest runs: the source QEMU is
-    /// inactive) takes the disk: this proxy then refuses writes, sends what is left by
-    /// post-copy and completes by itself. Without it such a write is refused.
+    /// Armed for a hand-over that follows a VM manager's own live migration (such as `virsh
+    /// migrate --live` over shared storage): once the pre-copy is ready, the destination's
+    /// first write (its guest runs, so the source QEMU is inactive) takes the disk; this proxy
+    /// then refuses writes, sends what is left by post-copy and completes by itself. Without
+    /// it such a write is refused.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub arm: bool,
 }
