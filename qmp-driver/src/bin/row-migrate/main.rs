@@ -16,6 +16,7 @@ mod recover;
 mod report;
 mod rollback;
 mod sequence;
+mod ssh;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -70,6 +71,12 @@ const EXAMPLES: &str = "Examples:
 
   # libvirt's way for comparison: QEMU mirrors onto B's `serve --tcp` export
   row-migrate ... --strategy qemu-mirror --disk-uri nbd://host-b:10809/vm1 --tls-creds /etc/pki/qemu
+
+  # Run on host A only: B's sockets are paths on host-b, forwarded by ssh (one `ssh -N -L ...`)
+  row-migrate --src-qmp /run/a/qmp.sock --dst-qmp /run/b/qmp.sock \\
+      --src-proxy /run/a/vm1.ctl --dst-proxy /run/b/vm1.ctl \\
+      --disk-uri tcp:host-b:10810 --mem-uri tcp:host-b:4444 \\
+      --dst-ssh root@host-b --dst-ssh-option IdentityFile=/root/.ssh/id_migrate
 
   # After a row-migrate that was killed or ended with status 4 or 5
   row-migrate --src-qmp /run/a/qmp.sock --dst-qmp /run/b/qmp.sock \\
@@ -260,6 +267,24 @@ pub struct Args {
     /// default warn).
     #[arg(long, value_enum, default_value_t = logging::LogFormat::Text)]
     pub log_format: logging::LogFormat,
+    /// Reach the destination's sockets through ssh: --dst-qmp and each disk's destination
+    /// control socket are paths on this host, forwarded to private local sockets by one
+    /// `ssh -N -L LOCAL:REMOTE ...` (the system's OpenSSH client, no password prompt: a key or
+    /// an agent logs in; sshd must allow AllowStreamLocalForwarding, its default). ssh ends with
+    /// row-migrate.
+    #[arg(long, value_name = "[USER@]HOST", value_parser = ssh::parse_destination)]
+    pub dst_ssh: Option<ssh::Destination>,
+    /// An ssh_config option for --dst-ssh, passed as `-o OPT`, e.g. Port=2222,
+    /// IdentityFile=/root/.ssh/id_migrate, StrictHostKeyChecking=yes, ProxyJump=gw; repeatable.
+    #[arg(long, value_name = "OPT", requires = "dst_ssh", value_parser = ssh::parse_option)]
+    pub dst_ssh_option: Vec<ssh::SshOption>,
+    /// Reach the source's sockets through ssh, as --dst-ssh does the destination's (--src-qmp
+    /// and each disk's source control socket are paths on this host).
+    #[arg(long, value_name = "[USER@]HOST", value_parser = ssh::parse_destination)]
+    pub src_ssh: Option<ssh::Destination>,
+    /// An ssh_config option for --src-ssh, passed as `-o OPT`; repeatable.
+    #[arg(long, value_name = "OPT", requires = "src_ssh", value_parser = ssh::parse_option)]
+    pub src_ssh_option: Vec<ssh::SshOption>,
     /// Instead of migrating: after a row-migrate that was killed or ended with status 4 or 5, bring
     /// the four components to one consistent state. If the guest runs on the destination, the
     /// source proxy completes; otherwise the disk goes back to the source and the guest resumes
@@ -281,14 +306,21 @@ async fn main() -> ExitCode {
     if let Some(code) = cli_docs::hook(<Args as clap::CommandFactory>::command, &["nbd-row-proxy"]) {
         return code;
     }
-    let args = Args::parse();
+    let mut args = Args::parse();
     if let Err(e) = logging::init(args.log_format, "warn") {
         eprintln!("row-migrate: {e}");
         return ExitCode::from(exit::REFUSED);
     }
     let json = args.json;
     let recovering = args.recover;
-    let result = if recovering { recover::recover(args).await } else { sequence::run(args).await };
+    // --dst-ssh/--src-ssh: the remote sockets are forwarded, and `args` points at the local ends.
+    let result = match ssh::Tunnels::open(&mut args).await {
+        Ok(tunnels) => {
+            let result = if recovering { recover::recover(args).await } else { sequence::run(args).await };
+            tunnels.finish(result)
+        }
+        Err(failure) => Err(failure),
+    };
     match result {
         Ok(report) => {
             if json {

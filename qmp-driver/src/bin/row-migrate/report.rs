@@ -88,6 +88,12 @@ pub fn print(r: &Value) {
         }
         None => print_disk(&r["disk"]),
     }
+    for key in ["src-ssh", "dst-ssh"] {
+        if let Some(destination) = r[key]["destination"].as_str() {
+            let sockets = r[key]["sockets"].as_array().map_or(0, Vec::len);
+            println!("{key:<22}{destination} ({sockets} socket(s) forwarded by ssh)");
+        }
+    }
 }
 
 /// One disk's rounds and bytes.

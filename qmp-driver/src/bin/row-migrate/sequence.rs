@@ -157,13 +157,13 @@ pub async fn run(mut args: Args) -> Result<Value, Failure> {
             Ok(r) => r,
             Err(_) => Err(anyhow!("the migration did not finish within {}", humantime::format_duration(timeout))),
         },
-        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+        _ = crate::ssh::ctrl_c() => Err(anyhow!("interrupted")),
     };
     let error = match outcome {
         Ok(mut report) => {
             let after = tokio::select! {
                 r = after_switchover(&mut ctx, &mut report) => r,
-                _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+                _ = crate::ssh::ctrl_c() => Err(anyhow!("interrupted")),
             };
             match after {
                 Ok(()) => return Ok(report),
