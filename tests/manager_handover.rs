@@ -20,13 +20,38 @@ fn mon(side: &Side, command: &str, args: Value) -> Value {
     qmp(&side.mon, command, args).unwrap_or_else(|e| panic!("{} {command}: {e}", side.name))
 }
 
-/// Arms A's proxy for a hand-over to B's and waits until the disk is ready.
+/// Arms A's proxy for a hand-over to B's with `row-migrate --arm-only` (no QMP socket), which
+/// returns once the disk is ready.
 fn arm(rig: &mut Rig) {
     let uri = format!("tcp:{}:{DISK_PORT}", HostId::B.addr());
-    let a = rig.a();
-    let mut ctl = ControlClient::connect(&a.ctl);
-    ctl.ok("migrate-start", json!({"uri": uri, "strategy": "row", "arm": true}));
-    e2e::migration::wait_phase(&mut ctl, "ready", HANG_LIMIT);
+    let (src, dst) = (rig.a().ctl.clone(), rig.b().ctl.clone());
+    let out = std::process::Command::new(bin("row-migrate"))
+        .arg("--arm-only")
+        .arg("--src-proxy")
+        .arg(&src)
+        .arg("--dst-proxy")
+        .arg(&dst)
+        .args(["--disk-uri", &uri, "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "row-migrate --arm-only: {}{stdout}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["armed"], true, "{report}");
+    assert_eq!(report["disks"][0]["status"]["phase"], "ready", "{report}");
+    let mut ctl = ControlClient::connect(&rig.a().ctl);
+    assert_eq!(ctl.ok("query-migrate", json!({}))["phase"], "ready");
+    // Arming again is refused before anything changes: B no longer waits for a disk.
+    let again = std::process::Command::new(bin("row-migrate"))
+        .arg("--arm-only")
+        .arg("--src-proxy")
+        .arg(&src)
+        .arg("--dst-proxy")
+        .arg(&dst)
+        .args(["--disk-uri", &uri])
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(2), "{}", String::from_utf8_lossy(&again.stderr));
 }
 
 /// The manager starts its migration, in libvirt's order.
@@ -128,6 +153,9 @@ fn a_manager_s_live_migration_hands_the_disk_over_on_the_destination_s_first_wri
     assert!(x == y, "the data outside the guest's area differs between A and B");
     let log = read_text(&rig.a().image.with_file_name("proxy.log"));
     assert!(log.contains("handing the disk over"), "A's proxy log:\n{log}");
+    // What the guest's first write on B waited for: the final round and the commit.
+    let commit = log.lines().find(|l| l.contains("confirmed the commit")).unwrap_or_default();
+    eprintln!("[{:5.1}s] B's first write waited for: {commit}", rig.secs());
     eprintln!("[{:5.1}s] done", rig.secs());
 }
 

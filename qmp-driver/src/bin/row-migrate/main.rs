@@ -10,6 +10,7 @@
 //! (the disk is given back to the source first, and the guest resumed only once it is); once
 //! `migrate-continue` has been sent, nothing is undone and the source guest stays paused.
 
+mod arm;
 mod disks;
 mod ram;
 mod recover;
@@ -18,7 +19,7 @@ mod rollback;
 mod sequence;
 mod ssh;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -78,6 +79,11 @@ const EXAMPLES: &str = "Examples:
       --disk-uri tcp:host-b:10810 --mem-uri tcp:host-b:4444 \\
       --dst-ssh root@host-b --dst-ssh-option IdentityFile=/root/.ssh/id_migrate
 
+  # A VM run by libvirt (or any manager): arm the disk, then let the manager migrate it as if it
+  # were on shared storage (virsh migrate --live ...); B's first write takes the disk
+  row-migrate --arm-only --src-proxy /run/a/vm1.ctl --dst-proxy /run/b/vm1.ctl \
+      --disk-uri tcp:host-b:10810 --dst-ssh root@host-b
+
   # After a row-migrate that was killed or ended with status 4 or 5
   row-migrate --src-qmp /run/a/qmp.sock --dst-qmp /run/b/qmp.sock \\
       --src-proxy /run/a/vm1.ctl --dst-proxy /run/b/vm1.ctl --recover
@@ -91,7 +97,9 @@ Logs: stderr, filtered by RUST_LOG (default warn); --log-format json for one JSO
 const USAGE: &str = "row-migrate [OPTIONS] --src-qmp <SRC_QMP> --dst-qmp <DST_QMP> --mem-uri <MEM_URI> \
 <--src-proxy <SRC_PROXY> --dst-proxy <DST_PROXY> --disk-uri <DISK_URI> | --disk <SRC,DST,URI>...>
        row-migrate [OPTIONS] --src-qmp <SRC_QMP> --dst-qmp <DST_QMP> --recover \
-<--src-proxy <SRC_PROXY> --dst-proxy <DST_PROXY> | --disk <SRC,DST,URI>...>";
+<--src-proxy <SRC_PROXY> --dst-proxy <DST_PROXY> | --disk <SRC,DST,URI>...>
+       row-migrate [OPTIONS] --arm-only \
+<--src-proxy <SRC_PROXY> --dst-proxy <DST_PROXY> --disk-uri <DISK_URI> | --disk <SRC,DST,URI>...>";
 
 /// How the disk moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -167,11 +175,11 @@ pub enum MirrorMode {
 )]
 pub struct Args {
     /// Source QEMU's QMP socket.
-    #[arg(long)]
-    pub src_qmp: PathBuf,
+    #[arg(long, required_unless_present = "arm_only")]
+    pub src_qmp: Option<PathBuf>,
     /// Destination QEMU's QMP socket (QEMU started with `-incoming defer`).
-    #[arg(long)]
-    pub dst_qmp: PathBuf,
+    #[arg(long, required_unless_present = "arm_only")]
+    pub dst_qmp: Option<PathBuf>,
     /// Source nbd-row-proxy control socket (a VM with one disk; see --disk for more).
     #[arg(long)]
     pub src_proxy: Option<PathBuf>,
@@ -190,7 +198,7 @@ pub struct Args {
     #[arg(long = "disk", value_name = "SRC,DST,URI", value_parser = disks::parse_disk)]
     pub disks: Vec<disks::DiskSpec>,
     /// Where QEMU's memory migration goes, e.g. `tcp:HOST:4444`.
-    #[arg(long, required_unless_present = "recover")]
+    #[arg(long, required_unless_present_any = ["recover", "arm_only"])]
     pub mem_uri: Option<String>,
     /// Migration method.
     #[arg(long, value_enum, default_value_t = Strategy::Row)]
@@ -291,9 +299,27 @@ pub struct Args {
     /// there. Exit 0 when done (the report says where the guest runs), 4 with what to do if not.
     #[arg(long)]
     pub recover: bool,
+    /// Instead of migrating: arm every disk (row or bitmap) for a hand-over that follows the VM
+    /// manager's own live migration (`virsh migrate --live`, Nova, ...), and return once each is
+    /// ready (exit 0). The manager's migration then moves the disk: the destination's first
+    /// write takes it (the source proxy refuses writes from then on, sends what is left by
+    /// post-copy and completes by itself). Needs the disk flags only, no QMP socket;
+    /// `migrate-cancel` on a source proxy disarms its disk.
+    #[arg(long, conflicts_with_all = ["recover", "verify_disk"])]
+    pub arm_only: bool,
 }
 
 impl Args {
+    /// `--src-qmp` (required unless `--arm-only`).
+    pub fn src_qmp(&self) -> &Path {
+        self.src_qmp.as_deref().unwrap_or(Path::new(""))
+    }
+
+    /// `--dst-qmp` (required unless `--arm-only`).
+    pub fn dst_qmp(&self) -> &Path {
+        self.dst_qmp.as_deref().unwrap_or(Path::new(""))
+    }
+
     /// `--mem-uri` (required unless `--recover`).
     pub fn mem_uri(&self) -> &str {
         self.mem_uri.as_deref().unwrap_or_default()
@@ -313,10 +339,17 @@ async fn main() -> ExitCode {
     }
     let json = args.json;
     let recovering = args.recover;
+    let arming = args.arm_only;
     // --dst-ssh/--src-ssh: the remote sockets are forwarded, and `args` points at the local ends.
     let result = match ssh::Tunnels::open(&mut args).await {
         Ok(tunnels) => {
-            let result = if recovering { recover::recover(args).await } else { sequence::run(args).await };
+            let result = if recovering {
+                recover::recover(args).await
+            } else if arming {
+                arm::arm(args).await
+            } else {
+                sequence::run(args).await
+            };
             tunnels.finish(result)
         }
         Err(failure) => Err(failure),
@@ -327,6 +360,8 @@ async fn main() -> ExitCode {
                 println!("{}", serde_json::to_string(&report).expect("report serialises"));
             } else if recovering {
                 println!("{}", report::recovered(&report));
+            } else if arming {
+                println!("{}", arm::summary(&report));
             } else {
                 report::print(&report);
             }

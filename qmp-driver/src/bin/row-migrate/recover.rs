@@ -80,8 +80,8 @@ pub async fn recover(args: Args) -> Result<Value, Failure> {
     let fail = |e: anyhow::Error| Failure { code: exit::ROLLBACK_FAILED, error: e, state: Value::Null };
     let specs =
         disk_specs(&args).map_err(|e| Failure { code: exit::REFUSED, error: anyhow!(e), state: Value::Null })?;
-    let mut src = reach(&args.src_qmp, "--src-qmp", Peer::Qemu).await?;
-    let mut dst = reach(&args.dst_qmp, "--dst-qmp", Peer::Qemu).await?;
+    let mut src = reach(args.src_qmp(), "--src-qmp", Peer::Qemu).await?;
+    let mut dst = reach(args.dst_qmp(), "--dst-qmp", Peer::Qemu).await?;
     let mut found = Vec::new();
     for (i, spec) in specs.iter().enumerate() {
         let (flag, _) = proxy_flags(&args, i);
@@ -148,7 +148,7 @@ pub async fn recover(args: Args) -> Result<Value, Failure> {
         return Err(fail(anyhow!(
             "the source QEMU does not answer at {}: the guest stopped; its disks are back on the source proxies: \
              start the VM there from them",
-            args.src_qmp.display()
+            args.src_qmp().display()
         )));
     };
     let migrating = q.query_migrate().await.map(|m| !m.is_finished() && m.status != "none").unwrap_or(false);

@@ -119,8 +119,8 @@ pub async fn run(mut args: Args) -> Result<Value, Failure> {
     let specs = disk_specs(&args).map_err(|e| refused(anyhow!(e)))?;
     distinct_sockets(&args, &specs).map_err(refused)?;
     check_args(&mut args, &specs).map_err(refused)?;
-    let src = connect(&args.src_qmp, "--src-qmp".into(), "source QEMU", Peer::Qemu).await.map_err(refused)?;
-    let dst = connect(&args.dst_qmp, "--dst-qmp".into(), "destination QEMU", Peer::Qemu).await.map_err(refused)?;
+    let src = connect(args.src_qmp(), "--src-qmp".into(), "source QEMU", Peer::Qemu).await.map_err(refused)?;
+    let dst = connect(args.dst_qmp(), "--dst-qmp".into(), "destination QEMU", Peer::Qemu).await.map_err(refused)?;
     let count = specs.len();
     let mut disks = Vec::new();
     for (i, spec) in specs.into_iter().enumerate() {
@@ -220,10 +220,13 @@ fn distinct_sockets(args: &Args, specs: &[DiskSpec]) -> Result<()> {
     let same = |a: &std::path::Path, b: &std::path::Path| {
         a == b || std::fs::canonicalize(a).is_ok_and(|p| std::fs::canonicalize(b).is_ok_and(|q| p == q))
     };
-    if same(&args.src_qmp, &args.dst_qmp) {
-        bail!("--src-qmp and --dst-qmp are the same socket ({}): each names a different QEMU", args.src_qmp.display());
+    if same(args.src_qmp(), args.dst_qmp()) {
+        bail!(
+            "--src-qmp and --dst-qmp are the same socket ({}): each names a different QEMU",
+            args.src_qmp().display()
+        );
     }
-    for (qmp_flag, qmp) in [("--src-qmp", &args.src_qmp), ("--dst-qmp", &args.dst_qmp)] {
+    for (qmp_flag, qmp) in [("--src-qmp", args.src_qmp()), ("--dst-qmp", args.dst_qmp())] {
         for (i, spec) in specs.iter().enumerate() {
             let (src_flag, dst_flag) = proxy_flags(args, i);
             for (flag, path) in [(src_flag, &spec.src_proxy), (dst_flag, &spec.dst_proxy)] {

@@ -235,10 +235,12 @@ pub struct Forward {
 /// orders them).
 pub fn sockets(args: &Args, side: Side) -> Vec<(String, PathBuf)> {
     let pick = |(src, dst): (String, String)| if side == Side::Source { src } else { dst };
-    let mut out = vec![match side {
+    let qmp = match side {
         Side::Source => ("--src-qmp".to_string(), args.src_qmp.clone()),
         Side::Destination => ("--dst-qmp".to_string(), args.dst_qmp.clone()),
-    }];
+    };
+    // --arm-only names no QMP socket.
+    let mut out: Vec<(String, PathBuf)> = qmp.1.map(|path| (qmp.0, path)).into_iter().collect();
     let single = match side {
         Side::Source => args.src_proxy.clone(),
         Side::Destination => args.dst_proxy.clone(),
@@ -731,8 +733,10 @@ fn point_at(args: &mut Args, t: &Tunnel) {
     let source = t.side == Side::Source;
     let (qmp, single) =
         if source { (&mut args.src_qmp, &mut args.src_proxy) } else { (&mut args.dst_qmp, &mut args.dst_proxy) };
-    if let Some(p) = locals.next() {
-        *qmp = p;
+    if let Some(qmp) = qmp.as_mut() {
+        if let Some(p) = locals.next() {
+            *qmp = p;
+        }
     }
     if let Some(single) = single.as_mut() {
         if let Some(p) = locals.next() {
@@ -858,7 +862,7 @@ mod tests {
             lines_at_start: 0,
         };
         point_at(&mut a, &t);
-        assert_eq!(a.dst_qmp, Path::new("/tmp/t/dst-qmp.sock"));
+        assert_eq!(a.dst_qmp(), Path::new("/tmp/t/dst-qmp.sock"));
         assert_eq!(a.dst_proxy.as_deref(), Some(Path::new("/tmp/t/dst-disk1.sock")));
         assert_eq!(a.disks[0].dst_proxy, Path::new("/tmp/t/dst-disk2.sock"));
         assert_eq!(a.disks[0].src_proxy, Path::new("/a/2.ctl"), "the other side stays");
