@@ -19,6 +19,7 @@
 
 pub mod dest;
 pub mod durable;
+pub mod link;
 pub mod plan;
 pub mod residual;
 pub mod source;

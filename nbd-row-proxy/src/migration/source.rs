@@ -20,7 +20,8 @@ use control_api::{
     PostcopyMode, PostcopyStatus, RoundKind, Strategy,
 };
 use migration_session::{
-    BitmapPlan, Ownership, RowPlan, SessionId, SourceAction, SourceRefusal, SourceSession, Span, WriteLog, Written,
+    link, BitmapPlan, Ownership, RowPlan, SessionId, SourceAction, SourceRefusal, SourceSession, Span, WriteLog,
+    Written,
 };
 use migration_stream::Message;
 use row_store::{BlockBackend, Disk, Mode, BLOCK_SIZE};
@@ -938,11 +939,8 @@ impl Actor {
         spans: &[Span],
     ) -> Option<PostcopyStatus> {
         let blocks: u64 = spans.iter().filter(|s| !s.zero).map(|s| s.count).sum();
-        let rate = match (rounds.first_round_rate(), args.max_bandwidth.map(|b| b as f64)) {
-            (Some(m), Some(c)) => Some(m.min(c)),
-            (m, c) => m.or(c),
-        };
-        let predicted_ms = rate.map_or(f64::INFINITY, |r| (blocks * BLOCK_SIZE) as f64 / r * 1000.0);
+        let rate = link::planning_rate(rounds.first_round_rate(), args.max_bandwidth.map(|b| b as f64));
+        let predicted_ms = link::transfer_ms(blocks * BLOCK_SIZE, rate);
         if predicted_ms.is_finite() {
             lock(&rounds.progress).predicted_final_ms = Some(predicted_ms);
         }
@@ -1417,13 +1415,10 @@ async fn settle(
     plan: &mut Plan,
     budget: Duration,
 ) -> Result<()> {
-    let rate = match (rounds.first_round_rate(), args.max_bandwidth.map(|b| b as f64)) {
-        (Some(m), Some(c)) => m.min(c),
-        (Some(m), None) => m,
-        (None, Some(c)) => c,
-        (None, None) => return Ok(()),
+    let Some(rate) = link::planning_rate(rounds.first_round_rate(), args.max_bandwidth.map(|b| b as f64)) else {
+        return Ok(());
     };
-    let budget_blocks = (rate * budget.as_secs_f64()) as u64 / BLOCK_SIZE;
+    let budget_blocks = link::bytes_within(budget.as_secs_f64() * 1000.0, Some(rate)) / BLOCK_SIZE;
     let mut pass_start = disk.mark();
     // What the previous round or pass sent: a pass that would send more is not converging (the
     // guest writes new data faster than the link carries it); more passes would only lengthen
