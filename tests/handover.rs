@@ -105,6 +105,38 @@ fn the_destination_s_first_write_takes_an_armed_disk() {
 }
 
 #[test]
+fn an_armed_source_keeps_sending_what_the_guest_has_finished_with() {
+    let p = pair(23);
+    let mut ctl = p.src.ctl();
+    let uri = format!("tcp:127.0.0.1:{}", p.port);
+    // No final-round budget: every block the guest has finished with goes in the next pass.
+    ctl.ok("migrate-start", json!({"uri": uri, "strategy": "row", "arm": true, "final-budget-ms": 0}));
+    wait_phase(&mut ctl, "ready", HANG_LIMIT);
+    let rounds_before = ctl.ok("query-migrate", json!({}))["rounds"].as_array().unwrap().len();
+    let mut want = p.data.clone();
+    for i in 0..64u64 {
+        let offset = (2 << 20) + i * 40960;
+        assert_eq!(write(&p.src.server, offset, &[0xa4; 4096]), 0);
+        want[offset as usize..offset as usize + 4096].fill(0xa4);
+    }
+    // A pass within a couple of seconds carries them, while A still owns the disk.
+    wait_for("an update pass while armed", || {
+        let m = ctl.ok("query-migrate", json!({}));
+        let rounds = m["rounds"].as_array().unwrap();
+        rounds.len() > rounds_before
+            && rounds.iter().skip(rounds_before).map(|r| r["blocks"].as_u64().unwrap()).sum::<u64>() >= 64
+    });
+    assert_eq!(ctl.ok("query-migrate", json!({}))["phase"], "ready");
+    // The claim then has nothing left for post-copy: A completes at once.
+    assert_eq!(write(&p.dst.server, 0, &[0xb3; 4096]), 0);
+    want[..4096].fill(0xb3);
+    wait_phase(&mut ctl, "completed", HANG_LIMIT);
+    let m = ctl.ok("query-migrate", json!({}));
+    assert!(m["postcopy"].is_null() || m["postcopy"]["blocks"] == 0, "{m}");
+    assert!(read_all(&p.dst.server) == want);
+}
+
+#[test]
 fn an_unarmed_source_refuses_the_destination_s_claim() {
     let p = pair(22);
     p.start(false);

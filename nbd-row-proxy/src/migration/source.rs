@@ -40,6 +40,8 @@ const MAX_SETTLE_PASSES: u32 = 6;
 const PRECOPY_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often an idle session tells the destination it is alive.
 const KEEPALIVE_EVERY: Duration = Duration::from_secs(5);
+/// An armed, ready session sends a settle pass this often (see [`armed_updates`]).
+const ARMED_PASS_EVERY: Duration = Duration::from_secs(1);
 /// How long a failing session waits for the destination's reason.
 const REASON_WAIT: Duration = Duration::from_millis(500);
 /// Requests queued for the actor.
@@ -455,6 +457,8 @@ enum Link {
     Precopy { job: JoinHandle<(Conn, Plan, Result<()>)>, stop: watch::Sender<bool> },
     /// Post-copy: the push owns it (and reconnects), until the destination holds everything.
     Postcopy { job: JoinHandle<Result<()>>, stop: watch::Sender<bool> },
+    /// Armed and ready: the update passes own it until a claim (true), a stop or a failure.
+    Armed { job: JoinHandle<(Conn, Plan, Result<bool>)>, stop: watch::Sender<bool> },
 }
 
 /// One migration's settings and connection.
@@ -488,6 +492,8 @@ enum Wake {
     Quiet,
     /// The destination's guest wants to write: it asks for the disk.
     Claim,
+    /// The armed update passes ended: claimed (true), stopped, or failed.
+    ArmedEnded(std::result::Result<(Conn, Plan, Result<bool>), tokio::task::JoinError>),
 }
 
 impl Actor {
@@ -522,6 +528,10 @@ impl Actor {
                         r = requests.recv() => Wake::Request(r),
                         done = job => Wake::PrecopyEnded(done),
                     },
+                    Some(Link::Armed { job, .. }) => tokio::select! {
+                        r = requests.recv() => Wake::Request(r),
+                        done = job => Wake::ArmedEnded(done),
+                    },
                     Some(Link::Idle(conn, _)) => tokio::select! {
                         r = requests.recv() => Wake::Request(r),
                         Some(f) = conn.out.urgent.recv() => Wake::Urgent(f),
@@ -541,6 +551,7 @@ impl Actor {
                 Wake::Request(Some(req)) => self.handle(req).await,
                 Wake::PrecopyEnded(done) => self.precopy_ended(done).await,
                 Wake::Claim => self.claimed().await,
+                Wake::ArmedEnded(done) => self.armed_ended(done).await,
                 Wake::Quiet => {
                     if let Some(Link::Idle(conn, _)) = self.session.as_mut().map(|s| &mut s.link) {
                         if let Err(e) = send(&mut conn.out.writer, &Message::Keepalive).await {
@@ -600,6 +611,9 @@ impl Actor {
     }
 
     async fn handle(&mut self, req: Request) {
+        // Whatever is asked of an armed session, its update passes stop first (at a frame
+        // boundary), so the request finds the connection idle.
+        self.stop_armed_updates().await;
         match req {
             Request::Start(args, reply) => {
                 let _ = reply.send(self.start(args).await);
@@ -631,6 +645,8 @@ impl Actor {
                 let _ = reply.send(r);
             }
         }
+        // A request that left the session armed and ready (a refused one) resumes the passes.
+        self.run_armed_updates();
     }
 
     /// Performs actions in order: the quick ones here, the long ones by their own methods (which
@@ -714,6 +730,10 @@ impl Actor {
                     job.abort();
                 }
                 None
+            }
+            Link::Armed { job, stop } => {
+                let _ = stop.send(true);
+                job.await.ok().map(|(conn, _, _)| conn)
             }
             Link::Precopy { mut job, stop } => {
                 let _ = stop.send(true);
@@ -835,6 +855,7 @@ impl Actor {
             Ok((conn, plan, Ok(()))) => {
                 session.link = Link::Idle(conn, plan);
                 let _ = self.step(SourceSession::precopy_done);
+                self.run_armed_updates();
             }
             Ok((mut conn, plan, Err(e))) => {
                 let why = conn.destination_reason().await.unwrap_or_else(|| format!("{e:#}"));
@@ -842,6 +863,75 @@ impl Actor {
                 self.fail(&why).await;
             }
             Err(e) => self.fail(&format!("the pre-copy task failed: {e}")).await,
+        }
+    }
+
+    /// An armed, ready row session keeps sending what the guest has finished with (see
+    /// [`armed_updates`]) until the destination claims the disk or a request comes.
+    fn run_armed_updates(&mut self) {
+        let ready = self.shared_phase() == Phase::Ready;
+        let Some(session) = self.session.as_mut() else { return };
+        if !session.args.arm || !ready {
+            return;
+        }
+        let link = std::mem::replace(&mut session.link, Link::None);
+        let Link::Idle(conn, plan) = link else {
+            session.link = link;
+            return;
+        };
+        if !matches!(plan, Plan::Row(_)) {
+            session.link = Link::Idle(conn, plan);
+            return;
+        }
+        let (stop, stopped) = watch::channel(false);
+        let job = tokio::spawn(armed_updates(
+            self.proxy.disk.clone(),
+            session.rounds.clone(),
+            session.args.clone(),
+            conn,
+            plan,
+            stopped,
+        ));
+        session.link = Link::Armed { job, stop };
+    }
+
+    fn shared_phase(&self) -> Phase {
+        lock(&self.shared.machine).phase()
+    }
+
+    /// Stops the armed update passes (after the pass in progress) and puts the connection back.
+    async fn stop_armed_updates(&mut self) {
+        let Some(session) = self.session.as_mut() else { return };
+        let link = std::mem::replace(&mut session.link, Link::None);
+        let Link::Armed { job, stop } = link else {
+            session.link = link;
+            return;
+        };
+        let _ = stop.send(true);
+        let done = job.await;
+        self.armed_ended(done).await;
+    }
+
+    /// The armed update passes ended: a claim hands the disk over, a stop leaves the session
+    /// idle (and ready), a failure fails it.
+    async fn armed_ended(&mut self, done: std::result::Result<(Conn, Plan, Result<bool>), tokio::task::JoinError>) {
+        let Some(session) = self.session.as_mut() else { return };
+        match done {
+            Ok((conn, plan, Ok(claimed))) => {
+                session.link = Link::Idle(conn, plan);
+                if claimed {
+                    self.claimed().await;
+                }
+            }
+            Ok((mut conn, plan, Err(e))) => {
+                let why = conn.destination_reason().await.unwrap_or_else(|| format!("{e:#}"));
+                session.link = Link::Idle(conn, plan);
+                self.fail(&why).await;
+            }
+            Err(e) => {
+                session.link = Link::None;
+                self.fail(&format!("the armed update task failed: {e}")).await;
+            }
         }
     }
 
@@ -1367,6 +1457,68 @@ async fn precopy(
                 () = async { drop(stop.wait_for(|s| *s).await) } => break Err(anyhow!("cancelled")),
             }
         }
+    };
+    (conn, plan, result)
+}
+
+/// While armed and ready, every [`ARMED_PASS_EVERY`]: a settle pass (the outstanding blocks
+/// the guest has not written since the previous pass, while more than the final-round budget is
+/// outstanding), so what a claim leaves to post-copy stays near what the guest keeps rewriting.
+/// Returns on a claim (true), on `stop` (false, between passes), or on a failure.
+async fn armed_updates(
+    disk: Arc<Disk>,
+    rounds: Arc<Rounds>,
+    args: MigrateArgs,
+    mut conn: Conn,
+    mut plan: Plan,
+    mut stop: watch::Receiver<bool>,
+) -> (Conn, Plan, Result<bool>) {
+    let rate = link::planning_rate(rounds.first_round_rate(), args.max_bandwidth.map(|b| b as f64));
+    let budget_ms = args.final_budget.map_or(0.0, |b| b.as_secs_f64() * 1000.0);
+    let budget_blocks = link::bytes_within(budget_ms, rate) / BLOCK_SIZE;
+    let mut pass_start = disk.mark();
+    let mut last_sent = Instant::now();
+    let result = loop {
+        let Conn { out, from_dest, claims, .. } = &mut conn;
+        let tick = tokio::select! {
+            Some(()) = claims.recv() => break Ok(true),
+            msg = from_dest.recv() => break Err(anyhow!("{}", dest_problem(msg))),
+            Some(frame) = out.urgent.recv() => {
+                if let Err(e) = out.send_urgent(&frame).await {
+                    break Err(e);
+                }
+                false
+            }
+            r = stop.changed() => {
+                if r.is_err() || *stop.borrow() {
+                    break Ok(false);
+                }
+                false
+            }
+            () = tokio::time::sleep(ARMED_PASS_EVERY) => true,
+        };
+        if !tick {
+            continue;
+        }
+        let Plan::Row(row) = &plan else { break Ok(false) };
+        // Each pass sends what was not written since the previous one began.
+        let settled = row.settle_pass(&DiskLog(&disk), pass_start, budget_blocks);
+        pass_start = disk.mark();
+        let Some(settled) = settled else {
+            // Nothing to send: the destination still hears from the session.
+            if last_sent.elapsed() >= KEEPALIVE_EVERY {
+                if let Err(e) = send(&mut out.writer, &Message::Keepalive).await {
+                    break Err(e);
+                }
+                last_sent = Instant::now();
+            }
+            continue;
+        };
+        match rounds.send(out, RoundKind::Update, disk.clone(), settled).await {
+            Ok(sent) => plan.mark(&sent),
+            Err(e) => break Err(e),
+        }
+        last_sent = Instant::now();
     };
     (conn, plan, result)
 }
