@@ -189,3 +189,43 @@ fn the_destination_qemu_killed_before_it_runs_leaves_the_disk_on_a() {
     wait_until("A runs again", HANG_LIMIT, || (rig.a().qemu_status().as_deref() == Some("running")).then_some(()));
     disk_stays_on_a(&mut rig);
 }
+
+#[test]
+fn the_destination_proxy_killed_after_its_first_write_comes_back_owning_the_disk() {
+    let _serial = serial();
+    // The drive waits for a restarted proxy and pauses the guest on an I/O error.
+    let guest = Guest { resilient: true, ..Guest::default() };
+    let mut rig = Rig::start_with(Role::Receive, SECONDS, guest, &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    arm(&mut rig);
+    manager_migrates(&mut rig);
+    let _ = qmp(&rig.a().mon, "quit", json!({}));
+    wait_until("B owns the disk", HANG_LIMIT, || (rig.b().proxy_status()["incoming-phase"] == "owner").then_some(()));
+    // B's proxy dies with the guest writing; it comes back from its record.
+    let key = rig.key.clone();
+    let b = rig.b();
+    b.kill_proxy();
+    std::thread::sleep(Duration::from_secs(1));
+    b.start_proxy(Role::Receive, &key);
+    let status = b.proxy_status();
+    assert_eq!(status["incoming-phase"], "owner", "B owns the disk after its restart: {status}");
+    // A guest paused on the I/O error goes on (a manager would `cont` it too).
+    wait_until("B's guest runs", HANG_LIMIT, || {
+        let b = rig.b();
+        match b.qemu_status().as_deref() {
+            Some("running") => Some(()),
+            Some("io-error" | "paused") => {
+                let _ = qmp(&b.mon, "cont", json!({}));
+                None
+            }
+            _ => None,
+        }
+    });
+    let text = rig.b().wait_console("WORKLOAD-VERIFY-", HANG_LIMIT);
+    assert!(text.contains("WORKLOAD-VERIFY-OK"), "verification failed on B; console:\n{text}");
+    // A is fenced and completes once B holds every block.
+    let mut ctl = ControlClient::connect(&rig.a().ctl);
+    e2e::migration::wait_phase(&mut ctl, "completed", HANG_LIMIT);
+    let mut c = RawClient::connect(&rig.a().nbd, EXPORT, true).unwrap();
+    assert_eq!(c.call(request(Cmd::Write, 1, 0, 4096), &[7; 4096]).unwrap().error, NBD_EPERM);
+}
