@@ -229,3 +229,33 @@ fn the_destination_proxy_killed_after_its_first_write_comes_back_owning_the_disk
     let mut c = RawClient::connect(&rig.a().nbd, EXPORT, true).unwrap();
     assert_eq!(c.call(request(Cmd::Write, 1, 0, 4096), &[7; 4096]).unwrap().error, NBD_EPERM);
 }
+
+#[test]
+fn the_source_proxy_killed_during_the_push_resumes_it_and_nothing_is_lost() {
+    let _serial = serial();
+    // The push waits 3 s after the hand-over, so the source can be killed while B misses blocks.
+    let mut rig = Rig::start_with(Role::Receive, SECONDS, Guest::default(), &[("NBD_ROW_PAUSE", "postcopy-push:3000")]);
+    std::thread::sleep(Duration::from_secs(2));
+    arm(&mut rig);
+    manager_migrates(&mut rig);
+    let _ = qmp(&rig.a().mon, "quit", json!({}));
+    wait_until("B owns the disk", HANG_LIMIT, || (rig.b().proxy_status()["incoming-phase"] == "owner").then_some(()));
+    let missing = rig.b().proxy_status()["postcopy"]["missing-blocks"].as_u64().unwrap_or(0);
+    eprintln!("[{:5.1}s] B owns the disk, {missing} blocks still on A: killing A's proxy", rig.secs());
+    let key = rig.key.clone();
+    let a = rig.a();
+    a.kill_proxy();
+    a.start_proxy(Role::Source, &key);
+    let status = a.proxy_status();
+    assert!(status["writes-refused"].is_string(), "A restarts fenced: {status}");
+    wait_until("B holds every block", HANG_LIMIT, || (rig.b().proxy_status()["incoming"] == false).then_some(()));
+    let text = rig.b().wait_console("WORKLOAD-VERIFY-", HANG_LIMIT);
+    assert!(text.contains("WORKLOAD-VERIFY-OK"), "verification failed on B; console:\n{text}");
+    // A restarted source does not know the hand-over was claimed: the operator completes it.
+    let mut ctl = ControlClient::connect(&rig.a().ctl);
+    let phase = ctl.ok("query-migrate", json!({}))["phase"].clone();
+    if phase != "completed" {
+        ctl.ok("migrate-complete", json!({}));
+    }
+    e2e::migration::wait_phase(&mut ctl, "completed", HANG_LIMIT);
+}
