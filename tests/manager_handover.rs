@@ -264,6 +264,7 @@ fn the_source_proxy_killed_during_the_push_resumes_it_and_nothing_is_lost() {
 /// opens A's disk through A's proxy) and with the hand-over, one after the other in this run;
 /// QEMU's own downtime of each and what B's first write waited for are printed.
 #[test]
+#[ignore = "figures, not a check: cargo test -p e2e --test manager_handover -- --ignored --nocapture"]
 fn downtime_beside_a_shared_storage_migration() {
     let _serial = serial();
     let shared = {
