@@ -537,8 +537,15 @@ fn bash_completes_the_subcommands_and_their_flags() {
         }
     };
     let top = bash_complete(&script, "nbd-row-proxy", &["nbd-row-proxy", ""]);
-    has(&top, &["serve", "receive", "tls-certs"], "nbd-row-proxy ");
-    assert_eq!(bash_complete(&script, "nbd-row-proxy", &["nbd-row-proxy", "re"]), ["receive"]);
+    has(&top, &["serve", "receive", "tls-certs", "retire"], "nbd-row-proxy ");
+    assert_eq!(bash_complete(&script, "nbd-row-proxy", &["nbd-row-proxy", "rec"]), ["receive"]);
+    assert_eq!(bash_complete(&script, "nbd-row-proxy", &["nbd-row-proxy", "ret"]), ["retire"]);
+    let retire = bash_complete(&script, "nbd-row-proxy", &["nbd-row-proxy", "retire", "--"]);
+    has(&retire, &["--image", "--state-dir", "--disk-id", "--delete-image"], "nbd-row-proxy retire --");
+    let serve = bash_complete(&script, "nbd-row-proxy", &["nbd-row-proxy", "serve", "--fe"]);
+    assert_eq!(serve, ["--fenced"], "nbd-row-proxy serve --fe<TAB>");
+    let receive = bash_complete(&script, "nbd-row-proxy", &["nbd-row-proxy", "receive", "--cr"]);
+    assert_eq!(receive, ["--create"], "nbd-row-proxy receive --cr<TAB>");
     let serve = bash_complete(&script, "nbd-row-proxy", &["nbd-row-proxy", "serve", "--"]);
     has(&serve, &["--image", "--socket", "--control", "--tls-creds"], "nbd-row-proxy serve --");
     assert!(!serve.iter().any(|f| f == "--listen"), "serve offers receive's --listen: {serve:?}");

@@ -66,7 +66,7 @@ fn generated_pages_and_completions_name_every_subcommand_and_flag() {
             pages.push((format!("{b}-{sub}"), help(b, Some(&sub))));
         }
         if b == "nbd-row-proxy" {
-            assert_eq!(pages.len(), 4, "serve, receive and tls-certs expected");
+            assert_eq!(pages.len(), 5, "serve, receive, tls-certs and retire expected");
         }
         for (page, help) in pages {
             let text = man(&page);

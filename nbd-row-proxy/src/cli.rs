@@ -32,6 +32,10 @@ const EXAMPLES: &str = "Examples:
   # Then migrate with row-migrate (row-migrate --help). `nbd-row-proxy serve --help` lists the
   # control-socket commands.
 
+  # Afterwards, on the source host: drop the state of the disk that moved away (or keep the
+  # image and receive the disk back into it later)
+  nbd-row-proxy retire --image /var/lib/vm1/disk.raw
+
 Logs: stderr, filtered by RUST_LOG (default info; e.g. RUST_LOG=debug); --log-format json for one
 JSON object per line. An invalid RUST_LOG exits with status 2.";
 
@@ -47,7 +51,11 @@ const SERVE_EXAMPLES: &str = "Examples:
   # Ask the control socket something (one JSON object per line, QMP-shaped)
   printf '%s\\n' '{\"execute\":\"qmp_capabilities\"}' '{\"execute\":\"query-status\"}' | socat - UNIX:/run/vm1/disk.ctl
 
-The image should be a multiple of 4 KiB; one smaller than 4 KiB is refused.";
+The image should be a multiple of 4 KiB; one smaller than 4 KiB is refused.
+
+A disk this host migrated away (the migration completed) is not served: serve it --read-only to
+look at it, `nbd-row-proxy retire --image IMAGE` once it is no longer needed, or --fenced to
+start it fenced and `reclaim` it by force.";
 
 /// Examples after `receive --help`.
 const RECEIVE_EXAMPLES: &str = "Examples:
@@ -57,7 +65,25 @@ const RECEIVE_EXAMPLES: &str = "Examples:
 
   # Over TLS with mutual certificates; reads wait up to 500 ms for the commit
   nbd-row-proxy receive --image dst.raw --listen 0.0.0.0:10810 --tls-creds /etc/pki/qemu \\
-      --socket /run/vm1/disk.sock --control /run/vm1/disk.ctl --read-wait 500ms";
+      --socket /run/vm1/disk.sock --control /run/vm1/disk.ctl --read-wait 500ms
+
+  # Create the image (sparse) at the source disk's size if it is not there yet
+  nbd-row-proxy receive --image dst.raw --create 10GiB --listen 0.0.0.0:10810 \\
+      --auth-key-file /etc/nbd-row-proxy/key --socket /run/vm1/disk.sock --control /run/vm1/disk.ctl
+
+The image must have exactly the size of the source's disk (query-status shows it as image-size).";
+
+/// Examples after `retire --help`.
+const RETIRE_EXAMPLES: &str = "Examples:
+  # The disk was migrated to another host and the migration completed: drop its state here; the
+  # image then holds the disk as it was handed over, a disk of its own (serve it, or receive into it)
+  nbd-row-proxy retire --image /var/lib/vm1/disk.raw
+
+  # The same, and delete the image file
+  nbd-row-proxy retire --image /var/lib/vm1/disk.raw --delete-image
+
+Refused with one line (exit 1): a disk this host owns, a hand-over that is not over (run
+row-migrate --recover first), a post-copy still pushing, a disk a proxy serves right now.";
 
 /// Examples after `tls-certs --help`.
 const TLS_EXAMPLES: &str = "Example:
@@ -92,7 +118,7 @@ pub struct Cli {
 pub enum Cmd {
     /// Serve a raw image over NBD.
     #[command(after_long_help = serve_help())]
-    Serve(ServeArgs),
+    Serve(ServeCommand),
     /// Receive a disk by migration, serving it over NBD from the start (reads wait for the
     /// commit); once committed, the disk is served read-write.
     #[command(after_long_help = format!("{RECEIVE_EXAMPLES}\n\n{}", control_api::catalog::text_commands()))]
@@ -101,6 +127,59 @@ pub enum Cmd {
     /// layout --tls-creds reads (production uses the site's own PKI, e.g. libvirt's).
     #[command(after_long_help = TLS_EXAMPLES)]
     TlsCerts(TlsCertsArgs),
+    /// Drop the state of a disk this host migrated away for good (the migration completed), or of
+    /// an image whose incoming migration did not commit: the overlay is merged back into the image,
+    /// the state entry removed, and with --delete-image the image file too.
+    #[command(after_long_help = RETIRE_EXAMPLES)]
+    Retire(RetireArgs),
+}
+
+/// `serve`: the common arguments and what only `serve` takes.
+#[derive(Debug, clap::Args)]
+pub struct ServeCommand {
+    /// Everything `receive` takes too.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Start even though the disk was migrated to another host and the migration completed:
+    /// served fenced (reads answered, writes fail with EPERM), e.g. to take it back with the
+    /// control command reclaim {"force": true} when that host is gone for good. Without it such
+    /// a disk is refused (unless --read-only). No effect on other disks.
+    #[arg(long)]
+    pub fenced: bool,
+}
+
+/// `retire`: which disk, and where its state is.
+#[derive(Debug, clap::Args)]
+pub struct RetireArgs {
+    /// The disk's image (file or block device), as it was served.
+    #[arg(long)]
+    pub image: PathBuf,
+    /// The state directory it was served with.
+    #[arg(long, value_name = "DIR", env = "NBD_ROW_PROXY_STATE_DIR", default_value = crate::state::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// The --disk-id it was served with, if any.
+    #[arg(long, value_name = "ID")]
+    pub disk_id: Option<String>,
+    /// The --reserved it was served with, if any (the overlay to merge back).
+    #[arg(long)]
+    pub reserved: Option<PathBuf>,
+    /// Also delete the image file (not the overlay's data: nothing is merged). Refused for a
+    /// block device.
+    #[arg(long)]
+    pub delete_image: bool,
+}
+
+impl RetireArgs {
+    /// The request for [`crate::lifecycle::retire`].
+    pub fn request(&self) -> crate::lifecycle::RetireRequest {
+        crate::lifecycle::RetireRequest {
+            image: self.image.clone(),
+            state_dir: self.state_dir.clone(),
+            disk_id: self.disk_id.clone(),
+            reserved: self.reserved.clone(),
+            delete_image: self.delete_image,
+        }
+    }
 }
 
 /// `tls-certs`: where and for which names.
@@ -133,6 +212,11 @@ pub struct ReceiveArgs {
     /// with `cont` once the link is back).
     #[arg(long, default_value = DEFAULT_READ_WAIT, value_parser = units::seconds, value_name = "DURATION")]
     pub read_wait: Duration,
+    /// Create the image (a sparse file, mode 0600) with this size if it does not exist, e.g.
+    /// 10GiB or 10737418240: the size of the source's disk (its query-status image-size). An
+    /// existing image must have exactly this size.
+    #[arg(long, value_name = "SIZE", value_parser = units::positive_size)]
+    pub create: Option<u64>,
     /// Everything `serve` takes.
     #[command(flatten)]
     pub serve: ServeArgs,
@@ -155,7 +239,8 @@ pub struct ServeArgs {
     /// Export name; the empty name selects it too.
     #[arg(long, default_value = "")]
     pub export: String,
-    /// Refuse writes.
+    /// Refuse writes. Also serves a disk this host migrated away for good (otherwise refused),
+    /// as it was handed over.
     #[arg(long)]
     pub read_only: bool,
     /// Where the disk's durable state lives (overlay, journal, ownership record, post-copy
@@ -219,6 +304,10 @@ pub struct Config {
     pub export: String,
     /// Serve read-only.
     pub read_only: bool,
+    /// `serve --fenced`: start a disk that was migrated away, fenced.
+    pub fenced: bool,
+    /// `receive --create`: the size to create the image with if it is missing.
+    pub create: Option<u64>,
     /// Default hot threshold.
     pub hot_threshold: u32,
     /// How migration streams are protected.
@@ -258,6 +347,51 @@ pub fn check_socket_path(what: &str, path: &Path) -> Result<()> {
     }
 }
 
+/// The image: a file or a block device. `receive` may be given a missing one with `--create`
+/// (its directory must exist; an existing one must have the size asked for); without it a
+/// missing image is explained.
+fn check_image(image: &Path, receive: bool, create: Option<u64>) -> Result<()> {
+    let meta = match std::fs::metadata(image) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && receive => {
+            let Some(size) = create else {
+                bail!(
+                    "--image {} does not exist: receive writes the disk into an image that has exactly the size \
+                     of the source's disk (query-status on the source shows it as image-size): create it with \
+                     `truncate -s SIZE {}` (or a logical volume of that size), or pass --create SIZE",
+                    image.display(),
+                    image.display()
+                );
+            };
+            let dir = image.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            if !dir.is_dir() {
+                bail!("--image {}: directory {} does not exist", image.display(), dir.display());
+            }
+            if size < row_store::BLOCK_SIZE {
+                bail!("--create {size}: a disk is at least one {} block", units::format_size(row_store::BLOCK_SIZE));
+            }
+            return Ok(());
+        }
+        r => r.with_context(|| format!("--image {}", image.display()))?,
+    };
+    if !(meta.is_file() || meta.file_type().is_block_device()) {
+        bail!("--image {} is neither a file nor a block device", image.display());
+    }
+    if let Some(want) = create {
+        use std::io::{Seek, SeekFrom};
+        let size = std::fs::File::open(image)
+            .and_then(|mut f| f.seek(SeekFrom::End(0)))
+            .with_context(|| format!("--image {}", image.display()))?;
+        if size != want {
+            bail!(
+                "--image {} exists with {size} bytes, not the {want} bytes of --create: it is not created again \
+                 (give its size, or another path)",
+                image.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// `path` made absolute against the working directory (a daemon's may change).
 fn absolute(what: &str, path: &Path) -> Result<PathBuf> {
     std::path::absolute(path).with_context(|| format!("{what} {}", path.display()))
@@ -266,15 +400,13 @@ fn absolute(what: &str, path: &Path) -> Result<PathBuf> {
 impl Cli {
     /// Checks every argument; nothing is created or bound yet.
     pub fn validate(self) -> Result<Config> {
-        let (args, listen, read_wait) = match self.command {
+        let (args, listen, read_wait, fenced, create) = match self.command {
             Cmd::TlsCerts(_) => bail!("tls-certs is not a server"),
-            Cmd::Serve(a) => (a, None, Duration::ZERO),
-            Cmd::Receive(r) => (r.serve, Some(address("--listen", &r.listen)?), r.read_wait),
+            Cmd::Retire(_) => bail!("retire is not a server"),
+            Cmd::Serve(a) => (a.serve, None, Duration::ZERO, a.fenced, None),
+            Cmd::Receive(r) => (r.serve, Some(address("--listen", &r.listen)?), r.read_wait, false, r.create),
         };
-        let meta = std::fs::metadata(&args.image).with_context(|| format!("--image {}", args.image.display()))?;
-        if !(meta.is_file() || meta.file_type().is_block_device()) {
-            bail!("--image {} is neither a file nor a block device", args.image.display());
-        }
+        check_image(&args.image, listen.is_some(), create)?;
         check_socket_path("--socket", &args.socket)?;
         if let Some(control) = &args.control {
             check_socket_path("--control", control)?;
@@ -342,6 +474,8 @@ impl Cli {
             control: args.control,
             export: args.export,
             read_only: args.read_only,
+            fenced,
+            create,
             hot_threshold: args.hot_threshold,
             protection,
             listen,
@@ -369,7 +503,7 @@ mod tests {
         use clap::CommandFactory;
         let mut cli = Cli::command();
         cli.build();
-        for sub in ["serve", "receive", "tls-certs"] {
+        for sub in ["serve", "receive", "tls-certs", "retire"] {
             let help = cli.find_subcommand_mut(sub).unwrap().render_long_help().to_string();
             assert!(help.contains("Examples:") || help.contains("Example:"), "{sub}: {help}");
         }

@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod control;
 pub mod harness;
+pub mod lifecycle;
 pub mod migration;
 pub mod nbd;
 pub mod notify;

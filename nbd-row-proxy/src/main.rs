@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Parser;
-use nbd_row_proxy::{cli, server, tls};
+use nbd_row_proxy::{cli, lifecycle, server, tls};
 
 /// File descriptors kept for the proxy itself (its files, listeners, control and migration
 /// connections) when sizing the NBD connection cap to the descriptor limit.
@@ -52,6 +52,9 @@ fn main() -> std::process::ExitCode {
     if let cli::Cmd::TlsCerts(a) = &cli.command {
         return tls_certs(a);
     }
+    if let cli::Cmd::Retire(a) = &cli.command {
+        return retire(a);
+    }
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -77,6 +80,50 @@ fn tls_certs(a: &cli::TlsCertsArgs) -> std::process::ExitCode {
         }
         Err(e) => {
             eprintln!("nbd-row-proxy: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `retire`: drops the state of a disk migrated away for good; what it removed on stdout, a
+/// refusal in one line on stderr (exit 1).
+fn retire(a: &cli::RetireArgs) -> std::process::ExitCode {
+    match lifecycle::retire(&a.request()) {
+        Ok(done) => {
+            for path in &done.removed {
+                println!("removed {}", path.display());
+            }
+            let image = a.image.display();
+            match (&done.why, a.delete_image) {
+                (_, true) => {
+                    println!(
+                        "retired disk {}: its state entry {} and the image are gone",
+                        done.id,
+                        done.entry.display()
+                    )
+                }
+                (lifecycle::Retirable::MigratedAway(away), false) => println!(
+                    "retired disk {} (migrated to {}, session {}): merged {} blocks of its overlay into {image} and \
+                     removed its state entry {}; {image} now holds the disk as it was handed over, a disk of its \
+                     own: serve it, or receive into it",
+                    done.id,
+                    away.peer,
+                    away.session,
+                    done.merged_blocks,
+                    done.entry.display()
+                ),
+                (lifecycle::Retirable::Incomplete { session }, false) => println!(
+                    "retired disk {} (migration session {session} into it did not commit): removed its state entry \
+                     {}; {image} holds part of that migration, not a consistent disk: receive into it, or serve \
+                     it as it is",
+                    done.id,
+                    done.entry.display()
+                ),
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("nbd-row-proxy: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -36,6 +36,19 @@ pub enum Access {
     Broken(String),
 }
 
+impl std::fmt::Display for Access {
+    /// As logs show it: `open`, `incoming`, `committed`, `fenced: WHY`, `broken: WHY`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Open => f.write_str("open"),
+            Self::Incoming => f.write_str("incoming"),
+            Self::Committed => f.write_str("committed"),
+            Self::Fenced(why) => write!(f, "fenced: {why}"),
+            Self::Broken(why) => write!(f, "broken: {why}"),
+        }
+    }
+}
+
 /// Called (once) by the first write after a commit, before that write is done; an error
 /// refuses the write.
 pub type FirstWriteHook = Box<dyn Fn() -> io::Result<()> + Send + Sync>;

@@ -8,7 +8,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use migration_session::{DestSession, DestStage, Ownership};
 use qmp_proto::{Greeting, Version};
-use row_store::{BlockBackend, Disk, DiskOptions, Mode};
+use row_store::reserved::Found;
+use row_store::storage::Storage;
+use row_store::{BlockBackend, Caps, Disk, DiskOptions, Extent, Mode};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{watch, Semaphore};
@@ -17,6 +19,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::cli::{check_socket_path, Config};
 use crate::control::{Control, ControlHandler};
+use crate::lifecycle::{self, Away, Go, Start};
 use crate::migration::dest::Incoming;
 use crate::migration::source::Outgoing;
 use crate::nbd::connection::{NegotiationFailed, SharedBudget, Stream, TCP_IN_FLIGHT_BYTES, TOTAL_IN_FLIGHT_BYTES};
@@ -43,10 +46,55 @@ pub struct Opened {
     pub record: Option<Ownership>,
     /// Its state entry.
     pub state: StateEntry,
+    /// Where the disk went, when it was migrated away for good and is served anyway
+    /// (`--read-only` or `--fenced`).
+    pub migrated_away: Option<Away>,
+    /// `--read-only` of a disk opened read-write (a handed-over disk's ROW overlay must be
+    /// replayed): the live export refuses writes itself.
+    pub export_read_only: bool,
+}
+
+/// The `retire` command line for the disk `config` serves, for messages.
+fn retire_command(config: &Config) -> String {
+    let mut cmd = format!("nbd-row-proxy retire --image {}", config.image.display());
+    if config.state_dir != Path::new(crate::state::DEFAULT_STATE_DIR) {
+        cmd.push_str(&format!(" --state-dir {}", config.state_dir.display()));
+    }
+    if let Some(id) = &config.disk_id {
+        cmd.push_str(&format!(" --disk-id {id}"));
+    }
+    if let Some(reserved) = &config.reserved {
+        cmd.push_str(&format!(" --reserved {}", reserved.display()));
+    }
+    cmd
+}
+
+/// `receive --create SIZE`: makes a missing image, a sparse file of `size` bytes (mode 0600),
+/// durably. An existing one was checked by the command line.
+fn create_image(image: &Path, size: u64) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(image) {
+        Ok(f) => f,
+        // Made meanwhile (another start): its size is checked when it is opened.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("creating --image {}", image.display())),
+    };
+    file.set_len(size)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| row_store::Posix.sync_parent(image))
+        .with_context(|| format!("creating --image {}", image.display()))?;
+    tracing::info!(image = %image.display(), size, "created the image (sparse) to receive the disk into");
+    Ok(())
 }
 
 /// Finds the disk's state entry and opens the disk as its ownership record allows. Blocking.
 pub fn open_disk(config: &Config) -> Result<Opened> {
+    if let Some(size) = config.create.filter(|_| !config.image.exists()) {
+        create_image(&config.image, size)?;
+    }
+    let receiving = config.listen.is_some();
+    let start =
+        if receiving { Start::Receive } else { Start::Serve { read_only: config.read_only, fenced: config.fenced } };
     let state = StateEntry::locate(&Lookup {
         state_dir: &config.state_dir,
         image: &config.image,
@@ -57,21 +105,21 @@ pub fn open_disk(config: &Config) -> Result<Opened> {
     let record_file = RecordFile::of_entry(&state)
         .with_context(|| format!("writing the ownership record {}", state.ownership().display()))?;
     let record = record_file.load()?;
-    let receiving = config.listen.is_some();
+    let migrated_away = match lifecycle::may_start(record.as_ref(), start) {
+        Ok(Go::Normal) => None,
+        Ok(Go::MigratedAway(away)) => Some(away),
+        Err(refusal) => bail!("{}", refusal.message(&config.image, &retire_command(config))),
+    };
     let holds = matches!(&record, Some(Ownership::Destination { stage: DestStage::Committed | DestStage::Owner, .. }));
-    if let (Some(Ownership::Destination { stage: DestStage::Incomplete, session, since, .. }), false) =
-        (&record, receiving)
-    {
-        bail!(
-            "{} is incomplete: migration session {session} to it did not commit ({since}). Run `nbd-row-proxy \
-             receive` to migrate it again, or remove its state entry {} to serve it as it is",
-            config.image.display(),
-            state.dir().display()
-        );
-    }
+    // A handed-over disk keeps its ROW overlay (the disk as handed over is the image and the
+    // overlay), which only a read-write open replays: `--read-only` then refuses writes at the
+    // export instead.
+    let export_read_only = config.read_only
+        && lifecycle::fenced_source(record.as_ref())
+        && !matches!(row_store::reserved::inspect(&row_store::Posix, &state.journal()), Ok(Found::Nothing));
     let options = DiskOptions {
         reserved: Some(state.reserved().to_owned()),
-        read_only: config.read_only,
+        read_only: config.read_only && !export_read_only,
         // A destination overwrites the whole image, so an old overlay is obsolete there; not
         // once it holds a committed disk.
         discard_overlay: receiving && !holds,
@@ -80,7 +128,7 @@ pub fn open_disk(config: &Config) -> Result<Opened> {
     let disk =
         Disk::open(&config.image, options).with_context(|| format!("opening disk {}", config.image.display()))?;
     check_size(&config.image, disk.size())?;
-    Ok(Opened { disk: Arc::new(disk), record_file, record, state })
+    Ok(Opened { disk: Arc::new(disk), record_file, record, state, migrated_away, export_read_only })
 }
 
 /// Sector size of the guests' block layer: QEMU sizes NBD disks in whole 512-byte sectors.
@@ -171,7 +219,7 @@ impl Drop for Created {
 /// as the ownership record says: a destination (receiving, or holding a committed disk), or a
 /// source (perhaps fenced by a hand-over). Binds nothing: [`run`] adds the listeners.
 pub async fn assemble(config: &Config, opened: Opened) -> Arc<Control> {
-    let Opened { disk, record_file, record, state } = opened;
+    let Opened { disk, record_file, record, state, .. } = opened;
     let receiving = config.listen.is_some();
     let proxy = Arc::new(Proxy {
         disk,
@@ -238,10 +286,15 @@ async fn bind(config: &Config) -> Result<Listeners> {
 /// Serves the disk until SIGTERM or SIGINT, then drains connections and flushes.
 pub async fn run(config: Config, opened: Opened) -> Result<()> {
     let disk = opened.disk.clone();
+    let (migrated_away, export_read_only) = (opened.migrated_away.clone(), opened.export_read_only);
     let control = assemble(&config, opened).await;
     let proxy = control.proxy.clone();
     let mut listeners = bind(&config).await?;
-    let live: Arc<dyn BlockBackend> = Arc::new(Guarded::new(disk.clone(), proxy.gate.clone(), proxy.postcopy.clone()));
+    let mut live: Arc<dyn BlockBackend> =
+        Arc::new(Guarded::new(disk.clone(), proxy.gate.clone(), proxy.postcopy.clone()));
+    if export_read_only {
+        live = Arc::new(ReadOnly(live));
+    }
     let catalog = Catalog::new(config.export.clone(), disk.clone(), live, control.pull());
     tracing::info!(
         socket = %config.socket.display(),
@@ -249,11 +302,23 @@ pub async fn run(config: Config, opened: Opened) -> Result<()> {
         export = %config.export,
         size = disk.size(),
         mode = disk.mode().as_str(),
-        access = ?proxy.gate.access(),
+        read_only = config.read_only,
+        access = %proxy.gate.access(),
         disk_id = %proxy.state.id(),
         state = %proxy.state.dir().display(),
         "serving"
     );
+    if let Some(away) = &migrated_away {
+        tracing::warn!(
+            peer = %away.peer,
+            session = %away.session,
+            "this disk was migrated to {} (the migration completed), which owns it: served {}, writes refused; \
+             `{}` drops its state once it is not needed",
+            away.peer,
+            if config.read_only { "read-only" } else { "fenced (--fenced)" },
+            retire_command(&config)
+        );
+    }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     if let (Some(listener), Some(incoming)) = (listeners.migration.take(), &control.incoming) {
         tracing::info!(listen = ?config.listen, phase = %incoming.phase(), protection = ?config.protection, "waiting for an incoming migration");
@@ -269,7 +334,7 @@ pub async fn run(config: Config, opened: Opened) -> Result<()> {
         tracing::info!(control = ?config.control, "control socket ready");
         tokio::spawn(qmp_proto::serve(listener, greeting, handler, events, shutdown_rx.clone()))
     });
-    if disk.mode() == Mode::Merging {
+    if disk.mode() == Mode::Merging && !export_read_only {
         tracing::info!("resuming the merge interrupted by the last exit");
         let p = proxy.clone();
         tokio::task::spawn_blocking(move || p.start_merge()).await?.context("resuming the merge")?;
@@ -291,6 +356,37 @@ pub async fn run(config: Config, opened: Opened) -> Result<()> {
         let _ = task.await;
     }
     shut_down(conns, &disk).await
+}
+
+/// The live export of a disk served `--read-only` but opened read-write: reads as the disk,
+/// writes refused (and not advertised).
+#[derive(Debug)]
+struct ReadOnly(Arc<dyn BlockBackend>);
+
+impl BlockBackend for ReadOnly {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+
+    fn caps(&self) -> Caps {
+        self.0.caps().read_only()
+    }
+
+    fn read_append(&self, out: &mut Vec<u8>, len: usize, offset: u64) -> std::io::Result<()> {
+        self.0.read_append(out, len, offset)
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.cache(offset, len)
+    }
+
+    fn extents(&self, offset: u64, len: u64, max: usize) -> std::io::Result<Vec<Extent>> {
+        self.0.extents(offset, len, max)
+    }
 }
 
 /// How often warnings about a flood of connections that never got in are summed up: at most
