@@ -199,6 +199,10 @@ fn switch_over_with_postcopy_held(hold_ms: u32) -> (Rig, Driver) {
     wait_until("a post-copy on B", HANG_LIMIT, || {
         rig.b().proxy_status()["postcopy"]["missing-blocks"].as_u64().filter(|n| *n > 0)
     });
+    // The commit comes before QEMU's switchover: wait for the guest to run on B too.
+    wait_until("the guest running on B", HANG_LIMIT, || {
+        (rig.b().qemu_status().as_deref() == Some("running")).then_some(())
+    });
     (rig, driver)
 }
 
