@@ -464,6 +464,7 @@ mod tests {
             strategy: Strategy::Row,
             fenced_since: (stage != SourceStage::Precopy).then(|| "2025-01-02T03:04:05Z".to_string()),
             postcopy,
+            claimed: false,
         }
     }
 

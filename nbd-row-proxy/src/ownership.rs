@@ -433,6 +433,7 @@ mod tests {
             strategy: control_api::Strategy::Row,
             fenced_since: None,
             postcopy: false,
+            claimed: false,
         };
         f.store(Some(&r)).unwrap();
         f.store(None).unwrap();

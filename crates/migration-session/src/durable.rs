@@ -113,6 +113,11 @@ pub enum Ownership {
         /// from this disk, which must be kept as it is until the destination holds them all.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         postcopy: bool,
+        /// Handed over on the destination's claim (a VM manager migrated the guest): nobody
+        /// else says when it is complete, so the source does once the destination holds every
+        /// block, after a restart too.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        claimed: bool,
     },
     /// This proxy is (or was) the destination of a migration.
     Destination {
@@ -183,6 +188,7 @@ mod tests {
             strategy: Strategy::Row,
             fenced_since: Some(now_rfc3339()),
             postcopy: true,
+            claimed: true,
         };
         let bytes = r.encode();
         assert!(std::str::from_utf8(&bytes).unwrap().contains("\"handed-over\""));

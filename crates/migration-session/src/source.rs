@@ -130,6 +130,8 @@ pub struct SourceSession {
     revoking_from: Option<Phase>,
     /// Handed over by post-copy: the destination does not hold every block yet.
     postcopy: bool,
+    /// Handed over on the destination's claim: completes by itself.
+    claimed: bool,
 }
 
 impl Default for SourceSession {
@@ -153,6 +155,7 @@ impl SourceSession {
             error: None,
             revoking_from: None,
             postcopy: false,
+            claimed: false,
         }
     }
 
@@ -160,9 +163,10 @@ impl SourceSession {
     /// a pre-copy interrupted by the restart is rolled back; a hand-over keeps writes refused.
     pub fn restore(record: &Ownership) -> (Self, Vec<SourceAction>) {
         let mut s = Self::new();
-        let Ownership::Source { stage, session, peer, strategy, fenced_since, postcopy } = record else {
+        let Ownership::Source { stage, session, peer, strategy, fenced_since, postcopy, claimed } = record else {
             return (s, Vec::new());
         };
+        s.claimed = *claimed;
         s.session = Some(*session);
         s.peer = Some(peer.clone());
         s.strategy = Some(*strategy);
@@ -254,7 +258,25 @@ impl SourceSession {
             strategy: self.strategy?,
             fenced_since: self.fenced_since.clone(),
             postcopy: self.postcopy,
+            claimed: self.claimed,
         })
+    }
+
+    /// The destination's claim (its guest writes: a VM manager migrated it): hands over as
+    /// [`SourceSession::finish`] does, recorded as claimed so the source completes by itself.
+    pub fn finish_claimed(&mut self) -> Step {
+        let before = self.claimed;
+        self.claimed = self.phase == Phase::Ready || before;
+        let step = self.finish();
+        if step.is_err() {
+            self.claimed = before;
+        }
+        step
+    }
+
+    /// Whether the hand-over was claimed by the destination.
+    pub fn claimed(&self) -> bool {
+        self.claimed
     }
 
     /// `migrate-start`: a new session to `peer`.
@@ -752,6 +774,22 @@ mod tests {
     }
 
     #[test]
+    fn a_claimed_hand_over_is_recorded_and_survives_a_restart() {
+        let mut s = SourceSession::new();
+        s.start(ID, PEER, Strategy::Row).unwrap();
+        s.connected().unwrap();
+        assert!(s.finish_claimed().is_err(), "not ready: refused, and not recorded as claimed");
+        assert!(!s.claimed());
+        s.precopy_done().unwrap();
+        let a = s.finish_claimed().unwrap();
+        assert!(s.claimed());
+        let Some(SourceAction::Persist(Some(record))) = a.first() else { panic!("{a:?}") };
+        assert!(matches!(record, Ownership::Source { claimed: true, .. }), "{record:?}");
+        let (restored, _) = SourceSession::restore(record);
+        assert!(restored.claimed());
+    }
+
+    #[test]
     fn a_restart_rolls_back_pre_copy_and_keeps_a_hand_over_fenced() {
         let record = |stage| Ownership::Source {
             stage,
@@ -760,6 +798,7 @@ mod tests {
             strategy: Strategy::Row,
             fenced_since: (stage != SourceStage::Precopy).then(now_rfc3339),
             postcopy: false,
+            claimed: false,
         };
         let (s, a) = SourceSession::restore(&record(SourceStage::Precopy));
         assert_eq!(s.phase(), Phase::Failed);

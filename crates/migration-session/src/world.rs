@@ -400,7 +400,7 @@ impl World {
             ToSource::Accepted(id) | ToSource::Committed(id) | ToSource::Failed(id) if Some(id) != current => return,
             ToSource::Revoked(id) | ToSource::Owns(id) | ToSource::Claim(id) if Some(id) != current => return,
             // An armed, ready source hands over as `migrate-finish` would; otherwise refused.
-            ToSource::Claim(_) if self.src.armed && m.phase() == Phase::Ready => m.finish(),
+            ToSource::Claim(_) if self.src.armed && m.phase() == Phase::Ready => m.finish_claimed(),
             ToSource::Claim(_) => return,
             ToSource::Accepted(_) if self.src.connecting => {
                 self.src.connecting = false;

@@ -468,8 +468,6 @@ struct Session {
     link: Link,
     /// What a post-copy switchover left for the push.
     residual: Vec<Span>,
-    /// Handed over on the destination's claim: the session completes by itself.
-    claimed: bool,
 }
 
 struct Actor {
@@ -590,7 +588,8 @@ impl Actor {
                                 }
                                 Err(e) => tracing::error!("the end of the post-copy: {e}"),
                             }
-                            if self.session.as_ref().is_some_and(|s| s.claimed) {
+                            // A claimed hand-over completes here, after a restart too.
+                            if lock(&self.shared.machine).claimed() {
                                 self.complete_claimed().await;
                             }
                         }
@@ -619,7 +618,7 @@ impl Actor {
                 let _ = reply.send(self.start(args).await);
             }
             Request::Finish(args, reply) => {
-                let _ = reply.send(self.finish(args).await);
+                let _ = reply.send(self.finish(args, false).await);
             }
             Request::Cancel(reply) => {
                 let _ = reply.send(self.cancel().await);
@@ -774,7 +773,7 @@ impl Actor {
             compress: args.compress,
         });
         *lock(&self.shared.postcopy) = None;
-        self.session = Some(Session { args, rounds, link: Link::None, residual: Vec::new(), claimed: false });
+        self.session = Some(Session { args, rounds, link: Link::None, residual: Vec::new() });
         self.perform(actions).await?;
         Ok(id.to_string())
     }
@@ -954,8 +953,9 @@ impl Actor {
         }
     }
 
-    async fn finish(&mut self, args: MigrateFinishArgs) -> Result<MigrationStatus, MigrationError> {
-        let actions = self.step(SourceSession::finish)?;
+    /// `migrate-finish`, or (`claimed`) the destination's claim.
+    async fn finish(&mut self, args: MigrateFinishArgs, claimed: bool) -> Result<MigrationStatus, MigrationError> {
+        let actions = self.step(|m| if claimed { m.finish_claimed() } else { m.finish() })?;
         let run_final = actions.contains(&SourceAction::RunFinalRound);
         let rest: Vec<SourceAction> = actions.into_iter().filter(|a| *a != SourceAction::RunFinalRound).collect();
         let mut result = self.perform(rest).await;
@@ -995,9 +995,8 @@ impl Actor {
             return;
         }
         tracing::info!("the destination's guest writes: handing the disk over (a VM manager migrated it)");
-        self.session.as_mut().expect("armed").claimed = true;
         let finish = MigrateFinishArgs { postcopy: Some(PostcopyMode::Always), budget_ms: None };
-        match self.finish(finish).await {
+        match self.finish(finish, true).await {
             Ok(_) if lock(&self.shared.postcopy).is_none() => self.complete_claimed().await,
             Ok(_) => {}
             Err(e) => tracing::error!("the hand-over the destination asked for failed: {e}"),
@@ -1214,7 +1213,7 @@ impl Actor {
                 events: self.proxy.events.clone(),
                 compress: true,
             });
-            self.session = Some(Session { args, rounds, link: Link::None, residual: Vec::new(), claimed: false });
+            self.session = Some(Session { args, rounds, link: Link::None, residual: Vec::new() });
             *lock(&self.shared.postcopy) = Some(PostcopyStatus {
                 reason: "resumed after the source proxy restarted".into(),
                 predicted_final_ms: 0.0,
