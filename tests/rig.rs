@@ -482,8 +482,19 @@ impl Rig {
 
     /// Like [`Rig::start`], with `guest` on both sides and `proxy_env` for every proxy.
     pub fn start_with(dst_role: Role, seconds: u32, guest: Guest, proxy_env: &[(&str, &str)]) -> Self {
+        Self::start_on_link(dst_role, seconds, guest, proxy_env, None)
+    }
+
+    /// Like [`Rig::start_with`], the hosts' link limited to `rate` (tbf, e.g. `100mbit`).
+    pub fn start_on_link(
+        dst_role: Role,
+        seconds: u32,
+        guest: Guest,
+        proxy_env: &[(&str, &str)],
+        rate: Option<&str>,
+    ) -> Self {
         let t0 = Instant::now();
-        let net = TwoHosts::create(None);
+        let net = TwoHosts::create(rate);
         let dir = tempfile::tempdir().unwrap();
         let key = key_file(dir.path(), "qemu-migrate-test-key-0123456789abcdef");
         let pki = lab_pki(&dir.path().join("pki"));
