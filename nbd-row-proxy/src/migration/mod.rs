@@ -9,6 +9,7 @@ pub mod dest;
 pub mod residual;
 pub mod rounds;
 pub mod source;
+pub mod test_hooks;
 pub mod transport;
 
 use std::time::{Duration, Instant};

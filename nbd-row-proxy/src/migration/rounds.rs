@@ -121,7 +121,7 @@ impl Rounds {
         };
         stats.wire_bytes += send(&mut out.writer, &Message::RoundBegin { round, kind: wire_kind }).await? as u64;
         if kind == RoundKind::Update {
-            super::source::pause("update-round").await;
+            super::test_hooks::pause("update-round").await;
         }
         let (tx, mut rx) = mpsc::channel::<std::io::Result<Chunk>>(READ_AHEAD);
         let (disk, compress) = (self.disk.clone(), self.compress);

@@ -10,27 +10,30 @@
 //! the commit, writes are refused and reads wait; after it, the disk is served read-write and
 //! its first write makes this host the owner.
 
+mod frames;
+mod pull;
+
+pub use pull::{DestPull, CLAIM_WAIT};
+
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use control_api::{IncomingData, IncomingPhase, MigrationIncoming, Strategy};
 use migration_session::{DestAction, DestRefusal, DestSession, SessionId};
 use migration_stream::{Message, SessionParams};
-use row_store::{BlockBackend, ZeroFlags, BLOCK_SIZE};
+use row_store::{BlockBackend, BLOCK_SIZE};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch, Semaphore};
 
-use super::residual::{blocks_of, read_local, Residual};
+use super::residual::Residual;
 use super::transport::{accept, tune_accepted, Reader, Writer};
-use super::{last_word, send, FrameReader, FIRST_MESSAGE_TIMEOUT, SESSION_IDLE_TIMEOUT};
-use crate::nbd::export::{Pull, PullFuture};
+use super::{last_word, send, FrameReader, FIRST_MESSAGE_TIMEOUT};
 use crate::ownership::Access;
 use crate::proxy::Proxy;
 use migration_session::BlockSet;
-use nbd_proto::Command;
 
 /// Connections still in their handshake; a new one beyond this drops the oldest.
 const MAX_UNAUTHENTICATED: usize = 16;
@@ -449,196 +452,6 @@ impl Incoming {
         self.frames(session, &mut reader, &mut wr).await
     }
 
-    async fn frames(
-        self: &Arc<Self>,
-        session: SessionId,
-        reader: &mut FrameReader<Reader>,
-        wr: &mut Writer,
-    ) -> Result<()> {
-        let link = &self.proxy.postcopy.link;
-        let (generation, mut fetches) = link.attach();
-        if let Some(r) = self.proxy.postcopy.residual() {
-            r.link_changed();
-        }
-        let result = self.frames_on(session, reader, wr, &mut fetches).await;
-        link.detach(generation);
-        result
-    }
-
-    async fn frames_on(
-        self: &Arc<Self>,
-        session: SessionId,
-        reader: &mut FrameReader<Reader>,
-        wr: &mut Writer,
-        fetches: &mut tokio::sync::mpsc::UnboundedReceiver<Message>,
-    ) -> Result<()> {
-        let disk = self.proxy.disk.clone();
-        let size = disk.size();
-        let mut background_sync: Option<tokio::task::JoinHandle<std::io::Result<()>>> = None;
-        // What a post-copy switchover leaves at the source.
-        let mut missing = BlockSet::new();
-        loop {
-            let next = tokio::select! {
-                biased;
-                Some(fetch) = fetches.recv() => {
-                    send(wr, &fetch).await?;
-                    continue;
-                }
-                next = tokio::time::timeout(SESSION_IDLE_TIMEOUT, reader.next()) => next,
-            };
-            let next = next.map_err(|_| anyhow!("the source sent nothing for {SESSION_IDLE_TIMEOUT:?}"))?;
-            let Some(msg) = next? else {
-                return match self.phase() {
-                    IncomingPhase::Committed | IncomingPhase::Owner => Ok(()),
-                    _ => Err(anyhow!("the source closed the connection before committing")),
-                };
-            };
-            // After the commit, data only comes to fill a post-copy's residual.
-            let (accepts, held) = {
-                let m = self.lock();
-                (m.accepts_data(session), m.session() == Some(session))
-            };
-            let residual = match accepts {
-                Ok(()) => None,
-                Err(refusal) => match (self.proxy.postcopy.residual(), &msg) {
-                    (Some(r), Message::Data { .. } | Message::Zero { .. } | Message::Fetched { .. }) if held => Some(r),
-                    // The post-copy push comes as a round.
-                    (Some(_), Message::RoundBegin { .. } | Message::RoundEnd { .. }) if held => None,
-                    (
-                        _,
-                        Message::Data { .. }
-                        | Message::Zero { .. }
-                        | Message::Missing { .. }
-                        | Message::RoundBegin { .. }
-                        | Message::RoundEnd { .. },
-                    ) => Err(refusal)?,
-                    _ => None,
-                },
-            };
-            match msg {
-                Message::Data { offset, codec, logical_len, payload } => {
-                    if offset.checked_add(logical_len as u64).is_none_or(|end| end > size) {
-                        bail!("data extent at {offset}+{logical_len} lies outside the {size}-byte disk");
-                    }
-                    let data =
-                        migration_stream::decode_block(codec, &payload, logical_len).context("bad data frame")?;
-                    tokio::task::block_in_place(|| match &residual {
-                        Some(r) => r.receive(offset, &data),
-                        None => disk.write_at(&data, offset, false),
-                    })
-                    .with_context(|| format!("writing {logical_len} bytes at {offset} to the image"))?;
-                }
-                Message::Zero { offset, len } => {
-                    if offset.checked_add(len).is_none_or(|end| end > size) {
-                        bail!("zero extent at {offset}+{len} lies outside the {size}-byte disk");
-                    }
-                    let flags = ZeroFlags { may_punch: true, ..ZeroFlags::default() };
-                    tokio::task::block_in_place(|| match &residual {
-                        Some(r) => r.receive_zero(offset, len),
-                        None => disk.write_zeroes(offset, len, flags),
-                    })
-                    .with_context(|| format!("zeroing {len} bytes at {offset}"))?;
-                }
-                Message::Missing { runs } => {
-                    for (offset, len) in runs {
-                        let end = offset.checked_add(len).filter(|end| *end <= size);
-                        if end.is_none() || !offset.is_multiple_of(BLOCK_SIZE) {
-                            bail!("missing range at {offset}+{len} is not a range of blocks of the {size}-byte disk");
-                        }
-                        let (first, last) = blocks_of(offset, len);
-                        missing.insert(first, last);
-                    }
-                }
-                Message::Fetched { id, offset, codec, logical_len, payload } => {
-                    if offset.checked_add(logical_len as u64).is_none_or(|end| end > size) {
-                        bail!("fetched extent at {offset}+{logical_len} lies outside the {size}-byte disk");
-                    }
-                    let data =
-                        migration_stream::decode_block(codec, &payload, logical_len).context("bad fetched frame")?;
-                    if let Some(r) = &residual {
-                        tokio::task::block_in_place(|| r.receive(offset, &data))
-                            .with_context(|| format!("writing {logical_len} fetched bytes at {offset}"))?;
-                    }
-                    self.proxy.postcopy.link.answered(id, data);
-                }
-                Message::RoundBegin { round, kind } => {
-                    tracing::info!(round, ?kind, "round arriving");
-                    self.emit(IncomingData { round: Some(round), ..self.data() });
-                }
-                Message::RoundEnd { .. } => {
-                    // Write back what this round brought while the next one is on its way, so the
-                    // commit (which the paused VM waits for) only has the final round left to sync.
-                    if background_sync.as_ref().is_none_or(|h| h.is_finished()) {
-                        if let Some(h) = background_sync.take() {
-                            h.await?.context("syncing the image")?;
-                        }
-                        let d = disk.clone();
-                        background_sync = Some(tokio::task::spawn_blocking(move || d.flush()));
-                    }
-                }
-                Message::Commit => {
-                    if let Some(h) = background_sync.take() {
-                        h.await?.context("syncing the image")?;
-                    }
-                    let residual = std::mem::take(&mut missing);
-                    let postcopy = !residual.is_empty();
-                    let blocks = residual.blocks();
-                    self.commit(session, residual).await?;
-                    send(wr, &Message::Committed).await?;
-                    if postcopy {
-                        tracing::info!(%session, blocks, "migration committed with a post-copy: the disk is served read-write, missing blocks come from the source");
-                    } else {
-                        tracing::info!(%session, "migration committed: the image is durable and served read-write");
-                    }
-                    self.emit(self.data());
-                }
-                Message::PushDone => {
-                    let Some(r) = self.proxy.postcopy.residual() else {
-                        // Already complete (a resumed session): say so again.
-                        send(wr, &Message::Holds).await?;
-                        continue;
-                    };
-                    self.blocking(move |me| -> Result<()> {
-                        r.finish()?;
-                        me.proxy.postcopy.set(None);
-                        Ok(())
-                    })
-                    .await?;
-                    send(wr, &Message::Holds).await?;
-                    tracing::info!(%session, "post-copy complete: every block is here, durably");
-                    self.emit(self.data());
-                }
-                Message::Discard { reason } => match self.blocking(move |me| me.apply(|m| m.discard(session))).await {
-                    Ok(_) => {
-                        tracing::warn!(%session, "the source discarded the migration: {reason}");
-                        self.emit(IncomingData { reason: Some(reason), ..self.data() });
-                        return Ok(());
-                    }
-                    Err(e) => {
-                        tracing::warn!(%session, "refused the source's discard: {e:#}");
-                        last_word(wr, &Message::Error { message: format!("{e:#}") }).await;
-                        return Ok(());
-                    }
-                },
-                Message::Keepalive => {}
-                Message::ClaimRefused { reason } => {
-                    tracing::warn!(%session, "the source refused to hand the disk over on a write here: {reason}");
-                    self.proxy.postcopy.link.claim_refused(reason);
-                }
-                Message::Done => {
-                    if self.proxy.postcopy.residual().is_some() {
-                        bail!("the source said done while the post-copy is still running");
-                    }
-                    self.blocking(move |me| me.apply(|m| m.done(session))).await?;
-                    tracing::info!(%session, "incoming migration complete: this host owns the disk");
-                    self.emit(self.data());
-                    return Ok(());
-                }
-                other => bail!("unexpected {} message in the migration stream", other.name()),
-            }
-        }
-    }
-
     /// The commit: sync everything received, record it, then serve the disk.
     async fn commit(self: &Arc<Self>, session: SessionId, missing: BlockSet) -> Result<()> {
         let postcopy = !missing.is_empty();
@@ -683,119 +496,4 @@ static MIGRATION_ACCEPT_FAILED: logging::RateLimit = logging::RateLimit::new(MIG
 /// Resolves once `shutdown` says stop (or its sender is gone).
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
-}
-
-/// What the requests of a destination's live export wait for: before the commit a read is
-/// answered with the source's current data (or the image's, with no session connected);
-/// during a post-copy a request waits for the missing blocks it reads or partly overwrites.
-/// Before any commit, a write asks the source for the disk (see [`claim`]).
-#[derive(Debug)]
-pub struct DestPull(pub Arc<Proxy>);
-
-impl Pull for DestPull {
-    fn before(&self, command: Command, offset: u64, len: u64) -> Option<PullFuture> {
-        let proxy = &self.0;
-        let wait = proxy.read_wait;
-        if proxy.gate.access() == Access::Incoming {
-            if matches!(command, Command::Write | Command::WriteZeroes | Command::Trim) {
-                return claim(proxy.clone(), command, offset, len);
-            }
-            if command != Command::Read {
-                return None;
-            }
-            let proxy = proxy.clone();
-            return Some(Box::pin(async move {
-                if let Some(data) = proxy.postcopy.link.read_now(offset, len, wait).await {
-                    return Ok(Some(data));
-                }
-                let disk = proxy.disk.clone();
-                tokio::task::spawn_blocking(move || read_local(&disk, offset, len))
-                    .await
-                    .map_err(std::io::Error::other)?
-                    .map(Some)
-            }));
-        }
-        let residual = proxy.postcopy.residual()?;
-        residual.guest_request(&proxy.postcopy.link);
-        let (first, last) = blocks_of(offset, len);
-        let waits: Vec<(u64, u64)> = match command {
-            Command::Read => vec![(first, last)],
-            // A write waits only for the blocks it covers in part (the rest it replaces).
-            Command::Write | Command::WriteZeroes | Command::Trim => {
-                let end = offset + len;
-                let mut edges = Vec::new();
-                if !offset.is_multiple_of(BLOCK_SIZE) {
-                    edges.push((first, first + 1));
-                }
-                if !end.is_multiple_of(BLOCK_SIZE) && end != proxy.disk.size() && last > first {
-                    edges.push((last - 1, last));
-                }
-                edges
-            }
-            _ => return None,
-        };
-        let waits: Vec<(u64, u64)> =
-            waits.into_iter().filter(|&(a, b)| residual.any_missing(a * BLOCK_SIZE, (b - a) * BLOCK_SIZE)).collect();
-        if waits.is_empty() {
-            return None;
-        }
-        let proxy = proxy.clone();
-        Some(Box::pin(async move {
-            for (a, b) in waits {
-                residual.wait_held(&proxy.postcopy.link, a, b, wait).await?;
-            }
-            Ok(None)
-        }))
-    }
-}
-
-/// How long a write before the commit waits for an armed source to hand the disk over (its
-/// final round and the commit; what is left comes by post-copy).
-pub const CLAIM_WAIT: Duration = Duration::from_secs(30);
-
-/// A write while the disk is still arriving: this host's guest runs (a VM manager migrated it,
-/// so the source QEMU is inactive). Asks the source for the disk and waits for the commit;
-/// the write then goes on as the first write after it. Fails (EPERM) when no session is up,
-/// when the source refuses (it is not armed), or after [`CLAIM_WAIT`].
-fn claim(proxy: Arc<Proxy>, command: Command, offset: u64, len: u64) -> Option<PullFuture> {
-    let refused_now = |why: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, why);
-    Some(Box::pin(async move {
-        let Some(mut refused) = proxy.postcopy.link.claim() else {
-            return Err(refused_now("the disk is still being migrated to this host".into()));
-        };
-        let mut access = proxy.gate.watch();
-        let handed_over = async {
-            loop {
-                if *access.borrow_and_update() != Access::Incoming {
-                    return Ok(());
-                }
-                tokio::select! {
-                    changed = access.changed() => if changed.is_err() {
-                        return Err(refused_now("shutting down".into()));
-                    },
-                    changed = refused.changed() => {
-                        let reason = refused.borrow_and_update().clone();
-                        match (changed, reason) {
-                            (Err(_), _) => return Err(refused_now("shutting down".into())),
-                            (Ok(()), Some(why)) => {
-                                return Err(refused_now(format!("the source did not hand the disk over: {why}")))
-                            }
-                            (Ok(()), None) => {}
-                        }
-                    }
-                }
-            }
-        };
-        match tokio::time::timeout(CLAIM_WAIT, handed_over).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(refused_now(format!("the source did not hand the disk over within {CLAIM_WAIT:?}"))),
-        }
-        // Committed: the write is now a post-copy's first request (it starts the push, and
-        // waits for a missing block it covers in part).
-        match DestPull(proxy).before(command, offset, len) {
-            Some(wait) => wait.await,
-            None => Ok(None),
-        }
-    }))
 }
