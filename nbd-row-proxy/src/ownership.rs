@@ -15,7 +15,6 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::migration::residual::Postcopy;
 use migration_session::{BadRecord, Ownership};
 use row_store::{BlockBackend, Caps, Disk, Extent, Posix, Storage, ZeroFlags};
 use tokio::sync::watch;
@@ -146,37 +145,47 @@ impl Gate {
     }
 }
 
-/// The live export's backend: the disk, behind the write gate, and on a post-copy
-/// destination the record of which blocks the guest's writes make held.
+/// What the live export's writes tell whoever tracks them: a post-copy destination records
+/// which of its missing blocks the guest's writes make held. The migration layer implements
+/// it (its `Postcopy`), so the write path below knows nothing of migrations, as the read side
+/// knows the source only through `nbd::export::Pull`.
+pub trait WriteObserver: Send + Sync + std::fmt::Debug {
+    /// Blocks a write over `[offset, offset+len)` makes held, taken before it runs.
+    fn covering(&self, offset: u64, len: u64) -> Covered;
+    /// The write ran: `covered` is held; a FUA write records it before it is done.
+    fn written(&self, covered: Covered, fua: bool) -> io::Result<()>;
+    /// A flush: `Some` when the observer makes the disk durable itself (syncing and recording
+    /// what is held), `None` to flush the disk as usual.
+    fn flush(&self) -> Option<io::Result<()>>;
+    /// Whether some of the range is not here yet (it then reads as data in extents).
+    fn any_missing(&self, offset: u64, len: u64) -> bool;
+}
+
+/// Whole blocks a write covers, as `(first, count)` runs; empty when nothing is tracked.
+pub type Covered = Vec<(u64, u64)>;
+
+/// The live export's backend: the disk, behind the write gate, and what its writes are told
+/// to (a post-copy destination's record of held blocks).
 #[derive(Debug)]
 pub struct Guarded {
     disk: Arc<Disk>,
     gate: Arc<Gate>,
-    postcopy: Arc<Postcopy>,
+    observer: Arc<dyn WriteObserver>,
 }
 
 impl Guarded {
     /// The disk behind `gate`.
-    pub fn new(disk: Arc<Disk>, gate: Arc<Gate>, postcopy: Arc<Postcopy>) -> Self {
-        Self { disk, gate, postcopy }
+    pub fn new(disk: Arc<Disk>, gate: Arc<Gate>, observer: Arc<dyn WriteObserver>) -> Self {
+        Self { disk, gate, observer }
     }
 
-    /// Runs a write that covers `[offset, offset+len)`: during a post-copy the whole missing
-    /// blocks it covers become held (nothing arriving later overwrites them), and a FUA write
-    /// that made some held records them before it is done.
+    /// Runs a write that covers `[offset, offset+len)`: the blocks it covers are taken before
+    /// and reported after, under the gate.
     fn changing(&self, offset: u64, len: u64, fua: bool, f: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
-        self.gate.write(|| match self.postcopy.residual() {
-            None => f(),
-            Some(r) => {
-                let covered = r.cover(offset, len);
-                let some = !covered.is_empty();
-                f()?;
-                r.written(covered);
-                if fua && some {
-                    r.checkpoint()?;
-                }
-                Ok(())
-            }
+        self.gate.write(|| {
+            let covered = self.observer.covering(offset, len);
+            f()?;
+            self.observer.written(covered, fua)
         })
     }
 }
@@ -215,10 +224,7 @@ impl BlockBackend for Guarded {
     fn flush(&self) -> io::Result<()> {
         // QEMU flushes the drives of an incoming VM before any migration has arrived: let it.
         // During a post-copy the blocks the guest wrote are recorded as held after the sync.
-        match self.postcopy.residual() {
-            Some(r) => r.checkpoint(),
-            None => self.disk.flush(),
-        }
+        self.observer.flush().unwrap_or_else(|| self.disk.flush())
     }
 
     fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -227,7 +233,7 @@ impl BlockBackend for Guarded {
 
     fn extents(&self, offset: u64, len: u64, max: usize) -> io::Result<Vec<Extent>> {
         // Blocks still at the source are data, whatever the image holds there now.
-        if self.postcopy.residual().is_some_and(|r| r.any_missing(offset, len)) {
+        if self.observer.any_missing(offset, len) {
             return Ok(vec![Extent { length: len, hole: false }]);
         }
         self.disk.extents(offset, len, max)

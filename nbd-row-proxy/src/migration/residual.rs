@@ -22,6 +22,8 @@ use migration_stream::{Message, MAX_BLOCK_LEN};
 use row_store::{BlockBackend, Disk, Posix, Storage, ZeroFlags, BLOCK_SIZE};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
+use crate::ownership::{Covered, WriteObserver};
+
 /// Bytes received between two checkpoints of the residual log.
 const CHECKPOINT_BYTES: u64 = 64 << 20;
 
@@ -33,6 +35,31 @@ pub struct Postcopy {
     last: Mutex<Option<PullStats>>,
     /// The current session connection, for fetches.
     pub link: FetchLink,
+}
+
+/// The write path's view of a post-copy: writes over missing blocks make them held.
+impl WriteObserver for Postcopy {
+    fn covering(&self, offset: u64, len: u64) -> Covered {
+        self.residual().map(|r| r.cover(offset, len)).unwrap_or_default()
+    }
+
+    fn written(&self, covered: Covered, fua: bool) -> io::Result<()> {
+        let Some(r) = self.residual() else { return Ok(()) };
+        let some = !covered.is_empty();
+        r.written(covered);
+        if fua && some {
+            r.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Option<io::Result<()>> {
+        self.residual().map(|r| r.checkpoint())
+    }
+
+    fn any_missing(&self, offset: u64, len: u64) -> bool {
+        self.residual().is_some_and(|r| r.any_missing(offset, len))
+    }
 }
 
 impl Postcopy {

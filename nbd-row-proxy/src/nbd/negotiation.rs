@@ -252,7 +252,11 @@ mod tests {
         File::create(&path).unwrap().set_len(1 << 20).unwrap();
         let disk = Arc::new(row_store::Disk::open(&path, row_store::DiskOptions::default()).unwrap());
         let gate = crate::ownership::Gate::new(crate::ownership::Access::Open);
-        let live = Arc::new(crate::ownership::Guarded::new(disk.clone(), gate, Default::default()));
+        let live = Arc::new(crate::ownership::Guarded::new(
+            disk.clone(),
+            gate,
+            std::sync::Arc::new(crate::migration::residual::Postcopy::default()),
+        ));
         (dir, Catalog::new("vm1".into(), disk, live, None))
     }
 
