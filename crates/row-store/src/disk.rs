@@ -1,8 +1,8 @@
 //! The disk a server exports: the image, and while ROW is on, the [`Overlay`] over it.
 //!
 //! `Disk` owns the mode changes (ROW start, merge back, recovery after a restart) and routes
-//! each request to the image or the overlay under a gate: a mode change takes the gate
-//! exclusively, so it happens between requests, never in the middle of one.
+//! each request to the image or the overlay under a lock on its layers (overlay and ROW epoch): a mode change takes
+//! it exclusively, so it happens between requests, never in the middle of one.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -57,13 +57,15 @@ pub struct RowStatus {
     pub epoch: u64,
 }
 
+/// What a request is routed through: the overlay in use (none in direct mode) and the ROW
+/// epoch; mode changes take it exclusively.
 #[derive(Debug)]
-struct Gate {
+struct Layers {
     overlay: Option<Arc<Overlay>>,
     epoch: u64,
 }
 
-impl Gate {
+impl Layers {
     fn mode(&self) -> Mode {
         match &self.overlay {
             None => Mode::Direct,
@@ -82,7 +84,7 @@ pub struct Disk {
     journal_path: PathBuf,
     disk_tag: DiskTag,
     latch: Arc<SyncLatch>,
-    gate: RwLock<Gate>,
+    layers: RwLock<Layers>,
     tracker: DirtyTracker,
 }
 
@@ -157,7 +159,7 @@ impl Disk {
             journal_path,
             disk_tag: opts.disk_tag,
             latch,
-            gate: RwLock::new(Gate { overlay, epoch }),
+            layers: RwLock::new(Layers { overlay, epoch }),
             tracker: DirtyTracker::default(),
         })
     }
@@ -308,17 +310,17 @@ impl Disk {
         self.latch.tripped()
     }
 
-    fn gate(&self) -> RwLockReadGuard<'_, Gate> {
-        self.gate.read().unwrap_or_else(|e| e.into_inner())
+    fn layers(&self) -> RwLockReadGuard<'_, Layers> {
+        self.layers.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn gate_mut(&self) -> RwLockWriteGuard<'_, Gate> {
-        self.gate.write().unwrap_or_else(|e| e.into_inner())
+    fn layers_mut(&self) -> RwLockWriteGuard<'_, Layers> {
+        self.layers.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The current mode.
     pub fn mode(&self) -> Mode {
-        self.gate().mode()
+        self.layers().mode()
     }
 
     /// Reads `buf.len()` bytes at `offset` of the disk as the guest sees it.
@@ -331,7 +333,7 @@ impl Disk {
 
     /// The read-only view of the base frozen by the current ROW session, if one is on.
     pub fn frozen_base(self: &Arc<Self>) -> Option<FrozenBase> {
-        let g = self.gate();
+        let g = self.layers();
         (g.mode() == Mode::Row).then(|| FrozenBase { disk: self.clone(), epoch: g.epoch })
     }
 
@@ -341,7 +343,7 @@ impl Disk {
         if self.read_only() {
             return Err(StoreError::Mode("the image is read-only".into()));
         }
-        let mut g = self.gate_mut();
+        let mut g = self.layers_mut();
         if g.mode() != Mode::Direct {
             return Err(StoreError::Mode(format!("ROW cannot start: the disk is in {} mode", g.mode().as_str())));
         }
@@ -366,7 +368,7 @@ impl Disk {
     /// Starts leaving ROW mode: records the decision durably and switches to [`Mode::Merging`].
     /// [`Disk::merge`] then does the copying.
     pub fn begin_merge(&self) -> Result<(), StoreError> {
-        let g = self.gate_mut();
+        let g = self.layers_mut();
         match (&g.overlay, g.mode()) {
             (_, Mode::Merging) => Ok(()),
             (_, Mode::Direct) | (None, _) => Err(StoreError::Mode("ROW is not on".into())),
@@ -383,7 +385,7 @@ impl Disk {
     /// many blocks (tests use it to simulate a crash mid-merge) and returns `Ok(false)`.
     pub fn merge(&self, limit: Option<u64>, progress: impl FnMut(MergeProgress)) -> Result<bool, StoreError> {
         let overlay = {
-            let g = self.gate();
+            let g = self.layers();
             match &g.overlay {
                 Some(o) if o.is_merging() => o.clone(),
                 _ => return Err(StoreError::Mode(format!("no merge under way (mode {})", g.mode().as_str()))),
@@ -393,7 +395,7 @@ impl Disk {
             return Ok(false);
         }
         let merged_err = io_err("finishing the merge", &self.reserved_path);
-        let mut g = self.gate_mut();
+        let mut g = self.layers_mut();
         // Writes that came in since the copy ended went to the image: sync it with the journal.
         overlay.sync_overlay().map_err(merged_err)?;
         debug_assert!(overlay.table().is_empty());
@@ -422,7 +424,7 @@ impl Disk {
     /// records its blocks' generation and count, as a dirty bitmap would; the bitmap migration
     /// strategy uses it.
     pub fn set_tracking(&self, on: bool) -> Result<(), StoreError> {
-        let g = self.gate_mut();
+        let g = self.layers_mut();
         if on && g.mode() != Mode::Direct {
             return Err(StoreError::Mode(format!("dirty tracking needs direct mode, not {}", g.mode().as_str())));
         }
@@ -433,7 +435,7 @@ impl Disk {
     /// Replaces the image's content: truncates it to `size` bytes of zeroes (a sparse file).
     /// Used by a migration destination before the first round; only in direct mode.
     pub fn reset_image(&self) -> Result<(), StoreError> {
-        let g = self.gate_mut();
+        let g = self.layers_mut();
         if g.mode() != Mode::Direct {
             return Err(StoreError::Mode(format!("cannot reset an image in {} mode", g.mode().as_str())));
         }
@@ -442,7 +444,7 @@ impl Disk {
 
     /// Mode and overlay counters.
     pub fn status(&self) -> RowStatus {
-        let g = self.gate();
+        let g = self.layers();
         let counts = |t: &Table| (t.len(), t.epoch(), t.runs() as u64, t.heap_bytes() as u64);
         let ((blocks, generation, runs, map_bytes), allocated) = match &g.overlay {
             Some(o) => (counts(&o.table()), o.reserved().allocated_bytes().unwrap_or(0)),
@@ -462,7 +464,7 @@ impl Disk {
 
     /// Runs `f` on the table that tracks writes now: the overlay's, or the dirty tracker's.
     fn with_table<T>(&self, f: impl FnOnce(&mut Table) -> T) -> Option<T> {
-        let g = self.gate();
+        let g = self.layers();
         match &g.overlay {
             Some(o) => Some(f(&mut o.table())),
             None => self.tracker.with(f),
@@ -527,14 +529,14 @@ impl BlockBackend for Disk {
     }
 
     fn read_append(&self, out: &mut Vec<u8>, len: usize, offset: u64) -> io::Result<()> {
-        match &self.gate().overlay {
+        match &self.layers().overlay {
             Some(o) => o.read_append(out, len, offset),
             None => self.image.read_append(out, len, offset),
         }
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
-        match &self.gate().overlay {
+        match &self.layers().overlay {
             Some(o) => o.write_at(buf, offset, fua),
             None => {
                 self.image.write_at(buf, offset, fua)?;
@@ -545,7 +547,7 @@ impl BlockBackend for Disk {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
-        match &self.gate().overlay {
+        match &self.layers().overlay {
             Some(o) => o.write_zeroes(offset, len, flags),
             None => {
                 self.image.write_zeroes(offset, len, flags)?;
@@ -556,7 +558,7 @@ impl BlockBackend for Disk {
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        match &self.gate().overlay {
+        match &self.layers().overlay {
             Some(o) => o.trim(offset, len, fua),
             None => {
                 self.image.trim(offset, len, fua)?;
@@ -567,21 +569,21 @@ impl BlockBackend for Disk {
     }
 
     fn flush(&self) -> io::Result<()> {
-        match &self.gate().overlay {
+        match &self.layers().overlay {
             Some(o) => o.flush(),
             None => self.image.flush(),
         }
     }
 
     fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
-        match &self.gate().overlay {
+        match &self.layers().overlay {
             Some(o) => o.cache(offset, len),
             None => self.image.cache(offset, len),
         }
     }
 
     fn extents(&self, offset: u64, len: u64, max: usize) -> io::Result<Vec<Extent>> {
-        match &self.gate().overlay {
+        match &self.layers().overlay {
             Some(o) => o.extents(offset, len, max),
             None => self.image.extents(offset, len, max),
         }
@@ -602,10 +604,10 @@ impl FrozenBase {
         self.epoch
     }
 
-    /// The disk's gate, provided the base frozen by this session is still frozen: a reader of
+    /// The disk's layers, provided the base frozen by this session is still frozen: a reader of
     /// the base never mixes two different freezes, nor a freeze with a merge.
-    fn check(&self) -> io::Result<RwLockReadGuard<'_, Gate>> {
-        let g = self.disk.gate();
+    fn check(&self) -> io::Result<RwLockReadGuard<'_, Layers>> {
+        let g = self.disk.layers();
         if g.mode() != Mode::Row || g.epoch != self.epoch {
             return Err(io::Error::other("the frozen base is gone: ROW mode ended"));
         }
