@@ -88,10 +88,21 @@ pub fn disk_specs(args: &Args) -> Result<Vec<DiskSpec>, String> {
             "no disk: give --disk {DISK_SYNTAX} (repeatable), or --src-proxy, --dst-proxy and --disk-uri"
         ));
     }
+    // A path behind --src-ssh/--dst-ssh is on that host: the same path on the two sides names
+    // two sockets (e.g. /run/nbd-row-proxy/vm1.ctl on both hosts).
+    let side = |remote: bool, tag: &str, path: &Path| {
+        if remote {
+            format!("{tag}:{}", path.display())
+        } else {
+            identity(path)
+        }
+    };
     let mut seen = HashSet::new();
     for d in &disks {
-        for path in [&d.src_proxy, &d.dst_proxy] {
-            if !seen.insert(identity(path)) {
+        let keys =
+            [side(args.src_ssh.is_some(), "src", &d.src_proxy), side(args.dst_ssh.is_some(), "dst", &d.dst_proxy)];
+        for (path, key) in [&d.src_proxy, &d.dst_proxy].into_iter().zip(keys) {
+            if !seen.insert(key) {
                 return Err(format!("the control socket {} is given for two disks", path.display()));
             }
         }
@@ -131,6 +142,19 @@ mod tests {
         {
             assert!(parse_disk(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_same_path_on_both_hosts_is_two_sockets_through_ssh() {
+        let same = ["--src-proxy", "/run/nbd-row-proxy/vm1.ctl", "--dst-proxy", "/run/nbd-row-proxy/vm1.ctl"];
+        let uri = ["--disk-uri", "tcp:h:10810"];
+        let e = args(&[&same[..], &uri[..]].concat()).unwrap_err();
+        assert!(e.contains("given for two disks"), "{e}");
+        let ssh = ["--dst-ssh", "root@host-b"];
+        assert_eq!(args(&[&same[..], &uri[..], &ssh[..]].concat()).unwrap().len(), 1);
+        let two = ["--disk", "/run/x/a.ctl,/run/x/a.ctl,tcp:h:1", "--disk", "/run/x/a.ctl,/run/x/b.ctl,tcp:h:2"];
+        let e = args(&[&two[..], &ssh[..]].concat()).unwrap_err();
+        assert!(e.contains("/run/x/a.ctl is given for two disks"), "{e}");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 mod arm;
 mod disks;
+mod libvirt;
 mod ram;
 mod recover;
 mod report;
@@ -84,6 +85,11 @@ const EXAMPLES: &str = "Examples:
   row-migrate --arm-only --src-proxy /run/a/vm1.ctl --dst-proxy /run/b/vm1.ctl \
       --disk-uri tcp:host-b:10810 --dst-ssh root@host-b
 
+  # A libvirt domain (its disks on nbd-row-proxy on both hosts, same socket paths): row-migrate
+  # arms its disks, runs `virsh migrate --live --persistent --undefinesource vm1 URI` and waits
+  # for each disk's hand-over; B's control sockets are /run/nbd-row-proxy/*.ctl reached by ssh
+  row-migrate --domain vm1 --to qemu+ssh://host-b/system --disk-uri tcp:host-b:10810 --dst-ssh root@host-b
+
   # After a row-migrate that was killed or ended with status 4 or 5
   row-migrate --src-qmp /run/a/qmp.sock --dst-qmp /run/b/qmp.sock \\
       --src-proxy /run/a/vm1.ctl --dst-proxy /run/b/vm1.ctl --recover
@@ -99,7 +105,9 @@ const USAGE: &str = "row-migrate [OPTIONS] --src-qmp <SRC_QMP> --dst-qmp <DST_QM
        row-migrate [OPTIONS] --src-qmp <SRC_QMP> --dst-qmp <DST_QMP> --recover \
 <--src-proxy <SRC_PROXY> --dst-proxy <DST_PROXY> | --disk <SRC,DST,URI>...>
        row-migrate [OPTIONS] --arm-only \
-<--src-proxy <SRC_PROXY> --dst-proxy <DST_PROXY> --disk-uri <DISK_URI> | --disk <SRC,DST,URI>...>";
+<--src-proxy <SRC_PROXY> --dst-proxy <DST_PROXY> --disk-uri <DISK_URI> | --disk <SRC,DST,URI>...>
+       row-migrate [OPTIONS] --domain <NAME> --to <URI> <--disk-uri <DISK_URI> | --target-uri <DEV=URI>...> \
+<--dst-ssh <[USER@]HOST> | --dst-control-dir <DIR>>";
 
 /// How the disk moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -175,10 +183,10 @@ pub enum MirrorMode {
 )]
 pub struct Args {
     /// Source QEMU's QMP socket.
-    #[arg(long, required_unless_present = "arm_only")]
+    #[arg(long, required_unless_present_any = ["arm_only", "domain"])]
     pub src_qmp: Option<PathBuf>,
     /// Destination QEMU's QMP socket (QEMU started with `-incoming defer`).
-    #[arg(long, required_unless_present = "arm_only")]
+    #[arg(long, required_unless_present_any = ["arm_only", "domain"])]
     pub dst_qmp: Option<PathBuf>,
     /// Source nbd-row-proxy control socket (a VM with one disk; see --disk for more).
     #[arg(long)]
@@ -198,7 +206,7 @@ pub struct Args {
     #[arg(long = "disk", value_name = "SRC,DST,URI", value_parser = disks::parse_disk)]
     pub disks: Vec<disks::DiskSpec>,
     /// Where QEMU's memory migration goes, e.g. `tcp:HOST:4444`.
-    #[arg(long, required_unless_present_any = ["recover", "arm_only"])]
+    #[arg(long, required_unless_present_any = ["recover", "arm_only", "domain"])]
     pub mem_uri: Option<String>,
     /// Migration method.
     #[arg(long, value_enum, default_value_t = Strategy::Row)]
@@ -307,6 +315,40 @@ pub struct Args {
     /// `migrate-cancel` on a source proxy disarms its disk.
     #[arg(long, conflicts_with_all = ["recover", "verify_disk"])]
     pub arm_only: bool,
+    /// Instead of QMP sockets: move the libvirt domain NAME (running on --from) to --to with
+    /// libvirt's own live migration. row-migrate reads its XML (`virsh dumpxml`), finds the
+    /// disks nbd-row-proxy serves (`<disk type='network'>`, protocol nbd, a Unix socket X.sock
+    /// with the control socket X.ctl beside it; both hosts serve a disk on the same path, so the
+    /// XML needs no change), arms each (as --arm-only), runs `virsh migrate --live --persistent
+    /// --undefinesource NAME URI` and follows libvirt's job, then waits until every disk has been
+    /// handed over (on the destination's first write) and completed. Each disk's destination
+    /// proxy is --dst-control-dir/X.ctl; its stream --disk-uri (one disk) or --target-uri. With
+    /// --arm-only: arms the domain's disks and returns (a manager then migrates it).
+    #[arg(
+        long,
+        value_name = "NAME",
+        conflicts_with_all = ["src_qmp", "dst_qmp", "src_proxy", "dst_proxy", "disks", "mem_uri", "recover", "verify_disk"]
+    )]
+    pub domain: Option<String>,
+    /// The destination's libvirt connection URI for --domain, e.g. qemu+ssh://host-b/system or
+    /// qemu+tls://host-b/system (virsh's own URI, so its authentication applies).
+    #[arg(long, value_name = "URI", requires = "domain")]
+    pub to: Option<String>,
+    /// The source's libvirt connection URI for --domain (default: virsh's default,
+    /// LIBVIRT_DEFAULT_URI or qemu:///system as root).
+    #[arg(long, value_name = "URI", requires = "domain")]
+    pub from: Option<String>,
+    /// With --domain: the directory of the destination proxies' control sockets (X.ctl for the
+    /// disk on X.sock). With --dst-ssh it is a path on that host, and the default
+    /// /run/nbd-row-proxy (where nbd-row-proxy@.service puts them) is right; without, give where
+    /// this host sees them (the same path as the source's is refused).
+    #[arg(long, value_name = "DIR", default_value = "/run/nbd-row-proxy", requires = "domain")]
+    pub dst_control_dir: PathBuf,
+    /// With --domain: the stream address of the disk with `<target dev='DEV'>`, as DEV=URI
+    /// (tcp:HOST:PORT of its destination proxy's `receive --listen`); repeat per disk. A domain
+    /// with one proxy disk may give --disk-uri instead.
+    #[arg(long = "target-uri", value_name = "DEV=URI", requires = "domain", value_parser = libvirt::parse_target_uri)]
+    pub target_uris: Vec<(String, String)>,
 }
 
 impl Args {
@@ -340,6 +382,15 @@ async fn main() -> ExitCode {
     let json = args.json;
     let recovering = args.recover;
     let arming = args.arm_only;
+    // --domain: the domain's proxy disks become `--disk`s (before the tunnels forward them).
+    let domain = match args.domain.is_some().then(|| libvirt::prepare(&mut args)).transpose() {
+        Ok(domain) => domain,
+        Err(Failure { code, error, .. }) => {
+            eprintln!("row-migrate: {error:#}");
+            return ExitCode::from(code);
+        }
+    };
+    let migrating_domain = domain.is_some() && !arming;
     // --dst-ssh/--src-ssh: the remote sockets are forwarded, and `args` points at the local ends.
     let result = match ssh::Tunnels::open(&mut args).await {
         Ok(tunnels) => {
@@ -347,6 +398,8 @@ async fn main() -> ExitCode {
                 recover::recover(args).await
             } else if arming {
                 arm::arm(args).await
+            } else if let Some(domain) = domain {
+                libvirt::migrate(args, domain).await
             } else {
                 sequence::run(args).await
             };
@@ -362,6 +415,8 @@ async fn main() -> ExitCode {
                 println!("{}", report::recovered(&report));
             } else if arming {
                 println!("{}", arm::summary(&report));
+            } else if migrating_domain {
+                println!("{}", libvirt::summary(&report));
             } else {
                 report::print(&report);
             }
