@@ -25,7 +25,7 @@ const RATE_WINDOW: Duration = Duration::from_millis(500);
 
 /// The figures of the rounds so far, for `query-migrate`.
 #[derive(Debug, Default, Clone)]
-pub struct Progress {
+pub struct RoundFigures {
     /// Round in progress or last done.
     pub round: u32,
     /// Finished rounds.
@@ -71,14 +71,14 @@ pub struct Rounds {
     /// What the rounds read.
     pub disk: Arc<row_store::Disk>,
     /// Where the figures are kept.
-    pub progress: Arc<Mutex<Progress>>,
+    pub progress: Arc<Mutex<RoundFigures>>,
     /// Where round events go.
     pub events: Events,
     /// Whether data frames are lz4-compressed.
     pub compress: bool,
 }
 
-fn lock(p: &Mutex<Progress>) -> MutexGuard<'_, Progress> {
+fn lock(p: &Mutex<RoundFigures>) -> MutexGuard<'_, RoundFigures> {
     p.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -279,8 +279,8 @@ fn frame_range(data: &[u8], start: u64, compress: bool, chunk: &mut Chunk) {
     }
 }
 
-/// Clears `Progress::sending` when a round ends, however it ends.
-struct NotSending<'a>(&'a Mutex<Progress>);
+/// Clears `RoundFigures::sending` when a round ends, however it ends.
+struct NotSending<'a>(&'a Mutex<RoundFigures>);
 
 impl Drop for NotSending<'_> {
     fn drop(&mut self) {

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use super::export::{Catalog, MAX_REQUEST_LEN};
-use super::negotiation::{Negotiation, Session, Step};
+use super::negotiation::{Negotiated, Negotiation, Step};
 use super::transmission::{error_reply, execute, read_reply_with, runs_inline, validate};
 
 /// Most replies gathered into one vectored write.
@@ -106,13 +106,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 type Reply = (Vec<u8>, Option<Held>);
 
 /// Reads framed messages out of a byte stream with the sans-I/O decoders.
-struct FrameReader<R> {
+struct RequestReader<R> {
     inner: R,
     buf: Vec<u8>,
     pos: usize,
 }
 
-impl<R: AsyncRead + Unpin> FrameReader<R> {
+impl<R: AsyncRead + Unpin> RequestReader<R> {
     fn new(inner: R) -> Self {
         Self::with_buffered(inner, Vec::new())
     }
@@ -271,7 +271,7 @@ pub async fn serve_with(
     let Some((reader, session)) = negotiated else { return Ok(()) };
     let (stream, buffered) = reader.into_parts();
     let (r, writer) = tokio::io::split(stream);
-    let mut reader = FrameReader::with_buffered(r, buffered);
+    let mut reader = RequestReader::with_buffered(r, buffered);
     let mut replies = Replies { writer, batch: Vec::with_capacity(MAX_BATCH), bytes: 0, held: Vec::new() };
     let session = Arc::new(session);
     tracing::info!(
@@ -358,8 +358,8 @@ async fn negotiate(
     tls: Option<TlsAcceptor>,
     catalog: Catalog,
     peer: &str,
-) -> Result<Option<(FrameReader<Box<dyn Stream>>, Session)>> {
-    let mut reader = FrameReader::new(stream);
+) -> Result<Option<(RequestReader<Box<dyn Stream>>, Negotiated)>> {
+    let mut reader = RequestReader::new(stream);
     let mut greeting = Vec::new();
     Greeting { handshake_flags: NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES }.encode(&mut greeting);
     reader.get_mut().write_all(&greeting).await.context("sending greeting")?;
@@ -392,7 +392,7 @@ async fn negotiate(
                 let acceptor = tls.as_ref().context("STARTTLS without TLS credentials")?;
                 let secured = acceptor.accept(plain).await.context("TLS handshake")?;
                 tracing::debug!(%peer, "TLS established");
-                reader = FrameReader::new(Box::new(secured));
+                reader = RequestReader::new(Box::new(secured));
             }
             Step::Transmission(bytes, session) => {
                 let stream = reader.get_mut();
@@ -416,9 +416,9 @@ fn cost(req: &Request) -> u32 {
 type Completions<'a> = (&'a mpsc::UnboundedSender<Reply>, &'a mut mpsc::UnboundedReceiver<Reply>, &'a mut usize);
 
 async fn transmission<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
-    reader: &mut FrameReader<R>,
+    reader: &mut RequestReader<R>,
     replies: &mut Replies<W>,
-    session: &Arc<Session>,
+    session: &Arc<Negotiated>,
     budget: &Budget,
     (done_tx, done_rx, in_flight): Completions<'_>,
     shutdown: &mut watch::Receiver<bool>,

@@ -13,7 +13,7 @@ pub const BASE_ALLOCATION_ID: u32 = 1;
 
 /// What the transmission phase needs to know from negotiation.
 #[derive(Debug, Clone)]
-pub struct Session {
+pub struct Negotiated {
     /// The selected export.
     pub export: Arc<Export>,
     /// Whether structured replies were negotiated.
@@ -35,7 +35,7 @@ pub enum Step {
     /// Send the bytes, then close the connection.
     Close(Vec<u8>),
     /// Send the bytes, then enter transmission.
-    Transmission(Vec<u8>, Session),
+    Transmission(Vec<u8>, Negotiated),
 }
 
 /// Where TLS is on a connection.
@@ -163,10 +163,10 @@ impl Negotiation {
         }
     }
 
-    fn session(&self, export: Arc<Export>, block_size_requested: bool) -> Session {
+    fn session(&self, export: Arc<Export>, block_size_requested: bool) -> Negotiated {
         let base_allocation =
             matches!(&self.meta, Some((name, true)) if self.catalog.find(name).is_some_and(|e| e.name == export.name));
-        Session {
+        Negotiated {
             alignment: if block_size_requested { export.min_block_size() } else { 1 },
             export,
             structured: self.structured,

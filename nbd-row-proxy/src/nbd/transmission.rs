@@ -12,7 +12,7 @@ use row_store::ZeroFlags;
 
 use super::errno::errno_of;
 use super::export::MAX_REQUEST_LEN;
-use super::negotiation::{Session, BASE_ALLOCATION_ID};
+use super::negotiation::{Negotiated, BASE_ALLOCATION_ID};
 
 /// A request refused before touching the image: errno and a short reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +37,7 @@ const INLINE_MAX: u32 = 1 << 20;
 
 /// Checks a request against the session; `Err` is the error to reply with. The caller still
 /// consumes a refused WRITE's payload.
-pub fn validate(session: &Session, req: &Request) -> Result<(), Refusal> {
+pub fn validate(session: &Negotiated, req: &Request) -> Result<(), Refusal> {
     let known =
         NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_DF | NBD_CMD_FLAG_REQ_ONE | NBD_CMD_FLAG_FAST_ZERO;
     if req.flags & !known != 0 {
@@ -99,7 +99,7 @@ pub fn runs_inline(req: &Request) -> bool {
 }
 
 /// The reply to a refused or failed request.
-pub fn error_reply(session: &Session, cookie: u64, errno: u32, message: &str) -> Vec<u8> {
+pub fn error_reply(session: &Negotiated, cookie: u64, errno: u32, message: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
     if session.structured {
         encode_error(cookie, NBD_REPLY_FLAG_DONE, errno, message, &mut out);
@@ -110,7 +110,7 @@ pub fn error_reply(session: &Session, cookie: u64, errno: u32, message: &str) ->
 }
 
 /// Executes a validated request (with its payload for WRITE) and returns the reply bytes.
-pub fn execute(session: &Session, req: &Request, payload: Option<Vec<u8>>) -> Vec<u8> {
+pub fn execute(session: &Negotiated, req: &Request, payload: Option<Vec<u8>>) -> Vec<u8> {
     let backend = &session.export.backend;
     let (offset, length) = (req.offset, req.length as u64);
     let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
@@ -152,7 +152,7 @@ pub fn execute(session: &Session, req: &Request, payload: Option<Vec<u8>>) -> Ve
 }
 
 /// The reply to a READ answered with `data` (fetched from a migration source).
-pub fn read_reply_with(session: &Session, req: &Request, data: &[u8]) -> Vec<u8> {
+pub fn read_reply_with(session: &Negotiated, req: &Request, data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(OFFSET_DATA_PREFIX_LEN + data.len());
     if session.structured {
         encode_offset_data_prefix(req.cookie, NBD_REPLY_FLAG_DONE, req.offset, req.length, &mut out);
@@ -163,7 +163,7 @@ pub fn read_reply_with(session: &Session, req: &Request, data: &[u8]) -> Vec<u8>
     out
 }
 
-fn read_reply(session: &Session, req: &Request) -> Vec<u8> {
+fn read_reply(session: &Negotiated, req: &Request) -> Vec<u8> {
     let backend = &session.export.backend;
     let len = req.length as usize;
     if !session.structured {
@@ -193,7 +193,7 @@ fn read_reply(session: &Session, req: &Request) -> Vec<u8> {
     }
 }
 
-fn fragmented_read(session: &Session, req: &Request, extents: &[row_store::Extent]) -> Vec<u8> {
+fn fragmented_read(session: &Negotiated, req: &Request, extents: &[row_store::Extent]) -> Vec<u8> {
     let backend = &session.export.backend;
     let mut out = Vec::new();
     let mut pos = req.offset;
@@ -213,7 +213,7 @@ fn fragmented_read(session: &Session, req: &Request, extents: &[row_store::Exten
     out
 }
 
-fn block_status_reply(session: &Session, req: &Request) -> Vec<u8> {
+fn block_status_reply(session: &Negotiated, req: &Request) -> Vec<u8> {
     let req_one = req.flags & NBD_CMD_FLAG_REQ_ONE != 0;
     let max = if req_one { 1 } else { MAX_STATUS_EXTENTS };
     match session.export.backend.extents(req.offset, req.length as u64, max) {
@@ -243,21 +243,21 @@ mod tests {
     use super::*;
     use crate::nbd::export::Export;
 
-    fn session(writable: bool, structured: bool, alignment: u32) -> Session {
+    fn session(writable: bool, structured: bool, alignment: u32) -> Negotiated {
         let export = Arc::new(Export {
             name: "vm1".into(),
             description: String::new(),
             backend: Arc::new(MemDisk::new(1 << 20, writable)),
             pull: None,
         });
-        Session { export, structured, base_allocation: structured, alignment }
+        Negotiated { export, structured, base_allocation: structured, alignment }
     }
 
     fn req(command: Command, flags: u16, offset: u64, length: u32) -> Request {
         Request { flags, command, cookie: 1, offset, length }
     }
 
-    fn refusal(s: &Session, r: Request) -> u32 {
+    fn refusal(s: &Negotiated, r: Request) -> u32 {
         validate(s, &r).map_or_else(|r| r.errno, |()| 0)
     }
 

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use super::conn::{dest_problem, Conn};
 use super::precopy::Plan;
 use super::{lock, BoxFuture, MigrateArgs, MigrationError, Request, Shared, KEEPALIVE_EVERY};
-use crate::migration::rounds::{Progress, Rounds};
+use crate::migration::rounds::{RoundFigures, Rounds};
 use crate::migration::transport::connect;
 use crate::migration::{send, session_params, REVOKE_TIMEOUT};
 use crate::ownership::Access;
@@ -39,7 +39,7 @@ pub(super) enum Link {
 }
 
 /// One migration's settings and connection.
-pub(super) struct Session {
+pub(super) struct Migration {
     pub(super) args: MigrateArgs,
     pub(super) rounds: Arc<Rounds>,
     pub(super) link: Link,
@@ -51,7 +51,7 @@ pub(super) struct Actor {
     pub(super) proxy: Arc<Proxy>,
     pub(super) shared: Arc<Shared>,
     pub(super) requests: mpsc::Receiver<Request>,
-    pub(super) session: Option<Session>,
+    pub(super) session: Option<Migration>,
 }
 
 /// What the actor is woken by.
@@ -314,7 +314,7 @@ impl Actor {
         }
         let id = SessionId(migration_stream::nonce()[..16].try_into().expect("16 bytes"));
         let actions = self.step(|m| m.start(id, &args.uri, args.strategy))?;
-        *lock(&self.shared.progress) = Progress { started: Some(Instant::now()), ..Progress::default() };
+        *lock(&self.shared.progress) = RoundFigures { started: Some(Instant::now()), ..RoundFigures::default() };
         let rounds = Arc::new(Rounds {
             disk: self.proxy.disk.clone(),
             progress: self.shared.progress.clone(),
@@ -322,7 +322,7 @@ impl Actor {
             compress: args.compress,
         });
         *lock(&self.shared.postcopy) = None;
-        self.session = Some(Session { args, rounds, link: Link::None, residual: Vec::new() });
+        self.session = Some(Migration { args, rounds, link: Link::None, residual: Vec::new() });
         self.perform(actions).await?;
         Ok(id.to_string())
     }

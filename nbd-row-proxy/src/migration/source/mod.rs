@@ -25,7 +25,7 @@ use control_api::{Fence, MigrateFinishArgs, MigrationStatus, Phase, PostcopyStat
 use migration_session::{Ownership, SourceRefusal, SourceSession};
 use tokio::sync::{mpsc, oneshot};
 
-use super::rounds::Progress;
+use super::rounds::RoundFigures;
 use crate::proxy::Proxy;
 
 use actor::Actor;
@@ -102,7 +102,7 @@ enum Request {
 #[derive(Debug, Default)]
 struct Shared {
     machine: Mutex<SourceSession>,
-    progress: Arc<Mutex<Progress>>,
+    progress: Arc<Mutex<RoundFigures>>,
     postcopy: Arc<Mutex<Option<PostcopyStatus>>>,
     /// `migrate-cancel`s asked, counted as they arrive (before the actor takes them in turn).
     cancels: Cancels,

@@ -12,7 +12,7 @@ use row_store::{BlockBackend, Disk, BLOCK_SIZE};
 use tokio::sync::watch;
 
 use super::actor::Actor;
-use super::actor::{Link, Session};
+use super::actor::{Link, Migration};
 use super::conn::{dest_problem, Conn, Fetcher};
 use super::{lock, MigrateArgs};
 use crate::migration::rounds::Rounds;
@@ -54,7 +54,7 @@ impl Actor {
                 events: self.proxy.events.clone(),
                 compress: true,
             });
-            self.session = Some(Session { args, rounds, link: Link::None, residual: Vec::new() });
+            self.session = Some(Migration { args, rounds, link: Link::None, residual: Vec::new() });
             *lock(&self.shared.postcopy) = Some(PostcopyStatus {
                 reason: "resumed after the source proxy restarted".into(),
                 predicted_final_ms: 0.0,
