@@ -13,7 +13,7 @@
 //! As for the source, inputs are methods returning the [`DestAction`]s to perform or a
 //! [`DestRefusal`]; the state only changes when they succeed.
 
-use control_api::IncomingPhase;
+use crate::phase::IncomingPhase;
 
 use crate::durable::{now_rfc3339, DestStage, Ownership, SessionId};
 

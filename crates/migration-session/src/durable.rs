@@ -9,7 +9,7 @@
 use std::fmt;
 use std::time::SystemTime;
 
-use control_api::Strategy;
+use crate::phase::Strategy;
 use serde::{Deserialize, Serialize};
 
 /// Format version of the record.

@@ -20,6 +20,7 @@
 pub mod dest;
 pub mod durable;
 pub mod link;
+pub mod phase;
 pub mod plan;
 pub mod residual;
 pub mod source;

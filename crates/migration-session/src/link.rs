@@ -2,7 +2,7 @@
 //! passes (how much may be left for the final round) and the post-copy decision (whether the
 //! final round fits the budget).
 
-use control_api::PostcopyMode;
+use crate::phase::PostcopyMode;
 
 /// The rate to plan with, bytes/s: round 1's rate as measured on the wire, but never above the
 /// operator's cap (`max-bandwidth`); either alone when only one is known; `None` when neither is.

@@ -10,7 +10,7 @@
 //! writes, persistently, until the destination says it has not taken the disk (a revoke it
 //! accepts) or an operator forces a `reclaim`.
 
-use control_api::{Fence, Phase, Strategy};
+use crate::phase::{Fence, Phase, Strategy};
 
 use crate::durable::{now_rfc3339, Ownership, SessionId, SourceStage};
 

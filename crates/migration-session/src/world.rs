@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 
-use control_api::{IncomingPhase, Phase, Strategy};
+use crate::phase::{IncomingPhase, Phase, Strategy};
 
 use crate::dest::{DestAction, DestSession};
 use crate::durable::{Ownership, SessionId};
