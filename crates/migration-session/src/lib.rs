@@ -30,4 +30,4 @@ pub use dest::{DestAction, DestRefusal, DestSession};
 pub use durable::{now_rfc3339, BadRecord, DestStage, Ownership, SessionId, SourceStage};
 pub use plan::{BitmapPlan, RowPlan, Span, WriteLog, Written};
 pub use residual::{BadResidual, BlockSet, ResidualLog, Residue};
-pub use source::{SourceAction, SourceRefusal, SourceSession};
+pub use source::{RevokeAnswer, SourceAction, SourceRefusal, SourceSession};

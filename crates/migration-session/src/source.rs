@@ -142,6 +142,17 @@ impl Default for SourceSession {
 
 type Step = Result<Vec<SourceAction>, SourceRefusal>;
 
+/// What the destination answered to a revoke ([`SourceAction::AskRevoke`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RevokeAnswer {
+    /// It gave the disk back (or never had it).
+    GaveBack,
+    /// It owns the disk (its guest wrote): why.
+    Owns(String),
+    /// It could not be asked: why.
+    Unreachable(String),
+}
+
 impl SourceSession {
     /// No migration.
     pub fn new() -> Self {
@@ -450,20 +461,19 @@ impl SourceSession {
         Ok(vec![SourceAction::AskRevoke])
     }
 
-    /// The destination's answer to [`SourceAction::AskRevoke`]: `Ok(())` it gave the disk back
-    /// (or never had it); `Err(Ok(why))` it owns it; `Err(Err(why))` it could not be asked.
-    pub fn revoke_answered(&mut self, answer: Result<(), Result<String, String>>) -> Step {
+    /// The destination's answer to [`SourceAction::AskRevoke`].
+    pub fn revoke_answered(&mut self, answer: RevokeAnswer) -> Step {
         let Some(from) = self.revoking_from.take() else {
             return Err(SourceRefusal::Other("no revoke was asked for".into()));
         };
         let peer = self.peer.clone().unwrap_or_default();
         match answer {
-            Ok(()) => Ok(self.give_back(Phase::Cancelled)),
-            Err(Ok(why)) => {
+            RevokeAnswer::GaveBack => Ok(self.give_back(Phase::Cancelled)),
+            RevokeAnswer::Owns(why) => {
                 self.phase = from;
                 Err(SourceRefusal::DestinationOwns { peer, why })
             }
-            Err(Err(why)) => {
+            RevokeAnswer::Unreachable(why) => {
                 self.phase = from;
                 Err(SourceRefusal::CannotAsk { peer, why })
             }
@@ -698,19 +708,22 @@ mod tests {
     fn a_revoke_the_destination_refuses_leaves_the_fence() {
         let mut s = at(Phase::HandedOver);
         s.cancel().unwrap();
-        let r = s.revoke_answered(Err(Ok("it has written since 12:00".into())));
+        let r = s.revoke_answered(RevokeAnswer::Owns("it has written since 12:00".into()));
         assert!(matches!(r, Err(SourceRefusal::DestinationOwns { .. })));
         assert_eq!(s.phase(), Phase::HandedOver);
         assert!(s.fenced());
         s.cancel().unwrap();
-        assert!(matches!(s.revoke_answered(Err(Err("no route".into()))), Err(SourceRefusal::CannotAsk { .. })));
+        assert!(matches!(
+            s.revoke_answered(RevokeAnswer::Unreachable("no route".into())),
+            Err(SourceRefusal::CannotAsk { .. })
+        ));
         assert!(s.fenced());
         s.cancel().unwrap();
-        let a = s.revoke_answered(Ok(())).unwrap();
+        let a = s.revoke_answered(RevokeAnswer::GaveBack).unwrap();
         assert!(a.contains(&AllowWrites) && a.contains(&RollBack));
         assert_eq!(s.phase(), Phase::Cancelled);
         assert!(!s.fenced());
-        assert!(s.revoke_answered(Ok(())).is_err(), "an answer nobody asked for");
+        assert!(s.revoke_answered(RevokeAnswer::GaveBack).is_err(), "an answer nobody asked for");
     }
 
     #[test]
@@ -851,7 +864,7 @@ mod tests {
         assert!(s.complete().unwrap().contains(&SendDone));
         // A revoke granted before the guest wrote on the destination ends the post-copy too.
         assert!(restored.cancel().is_ok());
-        let back = restored.revoke_answered(Ok(())).unwrap();
+        let back = restored.revoke_answered(RevokeAnswer::GaveBack).unwrap();
         assert!(back.contains(&RollBack) && !restored.postcopy());
     }
 }

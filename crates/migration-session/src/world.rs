@@ -19,7 +19,7 @@ use crate::phase::{IncomingPhase, Phase, Strategy};
 
 use crate::dest::{DestAction, DestSession};
 use crate::durable::{Ownership, SessionId};
-use crate::source::{SourceAction, SourceSession};
+use crate::source::{RevokeAnswer, SourceAction, SourceSession};
 
 /// Source → destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,7 +264,7 @@ impl World {
                 // A revoke that finds the link down.
                 if self.src.revoke_answer {
                     self.src.revoke_answer = false;
-                    if let Ok(a) = self.src.machine.revoke_answered(Err(Err("unreachable".into()))) {
+                    if let Ok(a) = self.src.machine.revoke_answered(RevokeAnswer::Unreachable("unreachable".into())) {
                         self.source_actions(a);
                     }
                 }
@@ -412,11 +412,11 @@ impl World {
             }
             ToSource::Revoked(_) if self.src.revoke_answer => {
                 self.src.revoke_answer = false;
-                m.revoke_answered(Ok(()))
+                m.revoke_answered(RevokeAnswer::GaveBack)
             }
             ToSource::Owns(_) if self.src.revoke_answer => {
                 self.src.revoke_answer = false;
-                m.revoke_answered(Err(Ok("it wrote to the disk".into())))
+                m.revoke_answered(RevokeAnswer::Owns("it wrote to the disk".into()))
             }
             // A failure, or a message nothing waits for: the session's link is done for.
             ToSource::Revoked(_) | ToSource::Owns(_) => return,

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use control_api::{ErrorData, MigrationFailed, MigrationState, MigrationStateData, Phase, Strategy};
-use migration_session::{BitmapPlan, RowPlan, SessionId, SourceAction, SourceRefusal, SourceSession, Span};
+use migration_session::{
+    BitmapPlan, RevokeAnswer, RowPlan, SessionId, SourceAction, SourceRefusal, SourceSession, Span,
+};
 use migration_stream::Message;
 use row_store::{BlockBackend, Mode, BLOCK_SIZE};
 use tokio::sync::{mpsc, watch};
@@ -413,7 +415,7 @@ impl Actor {
             (m.session(), m.peer().map(str::to_string), m.strategy())
         };
         let (Some(id), Some(peer), Some(strategy)) = (id, peer, strategy) else {
-            let actions = self.step(|m| m.revoke_answered(Err(Err("no session to revoke".into()))));
+            let actions = self.step(|m| m.revoke_answered(RevokeAnswer::Unreachable("no session to revoke".into())));
             return actions.map(|_| ());
         };
         let params = session_params(id, self.proxy.disk.size(), strategy);
@@ -424,12 +426,12 @@ impl Actor {
         }
         .await;
         let answer = match asked {
-            Ok(Message::Revoked) => Ok(()),
-            Ok(Message::Error { message }) => Err(Ok(message)),
-            Ok(other) => Err(Err(format!("unexpected {} in answer to the revoke", other.name()))),
-            Err(e) => Err(Err(format!("{e:#}"))),
+            Ok(Message::Revoked) => RevokeAnswer::GaveBack,
+            Ok(Message::Error { message }) => RevokeAnswer::Owns(message),
+            Ok(other) => RevokeAnswer::Unreachable(format!("unexpected {} in answer to the revoke", other.name())),
+            Err(e) => RevokeAnswer::Unreachable(format!("{e:#}")),
         };
-        if answer.is_ok() {
+        if answer == RevokeAnswer::GaveBack {
             tracing::info!(%peer, "the destination gave the disk back");
         }
         let actions = self.step(|m| m.revoke_answered(answer))?;

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use super::lock;
 use crate::migration::rounds::Out;
 use crate::migration::transport::{Reader, Writer};
-use crate::migration::{last_word, FrameReader, RateLimit};
+use crate::migration::{last_word, FrameReader, RateLimit, COMMIT_TIMEOUT};
 
 /// How long a failing session waits for the destination's reason.
 const REASON_WAIT: Duration = Duration::from_millis(500);
@@ -70,12 +70,10 @@ impl Conn {
         }
     }
 
-    /// The destination's next frame (or what ended its stream), answering its fetches while
-    /// waiting; `None` once `deadline` passes.
-    pub(super) async fn next_answering(
-        &mut self,
-        deadline: tokio::time::Instant,
-    ) -> Result<Option<Option<Result<Message>>>> {
+    /// What the destination says next, answering its fetches while waiting until `deadline`.
+    /// Sending a fetch answer can fail (the error); the destination's own failures are
+    /// [`Heard::Gone`].
+    pub(super) async fn next_answering(&mut self, deadline: tokio::time::Instant) -> Result<Heard> {
         loop {
             let next = tokio::time::timeout_at(deadline, async {
                 tokio::select! {
@@ -86,9 +84,10 @@ impl Conn {
             })
             .await;
             match next {
-                Err(_) => return Ok(None),
+                Err(_) => return Ok(Heard::Silent),
                 Ok(Err(frame)) => self.out.send_urgent(&frame).await?,
-                Ok(Ok(m)) => return Ok(Some(m)),
+                Ok(Ok(Some(Ok(m)))) => return Ok(Heard::Frame(m)),
+                Ok(Ok(other)) => return Ok(Heard::Gone(dest_problem(other))),
             }
         }
     }
@@ -175,6 +174,27 @@ pub(super) async fn forward_frames(
         let end = item.is_err();
         if tx.send(item).await.is_err() || end {
             return;
+        }
+    }
+}
+
+/// What the destination said, waited for with a deadline.
+pub(super) enum Heard {
+    /// A frame.
+    Frame(Message),
+    /// Its stream broke or ended: why.
+    Gone(String),
+    /// Nothing before the deadline.
+    Silent,
+}
+
+impl Heard {
+    /// Why this is not the answer that was awaited (`what`, for a silence).
+    pub(super) fn problem(self, what: &str) -> String {
+        match self {
+            Heard::Frame(m) => dest_problem(Some(Ok(m))),
+            Heard::Gone(why) => why,
+            Heard::Silent => format!("the destination did not {what} within {COMMIT_TIMEOUT:?}"),
         }
     }
 }

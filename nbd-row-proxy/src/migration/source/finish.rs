@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use control_api::{MigrateFinishArgs, MigrationStatus, Phase, PostcopyMode, PostcopyStatus, RoundKind};
 use migration_session::{link, SourceAction, SourceSession, Span};
 use migration_stream::Message;
@@ -12,7 +12,7 @@ use row_store::{BlockBackend, Disk, BLOCK_SIZE};
 
 use super::actor::Actor;
 use super::actor::Link;
-use super::conn::{dest_problem, Conn, Fetcher};
+use super::conn::{dest_problem, Conn, Fetcher, Heard};
 use super::precopy::{DiskLog, Plan};
 use super::{lock, status_of, MigrateArgs, MigrationError};
 use crate::migration::rounds::Rounds;
@@ -266,13 +266,9 @@ async fn send_final(conn: &mut Conn, rounds: &Rounds, disk: &Arc<Disk>, round: &
 async fn commit(conn: &mut Conn) -> Result<std::time::Duration> {
     let commit_sent = Instant::now();
     send(&mut conn.out.writer, &Message::Commit).await?;
-    let answer = conn
-        .next_answering(tokio::time::Instant::now() + COMMIT_TIMEOUT)
-        .await?
-        .ok_or_else(|| anyhow!("the destination did not confirm the commit within {COMMIT_TIMEOUT:?}"))?;
-    match answer {
-        Some(Ok(Message::Committed)) => {}
-        other => bail!("{}", dest_problem(other)),
+    match conn.next_answering(tokio::time::Instant::now() + COMMIT_TIMEOUT).await? {
+        Heard::Frame(Message::Committed) => {}
+        other => bail!("{}", other.problem("confirm the commit")),
     }
     Ok(commit_sent.elapsed())
 }

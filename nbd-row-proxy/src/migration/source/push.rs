@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use super::actor::Actor;
 use super::actor::{Link, Migration};
-use super::conn::{dest_problem, Conn, Fetcher};
+use super::conn::{Conn, Fetcher, Heard};
 use super::{lock, MigrateArgs};
 use crate::migration::rounds::Rounds;
 use crate::migration::transport::{connect, Protection};
@@ -183,8 +183,8 @@ impl PushCtx {
             // fetches meanwhile, or after PUSH_HOLD at the latest.
             let until = tokio::time::Instant::now() + PUSH_HOLD;
             match conn.next_answering(until).await? {
-                None | Some(Some(Ok(Message::Running))) => {}
-                Some(other) => bail!("{}", dest_problem(other)),
+                Heard::Silent | Heard::Frame(Message::Running) => {}
+                other => bail!("{}", other.problem("start its guest")),
             }
         }
         if let Some(d) = control_api::pause_at("postcopy-push") {
@@ -202,10 +202,9 @@ impl PushCtx {
         let until = tokio::time::Instant::now() + COMMIT_TIMEOUT;
         loop {
             match conn.next_answering(until).await? {
-                None => bail!("the destination did not confirm it holds every block within {COMMIT_TIMEOUT:?}"),
-                Some(Some(Ok(Message::Holds))) => return Ok(()),
-                Some(Some(Ok(Message::Running))) => {}
-                Some(other) => bail!("{}", dest_problem(other)),
+                Heard::Frame(Message::Holds) => return Ok(()),
+                Heard::Frame(Message::Running) => {}
+                other => bail!("{}", other.problem("confirm it holds every block")),
             }
         }
     }
