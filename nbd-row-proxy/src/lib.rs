@@ -12,4 +12,5 @@ pub mod ownership;
 pub mod proxy;
 pub mod server;
 pub mod state;
+pub mod sync;
 pub mod tls;

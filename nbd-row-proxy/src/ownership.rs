@@ -15,6 +15,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
+use crate::sync;
 use migration_session::{BadRecord, Ownership};
 use row_store::{BlockBackend, Caps, Disk, Extent, Posix, Storage, ZeroFlags};
 use tokio::sync::watch;
@@ -88,27 +89,27 @@ impl Gate {
 
     /// Changes the access once no write is in flight. Blocking: call it off the async runtime.
     pub fn set(&self, access: Access) {
-        let _exclusive = self.inflight.write().unwrap_or_else(|e| e.into_inner());
+        let _exclusive = sync::write(&self.inflight);
         self.access.send_replace(access);
     }
 
     /// Opens a committed disk: writes are accepted, the first one runs `hook` first.
     pub fn set_committed(&self, hook: FirstWriteHook) {
-        let _exclusive = self.inflight.write().unwrap_or_else(|e| e.into_inner());
-        *self.hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+        let _exclusive = sync::write(&self.inflight);
+        *sync::lock(&self.hook) = Some(hook);
         self.access.send_replace(Access::Committed);
     }
 
     /// Runs `f` (a change to the disk) if the access allows writes, under the shared lock.
     pub fn write<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
-        let _shared = self.inflight.read().unwrap_or_else(|e| e.into_inner());
+        let _shared = sync::read(&self.inflight);
         let access = self.access.borrow().clone();
         match access {
             Access::Open => f(),
             Access::Committed => {
                 {
                     // One first write runs the hook; the others wait for it here.
-                    let mut hook = self.hook.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut hook = sync::lock(&self.hook);
                     if *self.access.borrow() == Access::Committed {
                         if let Some(h) = hook.as_ref() {
                             h().map_err(|e| match e.raw_os_error() {
@@ -134,13 +135,13 @@ impl Gate {
     /// Runs `f` while no write is in flight and none can start (to decide an ownership change
     /// atomically with respect to writes). Blocking.
     pub fn exclusive<T>(&self, f: impl FnOnce(&Self) -> T) -> T {
-        let _exclusive = self.inflight.write().unwrap_or_else(|e| e.into_inner());
+        let _exclusive = sync::write(&self.inflight);
         f(self)
     }
 
     /// Sets the access; only inside [`Gate::exclusive`].
     pub fn set_locked(&self, access: Access) {
-        *self.hook.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *sync::lock(&self.hook) = None;
         self.access.send_replace(access);
     }
 }

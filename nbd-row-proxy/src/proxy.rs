@@ -13,6 +13,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::migration::transport::Protection;
 use crate::ownership::{Gate, RecordFile};
+use crate::sync;
 
 /// How often a running merge reports progress.
 const MERGE_PROGRESS_EVERY: Duration = Duration::from_millis(500);
@@ -79,7 +80,7 @@ struct MergeMeter {
 impl Merger {
     /// The running merge's progress (bytes of blocks merged, rate since it began), if one runs.
     pub fn progress(&self) -> Option<control_api::Progress> {
-        let m = (*self.meter.lock().unwrap_or_else(|e| e.into_inner()))?;
+        let m = (*sync::lock(&self.meter))?;
         let done = m.merged_blocks * row_store::BLOCK_SIZE;
         let secs = m.started.elapsed().as_secs_f64();
         let rate = if secs > 0.0 && done > 0 { done as f64 / secs } else { 0.0 };
@@ -87,7 +88,7 @@ impl Merger {
     }
 
     fn set_meter(&self, meter: Option<MergeMeter>) {
-        *self.meter.lock().unwrap_or_else(|e| e.into_inner()) = meter;
+        *sync::lock(&self.meter) = meter;
     }
 }
 
@@ -122,7 +123,7 @@ impl Proxy {
     /// Starts the merge back (or joins the one running) and returns its outcome. Blocking:
     /// beginning a merge syncs the overlay.
     pub fn start_merge(self: &Arc<Self>) -> Result<MergeOutcome, StoreError> {
-        let mut slot = self.merger.running.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = sync::lock(&self.merger.running);
         if let Some(rx) = slot.as_ref().filter(|rx| rx.borrow().is_none()) {
             return Ok(rx.clone());
         }

@@ -23,6 +23,7 @@ use row_store::{BlockBackend, Disk, Posix, Storage, ZeroFlags, BLOCK_SIZE};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::ownership::{Covered, WriteObserver};
+use crate::sync;
 
 /// Bytes received between two checkpoints of the residual log.
 const CHECKPOINT_BYTES: u64 = 64 << 20;
@@ -65,14 +66,14 @@ impl WriteObserver for Postcopy {
 impl Postcopy {
     /// The residual, while a post-copy runs.
     pub fn residual(&self) -> Option<Arc<Residual>> {
-        self.residual.read().unwrap_or_else(|e| e.into_inner()).clone()
+        sync::read(&self.residual).clone()
     }
 
     /// Starts (`Some`) or ends (`None`) a post-copy; the figures of the last one are kept.
     pub fn set(&self, residual: Option<Arc<Residual>>) {
-        let mut slot = self.residual.write().unwrap_or_else(|e| e.into_inner());
+        let mut slot = sync::write(&self.residual);
         if let Some(old) = slot.as_ref() {
-            *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(old.stats());
+            *sync::lock(&self.last) = Some(old.stats());
         }
         *slot = residual;
     }
@@ -81,7 +82,7 @@ impl Postcopy {
     pub fn status(&self) -> Option<control_api::IncomingPostcopy> {
         let (missing, stats) = match self.residual() {
             Some(r) => (r.missing_blocks(), r.stats()),
-            None => (0, (*self.last.lock().unwrap_or_else(|e| e.into_inner()))?),
+            None => (0, (*sync::lock(&self.last))?),
         };
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         Some(control_api::IncomingPostcopy {
@@ -137,7 +138,7 @@ pub struct Residual {
 
 impl Residual {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.state)
     }
 
     fn with(disk: Arc<Disk>, missing: BlockSet, log: File) -> Self {
@@ -441,7 +442,7 @@ struct LinkState {
 
 impl FetchLink {
     fn lock(&self) -> MutexGuard<'_, LinkState> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.inner)
     }
 
     /// A session connection is up: fetches go to it. Returns its generation and the frames to

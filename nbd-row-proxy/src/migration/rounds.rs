@@ -2,7 +2,7 @@
 //! compressing, framing, pacing, and counting what went on the wire. Zeroed runs go as one zero
 //! extent each, without being read.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 use super::{send, RateLimit};
 use crate::proxy::Events;
+use crate::sync::lock;
 
 /// Blocks read, compressed and framed together (1 MiB).
 const CHUNK_BLOCKS: u64 = 256;
@@ -76,10 +77,6 @@ pub struct Rounds {
     pub events: Events,
     /// Whether data frames are lz4-compressed.
     pub compress: bool,
-}
-
-fn lock(p: &Mutex<RoundFigures>) -> MutexGuard<'_, RoundFigures> {
-    p.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Rounds {

@@ -33,6 +33,7 @@ use super::transport::{accept, tune_accepted, Reader, Writer};
 use super::{last_word, send, FrameReader, FIRST_MESSAGE_TIMEOUT};
 use crate::ownership::Access;
 use crate::proxy::Proxy;
+use crate::sync;
 use migration_session::BlockSet;
 
 /// Connections still in their handshake; a new one beyond this drops the oldest.
@@ -109,7 +110,7 @@ impl Incoming {
     }
 
     fn lock(&self) -> MutexGuard<'_, DestSession> {
-        self.machine.lock().unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.machine)
     }
 
     /// The current phase.
@@ -214,7 +215,7 @@ impl Incoming {
             let id = next_id;
             let (evict, evicted) = oneshot::channel();
             {
-                let mut w = waiting.lock().unwrap_or_else(|e| e.into_inner());
+                let mut w = sync::lock(&waiting);
                 if w.len() >= MAX_UNAUTHENTICATED {
                     if let Some((old, tx)) = w.pop_front() {
                         if let Some(suppressed) = EVICTED.hit() {
@@ -251,7 +252,7 @@ impl Incoming {
                         }
                     },
                 };
-                waiting.lock().unwrap_or_else(|e| e.into_inner()).retain(|(i, _)| *i != id);
+                sync::lock(&waiting).retain(|(i, _)| *i != id);
                 let Some((params, reader, mut wr)) = authenticated else { return };
                 let Ok(_slot) = sessions.try_acquire_owned() else {
                     let message = "too many migration sessions at once".to_string();

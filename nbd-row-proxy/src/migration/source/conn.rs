@@ -106,6 +106,14 @@ impl Drop for Conn {
     }
 }
 
+/// A read of the destination's guest to answer from the live disk: `len` bytes at `offset`,
+/// answered under `id`.
+pub(super) struct Fetch {
+    id: u64,
+    offset: u64,
+    len: u32,
+}
+
 /// Answers the destination's fetches: reads the disk as it is now and frames the data.
 #[derive(Clone)]
 pub(super) struct Fetcher {
@@ -116,8 +124,8 @@ pub(super) struct Fetcher {
 }
 
 impl Fetcher {
-    pub(super) async fn serve(self, mut fetches: mpsc::Receiver<(u64, u64, u32)>, urgent: mpsc::Sender<Vec<u8>>) {
-        while let Some((id, offset, len)) = fetches.recv().await {
+    pub(super) async fn serve(self, mut fetches: mpsc::Receiver<Fetch>, urgent: mpsc::Sender<Vec<u8>>) {
+        while let Some(Fetch { id, offset, len }) = fetches.recv().await {
             let (disk, compress) = (self.disk.clone(), self.compress);
             let frame = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
                 if offset.checked_add(len as u64).is_none_or(|end| end > disk.size()) {
@@ -151,13 +159,13 @@ impl Fetcher {
 pub(super) async fn forward_frames(
     mut reader: FrameReader<Reader>,
     tx: mpsc::Sender<Result<Message>>,
-    fetches: mpsc::Sender<(u64, u64, u32)>,
+    fetches: mpsc::Sender<Fetch>,
     claims: mpsc::Sender<()>,
 ) {
     loop {
         let item = match reader.next().await {
             Ok(Some(Message::Fetch { id, offset, len })) => {
-                if fetches.send((id, offset, len)).await.is_err() {
+                if fetches.send(Fetch { id, offset, len }).await.is_err() {
                     return;
                 }
                 continue;

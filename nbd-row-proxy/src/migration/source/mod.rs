@@ -17,7 +17,7 @@ mod finish;
 mod precopy;
 mod push;
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Result;
@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::rounds::RoundFigures;
 use crate::proxy::Proxy;
+use crate::sync::lock;
 
 use actor::Actor;
 
@@ -134,10 +135,6 @@ impl Cancels {
 pub struct Outgoing {
     requests: mpsc::Sender<Request>,
     shared: Arc<Shared>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Outgoing {
