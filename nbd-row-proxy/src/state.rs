@@ -506,7 +506,13 @@ fn looks_like_ours(path: &Path) -> bool {
     if matches!(inspect(&Posix, path), Ok(Found::Journal(_) | Found::Reserved { .. } | Found::Empty)) {
         return true;
     }
-    let head = std::fs::read(path).map(|b| b.into_iter().take(64).collect::<Vec<_>>()).unwrap_or_default();
+    // The first 64 bytes only: a file at one of those names may be a large overlay of another's.
+    let mut head = Vec::with_capacity(64);
+    let regular = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file());
+    if let Some(f) = regular.then(|| std::fs::File::open(path).ok()).flatten() {
+        use std::io::Read as _;
+        let _ = f.take(64).read_to_end(&mut head);
+    }
     head.starts_with(b"NBDROWRS") || (head.starts_with(b"{") && String::from_utf8_lossy(&head).contains("\"version\""))
 }
 
