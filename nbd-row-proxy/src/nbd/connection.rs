@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use super::export::{Catalog, MAX_REQUEST_LEN};
+use super::export::{Catalog, PullFuture, MAX_REQUEST_LEN};
 use super::negotiation::{Negotiated, Negotiation, Step};
 use super::transmission::{error_reply, execute, read_reply_with, runs_inline, validate};
 
@@ -283,23 +283,23 @@ pub async fn serve_with(
     );
 
     let mut stats = Stats::default();
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Reply>();
-    let mut in_flight = 0usize;
+    let mut running = Running::new();
     let outcome = transmission(
         &mut reader,
         &mut replies,
         &session,
         &Budget::new(shared),
-        (&done_tx, &mut done_rx, &mut in_flight),
+        &mut running,
         &mut shutdown,
         &mut stats,
     )
     .await;
     // Requests still running elsewhere hold their own senders: their replies go out too.
-    drop(done_tx);
-    while in_flight > 0 {
-        let Some(reply) = done_rx.recv().await else { break };
-        in_flight -= 1;
+    let Running { tx, mut rx, mut count } = running;
+    drop(tx);
+    while count > 0 {
+        let Some(reply) = rx.recv().await else { break };
+        count -= 1;
         replies.push(reply);
         if replies.full() && replies.flush().await.is_err() {
             break;
@@ -412,15 +412,174 @@ fn cost(req: &Request) -> u32 {
     }
 }
 
-/// The reply channel of requests running elsewhere, and how many are.
-type Completions<'a> = (&'a mpsc::UnboundedSender<Reply>, &'a mut mpsc::UnboundedReceiver<Reply>, &'a mut usize);
+/// Requests running elsewhere (on the blocking pool, or waiting for a migration source): their
+/// replies come back on `rx`, and `count` of them are out.
+struct Running {
+    tx: mpsc::UnboundedSender<Reply>,
+    rx: mpsc::UnboundedReceiver<Reply>,
+    count: usize,
+}
+
+impl Running {
+    fn new() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Self { tx, rx, count: 0 }
+    }
+
+    /// Takes in the replies that are back already.
+    fn collect_ready<W: AsyncWrite + Unpin>(&mut self, replies: &mut Replies<W>) {
+        while let Ok(reply) = self.rx.try_recv() {
+            self.count -= 1;
+            replies.push(reply);
+        }
+    }
+
+    /// The next reply to come back.
+    async fn next(&mut self) -> Option<Reply> {
+        let reply = self.rx.recv().await;
+        if reply.is_some() {
+            self.count -= 1;
+        }
+        reply
+    }
+
+    /// Runs a request on the blocking pool.
+    fn spawn_blocking(
+        &mut self,
+        session: &Arc<Negotiated>,
+        req: Request,
+        payload: Option<Vec<u8>>,
+        permit: Option<Held>,
+    ) {
+        let (session, tx) = (session.clone(), self.tx.clone());
+        self.count += 1;
+        tokio::task::spawn_blocking(move || {
+            let reply = execute(&session, &req, payload);
+            let _ = tx.send((reply, permit));
+        });
+    }
+
+    /// Runs a request once a migration source has answered `pull`, without holding up the rest
+    /// of the connection.
+    fn spawn_pulled(
+        &mut self,
+        pull: PullFuture,
+        session: &Arc<Negotiated>,
+        req: Request,
+        payload: Option<Vec<u8>>,
+        permit: Option<Held>,
+    ) {
+        let (session, tx) = (session.clone(), self.tx.clone());
+        self.count += 1;
+        tokio::spawn(async move {
+            let reply = match pull.await {
+                Ok(Some(data)) => read_reply_with(&session, &req, &data),
+                Ok(None) => {
+                    let s = session.clone();
+                    tokio::task::spawn_blocking(move || execute(&s, &req, payload))
+                        .await
+                        .unwrap_or_else(|_| error_reply(&session, req.cookie, NBD_EIO, "internal error"))
+                }
+                Err(e) => {
+                    tracing::warn!(offset = req.offset, length = req.length, "{e}");
+                    // A refusal (EPERM) stays one: the client must not take it for a media error.
+                    error_reply(&session, req.cookie, super::errno::errno_of(&e, req.flags), &e.to_string())
+                }
+            };
+            let _ = tx.send((reply, permit));
+        });
+    }
+}
+
+/// What waiting for the next request brought.
+enum Next {
+    Request(Request),
+    /// Something else (a reply came back, more bytes arrived): look again.
+    Again,
+    /// The client closed the connection between requests, or the server is stopping.
+    End,
+}
+
+/// The next request if it is buffered; else the gathered replies go out, then wait for bytes,
+/// a reply coming back or the shutdown.
+async fn next_request<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    reader: &mut RequestReader<R>,
+    replies: &mut Replies<W>,
+    running: &mut Running,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Next> {
+    if let Some(req) = reader.try_next(Request::decode).context("reading request")? {
+        return Ok(Next::Request(req));
+    }
+    replies.flush().await.context("sending replies")?;
+    tokio::select! {
+        biased;
+        _ = shutdown.changed() => Ok(Next::End),
+        Some(reply) = running.next() => {
+            replies.push(reply);
+            Ok(Next::Again)
+        }
+        n = reader.fill() => {
+            if n.context("reading request")? > 0 {
+                return Ok(Next::Again);
+            }
+            if reader.partial() {
+                let eof = io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in the middle of a message");
+                return Err(anyhow::Error::from(eof).context("reading request"));
+            }
+            Ok(Next::End)
+        }
+    }
+}
+
+/// The request's share of the byte budget. The budget comes back as replies are written: while
+/// it is short, the gathered replies go out and the next completion is taken in, until there is
+/// room. With nothing of its own in flight, the connection waits for other connections' replies
+/// to free the shared budgets.
+async fn take_budget<W: AsyncWrite + Unpin>(
+    budget: &Budget,
+    bytes: u32,
+    replies: &mut Replies<W>,
+    running: &mut Running,
+) -> Result<Held> {
+    loop {
+        if let Some(held) = budget.try_take(bytes) {
+            return Ok(held);
+        }
+        replies.flush().await.context("sending replies")?;
+        if running.count == 0 {
+            return Ok(budget.take(bytes).await);
+        }
+        if let Some(reply) = running.next().await {
+            replies.push(reply);
+        }
+    }
+}
+
+/// A write's payload, read whole (what is gathered goes out first if the client is still
+/// sending it).
+async fn read_payload<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    reader: &mut RequestReader<R>,
+    replies: &mut Replies<W>,
+    req: &Request,
+) -> Result<Option<Vec<u8>>> {
+    if !req.has_payload() {
+        return Ok(None);
+    }
+    if !reader.has(req.length as usize) {
+        replies.flush().await.context("sending replies")?;
+    }
+    let mut payload = Vec::with_capacity(req.length as usize);
+    reader.read_payload(req.length as usize, &mut payload).await.context("reading write payload")?;
+    Ok(Some(payload))
+}
 
 async fn transmission<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     reader: &mut RequestReader<R>,
     replies: &mut Replies<W>,
     session: &Arc<Negotiated>,
     budget: &Budget,
-    (done_tx, done_rx, in_flight): Completions<'_>,
+    running: &mut Running,
     shutdown: &mut watch::Receiver<bool>,
     stats: &mut Stats,
 ) -> Result<()> {
@@ -428,37 +587,14 @@ async fn transmission<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         if *shutdown.borrow() {
             return Ok(());
         }
-        while let Ok(reply) = done_rx.try_recv() {
-            *in_flight -= 1;
-            replies.push(reply);
-        }
+        running.collect_ready(replies);
         if replies.full() {
             replies.flush().await.context("sending replies")?;
         }
-        // The next request if it is buffered; else the gathered replies go out, then wait.
-        let req = match reader.try_next(Request::decode).context("reading request")? {
-            Some(req) => req,
-            None => {
-                replies.flush().await.context("sending replies")?;
-                tokio::select! {
-                    biased;
-                    _ = shutdown.changed() => return Ok(()),
-                    Some(reply) = done_rx.recv() => {
-                        *in_flight -= 1;
-                        replies.push(reply);
-                    }
-                    n = reader.fill() => {
-                        if n.context("reading request")? == 0 {
-                            if reader.partial() {
-                                let eof = io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in the middle of a message");
-                                return Err(anyhow::Error::from(eof).context("reading request"));
-                            }
-                            return Ok(());
-                        }
-                    }
-                }
-                continue;
-            }
+        let req = match next_request(reader, replies, running, shutdown).await? {
+            Next::Request(req) => req,
+            Next::Again => continue,
+            Next::End => return Ok(()),
         };
         stats.requests += 1;
         tracing::trace!(?req, "request");
@@ -470,87 +606,26 @@ async fn transmission<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             replies.push((error_reply(session, req.cookie, refusal.errno, refusal.reason), None));
             continue;
         }
-        let inline = runs_inline(&req);
-        let waits = !matches!(req.command, Command::Flush | Command::Cache);
         // A destination may have to get blocks from the migration source first.
-        let pull = if waits {
-            session.export.pull.as_ref().and_then(|p| p.before(req.command, req.offset, req.length as u64))
-        } else {
-            None
+        let pull = match req.command {
+            Command::Flush | Command::Cache => None,
+            _ => session.export.pull.as_ref().and_then(|p| p.before(req.command, req.offset, req.length as u64)),
         };
-        let waits_for_source = pull.is_some();
+        let inline = runs_inline(&req) && pull.is_none();
         // A request that runs elsewhere holds its share of the budget from before its payload
         // is read; one that runs here is done before the next is read.
-        let permit = if inline && !waits_for_source {
-            None
-        } else {
-            // The budget comes back as replies are written: while it is short, the gathered
-            // replies go out and the next completion is taken in, until there is room. With
-            // nothing of its own in flight, the connection waits for other connections' replies
-            // to free the shared budgets.
-            loop {
-                if let Some(held) = budget.try_take(cost(&req)) {
-                    break Some(held);
-                }
-                replies.flush().await.context("sending replies")?;
-                if *in_flight == 0 {
-                    break Some(budget.take(cost(&req)).await);
-                }
-                if let Some(reply) = done_rx.recv().await {
-                    *in_flight -= 1;
-                    replies.push(reply);
-                }
-            }
-        };
-        let payload = if req.has_payload() {
-            if !reader.has(req.length as usize) {
-                // The client is still sending: what is gathered goes out meanwhile.
-                replies.flush().await.context("sending replies")?;
-            }
-            let mut payload = Vec::with_capacity(req.length as usize);
-            reader.read_payload(req.length as usize, &mut payload).await.context("reading write payload")?;
-            stats.bytes_written += req.length as u64;
-            Some(payload)
-        } else {
-            None
-        };
+        let permit = if inline { None } else { Some(take_budget(budget, cost(&req), replies, running).await?) };
+        let payload = read_payload(reader, replies, &req).await?;
         match req.command {
             Command::Disc => return Ok(()),
             Command::Read => stats.bytes_read += req.length as u64,
+            Command::Write => stats.bytes_written += req.length as u64,
             _ => {}
         }
-        if let Some(pull) = pull {
-            // The request waits for the source without holding up the rest of the connection.
-            let (session, tx) = (session.clone(), done_tx.clone());
-            *in_flight += 1;
-            tokio::spawn(async move {
-                let reply = match pull.await {
-                    Ok(Some(data)) => read_reply_with(&session, &req, &data),
-                    Ok(None) => {
-                        let s = session.clone();
-                        tokio::task::spawn_blocking(move || execute(&s, &req, payload))
-                            .await
-                            .unwrap_or_else(|_| error_reply(&session, req.cookie, NBD_EIO, "internal error"))
-                    }
-                    Err(e) => {
-                        tracing::warn!(offset = req.offset, length = req.length, "{e}");
-                        // A refusal (EPERM) stays one: the client must not take it for a media error.
-                        error_reply(&session, req.cookie, super::errno::errno_of(&e, req.flags), &e.to_string())
-                    }
-                };
-                let _ = tx.send((reply, permit));
-            });
-            continue;
-        }
-        if inline {
-            replies.push((execute(session, &req, payload), permit));
-        } else {
-            let (session, tx) = (session.clone(), done_tx.clone());
-            *in_flight += 1;
-            tokio::task::spawn_blocking(move || {
-                let reply = execute(&session, &req, payload);
-                let _ = tx.send((reply, permit));
-            });
+        match pull {
+            Some(pull) => running.spawn_pulled(pull, session, req, payload, permit),
+            None if inline => replies.push((execute(session, &req, payload), permit)),
+            None => running.spawn_blocking(session, req, payload, permit),
         }
     }
 }
