@@ -4,15 +4,12 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use migration_stream::Key;
 
-use crate::migration::transport::Protection;
-use crate::tls::TlsCreds;
+use crate::protection::{LiveProtection, ProtectionFiles};
 use row_store::storage::suffixed;
 
 /// How long a read on an incoming disk waits for the commit by default.
@@ -311,7 +308,7 @@ pub struct Config {
     /// Default hot threshold.
     pub hot_threshold: u32,
     /// How migration streams are protected.
-    pub protection: Protection,
+    pub protection: LiveProtection,
     /// `receive`: where to listen for the migration.
     pub listen: Option<SocketAddr>,
     /// `receive`: how long a request waits for blocks still at the source.
@@ -436,30 +433,14 @@ impl Cli {
                  can reach it, in clear"
             );
         }
-        let key = args.auth_key_file.as_deref().map(Key::from_file).transpose()?.map(Arc::new);
-        let tls = args
-            .tls_creds
-            .as_deref()
-            .map(|dir| {
-                let creds = TlsCreds::load(dir)?;
-                // The identities present are checked now, so a typo fails at start-up, not in the
-                // middle of a migration.
-                let (server, client) = (dir.join("server-cert.pem"), dir.join("client-cert.pem"));
-                if !server.exists() && !client.exists() {
-                    bail!("--tls-creds {}: neither server-cert.pem nor client-cert.pem is there", dir.display());
-                }
-                if server.exists() {
-                    creds.acceptor()?;
-                }
-                if client.exists() {
-                    creds.connector()?;
-                }
-                Ok::<_, anyhow::Error>(creds)
-            })
-            .transpose()?;
-        let protection = Protection { tls, key, insecure: args.insecure };
+        let files = ProtectionFiles {
+            tls_creds: args.tls_creds.clone(),
+            auth_key_file: args.auth_key_file.clone(),
+            insecure: args.insecure,
+        };
+        let protection = LiveProtection::load(files)?;
         if listen.is_some() {
-            protection.usable()?;
+            protection.current().usable()?;
         }
         if listen.is_some() && args.read_only {
             bail!("receive writes the disk it receives: --read-only does not apply");

@@ -9,6 +9,7 @@ pub mod migration;
 pub mod nbd;
 pub mod notify;
 pub mod ownership;
+pub mod protection;
 pub mod proxy;
 pub mod server;
 pub mod state;

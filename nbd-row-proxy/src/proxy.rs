@@ -11,8 +11,8 @@ use control_api::{
 use row_store::{Disk, StoreError};
 use tokio::sync::{broadcast, watch};
 
-use crate::migration::transport::Protection;
 use crate::ownership::{Gate, RecordFile};
+use crate::protection::LiveProtection;
 use crate::sync;
 
 /// How often a running merge reports progress.
@@ -112,7 +112,7 @@ pub struct Proxy {
     /// Default write count that makes a block hot.
     pub hot_threshold: u32,
     /// How migration streams are protected.
-    pub protection: Protection,
+    pub protection: LiveProtection,
     /// On a destination: the post-copy running, and the link to fetch blocks from the source.
     pub postcopy: Arc<crate::migration::residual::Postcopy>,
     /// How long a read of a block still at the source waits for it before it fails.

@@ -15,7 +15,6 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
 
 use crate::cli::{check_socket_path, Config};
 use crate::control::{Control, ControlHandler};
@@ -25,6 +24,7 @@ use crate::migration::source::Outgoing;
 use crate::nbd::connection::{NegotiationFailed, SharedBudget, Stream, TCP_IN_FLIGHT_BYTES, TOTAL_IN_FLIGHT_BYTES};
 use crate::nbd::export::Catalog;
 use crate::ownership::{Access, Gate, Guarded, RecordFile};
+use crate::protection::LiveProtection;
 use crate::proxy::{Events, Merger, Proxy};
 use crate::state::{Lookup, StateEntry};
 
@@ -339,16 +339,34 @@ pub async fn run(config: Config, opened: Opened) -> Result<()> {
         let p = proxy.clone();
         tokio::task::spawn_blocking(move || p.start_merge()).await?.context("resuming the merge")?;
     }
-    let nbd_tls = match (&config.protection.tls, config.tcp) {
-        (Some(creds), Some(_)) => Some(creds.acceptor()?),
+    // NBD over TCP negotiates TLS when the proxy started with credentials; each client gets the
+    // server identity in force when it connects (a reload replaces it for the next one).
+    let nbd_tls = match (config.protection.current().tls, config.tcp) {
+        (Some(creds), Some(_)) if config.protection.acceptor().is_none() => {
+            bail!("--tcp with --tls-creds {}: no server-cert.pem there", creds.dir().display())
+        }
+        (Some(_), Some(_)) => Some(config.protection.clone()),
         _ => None,
     };
     // Every socket is bound and the control socket answers: a unit ordered after this one
     // (a VM) finds them.
     // The handlers are in place before READY: a stop right after it drains like any other.
-    let signals = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+    let signals = Signals {
+        term: signal(SignalKind::terminate())?,
+        int: signal(SignalKind::interrupt())?,
+        hup: signal(SignalKind::hangup())?,
+    };
     crate::notify::notify("READY=1");
-    let conns = serve_until_signal(&listeners, catalog, nbd_tls, config.max_connections, &shutdown_rx, signals).await?;
+    let conns = serve_until_signal(
+        &listeners,
+        catalog,
+        nbd_tls,
+        &config.protection,
+        config.max_connections,
+        &shutdown_rx,
+        signals,
+    )
+    .await?;
     crate::notify::notify("STOPPING=1");
     drop(listeners);
     let _ = shutdown_tx.send(true);
@@ -420,13 +438,29 @@ impl Pool {
 /// new connections are closed at once, and the others go on. All connections' requests share one
 /// byte budget, of which TCP connections may hold part. TCP connections must negotiate TLS when
 /// `tls` is given.
+/// The signals the serving loop answers: TERM and INT stop it, HUP reloads the protection.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+/// SIGHUP: reads the protection's files again (see [`crate::protection`]).
+fn reload_on_hangup(protection: &LiveProtection) {
+    match protection.reload(None, None) {
+        Ok(p) => tracing::info!(protection = p.describe(), "SIGHUP: protection reloaded"),
+        Err(e) => tracing::error!("SIGHUP: {e:#}"),
+    }
+}
+
 async fn serve_until_signal(
     l: &Listeners,
     catalog: Catalog,
-    tls: Option<TlsAcceptor>,
+    tls: Option<LiveProtection>,
+    protection: &LiveProtection,
     max_connections: usize,
     shutdown: &watch::Receiver<bool>,
-    (mut sigterm, mut sigint): (Signal, Signal),
+    mut signals: Signals,
 ) -> Result<JoinSet<()>> {
     let total = SharedBudget::new(TOTAL_IN_FLIGHT_BYTES);
     let unix_pool = Pool::new("unix", max_connections, total.clone());
@@ -437,8 +471,12 @@ async fn serve_until_signal(
     let mut next_id = 0u64;
     loop {
         let accepted = tokio::select! {
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(conns) }
-            _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(conns) }
+            _ = signals.term.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(conns) }
+            _ = signals.int.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(conns) }
+            _ = signals.hup.recv() => {
+                reload_on_hangup(protection);
+                continue;
+            }
             Some(done) = conns.join_next(), if !conns.is_empty() => {
                 if let Err(e) = done { tracing::error!(error = %e, "connection task failed"); }
                 continue;
@@ -450,8 +488,17 @@ async fn serve_until_signal(
             c = l.unix.accept() => c.map(|(s, _)| (Box::new(s) as Box<dyn Stream>, "unix".to_string(), None, &unix_pool)),
             c = accept_tcp(l.tcp.as_ref()) => c.map(|(s, addr)| {
                 let _ = s.set_nodelay(true);
-                (Box::new(s) as Box<dyn Stream>, addr.to_string(), tls.clone(), &tcp_pool)
+                (Box::new(s) as Box<dyn Stream>, addr.to_string(), tls.as_ref().map(|t| t.acceptor()), &tcp_pool)
             }),
+        };
+        let accepted = match accepted {
+            // TLS is required here and no server identity is in force: refuse rather than serve in clear.
+            Ok((_, kind, Some(None), _)) => {
+                tracing::error!(peer = %kind, "NBD client over TCP refused: the protection in force has no server identity");
+                continue;
+            }
+            Ok((stream, kind, tls, pool)) => Ok((stream, kind, tls.flatten(), pool)),
+            Err(e) => Err(e),
         };
         let (stream, kind, tls, pool) = match accepted {
             Ok(c) => c,

@@ -214,6 +214,16 @@ class Progress(Record):
     }
 
 
+class ProtectionReply(Record):
+    """Reply of `reload-protection`: what is in force now."""
+
+    FIELDS = {
+        "protection": ("protection", None, True),
+        "tls_creds": ("tls-creds", None, False),
+        "auth_key_file": ("auth-key-file", None, False),
+    }
+
+
 class QueryRowArgs(Record):
     """Arguments of `query-row`."""
 
@@ -227,6 +237,15 @@ class ReclaimArgs(Record):
 
     FIELDS = {
         "force": ("force", None, False),
+    }
+
+
+class ReloadProtectionArgs(Record):
+    """Arguments of `reload-protection`."""
+
+    FIELDS = {
+        "tls_creds": ("tls-creds", None, False),
+        "auth_key_file": ("auth-key-file", None, False),
     }
 
 
@@ -342,6 +361,7 @@ class StatusReply(Record):
         "fence": ("fence", "Fence", False),
         "progress": ("progress", "Progress", False),
         "postcopy": ("postcopy", "IncomingPostcopy", False),
+        "protection": ("protection", None, False),
     }
 
 
@@ -357,6 +377,7 @@ COMMANDS = {
     "migrate-cancel": ((), None),
     "migrate-complete": ((), None),
     "reclaim": (("force",), None),
+    "reload-protection": (("tls-creds", "auth-key-file",), "ProtectionReply"),
     "query-digest": ((), "DigestReply"),
 }
 

@@ -57,6 +57,7 @@ pub fn catalog() -> (Vec<CommandInfo>, Vec<EventInfo>) {
         command::<MigrateCancel>(),
         command::<MigrateComplete>(),
         command::<Reclaim>(),
+        command::<ReloadProtection>(),
         command::<QueryDigest>(),
     ];
     let events = vec![

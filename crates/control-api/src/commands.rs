@@ -80,6 +80,14 @@ command!(
     ReclaimArgs => Empty
 );
 command!(
+    ReloadProtection = "reload-protection",
+    "Reads the migration streams' protection again: the TLS credentials directory and the key file, \
+     at the paths given (absolute) or at the current ones (SIGHUP does the same). Every file is checked as \
+     at start-up before the next connection uses it; on any error nothing changes. NBD clients are not \
+     touched; a migration under way keeps its connection.",
+    ReloadProtectionArgs => ProtectionReply
+);
+command!(
     QueryDigest = "query-digest",
     "SHA-256 of the disk as the guest sees it, to compare two hosts' copies.",
     NoArgs => DigestReply
@@ -123,6 +131,9 @@ pub struct StatusReply {
     /// long requests waited for them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postcopy: Option<IncomingPostcopy>,
+    /// What protects the migration streams now (`reload-protection` and SIGHUP change it).
+    #[serde(default)]
+    pub protection: String,
 }
 
 /// A destination's post-copy as `query-status` shows it.
@@ -383,6 +394,30 @@ pub struct ReclaimArgs {
     /// gone: if it runs the guest, both hosts would write to their copies.
     #[serde(default)]
     pub force: bool,
+}
+
+/// Arguments of `reload-protection`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ReloadProtectionArgs {
+    /// A TLS credentials directory to use from now on (absolute path), in place of the current one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_creds: Option<String>,
+    /// A pre-shared key file to use from now on (absolute path, mode 0600), in place of the current one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_key_file: Option<String>,
+}
+
+/// Reply of `reload-protection`: what is in force now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub struct ProtectionReply {
+    /// In words.
+    pub protection: String,
+    /// The TLS credentials directory read.
+    pub tls_creds: Option<String>,
+    /// The key file read.
+    pub auth_key_file: Option<String>,
 }
 
 /// Reply of `query-digest`.

@@ -10,6 +10,7 @@ mod query_migrate;
 mod query_row;
 mod query_status;
 mod reclaim;
+mod reload_protection;
 mod row_start;
 mod row_stop;
 
@@ -99,6 +100,9 @@ impl Handler for ControlHandler {
                     call::<MigrateComplete, _, _>(c, arguments, migrate_complete::run).await
                 }
                 _ if command == Reclaim::NAME => call::<Reclaim, _, _>(c, arguments, reclaim::run).await,
+                _ if command == ReloadProtection::NAME => {
+                    call::<ReloadProtection, _, _>(c, arguments, reload_protection::run).await
+                }
                 _ if command == QueryDigest::NAME => call::<QueryDigest, _, _>(c, arguments, query_digest::run).await,
                 other => Err(CommandError::command_not_found(other)),
             }

@@ -53,5 +53,6 @@ pub async fn run(c: Arc<Control>, _: NoArgs) -> Result<StatusReply, CommandError
         fence: c.outgoing.fence(),
         progress: p.merger.progress().or_else(|| migration_progress(&c.outgoing.status())),
         postcopy: p.postcopy.status(),
+        protection: p.protection.current().describe().to_string(),
     })
 }

@@ -52,7 +52,8 @@ impl Protection {
             (Some(_), Some(_)) => "TLS with mutual certificates and the pre-shared key",
             (Some(_), None) => "TLS with mutual certificates",
             (None, Some(_)) => "the pre-shared key, sealed records",
-            (None, None) => "nothing (--insecure)",
+            (None, None) if self.insecure => "nothing (--insecure)",
+            (None, None) => "none: migrations are refused until reload-protection gives credentials or a key",
         }
     }
 
@@ -60,7 +61,8 @@ impl Protection {
     pub fn usable(&self) -> Result<()> {
         if self.tls.is_none() && self.key.is_none() && !self.insecure {
             bail!(
-                "migrations need --tls-creds DIR or --auth-key-file FILE (or, on a trusted test network, --insecure)"
+                "migrations need --tls-creds DIR or --auth-key-file FILE (or, on a trusted test network, --insecure); \
+                 a running proxy takes them with the control command reload-protection"
             );
         }
         Ok(())

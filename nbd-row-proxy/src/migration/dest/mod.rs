@@ -284,7 +284,7 @@ impl Incoming {
                 None
             }
         };
-        tokio::time::timeout(UNAUTHENTICATED_TIMEOUT, accept(stream, &self.proxy.protection, check))
+        tokio::time::timeout(UNAUTHENTICATED_TIMEOUT, accept(stream, &self.proxy.protection.current(), check))
             .await
             .map_err(|_| anyhow!("no authenticated session request within {UNAUTHENTICATED_TIMEOUT:?}"))?
     }

@@ -300,7 +300,7 @@ impl Actor {
     }
 
     pub(super) async fn start(&mut self, args: MigrateArgs) -> Result<String, MigrationError> {
-        self.proxy.protection.usable().map_err(|e| e.to_string())?;
+        self.proxy.protection.current().usable().map_err(|e| e.to_string())?;
         if self.proxy.gate.access() == Access::Incoming {
             return Err("this disk is still arriving by migration".into());
         }
@@ -335,7 +335,7 @@ impl Actor {
         let args = session.args.clone();
         let id = lock(&self.shared.machine).session().expect("started");
         let params = session_params(id, self.proxy.disk.size(), args.strategy);
-        let protection = &self.proxy.protection;
+        let protection = &self.proxy.protection.current();
         let connected = async {
             let (reader, writer) = connect(&args.uri, protection, &params, args.tls_hostname.as_deref()).await?;
             let plan = self.prepare(&args).await?;
@@ -420,7 +420,7 @@ impl Actor {
         };
         let params = session_params(id, self.proxy.disk.size(), strategy);
         let asked = async {
-            let (mut reader, mut writer) = connect(&peer, &self.proxy.protection, &params, None).await?;
+            let (mut reader, mut writer) = connect(&peer, &self.proxy.protection.current(), &params, None).await?;
             send(&mut writer, &Message::Revoke).await?;
             reader.next_within(REVOKE_TIMEOUT, "answer to the revoke").await
         }

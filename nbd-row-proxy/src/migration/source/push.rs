@@ -16,8 +16,9 @@ use super::actor::{Link, Migration};
 use super::conn::{Conn, Fetcher, Heard};
 use super::{lock, MigrateArgs};
 use crate::migration::rounds::Rounds;
-use crate::migration::transport::{connect, Protection};
+use crate::migration::transport::connect;
 use crate::migration::{send, session_params, COMMIT_TIMEOUT};
+use crate::protection::LiveProtection;
 
 /// Post-copy: the longest pause between two attempts to reconnect to the destination.
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
@@ -125,7 +126,7 @@ impl Actor {
 pub(super) struct PushCtx {
     pub(super) disk: Arc<Disk>,
     pub(super) rounds: Arc<Rounds>,
-    pub(super) protection: Protection,
+    pub(super) protection: LiveProtection,
     pub(super) peer: String,
     pub(super) tls_hostname: Option<String>,
     pub(super) params: migration_stream::SessionParams,
@@ -145,7 +146,7 @@ impl PushCtx {
     /// or `None` if it holds everything.
     pub(super) async fn resume(&self) -> Result<Option<(Conn, Vec<Span>)>> {
         let (mut reader, mut writer) =
-            connect(&self.peer, &self.protection, &self.params, self.tls_hostname.as_deref()).await?;
+            connect(&self.peer, &self.protection.current(), &self.params, self.tls_hostname.as_deref()).await?;
         send(&mut writer, &Message::Resume).await?;
         let size = self.disk.size();
         let mut todo = Vec::new();
