@@ -384,6 +384,25 @@ fn a_stream_with_neither_tls_nor_key_needs_insecure() {
     // destination's 30 s timers could end it instead.
     assert!(started.elapsed() < HANDSHAKE_TIMEOUT + Duration::from_secs(15), "took {:?}", started.elapsed());
     assert!(e.contains("TLS") || e.contains("greet"), "{e}");
+    drop(src);
+
+    // The other way round: a source with TLS against a destination with a key only. Both sides
+    // name the mismatch (not a TLS decoding error on one side and a frame error on the other).
+    let k_dir = tempfile::tempdir().unwrap();
+    let key = key_file(k_dir.path(), KEY);
+    let k_image = k_dir.path().join("d.raw");
+    sparse_file(&k_image, 1 << 20);
+    let port = free_port();
+    let dst = destination_with(k_dir.path(), &k_image, &["--auth-key-file", key.to_str().unwrap()], port);
+    let tls_dir = tempfile::tempdir().unwrap();
+    let src = source_with(tls_dir.path(), &image, &["--tls-creds", pki.to_str().unwrap()]);
+    let e = src.ctl().execute("migrate-start", json!({ "uri": format!("tcp:127.0.0.1:{port}") })).unwrap_err();
+    assert!(e.contains("does not speak TLS") && e.contains("same protection"), "{e}");
+    let start = Instant::now();
+    while !dst.server.proc.log_text().contains("the source speaks TLS and this proxy has no --tls-creds") {
+        assert!(start.elapsed() < HANG_LIMIT, "the destination's log: {}", dst.server.proc.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

@@ -84,6 +84,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         (self.inner, self.buf[self.pos..].to_vec())
     }
 
+    /// Whether what arrived undecoded looks like a TLS record (handshake, TLS 1.x): a peer
+    /// that speaks TLS to a proxy without `--tls-creds`.
+    pub fn looks_like_tls(&self) -> bool {
+        let rest = &self.buf[self.pos..];
+        rest.len() >= 2 && rest[0] == 0x16 && rest[1] == 0x03
+    }
+
     /// The next message, which must arrive within `timeout`.
     pub async fn next_within(&mut self, timeout: Duration, what: &str) -> Result<Message> {
         match tokio::time::timeout(timeout, self.next()).await {

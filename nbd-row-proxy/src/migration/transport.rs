@@ -69,6 +69,13 @@ impl Protection {
     }
 }
 
+/// The source speaks TLS to a destination without `--tls-creds`, as the destination says it.
+const TLS_MISMATCH_HERE: &str = "the source speaks TLS and this proxy has no --tls-creds: both proxies need the same \
+     protection (--tls-creds on both, or neither)";
+/// The same, as the source says it.
+const TLS_MISMATCH_THERE: &str = "this proxy has --tls-creds and the destination does not: both proxies need the \
+     same protection (--tls-creds on both, or neither)";
+
 /// Splits a stream into boxed halves.
 fn halves<S: AsyncRead + AsyncWrite + Send + Sync + 'static>(s: S) -> (Reader, Writer) {
     let (r, w) = tokio::io::split(s);
@@ -97,7 +104,14 @@ pub async fn connect(
             let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, creds.connector()?.connect(name, stream))
                 .await
                 .map_err(|_| anyhow!("no TLS handshake with {addr} within {HANDSHAKE_TIMEOUT:?} (does the destination use --tls-creds?)"))?
-                .with_context(|| format!("TLS handshake with {addr} (its certificate must name {host:?} and be signed by the CA in {})", creds.dir().display()))?;
+                .map_err(|e| {
+                    // Our TLS hello was answered by a plain migration greeting.
+                    if e.to_string().contains("InvalidContentType") {
+                        anyhow!("{addr} does not speak TLS: {TLS_MISMATCH_THERE}")
+                    } else {
+                        anyhow::Error::from(e).context(format!("TLS handshake with {addr} (its certificate must name {host:?} and be signed by the CA in {})", creds.dir().display()))
+                    }
+                })?;
             halves(tls)
         }
         None => halves(stream),
@@ -166,9 +180,11 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static>(
     let mut reader = FrameReader::new(rd);
     let server_nonce = migration_stream::nonce();
     send(&mut wr, &Message::ServerHello { version: migration_stream::VERSION, nonce: server_nonce }).await?;
-    let Message::ClientHello { params, nonce: client_nonce, mac, .. } =
-        reader.next_within(HANDSHAKE_TIMEOUT, "session request").await?
-    else {
+    let request = match reader.next_within(HANDSHAKE_TIMEOUT, "session request").await {
+        Err(_) if p.tls.is_none() && reader.looks_like_tls() => bail!("{TLS_MISMATCH_HERE}"),
+        r => r?,
+    };
+    let Message::ClientHello { params, nonce: client_nonce, mac, .. } = request else {
         bail!("the peer did not ask for a migration session");
     };
     let authentic = p.key.as_ref().is_none_or(|k| {
