@@ -102,6 +102,9 @@ fn nbdinfo_reports_flags_and_contexts() {
     assert_eq!(export["block_size_preferred"], 4096);
     assert_eq!(export["block_size_maximum"], 32 << 20);
     assert!(export["contexts"].as_array().unwrap().contains(&"base:allocation".into()), "{export}");
+    // The description names the export, never a path of this host (clients may be remote).
+    let description = export["description"].as_str().unwrap_or_default();
+    assert!(description.contains("vm1") && !description.contains(dir.path().to_str().unwrap()), "{export}");
 
     // The default (empty) name reaches the same export; --list shows it.
     let out = run_ok(Command::new("nbdinfo").args(["--list", "--json", &server.uri()]));

@@ -103,7 +103,8 @@ impl Catalog {
     pub fn new(name: String, disk: Arc<Disk>, live: Arc<dyn BlockBackend>, pull: Option<Arc<dyn Pull>>) -> Self {
         let live = Arc::new(Export {
             name: name.clone(),
-            description: format!("{} ({} bytes)", disk.image_path().display(), disk.size()),
+            // The export's name, never the image's path: NBD clients may be remote.
+            description: format!("nbd-row-proxy export {name:?} ({} bytes)", disk.size()),
             backend: live,
             pull,
         });
@@ -115,7 +116,7 @@ impl Catalog {
         let base = self.disk.frozen_base()?;
         Some(Arc::new(Export {
             name: format!("{}{BASE_SUFFIX}", self.name),
-            description: format!("frozen base of {} (ROW session {})", self.disk.image_path().display(), base.epoch()),
+            description: format!("frozen base of export {:?} (ROW session {})", self.name, base.epoch()),
             backend: Arc::new(base),
             pull: None,
         }))
