@@ -46,14 +46,26 @@ pub enum LogError {
     Installed(String),
 }
 
-/// The filter: `RUST_LOG` if set and not empty, else `default` (e.g. `info`).
+/// The filter: `RUST_LOG` if set and not empty, else `default` (e.g. `info`). rustls logs only
+/// its errors unless the filter names it: its warnings are about clients (an NBD client over TLS
+/// that sends an IP address as its server name, as gnutls does), nothing an operator acts on.
 pub fn filter(default: &str) -> Result<EnvFilter, LogError> {
     let value = match std::env::var(FILTER_VAR) {
         Ok(v) if !v.trim().is_empty() => v,
         Ok(_) | Err(std::env::VarError::NotPresent) => default.to_owned(),
         Err(std::env::VarError::NotUnicode(_)) => return Err(LogError::NotUnicode),
     };
-    EnvFilter::builder().parse(&value).map_err(|e| LogError::Filter { value, reason: e.to_string() })
+    let directives = with_quiet_rustls(&value);
+    EnvFilter::builder().parse(&directives).map_err(|e| LogError::Filter { value, reason: e.to_string() })
+}
+
+/// `value` with `rustls=error` added, unless it says something of rustls itself.
+fn with_quiet_rustls(value: &str) -> String {
+    if value.contains("rustls") {
+        value.to_owned()
+    } else {
+        format!("{value},rustls=error")
+    }
 }
 
 /// Whether to write ANSI colour codes: only to a terminal, and not with `NO_COLOR` set.
@@ -154,6 +166,13 @@ impl RateLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rustls_logs_errors_only_unless_named() {
+        assert_eq!(with_quiet_rustls("info"), "info,rustls=error");
+        assert_eq!(with_quiet_rustls("debug,rustls=trace"), "debug,rustls=trace");
+        assert!(EnvFilter::builder().parse(with_quiet_rustls("nbd_row_proxy=debug")).is_ok());
+    }
 
     #[test]
     fn a_flood_makes_one_line_per_interval_with_the_count_left_out() {
