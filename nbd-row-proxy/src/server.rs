@@ -321,7 +321,12 @@ pub async fn run(config: Config, opened: Opened) -> Result<()> {
     }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     if let (Some(listener), Some(incoming)) = (listeners.migration.take(), &control.incoming) {
-        tracing::info!(listen = ?config.listen, phase = %incoming.phase(), protection = ?config.protection, "waiting for an incoming migration");
+        tracing::info!(
+            listen = %listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
+            phase = %incoming.phase(),
+            protection = config.protection.current().describe(),
+            "waiting for an incoming migration"
+        );
         tokio::spawn(incoming.clone().listen(listener, shutdown_rx.clone()));
     }
     let control_task = listeners.control.take().map(|listener| {
@@ -331,7 +336,8 @@ pub async fn run(config: Config, opened: Opened) -> Result<()> {
         );
         let handler: Arc<dyn qmp_proto::Handler> = Arc::new(ControlHandler(control.clone()));
         let events = proxy.events.sender().clone();
-        tracing::info!(control = ?config.control, "control socket ready");
+        let path = config.control.as_deref().map_or_else(String::new, |p| p.display().to_string());
+        tracing::info!(control = %path, "control socket ready");
         tokio::spawn(qmp_proto::serve(listener, greeting, handler, events, shutdown_rx.clone()))
     });
     if disk.mode() == Mode::Merging && !export_read_only {
