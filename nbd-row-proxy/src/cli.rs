@@ -60,7 +60,7 @@ const RECEIVE_EXAMPLES: &str = "Examples:
   nbd-row-proxy receive --image dst.raw --listen 0.0.0.0:10810 --auth-key-file /etc/nbd-row-proxy/key \\
       --socket /run/vm1/disk.sock --control /run/vm1/disk.ctl
 
-  # Over TLS with mutual certificates; reads wait up to 500 ms for the commit
+  # Over TLS with mutual certificates; a read waits at most 500 ms for a block still at the source
   nbd-row-proxy receive --image dst.raw --listen 0.0.0.0:10810 --tls-creds /etc/pki/qemu \\
       --socket /run/vm1/disk.sock --control /run/vm1/disk.ctl --read-wait 500ms
 
@@ -116,8 +116,9 @@ pub enum Cmd {
     /// Serve a raw image over NBD.
     #[command(after_long_help = serve_help())]
     Serve(ServeCommand),
-    /// Receive a disk by migration, serving it over NBD from the start (reads wait for the
-    /// commit); once committed, the disk is served read-write.
+    /// Receive a disk by migration, serving it over NBD from the start (before the commit a read
+    /// gets the source's current data and a write claims an armed source's disk); once
+    /// committed, the disk is served read-write.
     #[command(after_long_help = format!("{RECEIVE_EXAMPLES}\n\n{}", control_api::catalog::text_commands()))]
     Receive(ReceiveArgs),
     /// Write a throwaway CA and server and client certificates for a lab or a test, in the

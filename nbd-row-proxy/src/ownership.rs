@@ -25,7 +25,8 @@ use tokio::sync::watch;
 pub enum Access {
     /// Reads and writes.
     Open,
-    /// The disk is still arriving by migration: writes refused, reads wait for the commit.
+    /// The disk is still arriving by migration: the export's pull answers reads from the
+    /// source and turns a write into a claim; the store below refuses both.
     Incoming,
     /// A committed migration's disk: reads and writes; the first write calls the hook.
     Committed,
