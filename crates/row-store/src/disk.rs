@@ -211,7 +211,10 @@ impl Disk {
         latch: &Arc<SyncLatch>,
     ) -> Result<Option<Overlay>, StoreError> {
         let size = image.size();
-        let Some((journal, replayed)) = Journal::open(storage, journal_path, BLOCK_SIZE as u32, size, latch.clone())?
+        let mark =
+            reserved::read_mark(storage, reserved_path).map_err(io_err("reading the header of", reserved_path))?;
+        let Some((journal, replayed)) =
+            Journal::open(storage, journal_path, BLOCK_SIZE as u32, size, mark, latch.clone())?
         else {
             return Ok(None);
         };
@@ -888,5 +891,38 @@ mod tests {
         put(&s, "/vm/other.map", &journal);
         assert!(matches!(open(&s, Some("/vm/other.map")), Err(StoreError::Refused { .. })));
         assert_eq!(s.contents(Path::new("/vm/other.map")).unwrap(), journal);
+    }
+
+    #[test]
+    fn a_journal_cut_at_a_batch_boundary_is_refused_a_torn_tail_is_not() {
+        let (s, d) = disk();
+        d.row_start().unwrap();
+        let journal = Path::new("/vm/d.raw.row.map");
+        let mut lengths = Vec::new();
+        for i in 0..4u8 {
+            d.write_at(&[i + 1; 4096], u64::from(i) * 8192, false).unwrap();
+            d.flush().unwrap();
+            lengths.push(s.contents(journal).unwrap().len());
+        }
+        drop(d);
+        let whole = s.contents(journal).unwrap();
+        // Cut after the second of four acknowledged batches: whole batches, nothing torn, so
+        // only the reserved file's mark can tell. Refused, and the file is left as it is.
+        put(&s, "/vm/d.raw.row.map", &whole[..lengths[1]]);
+        match open(&s, None) {
+            Err(StoreError::BadJournal { why, .. }) => assert!(why.contains("acknowledged"), "{why}"),
+            other => panic!("a journal cut at a batch boundary was accepted: {:?}", other.map(|_| ())),
+        }
+        assert_eq!(s.contents(journal).unwrap().len(), lengths[1]);
+        // A torn last append (part of a batch after the whole ones) is a crash, not damage.
+        let mut torn = whole.clone();
+        torn.extend_from_slice(&[0xee; 30]);
+        put(&s, "/vm/d.raw.row.map", &torn);
+        let d = open(&s, None).unwrap();
+        for i in 0..4u8 {
+            let mut got = vec![0u8; 4096];
+            d.read_at(&mut got, u64::from(i) * 8192).unwrap();
+            assert_eq!(got, vec![i + 1; 4096], "block {i}");
+        }
     }
 }

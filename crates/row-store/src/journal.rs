@@ -238,13 +238,16 @@ impl Journal {
 
     /// Opens an existing journal, checks it belongs to this image, and replays it. A torn tail
     /// is cut off so later appends follow the last whole batch; damage before an intact batch
-    /// is refused. `Ok(None)`: the file holds no header at all (empty or zeroes), i.e. the ROW
-    /// start that was creating it never committed.
+    /// is refused, and so is a journal whose whole batches end before `mark` (the length the
+    /// reserved file recorded at its last sync: batches acknowledged since are missing, say a
+    /// journal cut at a batch boundary). `Ok(None)`: the file holds no header at all (empty or
+    /// zeroes), i.e. the ROW start that was creating it never committed.
     pub fn open(
         storage: &dyn Storage,
         path: &Path,
         block_size: u32,
         image_size: u64,
+        mark: Option<u64>,
         latch: Arc<SyncLatch>,
     ) -> Result<Option<(Self, Replayed)>, StoreError> {
         let io = |e| StoreError::Io { what: "reading journal", path: path.to_owned(), source: e };
@@ -287,10 +290,18 @@ impl Journal {
             Replay::Whole => rest.len(),
             Replay::TornAt(at) => at,
         };
+        if let Some(m) = mark.filter(|m| *m > HEADER_LEN + good as u64) {
+            return Err(bad(format!(
+                "its whole records end at byte {}, but it held {m} bytes when the overlay last synced: changes \
+                 acknowledged to the guest are missing (the journal was cut or replaced by an older copy), so \
+                 the overlay is not used (restore the journal, or remove the overlay files to drop its writes)",
+                HEADER_LEN + good as u64
+            )));
+        }
         if h.version < VERSION {
             drop(file);
             Self::upgrade(storage, path, h, &replayed)?;
-            return Self::open(storage, path, block_size, image_size, latch)
+            return Self::open(storage, path, block_size, image_size, mark, latch)
                 .map(|opened| opened.map(|(journal, new)| (journal, Replayed { version: h.version, ..new })));
         }
         let len = HEADER_LEN + good as u64;
@@ -457,7 +468,7 @@ pub(crate) mod tests {
         // A torn record: half of one appended.
         let f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all_at(&Record::Unmap { start: 9, count: 1 }.encode()[..9], good_len).unwrap();
-        let (j, r) = Journal::open(&Posix, &path, 4096, 1 << 20, SyncLatch::new()).unwrap().unwrap();
+        let (j, r) = Journal::open(&Posix, &path, 4096, 1 << 20, None, SyncLatch::new()).unwrap().unwrap();
         let t = Table::recovered(r.mapped);
         let seg = |s, e, held| crate::table::Segment { start: s, end: e, held };
         assert_eq!(
@@ -507,7 +518,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
         std::fs::write(&path, version_2_journal(1 << 20, &[(1, 5, 3), (4, 10, 2)])).unwrap();
-        let (j, r) = Journal::open(&Posix, &path, 4096, 1 << 20, SyncLatch::new()).unwrap().unwrap();
+        let (j, r) = Journal::open(&Posix, &path, 4096, 1 << 20, None, SyncLatch::new()).unwrap().unwrap();
         assert_eq!(r.version, 2);
         let t = Table::recovered(r.mapped);
         let pieces = t.pieces(5, 12);
@@ -516,7 +527,7 @@ pub(crate) mod tests {
         assert_eq!(t.slots(), 8);
         // Rewritten in this version: the same mapping comes back from it.
         drop(j);
-        let (_, again) = Journal::open(&Posix, &path, 4096, 1 << 20, SyncLatch::new()).unwrap().unwrap();
+        let (_, again) = Journal::open(&Posix, &path, 4096, 1 << 20, None, SyncLatch::new()).unwrap().unwrap();
         assert_eq!(again.version, VERSION);
         assert_eq!(Table::recovered(again.mapped).pieces(5, 12), pieces);
     }
@@ -526,7 +537,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
         drop(Journal::create(&Posix, &path, header(1 << 20), SyncLatch::new()).unwrap());
-        let open = |size| Journal::open(&Posix, &path, 4096, size, SyncLatch::new());
+        let open = |size| Journal::open(&Posix, &path, 4096, size, None, SyncLatch::new());
         assert!(matches!(open(2 << 20), Err(StoreError::BadJournal { .. })));
         std::fs::write(&path, b"garbage").unwrap();
         assert!(matches!(open(1 << 20), Err(StoreError::BadJournal { .. })));
@@ -562,7 +573,7 @@ pub(crate) mod tests {
         two_batches(&path);
         // One byte of the first record: the second append, synced after it, proves it was whole.
         flip(&path, HEADER_LEN + 3);
-        let err = Journal::open(&Posix, &path, 4096, 1 << 20, SyncLatch::new()).unwrap_err();
+        let err = Journal::open(&Posix, &path, 4096, 1 << 20, None, SyncLatch::new()).unwrap_err();
         assert!(err.to_string().contains("intact records follow"), "{err}");
         // The file is left as it was for the operator.
         assert_eq!(std::fs::metadata(&path).unwrap().len(), HEADER_LEN + 5 * RECORD_LEN as u64);
@@ -575,7 +586,7 @@ pub(crate) mod tests {
         let len = two_batches(&path);
         // The last append lost its first record's page but kept its BatchEnd.
         flip(&path, len - 2 * RECORD_LEN as u64 + 1);
-        let (j, r) = Journal::open(&Posix, &path, 4096, 1 << 20, SyncLatch::new()).unwrap().unwrap();
+        let (j, r) = Journal::open(&Posix, &path, 4096, 1 << 20, None, SyncLatch::new()).unwrap().unwrap();
         assert_eq!(j.size(), HEADER_LEN + 3 * RECORD_LEN as u64);
         assert_eq!(r.mapped.blocks(), 2, "the first append's two blocks, not the torn zeroing");
         assert_eq!((r.id, r.data_start), ([7; 16], 4096));

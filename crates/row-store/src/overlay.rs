@@ -309,6 +309,11 @@ impl Overlay {
         // the syncs below cover them. Changes made later wait for the next flush.
         let changes = lock(&self.table).take_pending();
         let result = (|| {
+            // The journal's length before this batch goes out with the data: a journal later
+            // found shorter than that lost acknowledged batches (see `reserved::mark`).
+            if self.data_start >= reserved::HEADER_LEN && !changes.is_empty() {
+                self.reserved.write_at(&reserved::mark(journal.size()), reserved::MARK_OFFSET, false)?;
+            }
             self.reserved.sync()?;
             if self.is_merging() {
                 self.base.sync()?;

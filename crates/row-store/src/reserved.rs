@@ -36,6 +36,45 @@ fn decode_id(h: &[u8]) -> Option<OverlayId> {
         .then(|| h[20..36].try_into().expect("16 bytes"))
 }
 
+/// Where the journal's high-water mark lives in the header block: its own sector, so that
+/// rewriting it at each flush never touches the identity header at offset 0.
+pub const MARK_OFFSET: u64 = 512;
+const MARK_MAGIC: &[u8; 8] = b"NBDROWH1";
+/// The mark's bytes: magic, the journal's length, CRC.
+pub const MARK_LEN: usize = 20;
+
+/// The mark that says the journal held at least `journal_len` bytes when the reserved file
+/// was last synced (written before each flush's sync, with the length before that flush's
+/// batch, so the durable journal is never shorter than a durable mark).
+pub fn mark(journal_len: u64) -> [u8; MARK_LEN] {
+    let mut m = [0u8; MARK_LEN];
+    m[..8].copy_from_slice(MARK_MAGIC);
+    m[8..16].copy_from_slice(&journal_len.to_le_bytes());
+    let crc = crc32fast::hash(&m[..16]);
+    m[16..].copy_from_slice(&crc.to_le_bytes());
+    m
+}
+
+/// The journal length a reserved file's mark records; `None` if it has none (a reserved file
+/// of an older release, or a mark torn by a crash: nothing to compare with).
+pub fn read_mark(storage: &dyn Storage, path: &Path) -> io::Result<Option<u64>> {
+    if !storage.exists(path)? {
+        return Ok(None);
+    }
+    let file = storage.open(path, OpenMode::ReadOnly)?;
+    if file.size()? < MARK_OFFSET + MARK_LEN as u64 {
+        return Ok(None);
+    }
+    let mut head = Vec::new();
+    file.read_append(&mut head, HEADER_LEN as usize, 0)?;
+    if decode_id(&head).is_none() {
+        return Ok(None);
+    }
+    let m = &head[MARK_OFFSET as usize..MARK_OFFSET as usize + MARK_LEN];
+    let valid = &m[..8] == MARK_MAGIC && crc32fast::hash(&m[..16]).to_le_bytes() == m[16..20];
+    Ok(valid.then(|| u64::from_le_bytes(m[8..16].try_into().expect("8 bytes"))))
+}
+
 /// What is at a path where an overlay file may be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Found {
