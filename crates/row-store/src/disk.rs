@@ -915,7 +915,7 @@ mod tests {
         }
         assert_eq!(s.contents(journal).unwrap().len(), lengths[1]);
         // A torn last append (part of a batch after the whole ones) is a crash, not damage.
-        let mut torn = whole.clone();
+        let mut torn = whole;
         torn.extend_from_slice(&[0xee; 30]);
         put(&s, "/vm/d.raw.row.map", &torn);
         let d = open(&s, None).unwrap();
