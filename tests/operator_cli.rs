@@ -3,6 +3,7 @@
 //! the control socket.
 
 use std::path::Path;
+
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -587,4 +588,49 @@ fn row_migrate_usage_names_the_required_mem_uri() {
         .output()
         .unwrap();
     assert!(!stderr(&out).contains("required arguments"), "{}", stderr(&out));
+}
+
+/// A QEMU with no machine (nothing to boot), its QMP socket ready: `incoming` waits for a
+/// migration (`-incoming defer`).
+fn bare_qemu(dir: &Path, name: &str, incoming: bool) -> (Proc, std::path::PathBuf) {
+    let qmp = dir.join(format!("{name}.qmp"));
+    let qmp_arg = format!("unix:{},server=on,wait=off", qmp.display());
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-machine", "none", "-nodefaults", "-display", "none", "-qmp", &qmp_arg]);
+    if incoming {
+        cmd.args(["-incoming", "defer"]);
+    }
+    let mut qemu = Proc::spawn(name, &mut cmd, &dir.join(format!("{name}.log")));
+    qemu.wait_for_socket(&qmp);
+    std::thread::sleep(Duration::from_millis(200));
+    (qemu, qmp)
+}
+
+#[test]
+fn proxies_protected_differently_are_refused_before_anything_starts() {
+    require_tool("qemu-system-x86_64");
+    let dir = tempfile::tempdir().unwrap();
+    let (src_dir, dst_dir) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&src_dir).unwrap();
+    std::fs::create_dir_all(&dst_dir).unwrap();
+    let (image, _) = source_image(&src_dir, 41);
+    let key = key_file(&src_dir, "0123456789abcdef0123456789abcdef");
+    let src = source(&src_dir, &image, &key);
+    let pki = lab_pki(&dir.path().join("pki"));
+    let dst_image = dst_dir.join("disk.raw");
+    sparse_file(&dst_image, std::fs::metadata(&image).unwrap().len());
+    let dst = destination_with(&dst_dir, &dst_image, &["--tls-creds", pki.to_str().unwrap()], free_port());
+    let (mut a, src_qmp) = bare_qemu(dir.path(), "qemu-a", false);
+    let (mut b, dst_qmp) = bare_qemu(dir.path(), "qemu-b", true);
+
+    let (out, took) = row_migrate([&src_qmp, &dst_qmp, &src.control, &dst.control], &[]);
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(took < AT_ONCE, "took {took:?}: {text}");
+    assert!(text.contains("protect the migration stream differently") && text.contains("TLS"), "{text}");
+    // Nothing started: the source proxy is idle, the destination still waits.
+    assert_eq!(src.ctl().ok("query-migrate", json!({}))["phase"], "idle");
+    assert_eq!(dst.ctl().ok("query-status", json!({}))["incoming-phase"], "waiting");
+    a.terminate(STOP);
+    b.terminate(STOP);
 }

@@ -469,6 +469,9 @@ async fn check_disk(disk: &mut DiskPair, by_proxies: bool) -> Result<()> {
             };
             bail!("the destination proxy is not waiting for a disk: it is {what}; start `nbd-row-proxy receive` there");
         }
+        if let Some(why) = protection_mismatch(&sp.protection, &dp.protection) {
+            bail!("{why}");
+        }
         let m = disk.src_proxy.call::<QueryMigrate>(NoArgs {}).await?;
         if m.phase.is_active() {
             bail!("the source proxy is already migrating (phase {})", m.phase);
@@ -480,6 +483,28 @@ async fn check_disk(disk: &mut DiskPair, by_proxies: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Why two proxies (their `query-status` `protection`) cannot start a session: the stream
+/// needs the same protection on both ends (TLS on both or neither; the key on both or neither).
+/// Proxies too old to say are not judged.
+fn protection_mismatch(src: &str, dst: &str) -> Option<String> {
+    const NONE: &str = "none";
+    if src.is_empty() || dst.is_empty() {
+        return None;
+    }
+    if src.starts_with(NONE) {
+        return Some(format!(
+            "the source proxy has no protection for the migration stream: give it credentials or a key \
+             (reload-protection, without a restart); the destination has {dst}"
+        ));
+    }
+    (src != dst).then(|| {
+        format!(
+            "the proxies protect the migration stream differently (source: {src}; destination: {dst}): give both \
+             the same --tls-creds/--auth-key-file kind (reload-protection changes it without a restart)"
+        )
+    })
 }
 
 /// The id of the TLS credentials object row-migrate adds to both QEMUs.
