@@ -11,7 +11,7 @@ use row_store::{Disk, DiskOptions, Mode};
 
 use super::{may_retire, Retirable};
 use crate::ownership::RecordFile;
-use crate::state::{Lookup, StateEntry, XATTR};
+use crate::state::{Lookup, StateEntry, XATTR, XATTR_TRUSTED};
 
 /// What `retire` works on.
 #[derive(Debug, Clone)]
@@ -43,9 +43,6 @@ pub struct Retired {
     pub entry: PathBuf,
 }
 
-/// The same attribute in the `trusted` namespace (see `state.rs`), for file systems without user
-/// attributes.
-const XATTR_TRUSTED: &str = "trusted.nbd-row-proxy.disk-id";
 /// The files a state entry may hold (see `state.rs`, `ownership.rs`): anything else is not ours.
 const ENTRY_FILES: &[&str] = &["disk", "ownership", "residual", "overlay", "overlay.map"];
 
