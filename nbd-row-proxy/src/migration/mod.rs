@@ -6,6 +6,7 @@
 //! machines; this module performs them.
 
 pub mod dest;
+pub mod fetch_link;
 pub mod residual;
 pub mod rounds;
 pub mod source;
