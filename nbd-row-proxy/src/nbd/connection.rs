@@ -19,13 +19,16 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use nbd_proto::consts::*;
-use nbd_proto::{ClientFlags, Command, Greeting, ProtocolError, RawOption, Request};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use nbd_proto::{ClientFlags, Command, Greeting, RawOption, Request};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
-use super::export::{Catalog, PullFuture, MAX_REQUEST_LEN};
+use super::budget::{cost, Budget, Held};
+pub use super::budget::{SharedBudget, MAX_IN_FLIGHT_BYTES, TCP_IN_FLIGHT_BYTES, TOTAL_IN_FLIGHT_BYTES};
+use super::export::{Catalog, PullFuture};
 use super::negotiation::{Negotiated, Negotiation, Step};
+use super::request_reader::RequestReader;
 use super::transmission::{error_reply, execute, read_reply_with, runs_inline, validate};
 
 /// Most replies gathered into one vectored write.
@@ -34,191 +37,12 @@ const MAX_BATCH: usize = 16;
 const MAX_BATCH_BYTES: usize = 1 << 20;
 /// How long a client may take from connecting to starting transmission.
 pub const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bytes of request payloads and replies a connection may have in flight (two of the largest
-/// requests).
-pub const MAX_IN_FLIGHT_BYTES: u32 = 2 * MAX_REQUEST_LEN;
-
-/// Bytes of request payloads and replies all connections together may have in flight.
-pub const TOTAL_IN_FLIGHT_BYTES: u32 = 256 << 20;
-/// The part of [`TOTAL_IN_FLIGHT_BYTES`] TCP connections together may hold: the rest is always
-/// there for the Unix socket's (QEMU's).
-pub const TCP_IN_FLIGHT_BYTES: u32 = TOTAL_IN_FLIGHT_BYTES / 2;
-
-/// Byte budgets shared by connections, taken in order by each request besides its own
-/// connection's: the process-wide one, and for a class of connections (TCP) a cap of its own.
-#[derive(Debug, Clone)]
-pub struct SharedBudget(Vec<Arc<Semaphore>>);
-
-impl SharedBudget {
-    /// A process-wide budget of `bytes`.
-    pub fn new(bytes: u32) -> Self {
-        Self(vec![Arc::new(Semaphore::new(bytes as usize))])
-    }
-
-    /// The same budget, with a cap of `bytes` on what the connections given this one hold
-    /// together.
-    pub fn capped(&self, bytes: u32) -> Self {
-        Self(std::iter::once(Arc::new(Semaphore::new(bytes as usize))).chain(self.0.iter().cloned()).collect())
-    }
-}
-
-/// The shares of the budgets a request holds until its reply is written.
-#[derive(Debug)]
-struct Held {
-    _permits: Vec<OwnedSemaphorePermit>,
-}
-
-/// A connection's own budget and the shared ones, in the order they are taken.
-struct Budget {
-    pools: Vec<Arc<Semaphore>>,
-}
-
-impl Budget {
-    fn new(shared: &SharedBudget) -> Self {
-        let own = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES as usize));
-        Self { pools: std::iter::once(own).chain(shared.0.iter().cloned()).collect() }
-    }
-
-    /// `bytes` of every budget if they are all free now; none otherwise.
-    fn try_take(&self, bytes: u32) -> Option<Held> {
-        let mut held = Vec::with_capacity(self.pools.len());
-        for pool in &self.pools {
-            held.push(pool.clone().try_acquire_many_owned(bytes).ok()?);
-        }
-        Some(Held { _permits: held })
-    }
-
-    /// `bytes` of every budget, waiting for them in order.
-    async fn take(&self, bytes: u32) -> Held {
-        let mut held = Vec::with_capacity(self.pools.len());
-        for pool in &self.pools {
-            held.push(pool.clone().acquire_many_owned(bytes).await.expect("budgets are never closed"));
-        }
-        Held { _permits: held }
-    }
-}
-
 /// A connection's byte stream: Unix, TCP, or TLS over TCP.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// A reply and the share of the byte budgets its request holds until it is written.
 type Reply = (Vec<u8>, Option<Held>);
-
-/// Reads framed messages out of a byte stream with the sans-I/O decoders.
-struct RequestReader<R> {
-    inner: R,
-    buf: Vec<u8>,
-    pos: usize,
-}
-
-impl<R: AsyncRead + Unpin> RequestReader<R> {
-    fn new(inner: R) -> Self {
-        Self::with_buffered(inner, Vec::new())
-    }
-
-    /// Reads from `inner`, after the bytes already read from it.
-    fn with_buffered(inner: R, mut buffered: Vec<u8>) -> Self {
-        buffered.reserve(256 * 1024);
-        Self { inner, buf: buffered, pos: 0 }
-    }
-
-    /// The stream back, with what was read from it but not decoded yet.
-    fn into_parts(self) -> (R, Vec<u8>) {
-        (self.inner, self.buf[self.pos..].to_vec())
-    }
-
-    fn get_mut(&mut self) -> &mut R {
-        &mut self.inner
-    }
-
-    /// The next message if it is already buffered.
-    fn try_next<T>(
-        &mut self,
-        decode: impl Fn(&[u8]) -> Result<Option<(T, usize)>, ProtocolError>,
-    ) -> Result<Option<T>> {
-        Ok(decode(&self.buf[self.pos..])?.map(|(value, n)| {
-            self.pos += n;
-            value
-        }))
-    }
-
-    /// Whether `len` bytes are buffered.
-    fn has(&self, len: usize) -> bool {
-        self.buf.len() - self.pos >= len
-    }
-
-    /// Whether part of a message is buffered.
-    fn partial(&self) -> bool {
-        self.pos < self.buf.len()
-    }
-
-    /// Next message, or `None` on a clean end of stream between messages.
-    async fn next<T>(
-        &mut self,
-        decode: impl Fn(&[u8]) -> Result<Option<(T, usize)>, ProtocolError>,
-    ) -> Result<Option<T>> {
-        loop {
-            if let Some((value, n)) = decode(&self.buf[self.pos..])? {
-                self.pos += n;
-                return Ok(Some(value));
-            }
-            if self.fill().await? == 0 {
-                if self.pos == self.buf.len() {
-                    return Ok(None);
-                }
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed in the middle of a message",
-                )
-                .into());
-            }
-        }
-    }
-
-    async fn fill(&mut self) -> io::Result<usize> {
-        if self.pos == self.buf.len() {
-            self.buf.clear();
-            self.pos = 0;
-        } else if self.pos > self.buf.capacity() / 2 {
-            self.buf.drain(..self.pos);
-            self.pos = 0;
-        }
-        if self.buf.capacity() - self.buf.len() < 64 * 1024 {
-            self.buf.reserve(256 * 1024);
-        }
-        self.inner.read_buf(&mut self.buf).await
-    }
-
-    /// Appends the next `len` bytes of the stream to `dst`.
-    async fn read_payload(&mut self, len: usize, dst: &mut Vec<u8>) -> io::Result<()> {
-        let buffered = (self.buf.len() - self.pos).min(len);
-        dst.extend_from_slice(&self.buf[self.pos..self.pos + buffered]);
-        self.pos += buffered;
-        // Read straight into the spare capacity: no zero-fill of a buffer about to be overwritten.
-        let target = dst.len() + len - buffered;
-        dst.reserve(len - buffered);
-        while dst.len() < target {
-            let want = (target - dst.len()) as u64;
-            if (&mut self.inner).take(want).read_buf(dst).await? == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-        }
-        Ok(())
-    }
-
-    /// Skips the next `len` bytes of the stream (a refused write's payload).
-    async fn discard(&mut self, len: u64) -> io::Result<()> {
-        let buffered = ((self.buf.len() - self.pos) as u64).min(len);
-        self.pos += buffered as usize;
-        let rest = len - buffered;
-        let copied = tokio::io::copy(&mut (&mut self.inner).take(rest), &mut tokio::io::sink()).await?;
-        if copied < rest {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        Ok(())
-    }
-}
 
 /// Counters logged when a connection closes.
 #[derive(Debug, Default)]
@@ -401,14 +225,6 @@ async fn negotiate(
                 return Ok(Some((reader, session)));
             }
         }
-    }
-}
-
-/// What a request costs of the byte budget: its payload or its reply.
-fn cost(req: &Request) -> u32 {
-    match req.command {
-        Command::Read | Command::Write => req.length.clamp(1, MAX_IN_FLIGHT_BYTES),
-        _ => 1,
     }
 }
 
