@@ -136,6 +136,44 @@ fn an_armed_source_keeps_sending_what_the_guest_has_finished_with() {
     assert!(read_all(&p.dst.server) == want);
 }
 
+/// A VM manager's switchover may come at any moment: an armed pass never sends more than
+/// about 100 ms of data at the planning rate (at least 1 MiB), and what it leaves goes in the
+/// next passes.
+#[test]
+fn armed_passes_are_short_and_the_rest_follows() {
+    let p = pair(27);
+    let mut ctl = p.src.ctl();
+    let uri = format!("tcp:127.0.0.1:{}", p.port);
+    // 8 MiB/s: a pass may carry about 800 KiB, so the 1 MiB floor (256 blocks) applies.
+    let start = json!({"uri": uri, "strategy": "row", "arm": true, "final-budget-ms": 0, "max-bandwidth": 8 << 20});
+    ctl.ok("migrate-start", start);
+    wait_phase(&mut ctl, "ready", HANG_LIMIT);
+    let rounds_before = ctl.ok("query-migrate", json!({}))["rounds"].as_array().unwrap().len();
+    let mut want = p.data.clone();
+    // 6 MiB the guest has finished with, in 24 writes of 256 KiB.
+    for i in 0..24u64 {
+        let offset = (16 << 20) + i * (256 << 10);
+        let data = vec![0x40 + i as u8; 256 << 10];
+        let mut c = RawClient::connect(&p.src.server.socket, "", true).unwrap();
+        assert_eq!(c.call(request(Cmd::Write, 1, offset, data.len() as u32), &data).unwrap().error, 0);
+        assert_eq!(c.call(request(Cmd::Flush, 2, 0, 0), &[]).unwrap().error, 0);
+        want[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+    }
+    let passes = |ctl: &mut ControlClient| -> Vec<u64> {
+        let m = ctl.ok("query-migrate", json!({}));
+        m["rounds"].as_array().unwrap().iter().skip(rounds_before).map(|r| r["blocks"].as_u64().unwrap()).collect()
+    };
+    wait_for("every written block sent in armed passes", || passes(&mut ctl).iter().sum::<u64>() >= 1536);
+    let sent = passes(&mut ctl);
+    assert!(sent.len() >= 6, "1,536 blocks in {} passes: {sent:?}", sent.len());
+    assert!(sent.iter().all(|&b| b <= 256), "a pass over 256 blocks: {sent:?}");
+    // The claim then leaves nothing for post-copy, and B holds the disk as A had it.
+    assert_eq!(write(&p.dst.server, 0, &[0xb4; 4096]), 0);
+    want[..4096].fill(0xb4);
+    wait_phase(&mut ctl, "completed", HANG_LIMIT);
+    assert!(read_all(&p.dst.server) == want);
+}
+
 #[test]
 fn an_unarmed_source_refuses_the_destination_s_claim() {
     let p = pair(22);

@@ -116,6 +116,23 @@ impl RowPlan {
     }
 }
 
+/// The first `max_data_blocks` blocks of data of `spans` (zeroed spans cost nothing to send and
+/// all stay), in order: a pass that can be cut short so it never takes long.
+pub fn take_data_blocks(spans: Vec<Span>, max_data_blocks: u64) -> Vec<Span> {
+    let mut left = max_data_blocks;
+    let mut out = Vec::with_capacity(spans.len());
+    for s in spans {
+        if s.zero {
+            out.push(s);
+        } else if left > 0 {
+            let count = s.count.min(left);
+            left -= count;
+            out.push(Span { count, ..s });
+        }
+    }
+    out
+}
+
 /// Runs as spans, adjacent ones of the same kind joined.
 fn spans(runs: impl IntoIterator<Item = Written>) -> Vec<Span> {
     let mut out: Vec<Span> = Vec::new();
@@ -184,6 +201,15 @@ pub fn dirty_chunks(runs: &[(u64, u64)], granularity: u64, total_blocks: u64) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pass_is_cut_at_a_number_of_data_blocks_keeping_the_zeroed_spans() {
+        let sp = |first, count, zero| Span { first, count, zero };
+        let spans = vec![sp(0, 10, false), sp(20, 100, true), sp(200, 10, false), sp(300, 5, false)];
+        assert_eq!(take_data_blocks(spans.clone(), 15), vec![sp(0, 10, false), sp(20, 100, true), sp(200, 5, false)]);
+        assert_eq!(take_data_blocks(spans.clone(), 100), spans);
+        assert_eq!(take_data_blocks(spans, 0), vec![sp(20, 100, true)]);
+    }
     use std::cell::Cell;
 
     /// A log of `(first block, count, writes, epoch, zero)` runs and an epoch counter.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use control_api::{Phase, RoundKind};
-use migration_session::{link, BitmapPlan, RowPlan, SourceSession, Span, WriteLog, Written};
+use migration_session::{link, take_data_blocks, BitmapPlan, RowPlan, SourceSession, Span, WriteLog, Written};
 use migration_stream::Message;
 use row_store::{BlockBackend, Disk, BLOCK_SIZE};
 use tokio::sync::watch;
@@ -23,6 +23,14 @@ const MAX_SETTLE_PASSES: u32 = 6;
 
 /// An armed, ready session sends a settle pass this often (see [`armed_updates`]).
 const ARMED_PASS_EVERY: Duration = Duration::from_secs(1);
+/// What one armed pass may send, in time at the planning rate: a VM manager's switchover may
+/// come at any moment, and a long pass in flight then competes with the last of the memory
+/// migration (link and CPU); what it leaves goes in the next pass.
+const ARMED_PASS_MAX: Duration = Duration::from_millis(100);
+/// The pause after an armed pass that was cut short, before the next.
+const ARMED_PASS_GAP: Duration = Duration::from_millis(50);
+/// The smallest cap on an armed pass, in blocks (1 MiB), when the rate is low or unknown.
+const ARMED_PASS_MIN_BLOCKS: u64 = 256;
 
 /// The write statistics of the disk, for the round planners.
 pub(super) struct DiskLog<'a>(pub(super) &'a Disk);
@@ -203,6 +211,8 @@ pub(super) async fn precopy(
 /// While armed and ready, every [`ARMED_PASS_EVERY`]: a settle pass (the outstanding blocks
 /// the guest has not written since the previous pass, while more than the final-round budget is
 /// outstanding), so what a claim leaves to post-copy stays near what the guest keeps rewriting.
+/// A pass sends at most [`ARMED_PASS_MAX`] worth of data; the rest goes in the next one,
+/// [`ARMED_PASS_GAP`] later.
 /// Returns on a claim (true), on `stop` (false, between passes), or on a failure.
 pub(super) async fn armed_updates(
     disk: Arc<Disk>,
@@ -215,8 +225,12 @@ pub(super) async fn armed_updates(
     let rate = link::planning_rate(rounds.first_round_rate(), args.max_bandwidth.map(|b| b as f64));
     let budget_ms = args.final_budget.map_or(0.0, |b| b.as_secs_f64() * 1000.0);
     let budget_blocks = link::bytes_within(budget_ms, rate) / BLOCK_SIZE;
+    let pass_blocks =
+        (link::bytes_within(ARMED_PASS_MAX.as_secs_f64() * 1000.0, rate) / BLOCK_SIZE).max(ARMED_PASS_MIN_BLOCKS);
     let mut pass_start = disk.mark();
     let mut last_sent = Instant::now();
+    // After a pass cut short the next follows soon: short passes, not fewer blocks.
+    let mut next_pass = ARMED_PASS_EVERY;
     let result = loop {
         let Conn { out, from_dest, claims, .. } = &mut conn;
         let tick = tokio::select! {
@@ -234,7 +248,7 @@ pub(super) async fn armed_updates(
                 }
                 false
             }
-            () = tokio::time::sleep(ARMED_PASS_EVERY) => true,
+            () = tokio::time::sleep(next_pass) => true,
         };
         if !tick {
             continue;
@@ -253,6 +267,10 @@ pub(super) async fn armed_updates(
             }
             continue;
         };
+        let data = |spans: &[Span]| spans.iter().filter(|s| !s.zero).map(|s| s.count).sum::<u64>();
+        let whole = data(&settled);
+        let settled = take_data_blocks(settled, pass_blocks);
+        next_pass = if data(&settled) < whole { ARMED_PASS_GAP } else { ARMED_PASS_EVERY };
         match rounds.send(out, RoundKind::Update, disk.clone(), settled).await {
             Ok(sent) => plan.mark(&sent),
             Err(e) => break Err(e),
