@@ -27,9 +27,13 @@ pub fn progress_line(what: &str, detail: &str) {
     let _ = err.flush();
 }
 
-/// `done` of `total` bytes at `rate` bytes/s: a bar (on a terminal), the share, MiB, the rate and
-/// the estimated time left.
+/// `done` of `total` bytes at `rate` bytes/s: a bar (on a terminal), the share, the sizes and
+/// the rate in the same IEC units, and the estimated time left; "starting" before anything is
+/// known.
 pub fn progress_detail(done: u64, total: u64, rate: f64) -> String {
+    if total == 0 && done == 0 {
+        return "starting".to_string();
+    }
     let share = if total > 0 { done.min(total) as f64 / total as f64 } else { 0.0 };
     let left = total.saturating_sub(done) as f64;
     let eta = if rate > 0.0 && left > 0.0 {
@@ -44,7 +48,13 @@ pub fn progress_detail(done: u64, total: u64, rate: f64) -> String {
     } else {
         String::new()
     };
-    format!("{bar}{:>3.0}% {} / {} MiB, {:.0} MB/s{eta}", share * 100.0, done >> 20, total >> 20, rate / 1e6)
+    format!(
+        "{bar}{:>3.0}% {} / {}, {}{eta}",
+        share * 100.0,
+        units::format_size(done),
+        units::format_size(total),
+        units::format_rate(rate.max(0.0) as u64)
+    )
 }
 
 /// Ends a progress line on a terminal.
@@ -143,4 +153,18 @@ pub fn recovered(r: &Value) -> String {
         r["guest"].as_str().unwrap_or("?"),
         if actions.is_empty() { "nothing to do".to_string() } else { actions.join(", ") }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_uses_one_kind_of_unit_and_says_starting_before_any_figure() {
+        assert_eq!(progress_detail(0, 0, 0.0), "starting");
+        let d = progress_detail(3 << 20, 12 << 20, 2.0 * 1048576.0);
+        assert!(d.contains("25% 3 MiB / 12 MiB, 2 MiB/s"), "{d}");
+        assert!(d.contains("ETA 5s"), "{d}");
+        assert!(!d.contains("MB/s"), "{d}");
+    }
 }
