@@ -28,6 +28,6 @@ pub mod world;
 
 pub use dest::{DestAction, DestRefusal, DestSession};
 pub use durable::{now_rfc3339, BadRecord, DestStage, Ownership, SessionId, SourceStage};
-pub use plan::{take_data_blocks, BitmapPlan, RowPlan, Span, WriteLog, Written};
+pub use plan::{data_blocks, take_data_blocks, BitmapPlan, RowPlan, Span, WriteLog, Written};
 pub use residual::{BadResidual, BlockSet, ResidualLog, Residue};
 pub use source::{RevokeAnswer, SourceAction, SourceRefusal, SourceSession};

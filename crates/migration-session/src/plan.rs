@@ -116,6 +116,11 @@ impl RowPlan {
     }
 }
 
+/// Blocks of data in `spans` (zeroed spans are sent without data and do not count).
+pub fn data_blocks(spans: &[Span]) -> u64 {
+    spans.iter().filter(|s| !s.zero).map(|s| s.count).sum()
+}
+
 /// The first `max_data_blocks` blocks of data of `spans` (zeroed spans cost nothing to send and
 /// all stay), in order: a pass that can be cut short so it never takes long.
 pub fn take_data_blocks(spans: Vec<Span>, max_data_blocks: u64) -> Vec<Span> {

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use control_api::{MigrateFinishArgs, MigrationStatus, Phase, PostcopyMode, PostcopyStatus, RoundKind};
-use migration_session::{link, SourceAction, SourceSession, Span};
+use migration_session::{data_blocks, link, SourceAction, SourceSession, Span};
 use migration_stream::Message;
 use row_store::{BlockBackend, Disk, BLOCK_SIZE};
 
@@ -99,7 +99,7 @@ impl Actor {
         rounds: &Rounds,
         spans: &[Span],
     ) -> Option<PostcopyStatus> {
-        let blocks: u64 = spans.iter().filter(|s| !s.zero).map(|s| s.count).sum();
+        let blocks = data_blocks(spans);
         let rate = link::planning_rate(rounds.first_round_rate(), args.max_bandwidth.map(|b| b as f64));
         let predicted_ms = link::transfer_ms(blocks * BLOCK_SIZE, rate);
         if predicted_ms.is_finite() {

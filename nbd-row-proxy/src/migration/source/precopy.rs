@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use control_api::{Phase, RoundKind};
-use migration_session::{link, take_data_blocks, BitmapPlan, RowPlan, SourceSession, Span, WriteLog, Written};
+use migration_session::{
+    data_blocks, link, take_data_blocks, BitmapPlan, RowPlan, SourceSession, Span, WriteLog, Written,
+};
 use migration_stream::Message;
 use row_store::{BlockBackend, Disk, BLOCK_SIZE};
 use tokio::sync::watch;
@@ -105,7 +107,7 @@ impl Actor {
     /// An armed, ready row session keeps sending what the guest has finished with (see
     /// [`armed_updates`]) until the destination claims the disk or a request comes.
     pub(super) fn run_armed_updates(&mut self) {
-        let ready = self.shared_phase() == Phase::Ready;
+        let ready = self.phase() == Phase::Ready;
         let Some(session) = self.session.as_mut() else { return };
         if !session.args.arm || !ready {
             return;
@@ -129,10 +131,6 @@ impl Actor {
             stopped,
         ));
         session.link = Link::Armed { job, stop };
-    }
-
-    pub(super) fn shared_phase(&self) -> Phase {
-        lock(&self.shared.machine).phase()
     }
 
     /// Stops the armed update passes (after the pass in progress) and puts the connection back.
@@ -267,10 +265,9 @@ pub(super) async fn armed_updates(
             }
             continue;
         };
-        let data = |spans: &[Span]| spans.iter().filter(|s| !s.zero).map(|s| s.count).sum::<u64>();
-        let whole = data(&settled);
+        let whole = data_blocks(&settled);
         let settled = take_data_blocks(settled, pass_blocks);
-        next_pass = if data(&settled) < whole { ARMED_PASS_GAP } else { ARMED_PASS_EVERY };
+        next_pass = if data_blocks(&settled) < whole { ARMED_PASS_GAP } else { ARMED_PASS_EVERY };
         match rounds.send(out, RoundKind::Update, disk.clone(), settled).await {
             Ok(sent) => plan.mark(&sent),
             Err(e) => break Err(e),
@@ -338,7 +335,7 @@ pub(super) async fn settle(
         let Some(settled) = row.settle_pass(&DiskLog(disk), pass_start, budget_blocks) else {
             break;
         };
-        let blocks: u64 = settled.iter().filter(|s| !s.zero).map(|s| s.count).sum();
+        let blocks = data_blocks(&settled);
         if blocks >= previous {
             tracing::info!(blocks, previous, "pre-copy is not converging: no more settle passes");
             break;
