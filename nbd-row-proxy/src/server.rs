@@ -351,8 +351,8 @@ pub async fn run(config: Config, opened: Opened) -> Result<()> {
         (Some(creds), Some(_)) if config.protection.acceptor().is_none() => {
             bail!("--tcp with --tls-creds {}: no server-cert.pem there", creds.dir().display())
         }
-        (Some(_), Some(_)) => Some(config.protection.clone()),
-        _ => None,
+        (Some(_), Some(_)) => true,
+        _ => false,
     };
     // Every socket is bound and the control socket answers: a unit ordered after this one
     // (a VM) finds them.
@@ -462,7 +462,7 @@ fn reload_on_hangup(protection: &LiveProtection) {
 async fn serve_until_signal(
     l: &Listeners,
     catalog: Catalog,
-    tls: Option<LiveProtection>,
+    nbd_tls: bool,
     protection: &LiveProtection,
     max_connections: usize,
     shutdown: &watch::Receiver<bool>,
@@ -491,28 +491,29 @@ async fn serve_until_signal(
                 summarize_suppressed();
                 continue;
             }
-            c = l.unix.accept() => c.map(|(s, _)| (Box::new(s) as Box<dyn Stream>, "unix".to_string(), None, &unix_pool)),
+            c = l.unix.accept() => c.map(|(s, _)| (Box::new(s) as Box<dyn Stream>, "unix".to_string(), false, &unix_pool)),
             c = accept_tcp(l.tcp.as_ref()) => c.map(|(s, addr)| {
                 let _ = s.set_nodelay(true);
-                (Box::new(s) as Box<dyn Stream>, addr.to_string(), tls.as_ref().map(|t| t.acceptor()), &tcp_pool)
+                (Box::new(s) as Box<dyn Stream>, addr.to_string(), nbd_tls, &tcp_pool)
             }),
         };
-        let accepted = match accepted {
-            // TLS is required here and no server identity is in force: refuse rather than serve in clear.
-            Ok((_, kind, Some(None), _)) => {
-                tracing::error!(peer = %kind, "NBD client over TCP refused: the protection in force has no server identity");
-                continue;
-            }
-            Ok((stream, kind, tls, pool)) => Ok((stream, kind, tls.flatten(), pool)),
-            Err(e) => Err(e),
-        };
-        let (stream, kind, tls, pool) = match accepted {
+        let (stream, kind, needs_tls, pool) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 if let Some(suppressed) = ACCEPT_FAILED.hit() {
                     tracing::warn!(error = %e, suppressed, "accept failed");
                 }
                 tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
+        };
+        // Each TLS client gets the server identity in force now; with none, it is refused
+        // rather than served in clear.
+        let tls = match (needs_tls, protection.acceptor()) {
+            (false, _) => None,
+            (true, Some(acceptor)) => Some(acceptor),
+            (true, None) => {
+                tracing::error!(peer = %kind, "NBD client over TCP refused: the protection in force has no server identity");
                 continue;
             }
         };
