@@ -323,8 +323,10 @@ fn connection_cut_in_round_2() {
     let writer = Writer::start_with(&src.host.server.socket, src.data.clone(), 3, 1500, 0);
     src.migrate_start(&relay.uri(), json!({"max-bandwidth": 8 << 20})).unwrap();
     let mut ctl = src.host.ctl();
-    let status = wait_status(&mut ctl, "the end of round 1", HANG_LIMIT, |s| {
-        s["rounds"].as_array().is_some_and(|r| !r.is_empty())
+    // Between the end of round 1 and the start of round 2 (while round 2 is planned) the status
+    // still shows round 1 as the last one done: wait for round 2 itself.
+    let status = wait_status(&mut ctl, "the start of round 2", HANG_LIMIT, |s| {
+        s["rounds"].as_array().is_some_and(|r| !r.is_empty()) && s["round"].as_u64().is_some_and(|r| r >= 2)
     });
     let round1 = &status["rounds"][0];
     assert_eq!(round1["kind"], "base", "{status}");
