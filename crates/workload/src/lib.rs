@@ -11,10 +11,12 @@
 //!   of which block it sees and whether the rest of the block is intact;
 //! - [`Ledger`]: the latest version written per block, and [`Workload`] tying them together;
 //! - [`presets`]: named profiles modelled on the overwrite shares of real workloads;
-//! - [`nbd`]: a minimal blocking NBD client, to drive a proxy's socket directly.
+//! - [`nbd`]: a minimal blocking NBD client, to drive a proxy's socket directly;
+//! - [`aligned`]: block buffers aligned for O_DIRECT.
 
 use std::fmt;
 
+pub mod aligned;
 pub mod nbd;
 pub mod presets;
 

@@ -7,7 +7,6 @@
 //! against a proxy's socket by `scripts/bench-migration` as
 //! `row-workload --nbd /run/a/vm1.sock --profile msn --rate 200 --expect-seconds 30 --stop-file F`.
 
-use std::alloc::Layout;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write as _};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -15,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use workload::aligned::AlignedBuf;
 use workload::nbd::NbdClient;
 use workload::presets::expected_overwrite_share;
 use workload::{fill_block, inspect, Content, Header, Ledger, Preset, Profile, Workload, BLOCK_SIZE, PRESETS};
@@ -236,42 +236,6 @@ impl Args {
 const MAX_WRITE_BLOCKS: u64 = 256;
 /// Blocks read at once by the verification (consecutive written blocks).
 const VERIFY_CHUNK_BLOCKS: u64 = 64;
-
-/// A buffer of whole 4 KiB blocks aligned to 4096 bytes, as O_DIRECT wants.
-struct AlignedBuf {
-    ptr: *mut u8,
-    layout: Layout,
-}
-
-impl AlignedBuf {
-    fn new(blocks: u64) -> Self {
-        let size = BLOCK_SIZE * blocks.max(1) as usize;
-        let layout = Layout::from_size_align(size, 4096).expect("buffer layout");
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        Self { ptr, layout }
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: `ptr` points to `layout.size()` initialised bytes owned by `self`.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and `&mut self` makes the borrow unique.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with the same layout.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
-    }
-}
 
 /// The worst and the mean time the writes took, per interval and over the run.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
