@@ -58,7 +58,7 @@ fn main() -> std::process::ExitCode {
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("nbd-row-proxy: {e:#}");
+            eprintln!("nbd-row-proxy: {}", logging::error_line(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }
@@ -79,7 +79,7 @@ fn tls_certs(a: &cli::TlsCertsArgs) -> std::process::ExitCode {
             std::process::ExitCode::from(EXIT_USAGE)
         }
         Err(e) => {
-            eprintln!("nbd-row-proxy: {e}");
+            eprintln!("nbd-row-proxy: {}", logging::error_line(&e));
             std::process::ExitCode::FAILURE
         }
     }
@@ -123,7 +123,7 @@ fn retire(a: &cli::RetireArgs) -> std::process::ExitCode {
             std::process::ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("nbd-row-proxy: {e:#}");
+            eprintln!("nbd-row-proxy: {}", logging::error_line(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

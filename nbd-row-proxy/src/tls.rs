@@ -21,7 +21,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A file is missing or unreadable.
-    #[error("TLS credentials: {}: {source}", path.display())]
+    #[error("TLS credentials: {}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
@@ -30,7 +30,7 @@ pub enum TlsError {
         source: rustls::pki_types::pem::Error,
     },
     /// The files do not make a valid configuration.
-    #[error("TLS credentials in {}: {source}", dir.display())]
+    #[error("TLS credentials in {}", dir.display())]
     Config {
         /// The directory.
         dir: PathBuf,
@@ -47,7 +47,7 @@ pub enum TlsError {
         why: String,
     },
     /// Writing the lab PKI failed.
-    #[error("writing {}: {source}", path.display())]
+    #[error("writing {}", path.display())]
     Write {
         /// The file.
         path: PathBuf,
@@ -68,7 +68,7 @@ pub enum TlsError {
         names: Vec<String>,
     },
     /// Generating the lab PKI failed.
-    #[error("generating certificates: {0}")]
+    #[error("generating certificates")]
     Generate(#[from] rcgen::Error),
 }
 

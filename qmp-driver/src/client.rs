@@ -151,7 +151,7 @@ impl Qmp {
             }
             Err(e) => {
                 let e = QmpError::from_client(e, command, &format!("reply to {command}"), timeout);
-                tracing::debug!(%command, error = %e, "QMP command failed");
+                tracing::debug!(%command, error = &e as &dyn std::error::Error, "QMP command failed");
                 Err(e)
             }
         }

@@ -13,7 +13,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum QmpError {
     /// The socket failed.
-    #[error("QMP connection: {0}")]
+    #[error("QMP connection")]
     Io(#[from] io::Error),
     /// The peer closed the connection (or an earlier write was cut short).
     #[error("QMP connection closed")]

@@ -46,6 +46,23 @@ pub enum LogError {
     Installed(String),
 }
 
+/// An error and its causes on one line, `: `-separated, each cause once: a cause whose text the
+/// line already ends with (a message that embeds its source, as some libraries' do) is not
+/// repeated. What both binaries print and what the control socket answers.
+pub fn error_line(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !text.is_empty() && !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
+}
+
 /// The filter: `RUST_LOG` if set and not empty, else `default` (e.g. `info`). rustls logs only
 /// its errors unless the filter names it: its warnings are about clients (an NBD client over TLS
 /// that sends an IP address as its server name, as gnutls does), nothing an operator acts on.
@@ -172,6 +189,24 @@ mod tests {
         assert_eq!(with_quiet_rustls("info"), "info,rustls=error");
         assert_eq!(with_quiet_rustls("debug,rustls=trace"), "debug,rustls=trace");
         assert!(EnvFilter::builder().parse(with_quiet_rustls("nbd_row_proxy=debug")).is_ok());
+    }
+
+    /// A library error whose message embeds its source, as rustls' PEM error does.
+    #[derive(Debug, Error)]
+    #[error("I/O error: {0}")]
+    struct Embeds(#[source] std::io::Error);
+
+    #[derive(Debug, Error)]
+    #[error("TLS credentials: /etc/x/ca-cert.pem")]
+    struct Outer(#[source] Embeds);
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let io = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        let e = Outer(Embeds(io()));
+        assert_eq!(error_line(&e), format!("TLS credentials: /etc/x/ca-cert.pem: I/O error: {}", io()));
+        let chained = anyhow::Error::from(io()).context("reading the key").context("reload-protection");
+        assert_eq!(error_line(chained.as_ref()), format!("reload-protection: reading the key: {}", io()));
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub struct Key {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     /// The file could not be opened or read.
-    #[error("cannot read migration key file {}: {source}", path.display())]
+    #[error("cannot read migration key file {}", path.display())]
     Io {
         /// The key file.
         path: PathBuf,

@@ -25,7 +25,7 @@ const MAX_BUFFERED_EVENTS: usize = 65_536;
 #[derive(Debug, Error)]
 pub enum ClientError {
     /// The socket failed.
-    #[error("QMP connection: {0}")]
+    #[error("QMP connection")]
     Io(#[from] io::Error),
     /// The server closed the connection, or an earlier operation was interrupted in the middle
     /// of sending a request, which leaves the stream unusable.

@@ -166,7 +166,7 @@ impl Connection {
         tracing::debug!(peer, "QMP client connected");
         match self.serve(stream, &greeting).await {
             Ok(()) => tracing::debug!(peer, "QMP client left"),
-            Err(e) => tracing::debug!(peer, error = %e, "QMP connection ended"),
+            Err(e) => tracing::debug!(peer, error = &e as &dyn std::error::Error, "QMP connection ended"),
         }
     }
 

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use control_api::{Empty, NoArgs};
 use qmp_proto::CommandError;
 
-use super::{failed, Control};
+use super::{refused, Control};
 
 pub async fn run(c: Arc<Control>, _: NoArgs) -> Result<Empty, CommandError> {
-    c.outgoing.cancel().await.map_err(failed)?;
+    c.outgoing.cancel().await.map_err(refused)?;
     Ok(Empty {})
 }

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use control_api::{MigrateFinishArgs, MigrationStatus};
 use qmp_proto::CommandError;
 
-use super::{failed, Control};
+use super::{failed, refused, Control};
 
 pub async fn run(c: Arc<Control>, args: MigrateFinishArgs) -> Result<MigrationStatus, CommandError> {
     args.check().map_err(failed)?;
-    c.outgoing.finish(args).await.map_err(failed)
+    c.outgoing.finish(args).await.map_err(refused)
 }

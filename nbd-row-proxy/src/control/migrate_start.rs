@@ -7,7 +7,7 @@ use control_api::{MigrateStartArgs, MigrateStartReply, Strategy};
 use qmp_proto::CommandError;
 use row_store::BLOCK_SIZE;
 
-use super::{failed, Control};
+use super::{failed, refused, Control};
 use crate::migration::source::MigrateArgs;
 
 /// Dirty granularity of the bitmap strategy by default: 1 MiB, as QEMU's old block migration.
@@ -17,7 +17,7 @@ const DEFAULT_FINAL_BUDGET: Duration = Duration::from_millis(50);
 
 pub async fn run(c: Arc<Control>, args: MigrateStartArgs) -> Result<MigrateStartReply, CommandError> {
     args.check(BLOCK_SIZE).map_err(failed)?;
-    crate::migration::parse_uri(&args.uri).map_err(failed)?;
+    crate::migration::parse_uri(&args.uri).map_err(refused)?;
     // Pre-copy rounds before the final one: the paper's ROW does two (base, cold updates); its
     // block-bitmap baseline three (the whole disk, then twice what was dirtied).
     let default_rounds = match args.strategy {
@@ -39,6 +39,6 @@ pub async fn run(c: Arc<Control>, args: MigrateStartArgs) -> Result<MigrateStart
             d => Some(d),
         },
     };
-    let session = c.outgoing.start(margs).await.map_err(failed)?;
+    let session = c.outgoing.start(margs).await.map_err(refused)?;
     Ok(MigrateStartReply { session })
 }

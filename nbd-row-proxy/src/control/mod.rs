@@ -47,6 +47,11 @@ pub fn failed(e: impl std::fmt::Display) -> CommandError {
     CommandError::generic(e.to_string())
 }
 
+/// The error reply of a command that failed on `e`: its message and each of its causes once.
+pub fn refused(e: impl Into<anyhow::Error>) -> CommandError {
+    CommandError::generic(logging::error_line(e.into().as_ref()))
+}
+
 /// A hot threshold from a command's arguments, or the server's; write counts saturate at
 /// [`row_store::MAX_WRITES`], so higher thresholds are refused.
 pub fn hot_threshold(c: &Control, asked: Option<u32>) -> Result<u32, CommandError> {

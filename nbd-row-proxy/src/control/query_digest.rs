@@ -9,7 +9,7 @@ use qmp_proto::CommandError;
 use row_store::{BlockBackend, Disk};
 use sha2::{Digest, Sha256};
 
-use super::{failed, Control};
+use super::{refused, Control};
 
 /// Bytes hashed per read.
 const CHUNK: u64 = 4 << 20;
@@ -31,6 +31,6 @@ fn digest(disk: &Disk) -> std::io::Result<String> {
 pub async fn run(c: Arc<Control>, _: NoArgs) -> Result<DigestReply, CommandError> {
     let disk = c.proxy.disk.clone();
     let started = Instant::now();
-    let sha256 = tokio::task::spawn_blocking(move || digest(&disk)).await.map_err(failed)?.map_err(failed)?;
+    let sha256 = tokio::task::spawn_blocking(move || digest(&disk)).await.map_err(refused)?.map_err(refused)?;
     Ok(DigestReply { sha256, size: c.proxy.disk.size(), seconds: started.elapsed().as_secs_f64() })
 }

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use control_api::{Empty, ReclaimArgs};
 use qmp_proto::CommandError;
 
-use super::{failed, Control};
+use super::{refused, Control};
 
 pub async fn run(c: Arc<Control>, args: ReclaimArgs) -> Result<Empty, CommandError> {
-    c.outgoing.reclaim(args.force).await.map_err(failed)?;
+    c.outgoing.reclaim(args.force).await.map_err(refused)?;
     Ok(Empty {})
 }

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use control_api::{ProtectionReply, ReloadProtectionArgs};
 use qmp_proto::CommandError;
 
-use super::{failed, Control};
+use super::{refused, Control};
 
 pub async fn run(c: Arc<Control>, args: ReloadProtectionArgs) -> Result<ProtectionReply, CommandError> {
     let live = c.proxy.protection.clone();
     let (tls, key) = (args.tls_creds.map(PathBuf::from), args.auth_key_file.map(PathBuf::from));
-    let loaded = tokio::task::spawn_blocking(move || live.reload(tls, key)).await.map_err(failed)?;
-    let protection = loaded.map_err(|e| failed(format!("{e:#}")))?;
+    let loaded = tokio::task::spawn_blocking(move || live.reload(tls, key)).await.map_err(refused)?;
+    let protection = loaded.map_err(refused)?;
     let files = c.proxy.protection.files();
     tracing::info!(protection = protection.describe(), "reload-protection: protection reloaded");
     Ok(ProtectionReply {

@@ -6,7 +6,7 @@ use std::time::Instant;
 use control_api::{RowStopArgs, RowStopReply};
 use qmp_proto::CommandError;
 
-use super::{failed, Control};
+use super::{failed, refused, Control};
 use crate::proxy::Proxy;
 
 pub async fn run(c: Arc<Control>, args: RowStopArgs) -> Result<RowStopReply, CommandError> {
@@ -18,13 +18,10 @@ pub async fn run(c: Arc<Control>, args: RowStopArgs) -> Result<RowStopReply, Com
     }
     let blocks = c.proxy.disk.status().blocks_updated;
     let proxy = c.proxy.clone();
-    let rx = tokio::task::spawn_blocking(move || proxy.start_merge())
-        .await
-        .map_err(failed)?
-        .map_err(|e| failed(format!("{:#}", anyhow::Error::from(e))))?;
+    let rx = tokio::task::spawn_blocking(move || proxy.start_merge()).await.map_err(refused)?.map_err(refused)?;
     if args.wait {
         let started = Instant::now();
-        Proxy::merge_finished(rx).await.map_err(failed)?;
+        Proxy::merge_finished(rx).await.map_err(refused)?;
         return Ok(RowStopReply { merged_blocks: blocks, seconds: Some(started.elapsed().as_secs_f64()) });
     }
     Ok(RowStopReply { merged_blocks: 0, seconds: None })

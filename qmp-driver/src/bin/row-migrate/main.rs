@@ -386,7 +386,7 @@ async fn main() -> ExitCode {
     let domain = match args.domain.is_some().then(|| libvirt::prepare(&mut args)).transpose() {
         Ok(domain) => domain,
         Err(Failure { code, error, .. }) => {
-            eprintln!("row-migrate: {error:#}");
+            eprintln!("row-migrate: {}", logging::error_line(error.as_ref()));
             return ExitCode::from(code);
         }
     };
@@ -423,9 +423,10 @@ async fn main() -> ExitCode {
             ExitCode::from(exit::MIGRATED)
         }
         Err(Failure { code, error, state }) => {
-            eprintln!("row-migrate: {error:#}");
+            let error = logging::error_line(error.as_ref());
+            eprintln!("row-migrate: {error}");
             if json {
-                let out = json!({ "ok": false, "exit-code": code, "error": format!("{error:#}"), "state": state });
+                let out = json!({ "ok": false, "exit-code": code, "error": error, "state": state });
                 println!("{}", serde_json::to_string(&out).expect("report serialises"));
             }
             ExitCode::from(code)
