@@ -84,6 +84,61 @@ fn a_disk_migrated_there_and_back_is_unchanged() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
 
+/// `query-disk-digests` on both hosts of one disk over its whole range, the destination first
+/// (leaving out what was written there since the commit), then the source for the same blocks.
+fn digests_of_both(src: &Host, dst: &Host) -> (control_api::DiskDigestsReply, control_api::DiskDigestsReply) {
+    use control_api::{DiskDigestsArgs, QueryDiskDigests};
+    let args = DiskDigestsArgs { offset: 0, length: SIZE as u64, unit: 1 << 20, ..Default::default() };
+    let theirs = dst
+        .ctl()
+        .call::<QueryDiskDigests>(DiskDigestsArgs { skip_written_since_commit: true, ..args.clone() })
+        .expect("destination digests");
+    let ours = src.ctl().call::<QueryDiskDigests>(DiskDigestsArgs { skip: theirs.skipped.clone(), ..args }).unwrap();
+    (theirs, ours)
+}
+
+#[test]
+fn after_the_switchover_both_copies_compare_while_the_guest_writes_and_a_changed_block_is_found() {
+    let _serial = serial();
+    let src_dir = tempfile::tempdir().unwrap();
+    let dst_dir = tempfile::tempdir().unwrap();
+    let key = key_file(src_dir.path(), "0123456789abcdef0123456789abcdef\n");
+    let (image, data) = source_image(src_dir.path(), 31);
+    let src = source(src_dir.path(), &image, &key);
+    let dst_image = dst_dir.path().join("disk.raw");
+    sparse_file(&dst_image, SIZE as u64);
+    let port = free_port();
+    let dst = destination(dst_dir.path(), &dst_image, &key, port);
+    migrate_under_load(&src, port, "row", data, 7);
+    src.ctl().ok("migrate-complete", json!({}));
+
+    // The guest writes on B: those blocks are left out on both sides, the rest is equal.
+    let mut d = RawClient::connect(&dst.server.socket, "", true).unwrap();
+    assert_eq!(d.call(request(Cmd::Write, 1, 10 * 4096, 8192), &[0xee; 8192]).unwrap().error, 0);
+    let (theirs, ours) = digests_of_both(&src, &dst);
+    assert_eq!(theirs.skipped, vec![[10, 2]], "{theirs:?}");
+    assert_eq!(theirs.digests.len(), SIZE >> 20);
+    assert_eq!(theirs.digests, ours.digests, "the copies differ");
+    assert_eq!(ours.hashed_bytes, SIZE as u64 - 8192);
+
+    // A block changed behind the proxy's back on B (not by the guest): its MiB alone differs.
+    let f = std::fs::OpenOptions::new().write(true).open(&dst.image).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x5a; 4096], 300 * 4096).unwrap();
+    let (theirs, ours) = digests_of_both(&src, &dst);
+    let differ: Vec<usize> = (0..ours.digests.len()).filter(|&i| ours.digests[i] != theirs.digests[i]).collect();
+    assert_eq!(differ, vec![(300 * 4096) >> 20]);
+
+    // A source has no commit to leave writes out from.
+    let err = src
+        .ctl()
+        .execute(
+            "query-disk-digests",
+            json!({"offset": 0, "length": 4096, "unit": 4096, "skip-written-since-commit": true}),
+        )
+        .unwrap_err();
+    assert!(err.contains("no record of the writes since a commit"), "{err}");
+}
+
 /// A deterministic overwrite-heavy workload, the same for both strategies: the writer rewrites
 /// a hot set while round 1 is slowed down by a bandwidth cap.
 fn update_bytes(strategy: &str) -> (u64, u64) {

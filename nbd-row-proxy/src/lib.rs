@@ -15,3 +15,4 @@ pub mod server;
 pub mod state;
 pub mod sync;
 pub mod tls;
+pub mod written_blocks;

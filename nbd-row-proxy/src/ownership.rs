@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::sync;
+use crate::written_blocks::WrittenBlocks;
 use migration_session::{BadRecord, Ownership};
 use row_store::{BlockBackend, Caps, Disk, Extent, Posix, Storage, ZeroFlags};
 use tokio::sync::watch;
@@ -60,6 +61,8 @@ pub struct Gate {
     inflight: RwLock<()>,
     hook: Mutex<Option<FirstWriteHook>>,
     access: watch::Sender<Access>,
+    /// On a destination, from its commit on: the blocks written since.
+    since_commit: Mutex<Option<Arc<WrittenBlocks>>>,
 }
 
 impl std::fmt::Debug for Gate {
@@ -75,7 +78,12 @@ fn refused(why: impl Into<String>) -> io::Error {
 impl Gate {
     /// A gate starting with `access`.
     pub fn new(access: Access) -> Arc<Self> {
-        Arc::new(Self { inflight: RwLock::new(()), hook: Mutex::new(None), access: watch::channel(access).0 })
+        Arc::new(Self {
+            inflight: RwLock::new(()),
+            hook: Mutex::new(None),
+            access: watch::channel(access).0,
+            since_commit: Mutex::new(None),
+        })
     }
 
     /// The current access.
@@ -94,9 +102,11 @@ impl Gate {
         self.access.send_replace(access);
     }
 
-    /// Opens a committed disk: writes are accepted, the first one runs `hook` first.
-    pub fn set_committed(&self, hook: FirstWriteHook) {
+    /// Opens a committed disk of `size` bytes: writes are accepted, the first one runs `hook`
+    /// first, and each is recorded in [`Gate::written_since_commit`].
+    pub fn set_committed(&self, hook: FirstWriteHook, size: u64) {
         let _exclusive = sync::write(&self.inflight);
+        *sync::lock(&self.since_commit) = Some(Arc::new(WrittenBlocks::new(size)));
         *sync::lock(&self.hook) = Some(hook);
         self.access.send_replace(Access::Committed);
     }
@@ -131,6 +141,11 @@ impl Gate {
             Access::Fenced(why) => Err(refused(why)),
             Access::Broken(why) => Err(io::Error::other(why)),
         }
+    }
+
+    /// The blocks written since this process opened a committed disk (none before a commit).
+    pub fn written_since_commit(&self) -> Option<Arc<WrittenBlocks>> {
+        sync::lock(&self.since_commit).clone()
     }
 
     /// Runs `f` while no write is in flight and none can start (to decide an ownership change
@@ -185,6 +200,9 @@ impl Guarded {
     /// and reported after, under the gate.
     fn changing(&self, offset: u64, len: u64, fua: bool, f: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
         self.gate.write(|| {
+            if let Some(written) = self.gate.written_since_commit() {
+                written.mark(offset, len);
+            }
             let covered = self.observer.covering(offset, len);
             f()?;
             self.observer.written(covered, fua)
@@ -362,15 +380,21 @@ mod tests {
     #[test]
     fn the_first_write_after_a_commit_runs_the_hook_once_and_a_failing_hook_refuses_it() {
         let gate = Gate::new(Access::Incoming);
+        assert!(gate.written_since_commit().is_none(), "nothing is recorded before a commit");
         let calls = Arc::new(AtomicU32::new(0));
         let c = calls.clone();
-        gate.set_committed(Box::new(move || {
-            if c.fetch_add(1, Ordering::SeqCst) == 0 {
-                Err(io::Error::other("disk full"))
-            } else {
-                Ok(())
-            }
-        }));
+        gate.set_committed(
+            Box::new(
+                move || {
+                    if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                        Err(io::Error::other("disk full"))
+                    } else {
+                        Ok(())
+                    }
+                },
+            ),
+            1 << 20,
+        );
         assert!(gate.write(|| Ok(())).unwrap_err().to_string().contains("owner"));
         assert_eq!(gate.access(), Access::Committed, "still committed after a failed hook");
         gate.write(|| Ok(())).unwrap();

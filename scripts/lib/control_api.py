@@ -75,6 +75,29 @@ class DigestReply(Record):
     }
 
 
+class DiskDigestsArgs(Record):
+    """Arguments of `query-disk-digests`."""
+
+    FIELDS = {
+        "offset": ("offset", None, True),
+        "length": ("length", None, True),
+        "unit": ("unit", None, True),
+        "skip": ("skip", None, False),
+        "skip_written_since_commit": ("skip-written-since-commit", None, False),
+    }
+
+
+class DiskDigestsReply(Record):
+    """Reply of `query-disk-digests`."""
+
+    FIELDS = {
+        "digests": ("digests", None, True),
+        "skipped": ("skipped", None, True),
+        "hashed_bytes": ("hashed-bytes", None, True),
+        "seconds": ("seconds", None, True),
+    }
+
+
 class ErrorData(Record):
     """Data of the failure events."""
 
@@ -379,6 +402,7 @@ COMMANDS = {
     "reclaim": (("force",), None),
     "reload-protection": (("tls-creds", "auth-key-file",), "ProtectionReply"),
     "query-digest": ((), "DigestReply"),
+    "query-disk-digests": (("offset", "length", "unit", "skip", "skip-written-since-commit",), "DiskDigestsReply"),
 }
 
 # event name -> data record name

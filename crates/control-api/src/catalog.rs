@@ -59,6 +59,7 @@ pub fn catalog() -> (Vec<CommandInfo>, Vec<EventInfo>) {
         command::<Reclaim>(),
         command::<ReloadProtection>(),
         command::<QueryDigest>(),
+        command::<QueryDiskDigests>(),
     ];
     let events = vec![
         event::<RowStarted>(),

@@ -92,6 +92,14 @@ command!(
     "SHA-256 of the disk as the guest sees it, to compare two hosts' copies.",
     NoArgs => DigestReply
 );
+command!(
+    QueryDiskDigests = "query-disk-digests",
+    "SHA-256 digests of a range of the disk as the guest sees it, one per unit, of the blocks not \
+     left out: given ones, and on request (a destination) those the guest wrote here since the \
+     migration committed. How `row-migrate --verify-disk` compares both hosts' copies after the \
+     switchover, while the guest runs.",
+    DiskDigestsArgs => DiskDigestsReply
+);
 
 /// Reply of `query-status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -429,6 +437,45 @@ pub struct DigestReply {
     /// Disk size in bytes.
     pub size: u64,
     /// Seconds the digest took.
+    pub seconds: f64,
+}
+
+/// Most bytes one `query-disk-digests` covers (its skip runs stay under the line limit).
+pub const DIGESTS_MAX_LENGTH: u64 = 128 << 20;
+/// Most skip runs one `query-disk-digests` takes.
+pub const DIGESTS_MAX_SKIP_RUNS: usize = 16_384;
+
+/// Arguments of `query-disk-digests`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DiskDigestsArgs {
+    /// First byte of the range (a multiple of 4096).
+    pub offset: u64,
+    /// Bytes in the range (at most 128 MiB; it may end at the disk's end).
+    pub length: u64,
+    /// Bytes per digest (a multiple of 4096; the last unit may be shorter).
+    pub unit: u64,
+    /// 4 KiB blocks to leave out, as [first, count] runs in order (at most 16384).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skip: Vec<[u64; 2]>,
+    /// Also leave out the blocks written on this host since its incoming migration committed
+    /// (refused where this process has no such record).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skip_written_since_commit: bool,
+}
+
+/// Reply of `query-disk-digests`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub struct DiskDigestsReply {
+    /// One hex SHA-256 per unit, in order, of the unit's blocks that were not left out.
+    pub digests: Vec<String>,
+    /// The blocks left out, as [first, count] runs in order: those asked for and those
+    /// written since the commit.
+    pub skipped: Vec<[u64; 2]>,
+    /// Bytes read and hashed.
+    pub hashed_bytes: u64,
+    /// Seconds it took.
     pub seconds: f64,
 }
 

@@ -6,6 +6,7 @@ mod migrate_complete;
 mod migrate_finish;
 mod migrate_start;
 mod query_digest;
+mod query_disk_digests;
 mod query_migrate;
 mod query_row;
 mod query_status;
@@ -109,6 +110,9 @@ impl Handler for ControlHandler {
                     call::<ReloadProtection, _, _>(c, arguments, reload_protection::run).await
                 }
                 _ if command == QueryDigest::NAME => call::<QueryDigest, _, _>(c, arguments, query_digest::run).await,
+                _ if command == QueryDiskDigests::NAME => {
+                    call::<QueryDiskDigests, _, _>(c, arguments, query_disk_digests::run).await
+                }
                 other => Err(CommandError::command_not_found(other)),
             }
         })

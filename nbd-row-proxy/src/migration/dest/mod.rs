@@ -145,33 +145,36 @@ impl Incoming {
     /// Serves a committed disk: reads and writes; the first write makes this host the owner.
     fn open_committed(self: &Arc<Self>) {
         let me = Arc::downgrade(self);
-        self.proxy.gate.set_committed(Box::new(move || {
-            let me = me.upgrade().ok_or_else(|| std::io::Error::other("shutting down"))?;
-            let r = me.apply(|m| m.local_write().map_err(|phase| DestRefusal::Unexpected { what: "write", phase }));
-            match r {
-                Ok(_) => {
-                    tracing::info!("first write after the commit: this host owns the disk");
-                    me.emit(IncomingData { phase: IncomingPhase::Owner, ..me.data() });
-                    Ok(())
-                }
-                Err(e) => {
-                    if let Some(suppressed) = OWNER_RECORD_FAILED.hit() {
-                        tracing::warn!(
-                            suppressed,
-                            "a write is refused: recording this host as the disk's owner failed: {e:#}"
-                        );
+        self.proxy.gate.set_committed(
+            Box::new(move || {
+                let me = me.upgrade().ok_or_else(|| std::io::Error::other("shutting down"))?;
+                let r = me.apply(|m| m.local_write().map_err(|phase| DestRefusal::Unexpected { what: "write", phase }));
+                match r {
+                    Ok(_) => {
+                        tracing::info!("first write after the commit: this host owns the disk");
+                        me.emit(IncomingData { phase: IncomingPhase::Owner, ..me.data() });
+                        Ok(())
                     }
-                    // A full disk is ENOSPC to the guest (it pauses on it, and goes on once there
-                    // is room), not a permission problem.
-                    let io =
-                        e.chain().find_map(|c| c.downcast_ref::<std::io::Error>()).and_then(|io| io.raw_os_error());
-                    Err(match io {
-                        Some(errno) => std::io::Error::from_raw_os_error(errno),
-                        None => std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!("{e:#}")),
-                    })
+                    Err(e) => {
+                        if let Some(suppressed) = OWNER_RECORD_FAILED.hit() {
+                            tracing::warn!(
+                                suppressed,
+                                "a write is refused: recording this host as the disk's owner failed: {e:#}"
+                            );
+                        }
+                        // A full disk is ENOSPC to the guest (it pauses on it, and goes on once there
+                        // is room), not a permission problem.
+                        let io =
+                            e.chain().find_map(|c| c.downcast_ref::<std::io::Error>()).and_then(|io| io.raw_os_error());
+                        Err(match io {
+                            Some(errno) => std::io::Error::from_raw_os_error(errno),
+                            None => std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!("{e:#}")),
+                        })
+                    }
                 }
-            }
-        }));
+            }),
+            self.proxy.disk.size(),
+        );
     }
 
     fn data(&self) -> IncomingData {

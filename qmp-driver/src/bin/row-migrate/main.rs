@@ -19,6 +19,7 @@ mod report;
 mod rollback;
 mod sequence;
 mod ssh;
+mod verify;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -68,7 +69,7 @@ const EXAMPLES: &str = "Examples:
       --disk /run/a/root.ctl,/run/b/root.ctl,tcp:host-b:10810 \\
       --disk /run/a/data.ctl,/run/b/data.ctl,tcp:host-b:10811 --mem-uri tcp:host-b:4444
 
-  # The same with the disks checked before switchover, a 1 h limit and a JSON report
+  # The same with both copies of the disks compared after the switchover, a 1 h limit and a JSON report
   row-migrate ... --verify-disk --timeout 1h --json
 
   # libvirt's way for comparison: QEMU mirrors onto B's `serve --tcp` export
@@ -226,8 +227,8 @@ pub struct Args {
     /// cannot send within the downtime budget left at the destination, which serves the guest
     /// at once, fetches a block when the guest reads it and gets the rest pushed in the
     /// background; `always` does so whenever blocks are left; `never` sends everything while
-    /// the guest is paused. --verify-disk implies `never` (it compares both disks before the
-    /// switchover).
+    /// the guest is paused. With qemu-mirror, --verify-disk implies `never` (it compares both
+    /// disks before the switchover).
     #[arg(long, value_enum, default_value_t = PostcopyArg::Auto)]
     pub postcopy: PostcopyArg,
     /// Post-copy of memory (QEMU's `postcopy-ram`); by default `auto`, or `never` with
@@ -271,8 +272,11 @@ pub struct Args {
     /// others must be on storage both hosts share, or the destination starts without their data).
     #[arg(long)]
     pub allow_unmoved_drives: bool,
-    /// Before switchover, check that both proxies hold the same disk (SHA-256 of every byte);
-    /// a mismatch rolls back. Costs downtime in proportion to the disk size.
+    /// Check that both hosts hold the same disk. With row and bitmap, after the switchover and
+    /// without downtime: the guest runs on the destination while both proxies hash the disk
+    /// (SHA-256 per MiB), leaving out the blocks the guest wrote there since; a difference
+    /// fails with exit 5, naming the MiB (the source keeps its disk). With qemu-mirror, both
+    /// whole disks before the switchover, in the downtime; a mismatch rolls back.
     #[arg(long)]
     pub verify_disk: bool,
     /// Print the report (or, on failure, the error and the state each component was left in)

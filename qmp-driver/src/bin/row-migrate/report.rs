@@ -88,6 +88,17 @@ pub fn print(r: &Value) {
     if let Some(ms) = r["verify-disk-ms"].as_f64().filter(|ms| *ms > 0.0) {
         println!("disk check            {ms:.0} ms of the downtime (--verify-disk: both digests equal)");
     }
+    for v in r["disk-verified"].as_array().cloned().unwrap_or_else(|| vec![r["disk-verified"].clone()]) {
+        if v["when"] == "after-switchover" {
+            println!(
+                "disk check            equal: {} MB compared after the switchover in {:.1} s, {} MB left out (written \
+                 on the destination since)",
+                mb(&v["compared-bytes"]),
+                v["seconds"].as_f64().unwrap_or(0.0),
+                mb(&v["written-since-bytes"])
+            );
+        }
+    }
     println!("memory                {} MB", mb(&r["memory-bytes"]));
     match r["disk"].as_array() {
         Some(disks) => {

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use control_api::{MigrateFinishArgs, MigrateStartArgs, NoArgs, Phase, QueryDigest, QueryMigrate, StatusReply};
+use control_api::{MigrateFinishArgs, MigrateStartArgs, NoArgs, Phase, QueryMigrate, StatusReply};
 use qmp_driver::proxy::status;
 use qmp_driver::{DiskMigration, Peer, Qmp, Support};
 use serde_json::{json, Value};
@@ -18,8 +18,6 @@ use crate::{exit, Args, MirrorMode, PostcopyArg, Strategy};
 pub const CMD: Duration = Duration::from_secs(30);
 /// How long the final disk round (delivered and synced on the destination) may take.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(600);
-/// How long a digest of a whole disk may take.
-const DIGEST_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long QEMU's memory migration may go between two events.
 const MIGRATION_EVENT_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long the destination guest may take to resume after the switchover.
@@ -88,7 +86,7 @@ where
 }
 
 /// The first error of per-disk results, with every failing disk named; the values otherwise.
-fn all_ok<T>(results: Vec<(String, Result<T>)>) -> Result<Vec<T>> {
+pub fn all_ok<T>(results: Vec<(String, Result<T>)>) -> Result<Vec<T>> {
     let failed: Vec<String> =
         results.iter().filter_map(|(name, r)| r.as_ref().err().map(|e| format!("{name}: {e:#}"))).collect();
     if !failed.is_empty() {
@@ -563,8 +561,10 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
     let paused_at = Instant::now();
     // The guest is paused and its block layer flushed: everything from here is downtime.
     // What the disk may take of the downtime budget: what memory and the resume do not.
-    // --verify-disk compares both disks before the switchover: the destination must hold all.
-    let postcopy = if ctx.args.verify_disk { PostcopyArg::Never } else { ctx.args.postcopy };
+    // qemu-mirror's --verify-disk compares both disks before the switchover: the destination
+    // must hold all.
+    let paused_check = ctx.args.verify_disk && !ctx.args.strategy.by_proxies();
+    let postcopy = if paused_check { PostcopyArg::Never } else { ctx.args.postcopy };
     // What follows QEMU's own count: the share, or longer on a slow link (its buffered stream),
     // unless --max-bandwidth paces QEMU (the link's queue then stays short).
     let drain = if paced_below(memory_rate, link_rate) { Duration::ZERO } else { drain_time(link_rate) };
@@ -607,7 +607,7 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
     };
     let final_disk_seconds = paused_at.elapsed().as_secs_f64();
     let verify_started = Instant::now();
-    let verified = if ctx.args.verify_disk { Some(verify_disk(ctx).await?) } else { None };
+    let verified = if paused_check { Some(crate::verify::while_paused(ctx).await?) } else { None };
     let verify_seconds = if verified.is_some() { verify_started.elapsed().as_secs_f64() } else { 0.0 };
     // From the moment this is sent the switchover may happen: no rollback after it.
     ctx.continue_sent = true;
@@ -679,6 +679,9 @@ pub async fn after_switchover(ctx: &mut Ctx, report: &mut Value) -> Result<()> {
         }
     }
     report["postcopy"] = json!(!postcopy.is_empty());
+    if ctx.args.verify_disk {
+        report["disk-verified"] = crate::verify::after_switchover(ctx).await.context("--verify-disk")?;
+    }
     report["total-seconds"] = json!(ctx.started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -807,30 +810,8 @@ async fn wait_postcopy(ctx: &mut Ctx, switched: Instant) -> Result<Vec<Value>> {
     }
 }
 
-/// Compares the disk digests of both proxies of every disk while the guest is paused.
-async fn verify_disk(ctx: &mut Ctx) -> Result<Value> {
-    let results = each_disk(&mut ctx.disks, |d| async move {
-        let (a, b) = tokio::join!(
-            d.src_proxy.call_within::<QueryDigest>(NoArgs {}, DIGEST_TIMEOUT),
-            d.dst_proxy.call_within::<QueryDigest>(NoArgs {}, DIGEST_TIMEOUT)
-        );
-        let r = async {
-            let a = a.context("digest of the source disk")?;
-            let b = b.context("digest of the destination disk")?;
-            if a.sha256 != b.sha256 {
-                bail!("the destination disk differs from the source (sha256 {} vs {})", b.sha256, a.sha256);
-            }
-            Ok(json!({ "sha256": a.sha256, "seconds": a.seconds + b.seconds }))
-        }
-        .await;
-        (d.name.clone(), r)
-    })
-    .await;
-    Ok(disks_value(all_ok(results)?))
-}
-
 /// One disk's value as it is, several as an array (the report's shape for one disk is kept).
-fn disks_value(mut values: Vec<Value>) -> Value {
+pub fn disks_value(mut values: Vec<Value>) -> Value {
     if values.len() == 1 {
         values.pop().unwrap_or_default()
     } else {
