@@ -26,10 +26,11 @@ use tokio_rustls::TlsAcceptor;
 
 use super::budget::{cost, Budget, Held};
 pub use super::budget::{SharedBudget, MAX_IN_FLIGHT_BYTES, TCP_IN_FLIGHT_BYTES, TOTAL_IN_FLIGHT_BYTES};
+use super::buffer_pool::BufferPool;
 use super::export::{Catalog, PullFuture};
 use super::negotiation::{Negotiated, Negotiation, Step};
 use super::request_reader::RequestReader;
-use super::transmission::{error_reply, execute, read_reply_with, runs_inline, validate};
+use super::transmission::{error_reply, execute, execute_into, read_reply_with, runs_inline, validate};
 
 /// Most replies gathered into one vectored write.
 const MAX_BATCH: usize = 16;
@@ -96,7 +97,13 @@ pub async fn serve_with(
     let (stream, buffered) = reader.into_parts();
     let (r, writer) = tokio::io::split(stream);
     let mut reader = RequestReader::with_buffered(r, buffered);
-    let mut replies = Replies { writer, batch: Vec::with_capacity(MAX_BATCH), bytes: 0, held: Vec::new() };
+    let mut replies = Replies {
+        writer,
+        batch: Vec::with_capacity(MAX_BATCH),
+        bytes: 0,
+        held: Vec::new(),
+        pool: BufferPool::default(),
+    };
     let session = Arc::new(session);
     tracing::info!(
         %peer,
@@ -143,12 +150,14 @@ pub async fn serve_with(
     written.context("sending replies")
 }
 
-/// Replies gathered for one vectored write, with the budget shares they hold until written.
+/// Replies gathered for one vectored write, with the budget shares they hold until written,
+/// and the buffers written replies leave behind, for the next payloads and replies.
 struct Replies<W> {
     writer: W,
     batch: Vec<Vec<u8>>,
     bytes: usize,
     held: Vec<Held>,
+    pool: BufferPool,
 }
 
 impl<W: AsyncWrite + Unpin> Replies<W> {
@@ -168,7 +177,9 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
             return Ok(());
         }
         write_all_vectored(&mut self.writer, &self.batch).await?;
-        self.batch.clear();
+        for buf in self.batch.drain(..) {
+            self.pool.give(buf);
+        }
         self.bytes = 0;
         self.held.clear();
         Ok(())
@@ -385,7 +396,7 @@ async fn read_payload<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     if !reader.has(req.length as usize) {
         replies.flush().await.context("sending replies")?;
     }
-    let mut payload = Vec::with_capacity(req.length as usize);
+    let mut payload = replies.pool.take();
     reader.read_payload(req.length as usize, &mut payload).await.context("reading write payload")?;
     Ok(Some(payload))
 }
@@ -440,7 +451,13 @@ async fn transmission<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         }
         match pull {
             Some(pull) => running.spawn_pulled(pull, session, req, payload, permit),
-            None if inline => replies.push((execute(session, &req, payload), permit)),
+            None if inline => {
+                let reply = execute_into(session, &req, payload.as_deref(), replies.pool.take());
+                replies.push((reply, permit));
+                if let Some(payload) = payload {
+                    replies.pool.give(payload);
+                }
+            }
             None => running.spawn_blocking(session, req, payload, permit),
         }
     }

@@ -2,6 +2,7 @@
 //! serve, and the connection task that moves the bytes.
 
 mod budget;
+mod buffer_pool;
 pub mod connection;
 pub mod errno;
 pub mod export;

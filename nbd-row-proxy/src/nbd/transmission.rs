@@ -111,13 +111,21 @@ pub fn error_reply(session: &Negotiated, cookie: u64, errno: u32, message: &str)
 
 /// Executes a validated request (with its payload for WRITE) and returns the reply bytes.
 pub fn execute(session: &Negotiated, req: &Request, payload: Option<Vec<u8>>) -> Vec<u8> {
+    execute_into(session, req, payload.as_deref(), Vec::new())
+}
+
+/// [`execute`], building the reply in `out` (cleared first) so its memory is used again: a
+/// connection recycles its buffers, as a fresh 256 KiB one per read is mapped, faulted in page
+/// by page and unmapped again (a fifth of the server's time on sequential reads).
+pub fn execute_into(session: &Negotiated, req: &Request, payload: Option<&[u8]>, mut out: Vec<u8>) -> Vec<u8> {
+    out.clear();
     let backend = &session.export.backend;
     let (offset, length) = (req.offset, req.length as u64);
     let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
     let result = match req.command {
-        Command::Read => return read_reply(session, req),
+        Command::Read => return read_reply(session, req, out),
         Command::BlockStatus => return block_status_reply(session, req),
-        Command::Write => backend.write_at(payload.as_deref().unwrap_or_default(), offset, fua),
+        Command::Write => backend.write_at(payload.unwrap_or_default(), offset, fua),
         Command::Flush => backend.flush(),
         Command::Trim => backend.trim(offset, length, fua),
         Command::WriteZeroes => {
@@ -133,7 +141,6 @@ pub fn execute(session: &Negotiated, req: &Request, payload: Option<Vec<u8>>) ->
     };
     match result {
         Ok(()) => {
-            let mut out = Vec::with_capacity(16);
             encode_simple_reply(req.cookie, 0, &mut out);
             out
         }
@@ -163,11 +170,11 @@ pub fn read_reply_with(session: &Negotiated, req: &Request, data: &[u8]) -> Vec<
     out
 }
 
-fn read_reply(session: &Negotiated, req: &Request) -> Vec<u8> {
+fn read_reply(session: &Negotiated, req: &Request, mut out: Vec<u8>) -> Vec<u8> {
     let backend = &session.export.backend;
     let len = req.length as usize;
     if !session.structured {
-        let mut out = Vec::with_capacity(16 + len);
+        out.reserve(16 + len);
         encode_simple_reply(req.cookie, 0, &mut out);
         return match backend.read_append(&mut out, len, req.offset) {
             Ok(()) => out,
@@ -181,11 +188,11 @@ fn read_reply(session: &Negotiated, req: &Request) -> Vec<u8> {
             let has_hole = extents.iter().any(|e| e.hole);
             let single_chunk_only = req.flags & NBD_CMD_FLAG_DF != 0;
             if covers && has_hole && (extents.len() == 1 || !single_chunk_only) {
-                return fragmented_read(session, req, &extents);
+                return fragmented_read(session, req, &extents, out);
             }
         }
     }
-    let mut out = Vec::with_capacity(OFFSET_DATA_PREFIX_LEN + len);
+    out.reserve(OFFSET_DATA_PREFIX_LEN + len);
     encode_offset_data_prefix(req.cookie, NBD_REPLY_FLAG_DONE, req.offset, req.length, &mut out);
     match backend.read_append(&mut out, len, req.offset) {
         Ok(()) => out,
@@ -193,9 +200,8 @@ fn read_reply(session: &Negotiated, req: &Request) -> Vec<u8> {
     }
 }
 
-fn fragmented_read(session: &Negotiated, req: &Request, extents: &[row_store::Extent]) -> Vec<u8> {
+fn fragmented_read(session: &Negotiated, req: &Request, extents: &[row_store::Extent], mut out: Vec<u8>) -> Vec<u8> {
     let backend = &session.export.backend;
-    let mut out = Vec::new();
     let mut pos = req.offset;
     for (i, e) in extents.iter().enumerate() {
         let flags = if i + 1 == extents.len() { NBD_REPLY_FLAG_DONE } else { 0 };
