@@ -395,6 +395,54 @@ fn absolute(what: &str, path: &Path) -> Result<PathBuf> {
     std::path::absolute(path).with_context(|| format!("{what} {}", path.display()))
 }
 
+/// The sockets, the disk id and the state directory (made absolute): a socket path that names
+/// one of the disk's own files is a typo that would hide it.
+fn check_paths(args: &ServeArgs) -> Result<PathBuf> {
+    check_socket_path("--socket", &args.socket)?;
+    if let Some(control) = &args.control {
+        check_socket_path("--control", control)?;
+        if control == &args.socket {
+            bail!("--control and --socket are the same path");
+        }
+    }
+    if let Some(id) = &args.disk_id {
+        crate::state::DiskId::parse(id)?;
+    }
+    let state_dir = absolute("--state-dir", &args.state_dir)?;
+    let mut disk_files = vec![args.image.clone(), state_dir.clone()];
+    if let Some(reserved) = &args.reserved {
+        disk_files.extend([reserved.clone(), suffixed(reserved, ".map")]);
+    }
+    for sock in std::iter::once(&args.socket).chain(args.control.as_ref()) {
+        if disk_files.iter().any(|f| f == sock) {
+            bail!("{} is one of the disk's own files, not a place for a socket", sock.display());
+        }
+    }
+    Ok(state_dir)
+}
+
+/// The NBD TCP address and the migration streams' protection (which a receiver must have).
+fn check_network(args: &ServeArgs, receiving: bool) -> Result<(Option<SocketAddr>, LiveProtection)> {
+    let tcp = args.tcp.as_deref().map(|t| address("--tcp", t)).transpose()?;
+    if tcp.is_some() && args.tls_creds.is_none() && !args.insecure {
+        bail!(
+            "--tcp needs --tls-creds DIR (NBD clients then negotiate TLS with client certificates), or \
+             --insecure for a trusted test network: an NBD export over TCP is otherwise open to anyone who \
+             can reach it, in clear"
+        );
+    }
+    let files = ProtectionFiles {
+        tls_creds: args.tls_creds.clone(),
+        auth_key_file: args.auth_key_file.clone(),
+        insecure: args.insecure,
+    };
+    let protection = LiveProtection::load(files)?;
+    if receiving {
+        protection.current().usable()?;
+    }
+    Ok((tcp, protection))
+}
+
 impl Cli {
     /// Checks every argument; nothing is created or bound yet.
     pub fn validate(self) -> Result<Config> {
@@ -405,44 +453,8 @@ impl Cli {
             Cmd::Receive(r) => (r.serve, Some(address("--listen", &r.listen)?), r.read_wait, false, r.create),
         };
         check_image(&args.image, listen.is_some(), create)?;
-        check_socket_path("--socket", &args.socket)?;
-        if let Some(control) = &args.control {
-            check_socket_path("--control", control)?;
-            if control == &args.socket {
-                bail!("--control and --socket are the same path");
-            }
-        }
-        if let Some(id) = &args.disk_id {
-            crate::state::DiskId::parse(id)?;
-        }
-        let state_dir = absolute("--state-dir", &args.state_dir)?;
-        // A socket path that names one of the disk's own files is a typo that would hide it.
-        let mut disk_files = vec![args.image.clone(), state_dir.clone()];
-        if let Some(reserved) = &args.reserved {
-            disk_files.extend([reserved.clone(), suffixed(reserved, ".map")]);
-        }
-        for sock in std::iter::once(&args.socket).chain(args.control.as_ref()) {
-            if disk_files.iter().any(|f| f == sock) {
-                bail!("{} is one of the disk's own files, not a place for a socket", sock.display());
-            }
-        }
-        let tcp = args.tcp.as_deref().map(|t| address("--tcp", t)).transpose()?;
-        if tcp.is_some() && args.tls_creds.is_none() && !args.insecure {
-            bail!(
-                "--tcp needs --tls-creds DIR (NBD clients then negotiate TLS with client certificates), or \
-                 --insecure for a trusted test network: an NBD export over TCP is otherwise open to anyone who \
-                 can reach it, in clear"
-            );
-        }
-        let files = ProtectionFiles {
-            tls_creds: args.tls_creds.clone(),
-            auth_key_file: args.auth_key_file.clone(),
-            insecure: args.insecure,
-        };
-        let protection = LiveProtection::load(files)?;
-        if listen.is_some() {
-            protection.current().usable()?;
-        }
+        let state_dir = check_paths(&args)?;
+        let (tcp, protection) = check_network(&args, listen.is_some())?;
         if listen.is_some() && args.read_only {
             bail!("receive writes the disk it receives: --read-only does not apply");
         }

@@ -78,27 +78,10 @@ impl Negotiation {
                 return Step::Continue(out);
             }
         };
-        let code = option.code();
         if self.tls == Tls::Required {
-            return match option {
-                ClientOption::StartTls => {
-                    self.tls = Tls::On;
-                    OptionReply::ack(code).encode(&mut out);
-                    Step::StartTls(out)
-                }
-                ClientOption::Abort => {
-                    OptionReply::ack(code).encode(&mut out);
-                    Step::Close(out)
-                }
-                // EXPORT_NAME cannot carry an error: the spec says close.
-                ClientOption::ExportName(_) => Step::Close(out),
-                _ => {
-                    OptionReply::error(code, NBD_REP_ERR_TLS_REQD, "this export requires TLS: NBD_OPT_STARTTLS first")
-                        .encode(&mut out);
-                    Step::Continue(out)
-                }
-            };
+            return self.before_tls(option, out);
         }
+        let code = option.code();
         match option {
             ClientOption::ExportName(name) => match self.catalog.find(&name) {
                 Some(export) => {
@@ -158,6 +141,29 @@ impl Negotiation {
             }
             ClientOption::ExtendedHeaders | ClientOption::Unknown(_) => {
                 OptionReply::error(code, NBD_REP_ERR_UNSUP, "option not supported").encode(&mut out);
+                Step::Continue(out)
+            }
+        }
+    }
+
+    /// An option while the export still requires STARTTLS: only that or ABORT is taken.
+    fn before_tls(&mut self, option: ClientOption, mut out: Vec<u8>) -> Step {
+        let code = option.code();
+        match option {
+            ClientOption::StartTls => {
+                self.tls = Tls::On;
+                OptionReply::ack(code).encode(&mut out);
+                Step::StartTls(out)
+            }
+            ClientOption::Abort => {
+                OptionReply::ack(code).encode(&mut out);
+                Step::Close(out)
+            }
+            // EXPORT_NAME cannot carry an error: the spec says close.
+            ClientOption::ExportName(_) => Step::Close(out),
+            _ => {
+                OptionReply::error(code, NBD_REP_ERR_TLS_REQD, "this export requires TLS: NBD_OPT_STARTTLS first")
+                    .encode(&mut out);
                 Step::Continue(out)
             }
         }
