@@ -13,7 +13,7 @@ use row_store::storage::Storage;
 use row_store::{BlockBackend, Caps, Disk, DiskOptions, Extent, Mode};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::cli::{check_socket_path, Config};
@@ -296,29 +296,7 @@ pub async fn run(config: Config, opened: Opened) -> Result<()> {
         live = Arc::new(ReadOnly(live));
     }
     let catalog = Catalog::new(config.export.clone(), disk.clone(), live, control.pull());
-    tracing::info!(
-        socket = %config.socket.display(),
-        tcp = config.tcp.map(|a| a.to_string()).as_deref().unwrap_or("-"),
-        export = %config.export,
-        size = disk.size(),
-        mode = disk.mode().as_str(),
-        read_only = config.read_only,
-        access = %proxy.gate.access(),
-        disk_id = %proxy.state.id(),
-        state = %proxy.state.dir().display(),
-        "serving"
-    );
-    if let Some(away) = &migrated_away {
-        tracing::warn!(
-            peer = %away.peer,
-            session = %away.session,
-            "this disk was migrated to {} (the migration completed), which owns it: served {}, writes refused; \
-             `{}` drops its state once it is not needed",
-            away.peer,
-            if config.read_only { "read-only" } else { "fenced (--fenced)" },
-            retire_command(&config)
-        );
-    }
+    log_serving(&config, &proxy, migrated_away.as_ref());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     if let (Some(listener), Some(incoming)) = (listeners.migration.take(), &control.incoming) {
         tracing::info!(
@@ -329,17 +307,8 @@ pub async fn run(config: Config, opened: Opened) -> Result<()> {
         );
         tokio::spawn(incoming.clone().listen(listener, shutdown_rx.clone()));
     }
-    let control_task = listeners.control.take().map(|listener| {
-        let greeting = Greeting::new(
-            Version { major: 0, minor: 1, micro: 0 },
-            format!("{} {}", control_api::GREETING_PACKAGE, env!("CARGO_PKG_VERSION")),
-        );
-        let handler: Arc<dyn qmp_proto::Handler> = Arc::new(ControlHandler(control.clone()));
-        let events = proxy.events.sender().clone();
-        let path = config.control.as_deref().map_or_else(String::new, |p| p.display().to_string());
-        tracing::info!(control = %path, "control socket ready");
-        tokio::spawn(qmp_proto::serve(listener, greeting, handler, events, shutdown_rx.clone()))
-    });
+    let control_task =
+        listeners.control.take().map(|listener| start_control(listener, &config, &control, shutdown_rx.clone()));
     if disk.mode() == Mode::Merging && !export_read_only {
         tracing::info!("resuming the merge interrupted by the last exit");
         let p = proxy.clone();
@@ -380,6 +349,52 @@ pub async fn run(config: Config, opened: Opened) -> Result<()> {
         let _ = task.await;
     }
     shut_down(conns, &disk).await
+}
+
+/// The start-up line, and a warning when the disk was migrated away for good.
+fn log_serving(config: &Config, proxy: &Proxy, migrated_away: Option<&Away>) {
+    let disk = &proxy.disk;
+    tracing::info!(
+        socket = %config.socket.display(),
+        tcp = config.tcp.map(|a| a.to_string()).as_deref().unwrap_or("-"),
+        export = %config.export,
+        size = disk.size(),
+        mode = disk.mode().as_str(),
+        read_only = config.read_only,
+        access = %proxy.gate.access(),
+        disk_id = %proxy.state.id(),
+        state = %proxy.state.dir().display(),
+        "serving"
+    );
+    if let Some(away) = migrated_away {
+        tracing::warn!(
+            peer = %away.peer,
+            session = %away.session,
+            "this disk was migrated to {} (the migration completed), which owns it: served {}, writes refused; \
+             `{}` drops its state once it is not needed",
+            away.peer,
+            if config.read_only { "read-only" } else { "fenced (--fenced)" },
+            retire_command(config)
+        );
+    }
+}
+
+/// Serves the control socket until `shutdown`.
+fn start_control(
+    listener: UnixListener,
+    config: &Config,
+    control: &Arc<Control>,
+    shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let greeting = Greeting::new(
+        Version { major: 0, minor: 1, micro: 0 },
+        format!("{} {}", control_api::GREETING_PACKAGE, env!("CARGO_PKG_VERSION")),
+    );
+    let handler: Arc<dyn qmp_proto::Handler> = Arc::new(ControlHandler(control.clone()));
+    let events = control.proxy.events.sender().clone();
+    let path = config.control.as_deref().map_or_else(String::new, |p| p.display().to_string());
+    tracing::info!(control = %path, "control socket ready");
+    tokio::spawn(qmp_proto::serve(listener, greeting, handler, events, shutdown))
 }
 
 /// The live export of a disk served `--read-only` but opened read-write: reads as the disk,
@@ -436,14 +451,26 @@ impl Pool {
     fn new(listener: &'static str, max: usize, budget: SharedBudget) -> Self {
         Self { listener, slots: Arc::new(Semaphore::new(max)), max, budget }
     }
+
+    /// A slot for a new connection from `peer`, or none (logged now and then) when all are taken.
+    fn admit(&self, peer: &str) -> Option<OwnedSemaphorePermit> {
+        let slot = self.slots.clone().try_acquire_owned().ok();
+        if slot.is_none() {
+            if let Some(suppressed) = REFUSED.hit() {
+                tracing::warn!(
+                    %peer,
+                    listener = self.listener,
+                    max_connections = self.max,
+                    suppressed,
+                    "too many NBD connections: refusing this one (more refusals within {WARN_INTERVAL:?} are \
+                     counted, not logged)"
+                );
+            }
+        }
+        slot
+    }
 }
 
-/// Accepts NBD connections until SIGTERM or SIGINT; returns the connections still running.
-/// The Unix socket and the TCP listener each serve at most `max_connections` at once, so TCP
-/// clients (authenticated or not) can never keep QEMU's Unix socket from getting in; beyond that
-/// new connections are closed at once, and the others go on. All connections' requests share one
-/// byte budget, of which TCP connections may hold part. TCP connections must negotiate TLS when
-/// `tls` is given.
 /// The signals the serving loop answers: TERM and INT stop it, HUP reloads the protection.
 struct Signals {
     term: Signal,
@@ -459,6 +486,12 @@ fn reload_on_hangup(protection: &LiveProtection) {
     }
 }
 
+/// Accepts NBD connections until SIGTERM or SIGINT; returns the connections still running.
+/// The Unix socket and the TCP listener each serve at most `max_connections` at once, so TCP
+/// clients (authenticated or not) can never keep QEMU's Unix socket from getting in; beyond that
+/// new connections are closed at once, and the others go on. All connections' requests share one
+/// byte budget, of which TCP connections may hold part. TCP connections must negotiate TLS when
+/// `nbd_tls` is set.
 async fn serve_until_signal(
     l: &Listeners,
     catalog: Catalog,
@@ -523,39 +556,34 @@ async fn serve_until_signal(
                 tracing::error!(error = %e, "connection task failed");
             }
         }
-        let Ok(slot) = pool.slots.clone().try_acquire_owned() else {
-            if let Some(suppressed) = REFUSED.hit() {
-                tracing::warn!(
-                    peer = %kind,
-                    listener = pool.listener,
-                    max_connections = pool.max,
-                    suppressed,
-                    "too many NBD connections: refusing this one (more refusals within {WARN_INTERVAL:?} are \
-                     counted, not logged)"
-                );
-            }
-            continue;
-        };
+        let Some(slot) = pool.admit(&kind) else { continue };
         next_id += 1;
         let peer = format!("{kind}#{next_id}");
         let (catalog, rx, budget) = (catalog.clone(), shutdown.clone(), pool.budget.clone());
         conns.spawn(async move {
             let _slot = slot;
-            match crate::nbd::connection::serve_with(stream, tls, catalog, peer.clone(), rx, &budget).await {
-                Ok(()) => {}
-                Err(e) if client_hung_up(&e) => tracing::debug!(%peer, "the client hung up: {e:#}"),
-                Err(e) if e.downcast_ref::<NegotiationFailed>().is_some() => {
-                    if let Some(suppressed) = NOT_NEGOTIATED.hit() {
-                        tracing::warn!(
-                            %peer,
-                            suppressed,
-                            "connection ended: {e:#} (more such within {WARN_INTERVAL:?} are counted, not logged)"
-                        );
-                    }
-                }
-                Err(e) => tracing::warn!(%peer, "connection ended: {e:#}"),
-            }
+            let ended = crate::nbd::connection::serve_with(stream, tls, catalog, peer.clone(), rx, &budget).await;
+            log_connection_end(&peer, ended);
         });
+    }
+}
+
+/// How a connection ended, at the level it deserves: a client hanging up is ordinary, clients
+/// that never got in are counted, anything else is a warning.
+fn log_connection_end(peer: &str, ended: Result<()>) {
+    match ended {
+        Ok(()) => {}
+        Err(e) if client_hung_up(&e) => tracing::debug!(%peer, "the client hung up: {e:#}"),
+        Err(e) if e.downcast_ref::<NegotiationFailed>().is_some() => {
+            if let Some(suppressed) = NOT_NEGOTIATED.hit() {
+                tracing::warn!(
+                    %peer,
+                    suppressed,
+                    "connection ended: {e:#} (more such within {WARN_INTERVAL:?} are counted, not logged)"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(%peer, "connection ended: {e:#}"),
     }
 }
 
