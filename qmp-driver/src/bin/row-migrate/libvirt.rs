@@ -340,6 +340,11 @@ pub async fn migrate(args: Args, domain: Domain) -> Result<Value, Failure> {
     }
     cmd.args([&domain.name, &domain.to]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
     let started = Instant::now();
+    // Ctrl-C (or SIGINT to row-migrate alone) aborts libvirt's job, then waits for virsh to end:
+    // the failure path below disarms the disks. Leaving at once would leave them armed.
+    let interrupt = crate::ssh::ctrl_c();
+    tokio::pin!(interrupt);
+    let mut interrupted = false;
     let outcome = match cmd.spawn() {
         Ok(mut child) => {
             let mut last = Instant::now();
@@ -360,7 +365,16 @@ pub async fn migrate(args: Args, domain: Domain) -> Result<Value, Failure> {
                         }
                     }
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = &mut interrupt, if !interrupted => {
+                        interrupted = true;
+                        tracing::warn!(domain = %domain.name, "interrupted: aborting libvirt's migration job");
+                        if let Err(e) = virsh(from, &["domjobabort", &domain.name]) {
+                            tracing::warn!("virsh domjobabort: {e:#}");
+                        }
+                    }
+                }
             }
         }
         Err(e) => Err(anyhow!(e).context("cannot run virsh migrate")),
@@ -368,6 +382,7 @@ pub async fn migrate(args: Args, domain: Domain) -> Result<Value, Failure> {
     progress_done();
     let libvirt_seconds = started.elapsed().as_secs_f64();
     let failed = match outcome {
+        Ok(out) if !out.status.success() && interrupted => Some(anyhow!("interrupted: libvirt's job was aborted")),
         Ok(out) if out.status.success() => None,
         Ok(out) => {
             let err = String::from_utf8_lossy(&out.stderr);
