@@ -442,6 +442,8 @@ pub struct DigestReply {
 
 /// Most bytes one `query-disk-digests` covers (its skip runs stay under the line limit).
 pub const DIGESTS_MAX_LENGTH: u64 = 128 << 20;
+/// The blocks `query-disk-digests` leaves out are counted in this size (4 KiB).
+pub const DIGESTS_BLOCK_SIZE: u64 = 4096;
 /// Most skip runs one `query-disk-digests` takes.
 pub const DIGESTS_MAX_SKIP_RUNS: usize = 16_384;
 

@@ -7,7 +7,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Instant;
 
-use control_api::{DiskDigestsArgs, DiskDigestsReply, DIGESTS_MAX_LENGTH, DIGESTS_MAX_SKIP_RUNS};
+use control_api::{DiskDigestsArgs, DiskDigestsReply, DIGESTS_BLOCK_SIZE, DIGESTS_MAX_LENGTH, DIGESTS_MAX_SKIP_RUNS};
 use qmp_proto::CommandError;
 use row_store::{BlockBackend, BLOCK_SIZE};
 use sha2::{Digest, Sha256};
@@ -17,6 +17,8 @@ use crate::ownership::WriteObserver;
 
 /// Bytes read at once.
 const CHUNK: u64 = 4 << 20;
+// The skip runs of the command are in the store's blocks.
+const _: () = assert!(DIGESTS_BLOCK_SIZE == BLOCK_SIZE);
 
 /// A checked request: the range, the unit and the blocks to leave out.
 #[derive(Debug, Clone, PartialEq)]

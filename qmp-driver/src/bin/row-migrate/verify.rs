@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use control_api::{DiskDigestsArgs, DiskDigestsReply, NoArgs, QueryDiskDigests, QueryStatus};
+use control_api::{DiskDigestsArgs, DiskDigestsReply, NoArgs, QueryDiskDigests, QueryStatus, DIGESTS_BLOCK_SIZE};
 use qmp_driver::Qmp;
 use serde_json::{json, Value};
 
@@ -60,14 +60,14 @@ impl Tally {
 /// guest has written on the destination since; fails naming the first differing MiB.
 pub async fn after_switchover(ctx: &mut Ctx) -> Result<Value> {
     let results = each_disk(&mut ctx.disks, |d| async move {
-        let r = compare(&mut d.src_proxy, &mut d.dst_proxy, d.block_size, &d.name).await;
+        let r = compare(&mut d.src_proxy, &mut d.dst_proxy, &d.name).await;
         (d.name.clone(), r)
     })
     .await;
     Ok(disks_value(all_ok(results)?))
 }
 
-async fn compare(src: &mut Qmp, dst: &mut Qmp, block_size: u64, name: &str) -> Result<Value> {
+async fn compare(src: &mut Qmp, dst: &mut Qmp, name: &str) -> Result<Value> {
     let started = Instant::now();
     let size = dst.call::<QueryStatus>(NoArgs {}).await.context("query-status on the destination proxy")?.image_size;
     let mut tally = Tally::default();
@@ -102,7 +102,7 @@ async fn compare(src: &mut Qmp, dst: &mut Qmp, block_size: u64, name: &str) -> R
     Ok(json!({
         "when": "after-switchover",
         "compared-bytes": tally.compared,
-        "written-since-bytes": tally.left_out * block_size,
+        "written-since-bytes": tally.left_out * DIGESTS_BLOCK_SIZE,
         "size": size,
         "seconds": started.elapsed().as_secs_f64(),
     }))
