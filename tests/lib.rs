@@ -629,6 +629,35 @@ pub mod migration {
         destination_with(dir, image, &["--auth-key-file", key.to_str().unwrap()], port)
     }
 
+    /// A source proxy on a fresh image of random data (`seed`) and a destination proxy waiting
+    /// for it on an empty sparse image, both with the key `key`; their directories go with it.
+    pub struct Pair {
+        /// The source.
+        pub src: Host,
+        /// The destination, listening on 127.0.0.1:`port`.
+        pub dst: Host,
+        /// The destination's migration port.
+        pub port: u16,
+        /// The source image's data.
+        pub data: Vec<u8>,
+        _dirs: [tempfile::TempDir; 2],
+    }
+
+    impl Pair {
+        /// Starts both proxies.
+        pub fn start(seed: u64, key: &str) -> Self {
+            let (src_dir, dst_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let key = key_file(src_dir.path(), key);
+            let (image, data) = source_image(src_dir.path(), seed);
+            let src = source(src_dir.path(), &image, &key);
+            let dst_image = dst_dir.path().join("disk.raw");
+            super::sparse_file(&dst_image, SIZE as u64);
+            let port = free_port();
+            let dst = destination(dst_dir.path(), &dst_image, &key, port);
+            Self { src, dst, port, data, _dirs: [src_dir, dst_dir] }
+        }
+    }
+
     /// Like [`destination`] with `protection` as [`source_with`] takes it.
     pub fn destination_with(dir: &Path, image: &Path, protection: &[&str], port: u16) -> Host {
         let control = dir.join("control.sock");

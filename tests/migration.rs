@@ -20,16 +20,10 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 fn destination_matches_the_source_for_both_strategies() {
     let _serial = serial();
     for (i, strategy) in ["row", "bitmap"].into_iter().enumerate() {
-        let src_dir = tempfile::tempdir().unwrap();
-        let dst_dir = tempfile::tempdir().unwrap();
-        let key = key_file(src_dir.path(), "0123456789abcdef0123456789abcdef\n");
-        let (image, data) = source_image(src_dir.path(), 11 + i as u64);
-        let src = source(src_dir.path(), &image, &key);
-        let dst_image = dst_dir.path().join("disk.raw");
-        sparse_file(&dst_image, SIZE as u64);
-        let port = free_port();
-        let dst = destination(dst_dir.path(), &dst_image, &key, port);
-        let (status, model) = migrate_under_load(&src, port, strategy, data, 5 + i as u64);
+        let pair = Pair::start(11 + i as u64, "0123456789abcdef0123456789abcdef\n");
+        let (src, dst, port) = (&pair.src, &pair.dst, pair.port);
+        let data = pair.data;
+        let (status, model) = migrate_under_load(src, port, strategy, data, 5 + i as u64);
         eprintln!("{strategy}: {}", serde_json::to_string(&status).unwrap());
         // The source's disk at the pause is the writer's model; the destination holds exactly that.
         assert!(read_all(&src.server) == model, "{strategy}: the source lost a write");
@@ -100,22 +94,16 @@ fn digests_of_both(src: &Host, dst: &Host) -> (control_api::DiskDigestsReply, co
 #[test]
 fn after_the_switchover_both_copies_compare_while_the_guest_writes_and_a_changed_block_is_found() {
     let _serial = serial();
-    let src_dir = tempfile::tempdir().unwrap();
-    let dst_dir = tempfile::tempdir().unwrap();
-    let key = key_file(src_dir.path(), "0123456789abcdef0123456789abcdef\n");
-    let (image, data) = source_image(src_dir.path(), 31);
-    let src = source(src_dir.path(), &image, &key);
-    let dst_image = dst_dir.path().join("disk.raw");
-    sparse_file(&dst_image, SIZE as u64);
-    let port = free_port();
-    let dst = destination(dst_dir.path(), &dst_image, &key, port);
-    migrate_under_load(&src, port, "row", data, 7);
+    let pair = Pair::start(31, "0123456789abcdef0123456789abcdef\n");
+    let (src, dst, port) = (&pair.src, &pair.dst, pair.port);
+    let data = pair.data;
+    migrate_under_load(src, port, "row", data, 7);
     src.ctl().ok("migrate-complete", json!({}));
 
     // The guest writes on B: those blocks are left out on both sides, the rest is equal.
     let mut d = RawClient::connect(&dst.server.socket, "", true).unwrap();
     assert_eq!(d.call(request(Cmd::Write, 1, 10 * 4096, 8192), &[0xee; 8192]).unwrap().error, 0);
-    let (theirs, ours) = digests_of_both(&src, &dst);
+    let (theirs, ours) = digests_of_both(src, dst);
     assert_eq!(theirs.skipped, vec![[10, 2]], "{theirs:?}");
     assert_eq!(theirs.digests.len(), SIZE >> 20);
     assert_eq!(theirs.digests, ours.digests, "the copies differ");
@@ -124,7 +112,7 @@ fn after_the_switchover_both_copies_compare_while_the_guest_writes_and_a_changed
     // A block changed behind the proxy's back on B (not by the guest): its MiB alone differs.
     let f = std::fs::OpenOptions::new().write(true).open(&dst.image).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &[0x5a; 4096], 300 * 4096).unwrap();
-    let (theirs, ours) = digests_of_both(&src, &dst);
+    let (theirs, ours) = digests_of_both(src, dst);
     let differ: Vec<usize> = (0..ours.digests.len()).filter(|&i| ours.digests[i] != theirs.digests[i]).collect();
     assert_eq!(differ, vec![(300 * 4096) >> 20]);
 
@@ -142,17 +130,11 @@ fn after_the_switchover_both_copies_compare_while_the_guest_writes_and_a_changed
 /// A deterministic overwrite-heavy workload, the same for both strategies: the writer rewrites
 /// a hot set while round 1 is slowed down by a bandwidth cap.
 fn update_bytes(strategy: &str) -> (u64, u64) {
-    let src_dir = tempfile::tempdir().unwrap();
-    let dst_dir = tempfile::tempdir().unwrap();
-    let key = key_file(src_dir.path(), "0123456789abcdef0123456789abcdef");
-    let (image, data) = source_image(src_dir.path(), 31);
-    let src = source(src_dir.path(), &image, &key);
-    let dst_image = dst_dir.path().join("disk.raw");
-    sparse_file(&dst_image, SIZE as u64);
-    let port = free_port();
-    let _dst = destination(dst_dir.path(), &dst_image, &key, port);
-    let (status, model) = migrate_under_load(&src, port, strategy, data, 77);
-    assert!(std::fs::read(&dst_image).unwrap() == model);
+    let pair = Pair::start(31, "0123456789abcdef0123456789abcdef");
+    let (src, port) = (&pair.src, pair.port);
+    let data = pair.data;
+    let (status, model) = migrate_under_load(src, port, strategy, data, 77);
+    assert!(std::fs::read(&pair.dst.image).unwrap() == model);
     (status["update-logical-bytes"].as_u64().unwrap(), status["update-wire-bytes"].as_u64().unwrap())
 }
 
@@ -184,27 +166,20 @@ fn progress_of(host: &Host, task: &str, timeout: std::time::Duration) -> serde_j
 #[test]
 fn query_status_shows_migration_and_merge_progress_to_any_client() {
     let _serial = serial();
-    let src_dir = tempfile::tempdir().unwrap();
-    let dst_dir = tempfile::tempdir().unwrap();
-    let key = key_file(src_dir.path(), "progress-test-key-0123456789abcdef");
-    let (image, _) = source_image(src_dir.path(), 41);
-    let src = source(src_dir.path(), &image, &key);
-    let dst_image = dst_dir.path().join("disk.raw");
-    sparse_file(&dst_image, SIZE as u64);
-    let port = free_port();
-    let _dst = destination(dst_dir.path(), &dst_image, &key, port);
+    let pair = Pair::start(41, "progress-test-key-0123456789abcdef");
+    let (src, port) = (&pair.src, pair.port);
     // Round 1 of 32 MiB at 4 MiB/s: several seconds to watch.
     let mut ctl = src.ctl();
     ctl.ok(
         "migrate-start",
         json!({ "uri": format!("tcp:127.0.0.1:{port}"), "strategy": "row", "max-bandwidth": 4 << 20 }),
     );
-    let p = progress_of(&src, "migration round 1", HANG_LIMIT);
+    let p = progress_of(src, "migration round 1", HANG_LIMIT);
     let p = if p["rate"].as_f64().unwrap_or(0.0) > 0.0 {
         p
     } else {
         std::thread::sleep(std::time::Duration::from_millis(1500));
-        progress_of(&src, "migration round 1", HANG_LIMIT)
+        progress_of(src, "migration round 1", HANG_LIMIT)
     };
     eprintln!("migration progress: {p}");
     let (done, total) = (p["done-bytes"].as_u64().unwrap(), p["total-bytes"].as_u64().unwrap());
@@ -232,7 +207,7 @@ fn query_status_shows_migration_and_merge_progress_to_any_client() {
         }
     }
     ctl.ok("row-stop", json!({ "wait": false }));
-    let p = progress_of(&src, "merge-back", HANG_LIMIT);
+    let p = progress_of(src, "merge-back", HANG_LIMIT);
     eprintln!("merge progress: {p}");
     assert_eq!(p["total-bytes"].as_u64(), Some((SIZE / 2) as u64), "{p}");
     assert!(p["done-bytes"].as_u64().unwrap() <= (SIZE / 2) as u64, "{p}");
@@ -245,14 +220,8 @@ fn query_status_shows_migration_and_merge_progress_to_any_client() {
 #[test]
 fn a_cancel_stops_a_final_round_before_its_commit() {
     let _serial = serial();
-    let (src_dir, dst_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let key = key_file(src_dir.path(), "cancel-final-key-0123456789abcdef");
-    let (image, _) = source_image(src_dir.path(), 43);
-    let src = source(src_dir.path(), &image, &key);
-    let dst_image = dst_dir.path().join("disk.raw");
-    sparse_file(&dst_image, SIZE as u64);
-    let port = free_port();
-    let dst = destination(dst_dir.path(), &dst_image, &key, port);
+    let pair = Pair::start(43, "cancel-final-key-0123456789abcdef");
+    let (src, dst, port) = (&pair.src, &pair.dst, pair.port);
     let mut ctl = src.ctl();
     let uri = format!("tcp:127.0.0.1:{port}");
     ctl.ok("migrate-start", json!({ "uri": uri, "strategy": "row", "max-bandwidth": 2 << 20, "rounds": 1 }));
@@ -263,7 +232,7 @@ fn a_cancel_stops_a_final_round_before_its_commit() {
         let block = random_bytes(i + 1000, BS);
         assert_eq!(c.call(request(Cmd::Write, i, i * BS as u64, BS as u32), &block).unwrap().error, 0);
     }
-    let control = src.control;
+    let control = src.control.clone();
     let finish = std::thread::spawn(move || {
         let mut ctl = ControlClient::connect(&control);
         ctl.execute("migrate-finish", json!({ "postcopy": "never" }))
