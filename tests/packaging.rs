@@ -48,7 +48,7 @@ fn roff(flag: &str) -> String {
 #[test]
 fn generated_pages_and_completions_name_every_subcommand_and_flag() {
     let out = tempfile::tempdir().unwrap();
-    for b in ["nbd-row-proxy", "row-migrate"] {
+    for b in ["nbd-row-proxy", "row-migrate", "nbd-row-proxy-libvirt-hook"] {
         let listed = run_ok(Command::new(bin(b)).arg("--generate-docs").arg(out.path())).stdout;
         assert!(String::from_utf8_lossy(&listed).contains(&format!("man/man1/{b}.1")));
         let man = |page: &str| read(&out.path().join(format!("man/man1/{page}.1")));

@@ -44,6 +44,7 @@
 pub mod client;
 pub mod commands;
 pub mod decoded;
+pub mod domain_xml;
 pub mod error;
 pub mod event;
 pub mod features;

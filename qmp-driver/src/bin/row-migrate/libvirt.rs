@@ -26,64 +26,7 @@ use crate::disks::{disk_specs, DiskSpec};
 use crate::report::{progress_detail, progress_done, progress_line};
 use crate::sequence::{Failure, CMD};
 use crate::{arm, exit, Args};
-
-/// One `<disk>` of a domain's XML, as far as moving it goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct XmlDisk {
-    /// `<target dev=...>` (vda, sdb, ...).
-    pub target: String,
-    /// Where its data is.
-    pub source: Source,
-    /// Whether the guest can write it (not `<readonly/>`, `<shareable/>` or a cdrom/floppy).
-    pub writable: bool,
-}
-
-/// Where a disk's data is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Source {
-    /// NBD on a Unix socket (the proxy's, if its control socket is beside it).
-    NbdUnix(PathBuf),
-    /// Anything else: `type/protocol` as the XML says, for the messages.
-    Other(String),
-}
-
-/// The first child element of `node` named `name`.
-fn child<'a, 'i>(node: roxmltree::Node<'a, 'i>, name: &str) -> Option<roxmltree::Node<'a, 'i>> {
-    node.children().find(|c| c.has_tag_name(name))
-}
-
-/// The disks of a domain's XML (`virsh dumpxml`).
-pub fn parse_disks(xml: &str) -> Result<Vec<XmlDisk>, String> {
-    let doc = roxmltree::Document::parse(xml).map_err(|e| format!("the domain's XML does not parse: {e}"))?;
-    let root = doc.root_element();
-    if root.tag_name().name() != "domain" {
-        return Err(format!("the XML is a <{}>, not a <domain>", root.tag_name().name()));
-    }
-    let mut disks = Vec::new();
-    let Some(devices) = child(root, "devices") else { return Ok(disks) };
-    for disk in devices.children().filter(|c| c.has_tag_name("disk")) {
-        let target = child(disk, "target").and_then(|t| t.attribute("dev")).unwrap_or("?").to_string();
-        let device = disk.attribute("device").unwrap_or("disk");
-        let writable =
-            matches!(device, "disk" | "lun") && child(disk, "readonly").is_none() && child(disk, "shareable").is_none();
-        let kind = disk.attribute("type").unwrap_or("?");
-        let src = child(disk, "source");
-        let protocol = src.and_then(|s| s.attribute("protocol"));
-        let unix = src
-            .and_then(|s| child(s, "host"))
-            .filter(|h| h.attribute("transport") == Some("unix"))
-            .and_then(|h| h.attribute("socket"));
-        let source = match (kind, protocol, unix) {
-            ("network", Some("nbd"), Some(socket)) => Source::NbdUnix(PathBuf::from(socket)),
-            _ => Source::Other(match protocol {
-                Some(p) => format!("{kind}/{p}"),
-                None => kind.to_string(),
-            }),
-        };
-        disks.push(XmlDisk { target, source, writable });
-    }
-    Ok(disks)
-}
+pub use qmp_driver::domain_xml::{parse_disks, Source, XmlDisk};
 
 /// A disk of the domain that moves: its target and the proxies' control sockets and stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,7 +155,7 @@ pub struct Domain {
 }
 
 /// Runs `virsh [-c URI] ARGS...` and returns its stdout; an error carries virsh's own words.
-fn virsh(connect: Option<&str>, args: &[&str]) -> Result<String> {
+pub(crate) fn virsh(connect: Option<&str>, args: &[&str]) -> Result<String> {
     let mut cmd = Command::new("virsh");
     if let Some(uri) = connect {
         cmd.args(["-c", uri]);
@@ -302,7 +245,7 @@ pub fn parse_jobinfo(text: &str) -> Map<String, Value> {
     out
 }
 
-async fn reach(path: &Path) -> Result<Qmp> {
+pub(crate) async fn reach(path: &Path) -> Result<Qmp> {
     let mut q = Qmp::connect_to(path, Duration::from_secs(5), Peer::Proxy)
         .await
         .with_context(|| format!("cannot reach the source proxy {}", path.display()))?;
@@ -310,7 +253,7 @@ async fn reach(path: &Path) -> Result<Qmp> {
     Ok(q)
 }
 
-async fn phase(path: &Path) -> Result<MigrationStatus> {
+pub(crate) async fn phase(path: &Path) -> Result<MigrationStatus> {
     let mut q = reach(path).await?;
     q.call::<QueryMigrate>(NoArgs {}).await.map_err(|e| anyhow!(e))
 }

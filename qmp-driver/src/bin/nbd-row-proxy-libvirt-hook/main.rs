@@ -1,0 +1,264 @@
+//! `nbd-row-proxy-libvirt-hook`: libvirt's QEMU hook for the disks nbd-row-proxy serves
+//! (installed as `/etc/libvirt/hooks/qemu.d/nbd-row-proxy`).
+//!
+//! libvirt runs it on the destination host at the start of an incoming migration
+//! (`DOMAIN migrate begin -`, the domain's XML on stdin), before the destination QEMU starts.
+//! For each writable disk of the domain on nbd-row-proxy it makes sure the receiving proxy runs
+//! (starting the instance `/etc/nbd-row-proxy/NAME.conf` describes, with systemd or by itself)
+//! and that a source proxy has armed it (pre-copying the disk to it). Otherwise it fails, and
+//! libvirt fails the migration with its message before anything moves: a guest started here on a
+//! proxy that nobody armed would run on a stale copy of its disk. Every other hook call is
+//! accepted at once. It never calls back into libvirt and prints nothing on stdout (libvirt
+//! keeps the domain's XML as it is).
+
+mod conf;
+mod needs;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use control_api::{NoArgs, QueryStatus, StatusReply};
+use qmp_driver::{Peer, Qmp};
+
+use crate::conf::Instance;
+use crate::needs::Need;
+
+/// How a configured instance is started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Start {
+    /// systemd's `nbd-row-proxy@NAME.service` when systemd runs the host, else `spawn`.
+    Auto,
+    /// `systemctl start nbd-row-proxy@NAME.service`.
+    Systemd,
+    /// The hook starts `nbd-row-proxy` itself, detached, as the unit would run it (hosts and
+    /// containers without systemd); its output goes to `--log-dir/NAME.log`, its pid to the
+    /// control socket's path with `.pid`.
+    Spawn,
+}
+
+/// libvirt's QEMU hook for disks on nbd-row-proxy: before an incoming migration, starts the
+/// receiving proxies the domain needs and refuses the migration unless each one is armed.
+#[derive(Debug, Parser)]
+#[command(name = "nbd-row-proxy-libvirt-hook", version, about, long_about = None)]
+#[command(after_help = "libvirt calls it as HOOK DOMAIN OPERATION SUB-OPERATION EXTRA with the domain's XML on \
+                        stdin; only `migrate begin` is acted on. Exit 0 lets libvirt go on; exit 1 fails the \
+                        migration with the message on stderr.")]
+struct Cli {
+    /// The domain's name.
+    domain: String,
+    /// libvirt's operation (`migrate`, `prepare`, `start`, ...).
+    operation: String,
+    /// libvirt's sub-operation (`begin`, `end`, ...).
+    sub_operation: String,
+    /// libvirt's extra argument (`-`).
+    extra: Option<String>,
+    /// Where the instances are configured (one `NAME.conf` per served disk).
+    #[arg(long, value_name = "DIR", default_value = "/etc/nbd-row-proxy")]
+    conf_dir: PathBuf,
+    /// How to start a configured instance that is not running.
+    #[arg(long, value_enum, default_value_t = Start::Auto)]
+    start: Start,
+    /// The proxy `--start spawn` runs.
+    #[arg(long, value_name = "PATH", default_value = "/usr/bin/nbd-row-proxy")]
+    proxy: PathBuf,
+    /// Where `--start spawn` writes each instance's log.
+    #[arg(long, value_name = "DIR", default_value = "/var/log/nbd-row-proxy")]
+    log_dir: PathBuf,
+    /// How long a started instance may take to answer on its control socket.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "30s")]
+    start_timeout: Duration,
+}
+
+/// How long a running proxy may take to answer `query-status`.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The proxy's state, or why it cannot be reached.
+async fn query(control: &Path) -> Result<StatusReply, String> {
+    let mut q = Qmp::connect_to(control, QUERY_TIMEOUT, Peer::Proxy).await.map_err(|e| e.to_string())?;
+    q.set_timeout(QUERY_TIMEOUT);
+    q.call::<QueryStatus>(NoArgs {}).await.map_err(|e| e.to_string())
+}
+
+/// Runs `systemctl start nbd-row-proxy@NAME.service` (it returns once the proxy is ready).
+fn start_systemd(i: &Instance) -> Result<(), String> {
+    let unit = format!("nbd-row-proxy@{}.service", i.name);
+    let out = Command::new("systemctl")
+        .args(["start", &unit])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run systemctl: {e}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(format!("systemctl start {unit} failed ({}): {} (journalctl -u {unit})", out.status, err.trim()));
+    }
+    Ok(())
+}
+
+/// Starts the proxy as `nbd-row-proxy@NAME.service` would run it, detached from libvirt.
+fn spawn(cli: &Cli, i: &Instance) -> Result<(u32, PathBuf), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::process::CommandExt;
+    let image = i.image.as_deref().unwrap_or_default();
+    for dir in [i.socket.parent(), i.control.parent(), Some(cli.log_dir.as_path())].into_iter().flatten() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let log_path = cli.log_dir.join(format!("{}.log", i.name));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let err = log.try_clone().map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let child = Command::new(&cli.proxy)
+        .arg(&i.mode)
+        .arg("--image")
+        .arg(image)
+        .arg("--socket")
+        .arg(&i.socket)
+        .arg("--control")
+        .arg(&i.control)
+        .args(&i.args)
+        .env("RUST_LOG", &i.rust_log)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        // Its own process group: libvirt's signals to the hook are not the proxy's.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", cli.proxy.display()))?;
+    let pid = child.id();
+    let pid_file = i.control.with_extension("pid");
+    if let Err(e) = std::fs::write(&pid_file, format!("{pid}\n")) {
+        tracing::warn!("cannot write {}: {e}", pid_file.display());
+    }
+    Ok((pid, log_path))
+}
+
+/// Whether a spawned proxy has already exited.
+fn exited(pid: u32) -> bool {
+    !Path::new(&format!("/proc/{pid}")).exists()
+        || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+}
+
+/// The last lines of a log, for a message.
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(3)..].join(" | ")
+}
+
+/// Starts the instance behind `need` and waits until its control socket answers.
+async fn start(cli: &Cli, need: &Need<'_>, i: &Instance) -> Result<StatusReply, String> {
+    needs::startable(i)?;
+    let systemd = match cli.start {
+        Start::Systemd => true,
+        Start::Spawn => false,
+        Start::Auto => Path::new("/run/systemd/system").exists(),
+    };
+    let spawned = if systemd { start_systemd(i).map(|()| None)? } else { Some(spawn(cli, i)?) };
+    eprintln!(
+        "nbd-row-proxy: domain {}: disk {}: started instance {} ({})",
+        cli.domain,
+        need.target,
+        i.name,
+        i.file.display()
+    );
+    let deadline = Instant::now() + cli.start_timeout;
+    loop {
+        let last = match query(&need.control).await {
+            Ok(status) => return Ok(status),
+            Err(e) => e,
+        };
+        if let Some((pid, log)) = &spawned {
+            if exited(*pid) {
+                return Err(format!("the started proxy exited: {} ({})", tail(log), log.display()));
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "instance {} started but {} does not answer after {:?}: {last}",
+                i.name,
+                need.control.display(),
+                cli.start_timeout
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One disk: its proxy running (started if need be) and armed.
+async fn check(cli: &Cli, need: &Need<'_>) -> Result<(), String> {
+    let status = match (query(&need.control).await, need.instance) {
+        (Ok(status), _) => status,
+        (Err(_), Some(i)) => start(cli, need, i).await?,
+        (Err(e), None) => {
+            return Err(format!(
+                "no proxy answers on {} ({e}), and no instance in {} serves {}",
+                need.control.display(),
+                cli.conf_dir.display(),
+                need.socket.display()
+            ))
+        }
+    };
+    needs::ready(&cli.domain, &status)
+}
+
+/// `migrate begin`: every disk of ours ready, or the reasons it is not.
+async fn incoming(cli: &Cli, xml: &str) -> Result<Vec<String>, Vec<String>> {
+    let disks = qmp_driver::domain_xml::parse_disks(xml).map_err(|e| vec![e])?;
+    let instances = conf::read_dir(&cli.conf_dir).map_err(|e| vec![e])?;
+    let needs = needs::needs(&disks, &instances, Path::exists);
+    let mut ok = Vec::new();
+    let mut errors = Vec::new();
+    for need in &needs {
+        match check(cli, need).await {
+            Ok(()) => ok.push(format!("disk {} ({}) is armed", need.target, need.socket.display())),
+            Err(e) => errors.push(format!("disk {} ({}): {e}", need.target, need.socket.display())),
+        }
+    }
+    if errors.is_empty() {
+        Ok(ok)
+    } else {
+        Err(errors)
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    if let Some(code) = cli_docs::hook(<Cli as clap::CommandFactory>::command, &["nbd-row-proxy", "row-migrate"]) {
+        return code;
+    }
+    let cli = Cli::parse();
+    let _ = logging::init(logging::LogFormat::Text, "warn");
+    // libvirt writes the XML to stdin for every call: read it all, used or not.
+    let mut xml = String::new();
+    if let Err(e) = std::io::stdin().read_to_string(&mut xml) {
+        eprintln!("nbd-row-proxy: domain {}: cannot read the domain's XML on stdin: {e}", cli.domain);
+        return ExitCode::FAILURE;
+    }
+    if (cli.operation.as_str(), cli.sub_operation.as_str()) != ("migrate", "begin") {
+        return ExitCode::SUCCESS;
+    }
+    match incoming(&cli, &xml).await {
+        Ok(lines) => {
+            for l in lines {
+                eprintln!("nbd-row-proxy: domain {}: {l}", cli.domain);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in errors {
+                eprintln!("nbd-row-proxy: domain {}: {e}", cli.domain);
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
