@@ -13,6 +13,7 @@
 mod arm;
 mod disks;
 mod libvirt;
+mod libvirt_recover;
 mod ram;
 mod recover;
 mod report;
@@ -54,7 +55,8 @@ const EXIT_CODES: &str = "Exit status:
   5  failed after the switchover: the guest runs on the destination; nothing was undone
 row-migrate --recover (same sockets) brings a migration that was killed, or ended with 4 or 5, to
 one consistent state: completed if the guest runs on the destination (after waiting for a
-running post-copy push to end), otherwise undone.";
+running post-copy push to end), otherwise undone. For a libvirt domain: --domain NAME --to URI
+--recover.";
 
 const EXAMPLES: &str = "Examples:
   # Host A runs the guest (QMP at /run/a/qmp.sock) on `nbd-row-proxy serve --control /run/a/vm1.ctl`;
@@ -309,6 +311,9 @@ pub struct Args {
     /// the four components to one consistent state. If the guest runs on the destination, the
     /// source proxy completes; otherwise the disk goes back to the source and the guest resumes
     /// there. Exit 0 when done (the report says where the guest runs), 4 with what to do if not.
+    /// With --domain NAME --to URI: waits for libvirt's job to end, then completes the disks'
+    /// hand-overs if libvirt left the domain on the destination (resuming it if an I/O error
+    /// paused it), or disarms them if it left it on the source.
     #[arg(long)]
     pub recover: bool,
     /// Instead of migrating: arm every disk (row or bitmap) for a hand-over that follows the VM
@@ -331,7 +336,7 @@ pub struct Args {
     #[arg(
         long,
         value_name = "NAME",
-        conflicts_with_all = ["src_qmp", "dst_qmp", "src_proxy", "dst_proxy", "disks", "mem_uri", "recover", "verify_disk"]
+        conflicts_with_all = ["src_qmp", "dst_qmp", "src_proxy", "dst_proxy", "disks", "mem_uri", "verify_disk"]
     )]
     pub domain: Option<String>,
     /// The destination's libvirt connection URI for --domain, e.g. qemu+ssh://host-b/system or
@@ -387,6 +392,10 @@ async fn main() -> ExitCode {
     let recovering = args.recover;
     let arming = args.arm_only;
     // --domain: the domain's proxy disks become `--disk`s (before the tunnels forward them).
+    // --domain --recover reads what it needs from libvirt itself (the domain may be on either host).
+    if recovering && args.domain.is_some() {
+        return finish(libvirt_recover::recover(args).await, json, |r| println!("{}", report::recovered(r)));
+    }
     let domain = match args.domain.is_some().then(|| libvirt::prepare(&mut args)).transpose() {
         Ok(domain) => domain,
         Err(Failure { code, error, .. }) => {
@@ -411,18 +420,27 @@ async fn main() -> ExitCode {
         }
         Err(failure) => Err(failure),
     };
+    finish(result, json, |report| {
+        if recovering {
+            println!("{}", report::recovered(report));
+        } else if arming {
+            println!("{}", arm::summary(report));
+        } else if migrating_domain {
+            println!("{}", libvirt::summary(report));
+        } else {
+            report::print(report);
+        }
+    })
+}
+
+/// Prints the report (`--json`, else `text`) or the failure, and gives the exit status.
+fn finish(result: Result<serde_json::Value, Failure>, json: bool, text: impl FnOnce(&serde_json::Value)) -> ExitCode {
     match result {
         Ok(report) => {
             if json {
                 println!("{}", serde_json::to_string(&report).expect("report serialises"));
-            } else if recovering {
-                println!("{}", report::recovered(&report));
-            } else if arming {
-                println!("{}", arm::summary(&report));
-            } else if migrating_domain {
-                println!("{}", libvirt::summary(&report));
             } else {
-                report::print(&report);
+                text(&report);
             }
             ExitCode::from(exit::MIGRATED)
         }
