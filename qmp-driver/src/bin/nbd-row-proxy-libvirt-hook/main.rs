@@ -42,19 +42,21 @@ enum Start {
 /// libvirt's QEMU hook for disks on nbd-row-proxy: before an incoming migration, starts the
 /// receiving proxies the domain needs and refuses the migration unless each one is armed.
 #[derive(Debug, Parser)]
-#[command(name = "nbd-row-proxy-libvirt-hook", version, about, long_about = None)]
+#[command(name = "nbd-row-proxy-libvirt-hook", version)]
 #[command(after_help = "libvirt calls it as HOOK DOMAIN OPERATION SUB-OPERATION EXTRA with the domain's XML on \
                         stdin; only `migrate begin` is acted on. Exit 0 lets libvirt go on; exit 1 fails the \
                         migration with the message on stderr.")]
 struct Cli {
     /// The domain's name.
+    #[arg(allow_hyphen_values = true)]
     domain: String,
     /// libvirt's operation (`migrate`, `prepare`, `start`, ...).
     operation: String,
     /// libvirt's sub-operation (`begin`, `end`, ...).
     sub_operation: String,
-    /// libvirt's extra argument (`-`).
-    extra: Option<String>,
+    /// libvirt's extra argument (`-`), and any a later libvirt may add.
+    #[arg(allow_hyphen_values = true, trailing_var_arg = true)]
+    extra: Vec<String>,
     /// Where the instances are configured (one `NAME.conf` per served disk).
     #[arg(long, value_name = "DIR", default_value = "/etc/nbd-row-proxy")]
     conf_dir: PathBuf,
@@ -71,6 +73,9 @@ struct Cli {
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "30s")]
     start_timeout: Duration,
 }
+
+/// The largest domain XML read from stdin.
+const XML_MAX: u64 = 16 << 20;
 
 /// How long a running proxy may take to answer `query-status`.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -238,14 +243,20 @@ async fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let _ = logging::init(logging::LogFormat::Text, "warn");
-    // libvirt writes the XML to stdin for every call: read it all, used or not.
+    // libvirt writes the XML to stdin for every call: every other call is drained and accepted.
+    if (cli.operation.as_str(), cli.sub_operation.as_str()) != ("migrate", "begin") {
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+        return ExitCode::SUCCESS;
+    }
+    // It comes from the migration's source host: bounded (libvirt's own messages are smaller).
     let mut xml = String::new();
-    if let Err(e) = std::io::stdin().read_to_string(&mut xml) {
+    if let Err(e) = std::io::stdin().take(XML_MAX + 1).read_to_string(&mut xml) {
         eprintln!("nbd-row-proxy: domain {}: cannot read the domain's XML on stdin: {e}", cli.domain);
         return ExitCode::FAILURE;
     }
-    if (cli.operation.as_str(), cli.sub_operation.as_str()) != ("migrate", "begin") {
-        return ExitCode::SUCCESS;
+    if xml.len() as u64 > XML_MAX {
+        eprintln!("nbd-row-proxy: domain {}: the domain's XML is over {} MiB: refused", cli.domain, XML_MAX >> 20);
+        return ExitCode::FAILURE;
     }
     match incoming(&cli, &xml).await {
         Ok(lines) => {
