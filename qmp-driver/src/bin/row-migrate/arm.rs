@@ -11,9 +11,10 @@ use control_api::{IncomingPhase, MigrateCancel, MigrateStartArgs, NoArgs, Phase,
 use qmp_driver::{DiskMigration, Peer, Qmp};
 use serde_json::{json, Value};
 
+use crate::ctx::{Failure, CMD};
+use crate::disks::proxy_flags;
 use crate::disks::{disk_name, disk_specs};
 use crate::report::{progress_detail, progress_done, progress_line};
-use crate::sequence::{proxy_flags, Failure, CMD};
 use crate::{exit, Args, Strategy};
 
 /// How long a proxy may take to answer the first time.

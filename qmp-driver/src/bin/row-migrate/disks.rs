@@ -18,6 +18,17 @@ pub struct DiskSpec {
     pub uri: String,
 }
 
+/// The flags that named disk `i`'s two control sockets, for messages: the single-disk flags for
+/// the first disk when they were used, `--disk` otherwise.
+pub fn proxy_flags(args: &Args, i: usize) -> (String, String) {
+    if i == 0 && args.src_proxy.is_some() {
+        ("--src-proxy".into(), "--dst-proxy".into())
+    } else {
+        let n = if args.src_proxy.is_some() { i } else { i + 1 };
+        (format!("--disk #{n} (source)"), format!("--disk #{n} (destination)"))
+    }
+}
+
 /// The name of disk `index` (from 0) of `count` in messages: `disk` alone, `disk 2` among several.
 pub fn disk_name(index: usize, count: usize) -> String {
     if count > 1 {

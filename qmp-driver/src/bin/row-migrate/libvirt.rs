@@ -22,9 +22,9 @@ use control_api::{MigrateCancel, MigrationStatus, NoArgs, Phase, QueryMigrate};
 use qmp_driver::{Peer, Qmp};
 use serde_json::{json, Map, Value};
 
+use crate::ctx::{Failure, CMD};
 use crate::disks::{disk_specs, DiskSpec};
 use crate::report::{progress_detail, progress_done, progress_line};
-use crate::sequence::{Failure, CMD};
 use crate::{arm, exit, Args};
 pub use qmp_driver::domain_xml::{parse_disks, Source, XmlDisk};
 

@@ -16,9 +16,9 @@ use anyhow::anyhow;
 use control_api::{MigrateCancel, NoArgs, Phase};
 use serde_json::{json, Value};
 
+use crate::ctx::Failure;
 use crate::libvirt::{parse_disks, parse_jobinfo, phase, reach, virsh, Source};
 use crate::report::{progress_done, progress_line};
-use crate::sequence::Failure;
 use crate::{exit, Args};
 
 /// Where a domain is after its migration job, from `virsh domstate --reason` on each host.

@@ -11,9 +11,12 @@
 //! `migrate-continue` has been sent, nothing is undone and the source guest stays paused.
 
 mod arm;
+mod budget;
+mod ctx;
 mod disks;
 mod libvirt;
 mod libvirt_recover;
+mod mirror;
 mod ram;
 mod recover;
 mod report;
@@ -29,7 +32,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use serde_json::json;
 
-use crate::sequence::Failure;
+use crate::ctx::Failure;
 
 /// Exit codes, documented in `--help` and the README.
 pub mod exit {

@@ -12,9 +12,10 @@ use control_api::{MigrateCancel, MigrateComplete, NoArgs, Phase, QueryMigrate};
 use qmp_driver::{Peer, Qmp, QmpError};
 use serde_json::{json, Value};
 
+use crate::ctx::{Failure, CMD};
+use crate::disks::proxy_flags;
 use crate::disks::{disk_name, disk_specs};
 use crate::report::{progress_done, progress_line};
-use crate::sequence::{proxy_flags, Failure, CMD};
 use crate::{exit, Args};
 
 /// How long a component may take to answer before it counts as gone.

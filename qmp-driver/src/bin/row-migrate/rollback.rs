@@ -11,7 +11,8 @@ use qmp_driver::proxy::status;
 use qmp_driver::DiskMigration;
 use serde_json::{json, Value};
 
-use crate::sequence::{Ctx, MIRROR_JOB, MIRROR_NODE};
+use crate::ctx::{each_disk, Ctx};
+use crate::mirror::{remove_mirror, MIRROR_JOB, MIRROR_NODE};
 
 /// How long the source proxy may take to give the disk back (it may ask the destination).
 const DISK_CANCEL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -28,7 +29,7 @@ pub async fn rollback(ctx: &mut Ctx) -> Result<()> {
     // name taken). Whether they were added is not known for sure when the failure interrupted
     // a command, so they are looked for.
     if ctx.mirror_started || !ctx.args.strategy.by_proxies() {
-        match crate::sequence::remove_mirror(&mut ctx.src).await {
+        match remove_mirror(&mut ctx.src).await {
             Ok(_) => ctx.mirror_started = false,
             Err(e) => tracing::warn!(
                 "the mirror job {MIRROR_JOB} or its node {MIRROR_NODE} may be left on the source QEMU (the next \
@@ -40,7 +41,7 @@ pub async fn rollback(ctx: &mut Ctx) -> Result<()> {
     // run whatever its proxies say; after it, only once every proxy has its disk back.
     let mut disk_back = true;
     let finish_sent = ctx.finish_sent;
-    let results = crate::sequence::each_disk(&mut ctx.disks, |d| async move {
+    let results = each_disk(&mut ctx.disks, |d| async move {
         if !d.started {
             return None;
         }

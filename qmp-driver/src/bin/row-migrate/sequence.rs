@@ -9,92 +9,22 @@ use qmp_driver::proxy::status;
 use qmp_driver::{DiskMigration, Peer, Qmp, Support};
 use serde_json::{json, Value};
 
-use crate::disks::{disk_name, disk_specs, DiskSpec};
+use crate::budget::{
+    auto_pace, drain_time, finals_predicted_ms, measured_link_rate, memory_share, paced_below, resume_share,
+};
+use crate::ctx::{all_ok, disks_value, each_disk, Ctx, DiskPair, Failure, CMD, TLS_OBJECT};
+use crate::disks::{disk_name, disk_specs, proxy_flags, DiskSpec};
+use crate::mirror::{mirror_complete, mirror_copy_mode, mirror_until_ready, parse_nbd_uri};
 use crate::ram::{RamDecision, RamWatch};
 use crate::report::{progress_detail, progress_done, progress_line};
-use crate::{exit, Args, MirrorMode, PostcopyArg, Strategy};
+use crate::{exit, Args, PostcopyArg, Strategy};
 
-/// Short command timeout; long ones get their own.
-pub const CMD: Duration = Duration::from_secs(30);
 /// How long the final disk round (delivered and synced on the destination) may take.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long QEMU's memory migration may go between two events.
 const MIGRATION_EVENT_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long the destination guest may take to resume after the switchover.
 const RESUME_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long the mirror job may take to end after `block-job-cancel`.
-const MIRROR_CANCEL_TIMEOUT: Duration = Duration::from_secs(300);
-/// Node and job names the mirror strategy creates on the source QEMU.
-pub const MIRROR_NODE: &str = "rowmig-target";
-pub const MIRROR_JOB: &str = "rowmig-mirror";
-
-/// A failed run: the exit code, what failed, and the state each component was left in.
-pub struct Failure {
-    /// One of [`exit`].
-    pub code: u8,
-    /// What failed.
-    pub error: anyhow::Error,
-    /// The components' states, for `--json`.
-    pub state: Value,
-}
-
-/// One disk's two proxies and how far its migration got.
-pub struct DiskPair {
-    /// What the command line said about it.
-    pub spec: DiskSpec,
-    /// Its source proxy's control connection.
-    pub src_proxy: Qmp,
-    /// Its destination proxy's control connection.
-    pub dst_proxy: Qmp,
-    /// `migrate-start` was sent to its source proxy.
-    pub started: bool,
-    /// The proxies' block size (from `query-status`), for progress in bytes.
-    pub block_size: u64,
-    /// Its name in messages: `disk` with one disk, `disk 2` with several.
-    pub name: String,
-}
-
-/// The connections and what has been changed so far, so a rollback undoes exactly that.
-pub struct Ctx {
-    pub args: Args,
-    pub src: Qmp,
-    pub dst: Qmp,
-    /// Every disk of the VM, in command-line order.
-    pub disks: Vec<DiskPair>,
-    pub started: Instant,
-    pub mem_started: bool,
-    pub mirror_started: bool,
-    /// `migrate-finish` has been (or is being) sent: a destination may commit its disk.
-    pub finish_sent: bool,
-    /// `migrate-continue` has been (or is being) sent: from here on nothing is undone.
-    pub continue_sent: bool,
-    /// When memory may switch to post-copy (`never` if a QEMU lacks `postcopy-ram`).
-    pub ram_postcopy: PostcopyArg,
-    /// Why QEMU's memory copy was switched to post-copy, with the bytes left then.
-    pub ram_switched: Option<(String, u64)>,
-    /// The source QEMU can change a running mirror's copy mode (`block-job-change`, 8.2+).
-    pub block_job_change: bool,
-}
-
-/// Runs `f` on every disk at once and returns the results in disk order.
-pub async fn each_disk<'a, T, F, Fut>(disks: &'a mut [DiskPair], f: F) -> Vec<T>
-where
-    F: FnMut(&'a mut DiskPair) -> Fut,
-    Fut: std::future::Future<Output = T> + 'a,
-{
-    futures::future::join_all(disks.iter_mut().map(f)).await
-}
-
-/// The first error of per-disk results, with every failing disk named; the values otherwise.
-pub fn all_ok<T>(results: Vec<(String, Result<T>)>) -> Result<Vec<T>> {
-    let failed: Vec<String> =
-        results.iter().filter_map(|(name, r)| r.as_ref().err().map(|e| format!("{name}: {e:#}"))).collect();
-    if !failed.is_empty() {
-        bail!("{}", failed.join("; "));
-    }
-    Ok(results.into_iter().filter_map(|(_, r)| r.ok()).collect())
-}
-
 fn refused(error: anyhow::Error) -> Failure {
     Failure { code: exit::REFUSED, error: error.context("nothing was changed"), state: Value::Null }
 }
@@ -197,17 +127,6 @@ pub async fn run(mut args: Args) -> Result<Value, Failure> {
             error: error.context(format!("and the rollback failed: {r:#}")),
             state,
         }),
-    }
-}
-
-/// The flags that named disk `i`'s two control sockets, for messages: the single-disk flags for
-/// the first disk when they were used, `--disk` otherwise.
-pub fn proxy_flags(args: &Args, i: usize) -> (String, String) {
-    if i == 0 && args.src_proxy.is_some() {
-        ("--src-proxy".into(), "--dst-proxy".into())
-    } else {
-        let n = if args.src_proxy.is_some() { i } else { i + 1 };
-        (format!("--disk #{n} (source)"), format!("--disk #{n} (destination)"))
     }
 }
 
@@ -416,15 +335,6 @@ async fn check_features(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
-/// The copy mode the mirror starts with (`ready-then-write-blocking` switches at READY when
-/// the QEMU can).
-fn mirror_copy_mode(mode: MirrorMode) -> &'static str {
-    match mode {
-        MirrorMode::Background => "background",
-        MirrorMode::WriteBlocking | MirrorMode::ReadyThenWriteBlocking => "write-blocking",
-    }
-}
-
 /// Refuses a run that would leave one of the guest's writable drives behind: the destination
 /// QEMU would start on a disk nobody moved.
 async fn check_drive_count(ctx: &mut Ctx) -> Result<()> {
@@ -504,9 +414,6 @@ fn protection_mismatch(src: &str, dst: &str) -> Option<String> {
         )
     })
 }
-
-/// The id of the TLS credentials object row-migrate adds to both QEMUs.
-pub const TLS_OBJECT: &str = "rowmig-tls";
 
 /// Adds QEMU's `tls-creds-x509` object to a QEMU (replacing one left by an earlier run).
 async fn add_tls_object(qemu: &mut Qmp, dir: &std::path::Path, endpoint: &str) -> Result<()> {
@@ -697,87 +604,6 @@ pub async fn after_switchover(ctx: &mut Ctx, report: &mut Value) -> Result<()> {
     Ok(())
 }
 
-/// What memory's stop-and-copy gets of the downtime budget (QEMU's downtime-limit): half.
-/// QEMU counts its downtime until its last byte is in the socket, not at the destination.
-fn memory_share(limit: Duration) -> Duration {
-    limit / 2
-}
-
-/// What QEMU's migration stream has in flight when QEMU counts its downtime as over (the TCP
-/// send buffer and the link's queue) when nothing paces it: about 1 MB measured on the bench's
-/// links (tbf with a 50 ms queue and a 512 KB burst), at 20 and at 100 Mbit/s alike; paced
-/// below the link by --max-bandwidth, next to nothing (76 ms downtime at 20 Mbit/s, QEMU
-/// counting 72 ms).
-const STREAM_IN_FLIGHT: f64 = 1_048_576.0;
-
-/// How long the stream in flight takes to reach the destination at `rate` bytes/s.
-fn drain_time(rate: Option<f64>) -> Duration {
-    match rate {
-        Some(r) if r > 0.0 => Duration::from_secs_f64(STREAM_IN_FLIGHT / r),
-        _ => Duration::ZERO,
-    }
-}
-
-/// The link's rate as round 1 measured it (bytes/s on the wire; the disks' round 1 ran side by
-/// side, so their sum; paced by --max-bandwidth if it was given); a round 1 shorter than a
-/// second is no measurement.
-fn measured_link_rate(disks: &Value) -> Option<f64> {
-    let one = |d: &Value| {
-        let r = &d["rounds"][0];
-        let (bytes, secs) = (r["wire-bytes"].as_f64()?, r["seconds"].as_f64()?);
-        (secs >= 1.0 && bytes > 0.0).then(|| bytes / secs)
-    };
-    match disks {
-        Value::Array(all) => all.iter().filter_map(one).reduce(|a, b| a + b),
-        d => one(d),
-    }
-}
-
-/// QEMU's pace below the link, as a share of the rate round 1 measured.
-const AUTO_PACE: f64 = 0.9;
-
-/// QEMU's memory pace when the operator gave none (`--max-bandwidth`): a tenth below the link's
-/// rate as round 1 measured it, when unpaced the stream in the link's queue would take longer to
-/// reach the destination than the resume's share of the budget (a slow link: 1 MB at 20 Mbit/s
-/// is 420 ms; paced, QEMU's own count is about all of the downtime). None on a fast link or
-/// without a measurement.
-fn auto_pace(link_rate: Option<f64>, limit: Duration) -> Option<u64> {
-    let link = link_rate.filter(|r| *r > 0.0)?;
-    (drain_time(Some(link)) > resume_share(limit)).then_some((link * AUTO_PACE) as u64)
-}
-
-/// Whether QEMU's stream is paced at no more than the link carried in round 1 (so the link's
-/// queue stays short): a cap the disk reached, or the pace below it. A cap without a
-/// measurement is trusted.
-fn paced_below(memory_rate: Option<u64>, link_rate: Option<f64>) -> bool {
-    match (memory_rate, link_rate) {
-        (Some(pace), Some(link)) => pace as f64 <= link * 1.05,
-        (Some(_), None) => true,
-        (None, _) => false,
-    }
-}
-
-/// What the switchover takes after QEMU's own downtime accounting ends, kept out of the disk's
-/// budget: the migration stream still in socket buffers and on the link, the destination's
-/// device-state load and resume (about 100 ms at 100 Mbit/s with a 256 MiB TCG guest whose
-/// stop-and-copy got 200 ms). A sixth of the limit, 20 ms at least.
-fn resume_share(limit: Duration) -> Duration {
-    (limit / 6).max(Duration::from_millis(20)).min(limit / 2)
-}
-
-/// The downtime the final disk round was predicted to take: its prediction when it was sent,
-/// the budget when post-copy kept it within that (the largest over the disks).
-fn finals_predicted_ms(disk: &Value, budget: Duration) -> f64 {
-    let one = |d: &Value| match d.get("postcopy") {
-        Some(p) if p.is_object() => budget.as_secs_f64() * 1000.0,
-        _ => d["predicted-final-ms"].as_f64().unwrap_or(0.0),
-    };
-    match disk {
-        Value::Array(all) => all.iter().map(one).fold(0.0, f64::max),
-        d => one(d),
-    }
-}
-
 /// After the switchover: waits until every post-copy is over (the destinations hold every
 /// block), showing its progress; a destination guest that paused on a read error while the
 /// link was down is resumed once the push runs again. Returns each post-copy disk's figures.
@@ -831,15 +657,6 @@ async fn wait_postcopy(ctx: &mut Ctx, switched: Instant) -> Result<Vec<Value>> {
             }
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-/// One disk's value as it is, several as an array (the report's shape for one disk is kept).
-pub fn disks_value(mut values: Vec<Value>) -> Value {
-    if values.len() == 1 {
-        values.pop().unwrap_or_default()
-    } else {
-        Value::Array(values)
     }
 }
 
@@ -1044,139 +861,6 @@ async fn wait_migration(qemu: &mut Qmp, status: &str) -> Result<qmp_proto::Times
     }
 }
 
-/// qemu-mirror: `blockdev-mirror` onto the destination proxy until the job is READY.
-async fn mirror_until_ready(ctx: &mut Ctx) -> Result<Value> {
-    let (host, port, export) = parse_nbd_uri(&ctx.disks[0].spec.uri)?;
-    // A run that failed before this fix, or was killed, may have left the job or the node.
-    if remove_mirror(&mut ctx.src).await.context("removing the mirror an earlier run left")? {
-        tracing::warn!("removed the mirror job or node ({MIRROR_JOB}, {MIRROR_NODE}) an earlier run left");
-        ctx.src.take_events();
-    }
-    let blocks = ctx.src.execute_raw("query-block", json!({})).await?;
-    let node = blocks
-        .as_array()
-        .and_then(|b| b.iter().find_map(|d| d["inserted"]["node-name"].as_str().map(str::to_string)))
-        .ok_or_else(|| anyhow!("the source QEMU has no drive to mirror"))?;
-    let mut target = json!({ "driver": "nbd", "node-name": MIRROR_NODE,
-                             "server": { "type": "inet", "host": host, "port": port }, "export": export });
-    if ctx.args.tls_creds.is_some() {
-        target["tls-creds"] = json!(TLS_OBJECT);
-    }
-    ctx.src.execute_raw("blockdev-add", target).await.context("connecting the source QEMU to the destination proxy")?;
-    ctx.mirror_started = true;
-    let switch_at_ready = ctx.args.mirror_copy_mode == MirrorMode::ReadyThenWriteBlocking && ctx.block_job_change;
-    let mode = if switch_at_ready { "background" } else { mirror_copy_mode(ctx.args.mirror_copy_mode) };
-    let mut job =
-        json!({ "job-id": MIRROR_JOB, "device": node, "target": MIRROR_NODE, "sync": "full", "copy-mode": mode });
-    if let Some(b) = ctx.args.max_bandwidth {
-        job["speed"] = json!(b);
-    }
-    ctx.src.execute_raw("blockdev-mirror", job).await.context("blockdev-mirror")?;
-    loop {
-        if let Some(e) = ctx.src.next_event(Duration::from_millis(250)).await? {
-            match e.name.as_str() {
-                "BLOCK_JOB_READY" => break,
-                "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_ERROR" => {
-                    // BLOCK_JOB_ERROR says which operation failed, BLOCK_JOB_COMPLETED why.
-                    let why = e.data["error"].as_str().map(str::to_string).unwrap_or_else(|| {
-                        let op = e.data["operation"].as_str().unwrap_or("an I/O");
-                        format!("{op} error (is the destination proxy still there?)")
-                    });
-                    bail!("the mirror to {} failed before it was ready: {why}", ctx.disks[0].spec.uri)
-                }
-                _ => continue,
-            }
-        }
-        let jobs = ctx.src.execute_raw("query-block-jobs", json!({})).await?;
-        if let Some(j) = jobs.as_array().and_then(|j| j.first()) {
-            let (off, len) = (j["offset"].as_u64().unwrap_or(0), j["len"].as_u64().unwrap_or(1).max(1));
-            progress_line("mirror", &format!("{} / {} MiB", off >> 20, len >> 20));
-        }
-    }
-    progress_done();
-    if switch_at_ready {
-        // From here every guest write waits until it is mirrored: what is left cannot grow.
-        let change = json!({ "id": MIRROR_JOB, "type": "mirror", "copy-mode": "write-blocking" });
-        ctx.src.execute_raw("block-job-change", change).await.context("block-job-change to write-blocking")?;
-    }
-    let mut stats = mirror_stats(ctx).await?;
-    stats["copy-mode"] = json!(if switch_at_ready { "background, write-blocking at READY" } else { mode });
-    Ok(stats)
-}
-
-async fn mirror_stats(ctx: &mut Ctx) -> Result<Value> {
-    let jobs = ctx.src.execute_raw("query-block-jobs", json!({})).await?;
-    let job = jobs.as_array().and_then(|j| j.first()).cloned().unwrap_or_default();
-    Ok(json!({ "strategy": "qemu-mirror", "total-wire-bytes": job["offset"], "len": job["len"] }))
-}
-
-/// At `pre-switchover`: cancel the READY mirror, which leaves the target consistent.
-async fn mirror_complete(ctx: &mut Ctx) -> Result<Value> {
-    let stats = mirror_stats(ctx).await?;
-    ctx.src.execute_raw("block-job-cancel", json!({ "device": MIRROR_JOB })).await.context("block-job-cancel")?;
-    ctx.src
-        .wait_event(MIRROR_CANCEL_TIMEOUT, |e| e.name == "BLOCK_JOB_COMPLETED" || e.name == "BLOCK_JOB_CANCELLED")
-        .await
-        .context("the mirror did not complete")?;
-    remove_mirror(&mut ctx.src).await.context("removing the mirror's target node")?;
-    ctx.mirror_started = false;
-    Ok(stats)
-}
-
-/// How long the mirror's job and node may take to go.
-const MIRROR_REMOVE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Removes what qemu-mirror adds to the source QEMU, if it is there: cancels the job
-/// ([`MIRROR_JOB`]) and waits until it is gone (dismissing it if it concluded), then deletes
-/// the target node ([`MIRROR_NODE`]), which the job holds until it is gone. Returns whether
-/// there was anything to remove.
-pub async fn remove_mirror(qemu: &mut Qmp) -> Result<bool> {
-    let deadline = Instant::now() + MIRROR_REMOVE_TIMEOUT;
-    let mut found = false;
-    let mut cancelled = false;
-    loop {
-        let jobs = qemu.execute_raw("query-jobs", json!({})).await.context("query-jobs")?;
-        let Some(job) = jobs.as_array().and_then(|j| j.iter().find(|j| j["id"] == MIRROR_JOB)).cloned() else {
-            break;
-        };
-        found = true;
-        let status = job["status"].as_str().unwrap_or_default();
-        match status {
-            "concluded" => {
-                let _ = qemu.execute_raw("job-dismiss", json!({ "id": MIRROR_JOB })).await;
-            }
-            "pending" => {
-                let _ = qemu.execute_raw("job-finalize", json!({ "id": MIRROR_JOB })).await;
-            }
-            "aborting" | "waiting" | "null" => {}
-            _ if !cancelled => {
-                let _ = qemu.execute_raw("block-job-cancel", json!({ "device": MIRROR_JOB, "force": true })).await;
-                cancelled = true;
-            }
-            _ => {}
-        }
-        if Instant::now() >= deadline {
-            bail!("the mirror job {MIRROR_JOB} is still there (status {status}) after {MIRROR_REMOVE_TIMEOUT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    loop {
-        let nodes = qemu.execute_raw("query-named-block-nodes", json!({})).await.context("query-named-block-nodes")?;
-        if !nodes.as_array().is_some_and(|n| n.iter().any(|n| n["node-name"] == MIRROR_NODE)) {
-            return Ok(found);
-        }
-        found = true;
-        match qemu.execute_raw("blockdev-del", json!({ "node-name": MIRROR_NODE })).await {
-            Ok(_) => return Ok(found),
-            Err(e) if Instant::now() >= deadline => {
-                return Err(anyhow!(e).context(format!("blockdev-del {MIRROR_NODE} on the source QEMU")))
-            }
-            Err(e) => tracing::debug!("blockdev-del {MIRROR_NODE}: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Waits at a named point when the `NBD_ROW_PAUSE` test hook asks for it.
 async fn pause(point: &str) {
     if let Some(d) = control_api::pause_at(point) {
@@ -1189,83 +873,17 @@ fn secs(t: &qmp_proto::Timestamp) -> f64 {
     t.seconds as f64 + t.microseconds as f64 / 1e6
 }
 
-fn parse_nbd_uri(uri: &str) -> Result<(String, String, String)> {
-    let bad = || anyhow!("{uri:?}: --disk-uri for qemu-mirror must be nbd://HOST:PORT/EXPORT");
-    let rest = uri.strip_prefix("nbd://").ok_or_else(bad)?;
-    let (hostport, export) = rest.split_once('/').unwrap_or((rest, ""));
-    // An IPv6 address goes in brackets; the port defaults to NBD's.
-    let (host, port) = match hostport.strip_prefix('[') {
-        Some(v6) => {
-            let (host, after) = v6.split_once(']').ok_or_else(bad)?;
-            (host, if after.is_empty() { "10809" } else { after.strip_prefix(':').ok_or_else(bad)? })
-        }
-        None => hostport.split_once(':').unwrap_or((hostport, "10809")),
-    };
-    if host.is_empty() || port.parse::<u16>().ok().filter(|p| *p != 0).is_none() {
-        return Err(bad());
-    }
-    Ok((host.to_string(), port.to_string(), export.to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn the_link_rate_is_round_one_s_and_a_pace_below_it_keeps_the_queue_short() {
-        let disk =
-            json!({ "rounds": [{ "wire-bytes": 20_000_000u64, "seconds": 2.0 }, { "wire-bytes": 1, "seconds": 9.0 }] });
-        assert_eq!(measured_link_rate(&disk), Some(10_000_000.0));
-        let two = json!([disk, { "rounds": [{ "wire-bytes": 8_000_000u64, "seconds": 2.0 }] }]);
-        assert_eq!(measured_link_rate(&two), Some(14_000_000.0));
-        // A round 1 under a second measured nothing; the mirror's report has no rounds.
-        assert_eq!(measured_link_rate(&json!({ "rounds": [{ "wire-bytes": 5, "seconds": 0.2 }] })), None);
-        assert_eq!(measured_link_rate(&json!({ "offset": 5 })), None);
-        // A cap the disk reached (the link carried it) or one below it: paced below the link.
-        assert!(paced_below(Some(10_000_000), Some(10_000_000.0)));
-        assert!(paced_below(Some(9_000_000), Some(10_000_000.0)));
-        assert!(paced_below(Some(9_000_000), None));
-        // A cap above what the link carried, or none: QEMU fills the link's queue.
-        assert!(!paced_below(Some(100_000_000), Some(10_000_000.0)));
-        assert!(!paced_below(None, Some(10_000_000.0)));
-    }
-
-    #[test]
-    fn memory_and_mirror_uris_are_checked() {
+    fn memory_uris_are_checked() {
         assert_eq!(parse_tcp_uri("tcp:host-b:4444").unwrap(), ("host-b".to_string(), 4444));
         assert_eq!(parse_tcp_uri("tcp:[::1]:4444").unwrap(), ("::1".to_string(), 4444));
         assert_eq!(parse_tcp_uri("tcp:10.0.0.2:4444,ipv4=on").unwrap(), ("10.0.0.2".to_string(), 4444));
         for bad in ["host-b:4444", "unix:/run/x", "tcp:host-b", "tcp::4444", "tcp:h:0", "tcp:h:99999", "tcp:::1:4444"] {
             assert!(parse_tcp_uri(bad).is_err(), "{bad}");
-        }
-        assert_eq!(parse_nbd_uri("nbd://h:10809/vm1").unwrap(), ("h".into(), "10809".into(), "vm1".into()));
-        assert_eq!(parse_nbd_uri("nbd://h/vm1").unwrap(), ("h".into(), "10809".into(), "vm1".into()));
-        assert_eq!(parse_nbd_uri("nbd://[::1]:7/x").unwrap(), ("::1".into(), "7".into(), "x".into()));
-        for bad in ["tcp:h:1", "nbd://:1/x", "nbd://h:port/x", "nbd://[::1/x"] {
-            assert!(parse_nbd_uri(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn the_downtime_budget_splits_into_memory_resume_and_disk() {
-        let limit = Duration::from_millis(300);
-        assert_eq!(memory_share(limit), Duration::from_millis(150));
-        assert_eq!(resume_share(limit), Duration::from_millis(50));
-        // A small limit still keeps 20 ms for the resume, but never more than memory gets.
-        assert_eq!(resume_share(Duration::from_millis(60)), Duration::from_millis(20));
-        assert_eq!(resume_share(Duration::from_millis(30)), Duration::from_millis(15));
-        // On a slow link the stream in flight takes longer to drain than the share.
-        assert_eq!(drain_time(Some(2_500_000.0)).as_millis(), 419);
-        assert_eq!(drain_time(None), Duration::ZERO);
-        // There row-migrate paces QEMU a tenth below the link; on a fast one, not at all.
-        assert_eq!(auto_pace(Some(2_500_000.0), limit), Some(2_250_000));
-        assert_eq!(auto_pace(Some(12_500_000.0), limit), Some(11_250_000));
-        assert_eq!(auto_pace(Some(200_000_000.0), limit), None);
-        assert_eq!(auto_pace(None, limit), None);
-        assert!(paced_below(auto_pace(Some(2_500_000.0), limit), Some(2_500_000.0)));
-        for ms in [1u64, 30, 60, 300, 1000, 60_000] {
-            let limit = Duration::from_millis(ms);
-            assert!(memory_share(limit) + resume_share(limit) <= limit, "{ms} ms");
         }
     }
 }

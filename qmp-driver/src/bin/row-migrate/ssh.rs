@@ -30,8 +30,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde_json::{json, Value};
 
+use crate::ctx::Failure;
 use crate::disks::disk_specs;
-use crate::sequence::{proxy_flags, Failure};
+use crate::disks::proxy_flags;
 use crate::{exit, Args};
 
 /// The OpenSSH client, found on PATH.

@@ -14,8 +14,8 @@ use control_api::{DiskDigestsArgs, DiskDigestsReply, NoArgs, QueryDiskDigests, Q
 use qmp_driver::Qmp;
 use serde_json::{json, Value};
 
+use crate::ctx::{all_ok, disks_value, each_disk, Ctx};
 use crate::report::{progress_detail, progress_line};
-use crate::sequence::{all_ok, disks_value, each_disk, Ctx};
 
 /// Bytes one pair of calls covers.
 const WINDOW: u64 = 64 << 20;
