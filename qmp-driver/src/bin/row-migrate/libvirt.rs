@@ -270,102 +270,126 @@ pub async fn migrate(args: Args, domain: Domain) -> Result<Value, Failure> {
     let armed = arm::arm(args).await?;
     let armed_seconds = t0.elapsed().as_secs_f64();
     tracing::info!(domain = %domain.name, "armed; libvirt migrates");
+    let started = Instant::now();
+    if let Err(error) = virsh_migrate(&domain, bandwidth.as_deref()).await {
+        return Err(after_failed_migration(&domain, &sources, error).await);
+    }
+    let libvirt_seconds = started.elapsed().as_secs_f64();
+    // libvirt's figures (the destination keeps the completed job's statistics).
+    let jobinfo = virsh(Some(&domain.to), &["domjobinfo", "--completed", "--keep-completed", &domain.name])
+        .map(|t| Value::Object(parse_jobinfo(&t)))
+        .unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
+    let disks = wait_handovers(&domain, &sources, t0, timeout).await?;
+    Ok(json!({
+        "domain": domain.name,
+        "from": domain.from,
+        "to": domain.to,
+        "armed": armed,
+        "armed-seconds": armed_seconds,
+        "libvirt-seconds": libvirt_seconds,
+        "total-seconds": t0.elapsed().as_secs_f64(),
+        "libvirt": jobinfo,
+        "disks": disks,
+    }))
+}
 
-    // libvirt's live migration, as on shared storage.
+/// libvirt's live migration, as on shared storage (`virsh migrate --live --persistent
+/// --undefinesource`), its job followed with a progress line. Ctrl-C (or SIGINT to row-migrate
+/// alone) aborts libvirt's job and waits for virsh to end, so the caller can disarm the disks:
+/// leaving at once would leave them armed.
+async fn virsh_migrate(domain: &Domain, bandwidth: Option<&str>) -> Result<()> {
     let from = domain.from.as_deref();
     let mut cmd = Command::new("virsh");
     if let Some(uri) = from {
         cmd.args(["-c", uri]);
     }
     cmd.args(["migrate", "--live", "--persistent", "--undefinesource"]);
-    if let Some(mib) = &bandwidth {
+    if let Some(mib) = bandwidth {
         cmd.args(["--bandwidth", mib]);
     }
     cmd.args([&domain.name, &domain.to]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-    let started = Instant::now();
-    // Ctrl-C (or SIGINT to row-migrate alone) aborts libvirt's job, then waits for virsh to end:
-    // the failure path below disarms the disks. Leaving at once would leave them armed.
+    let mut child = cmd.spawn().context("cannot run virsh migrate")?;
     let interrupt = crate::ssh::ctrl_c();
     tokio::pin!(interrupt);
     let mut interrupted = false;
-    let outcome = match cmd.spawn() {
-        Ok(mut child) => {
-            let mut last = Instant::now();
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) => break child.wait_with_output().map_err(anyhow::Error::from),
-                    Ok(None) => {}
-                    Err(e) => break Err(e.into()),
-                }
-                if last.elapsed() >= Duration::from_secs(1) {
-                    last = Instant::now();
-                    if let Ok(text) = virsh(from, &["domjobinfo", &domain.name]) {
-                        let info = parse_jobinfo(&text);
-                        let n = |k: &str| info.get(k).and_then(Value::as_u64).unwrap_or_default();
-                        let bw = info.get("memory-bandwidth").and_then(Value::as_f64).unwrap_or_default();
-                        if n("data-total") > 0 {
-                            progress_line("libvirt", &progress_detail(n("data-processed"), n("data-total"), bw));
-                        }
-                    }
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                    _ = &mut interrupt, if !interrupted => {
-                        interrupted = true;
-                        tracing::warn!(domain = %domain.name, "interrupted: aborting libvirt's migration job");
-                        if let Err(e) = virsh(from, &["domjobabort", &domain.name]) {
-                            tracing::warn!("virsh domjobabort: {e:#}");
-                        }
-                    }
+    let mut last = Instant::now();
+    let outcome = loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break child.wait_with_output().map_err(anyhow::Error::from),
+            Ok(None) => {}
+            Err(e) => break Err(e.into()),
+        }
+        if last.elapsed() >= Duration::from_secs(1) {
+            last = Instant::now();
+            show_job(from, &domain.name);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = &mut interrupt, if !interrupted => {
+                interrupted = true;
+                tracing::warn!(domain = %domain.name, "interrupted: aborting libvirt's migration job");
+                if let Err(e) = virsh(from, &["domjobabort", &domain.name]) {
+                    tracing::warn!("virsh domjobabort: {e:#}");
                 }
             }
         }
-        Err(e) => Err(anyhow!(e).context("cannot run virsh migrate")),
     };
     progress_done();
-    let libvirt_seconds = started.elapsed().as_secs_f64();
-    let failed = match outcome {
-        Ok(out) if !out.status.success() && interrupted => Some(anyhow!("interrupted: libvirt's job was aborted")),
-        Ok(out) if out.status.success() => None,
-        Ok(out) => {
-            let err = String::from_utf8_lossy(&out.stderr);
-            Some(anyhow!(
-                "virsh migrate {} {} failed ({}): {}",
-                domain.name,
-                domain.to,
-                out.status,
-                err.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
-            ))
-        }
-        Err(e) => Some(e),
-    };
-    if let Some(error) = failed {
-        return Err(after_failed_migration(&domain, &sources, error).await);
+    let out = outcome?;
+    if out.status.success() {
+        return Ok(());
     }
+    if interrupted {
+        bail!("interrupted: libvirt's job was aborted");
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    bail!(
+        "virsh migrate {} {} failed ({}): {}",
+        domain.name,
+        domain.to,
+        out.status,
+        err.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
+    )
+}
 
-    // libvirt's figures (the destination keeps the completed job's statistics).
-    let jobinfo = virsh(Some(&domain.to), &["domjobinfo", "--completed", "--keep-completed", &domain.name])
-        .map(|t| Value::Object(parse_jobinfo(&t)))
-        .unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
+/// One progress line from `virsh domjobinfo` (nothing while libvirt reports no data yet).
+fn show_job(from: Option<&str>, name: &str) {
+    if let Ok(text) = virsh(from, &["domjobinfo", name]) {
+        let info = parse_jobinfo(&text);
+        let n = |k: &str| info.get(k).and_then(Value::as_u64).unwrap_or_default();
+        let bw = info.get("memory-bandwidth").and_then(Value::as_f64).unwrap_or_default();
+        if n("data-total") > 0 {
+            progress_line("libvirt", &progress_detail(n("data-processed"), n("data-total"), bw));
+        }
+    }
+}
 
-    // Each disk is handed over on the destination's first write, then completes by itself.
+/// After libvirt's migration: each disk is handed over on the destination's first write, then
+/// completes by itself. Waits (within `timeout` from `t0`) until every source proxy says so.
+async fn wait_handovers(
+    domain: &Domain,
+    sources: &[PathBuf],
+    t0: Instant,
+    timeout: Duration,
+) -> Result<Vec<Value>, Failure> {
+    let after = |error: anyhow::Error| Failure {
+        code: exit::AFTER_SWITCHOVER,
+        error,
+        state: json!({"domain": domain.name, "runs-on": domain.to}),
+    };
     let mut disks = Vec::new();
-    for (m, src) in domain.moved.iter().zip(&sources) {
+    for (m, src) in domain.moved.iter().zip(sources) {
         let status = loop {
             match phase(src).await {
                 Ok(s) if s.phase == Phase::Completed => break s,
                 Ok(s) if matches!(s.phase, Phase::Failed | Phase::Cancelled) => {
-                    return Err(Failure {
-                        code: exit::AFTER_SWITCHOVER,
-                        error: anyhow!(
-                            "disk {}: the domain runs on {} but the source proxy's hand-over ended {}{}",
-                            m.target,
-                            domain.to,
-                            s.phase.as_str(),
-                            s.error.map(|e| format!(": {e}")).unwrap_or_default()
-                        ),
-                        state: json!({"domain": domain.name, "runs-on": domain.to}),
-                    })
+                    return Err(after(anyhow!(
+                        "disk {}: the domain runs on {} but the source proxy's hand-over ended {}{}",
+                        m.target,
+                        domain.to,
+                        s.phase.as_str(),
+                        s.error.map(|e| format!(": {e}")).unwrap_or_default()
+                    )))
                 }
                 Ok(s) => {
                     let what = if s.phase == Phase::Ready {
@@ -379,34 +403,20 @@ pub async fn migrate(args: Args, domain: Domain) -> Result<Value, Failure> {
             }
             if t0.elapsed() > timeout {
                 progress_done();
-                return Err(Failure {
-                    code: exit::AFTER_SWITCHOVER,
-                    error: anyhow!(
-                        "disk {}: the domain runs on {} but its disk has not been handed over after {:?} (the guest \
-                         has not written there yet?); the hand-over still happens on its first write",
-                        m.target,
-                        domain.to,
-                        timeout
-                    ),
-                    state: json!({"domain": domain.name, "runs-on": domain.to}),
-                });
+                return Err(after(anyhow!(
+                    "disk {}: the domain runs on {} but its disk has not been handed over after {:?} (the guest \
+                     has not written there yet?); the hand-over still happens on its first write",
+                    m.target,
+                    domain.to,
+                    timeout
+                )));
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         };
         disks.push(json!({"target": m.target, "socket": m.socket, "status": status}));
     }
     progress_done();
-    Ok(json!({
-        "domain": domain.name,
-        "from": domain.from,
-        "to": domain.to,
-        "armed": armed,
-        "armed-seconds": armed_seconds,
-        "libvirt-seconds": libvirt_seconds,
-        "total-seconds": t0.elapsed().as_secs_f64(),
-        "libvirt": jobinfo,
-        "disks": disks,
-    }))
+    Ok(disks)
 }
 
 /// libvirt's migration failed: a disk that was not claimed is disarmed (the guest runs on the
