@@ -435,89 +435,22 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
     let disk_done =
         if ctx.args.strategy.by_proxies() { precopy_disk(ctx).await? } else { mirror_until_ready(ctx).await? };
     let precopy_seconds = ctx.started.elapsed().as_secs_f64();
-    // Memory: pause before switchover on the source, late block activation on the destination.
-    // Both sides' schemas were checked for these in the preflight.
-    let src_caps: Vec<_> = SRC_CAPABILITIES
-        .map(|c| (c, true))
-        .into_iter()
-        .chain(ctx.args.auto_converge.then_some(("auto-converge", true)))
-        .collect();
-    ctx.src.migrate_set_capabilities(&src_caps).await?;
-    ctx.dst.migrate_set_capabilities(&DST_CAPABILITIES.map(|c| (c, true))).await?;
-    enable_ram_postcopy(ctx).await?;
-    let memory_limit = memory_share(ctx.args.downtime_limit);
-    let mut params = json!({ "downtime-limit": memory_limit.as_millis() as u64 });
-    // Unlimited unless asked (QEMU's default is 128 MiB/s; libvirt sets it unlimited too).
-    let link_rate = measured_link_rate(&disk_done);
-    let auto_paced = ctx.args.max_bandwidth.is_none().then(|| auto_pace(link_rate, ctx.args.downtime_limit)).flatten();
-    let memory_rate = ctx.args.max_bandwidth.or(auto_paced);
-    if let Some(pace) = auto_paced {
-        tracing::info!(
-            pace_mb_s = pace as f64 / 1e6,
-            link_mb_s = link_rate.unwrap_or_default() / 1e6,
-            "pacing QEMU's memory stream below the link (its queue would otherwise hold the stream's end past the \
-             resume's share of the downtime budget)"
-        );
-    }
-    params["max-bandwidth"] = json!(memory_rate.unwrap_or(u64::MAX >> 20));
-    if ctx.args.tls_creds.is_some() {
-        params["tls-creds"] = json!(TLS_OBJECT);
-        ctx.dst
-            .migrate_set_parameters(json!({ "tls-creds": TLS_OBJECT }))
-            .await
-            .context("migrate-set-parameters tls-creds on the destination")?;
-    }
-    ctx.src.migrate_set_parameters(params).await.context("migrate-set-parameters")?;
-    ctx.dst.migrate_incoming(ctx.args.mem_uri()).await.context("migrate-incoming on the destination")?;
-    ctx.mem_started = true;
-    ctx.src.migrate(ctx.args.mem_uri()).await.context("migrate on the source")?;
+    let memory = start_memory(ctx, &disk_done).await?;
     progress_line("memory", "copying RAM");
     let stop = wait_memory_copy(ctx).await?;
     progress_done();
     let paused_at = Instant::now();
     // The guest is paused and its block layer flushed: everything from here is downtime.
-    // What the disk may take of the downtime budget: what memory and the resume do not.
     // qemu-mirror's --verify-disk compares both disks before the switchover: the destination
     // must hold all.
     let paused_check = ctx.args.verify_disk && !ctx.args.strategy.by_proxies();
     let postcopy = if paused_check { PostcopyArg::Never } else { ctx.args.postcopy };
-    // What follows QEMU's own count: the share, or longer on a slow link (its buffered stream),
-    // unless --max-bandwidth paces QEMU (the link's queue then stays short).
-    let drain = if paced_below(memory_rate, link_rate) { Duration::ZERO } else { drain_time(link_rate) };
-    let resume_margin = resume_share(ctx.args.downtime_limit).max(drain);
-    if memory_limit + resume_margin > ctx.args.downtime_limit {
-        tracing::warn!(
-            "the downtime budget ({} ms) cannot be met at this link rate ({:.1} MB/s): memory's stop-and-copy \
-             ({} ms) and draining its stream to the destination (about {} ms) alone exceed it; the disk's whole \
-             final round goes to the post-copy unless --postcopy never; a --max-bandwidth below the link's \
-             rate keeps the link's queue short",
-            ctx.args.downtime_limit.as_millis(),
-            link_rate.unwrap_or(0.0) / 1e6,
-            memory_limit.as_millis(),
-            resume_margin.as_millis()
-        );
-    }
-    let disk_budget = ctx.args.downtime_limit.saturating_sub(memory_limit + resume_margin + paused_at.elapsed());
+    let resume_margin = memory.resume_margin(ctx.args.downtime_limit);
+    let disk_budget = ctx.args.downtime_limit.saturating_sub(memory.limit + resume_margin + paused_at.elapsed());
     let finish_args =
         MigrateFinishArgs { postcopy: Some(postcopy.mode()), budget_ms: Some(disk_budget.as_millis() as u64) };
     let final_disk = if ctx.args.strategy.by_proxies() {
-        ctx.finish_sent = true;
-        // Every disk's final round at once; the switchover needs every commit.
-        let results = each_disk(&mut ctx.disks, |d| {
-            let finish_args = finish_args.clone();
-            async move {
-                let r = async {
-                    let r = DiskMigration { source: &mut d.src_proxy }.finish(finish_args, FINISH_TIMEOUT).await?;
-                    status(&mut d.dst_proxy).await.context("the destination proxy after the commit")?;
-                    Ok(serde_json::to_value(r)?)
-                }
-                .await;
-                (d.name.clone(), r)
-            }
-        })
-        .await;
-        let finals = all_ok(results).context("the final disk round failed")?;
-        disks_value(finals)
+        final_disk_round(ctx, finish_args).await?
     } else {
         mirror_complete(ctx).await?
     };
@@ -525,17 +458,7 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
     let verify_started = Instant::now();
     let verified = if paused_check { Some(crate::verify::while_paused(ctx).await?) } else { None };
     let verify_seconds = if verified.is_some() { verify_started.elapsed().as_secs_f64() } else { 0.0 };
-    // From the moment this is sent the switchover may happen: no rollback after it.
-    ctx.continue_sent = true;
-    pause("before-continue").await;
-    ctx.src.migrate_continue("pre-switchover").await.context("migrate-continue")?;
-    // A RAM post-copy completes once the rest of memory has moved: after_switchover waits.
-    wait_migration(&mut ctx.src, if ctx.ram_switched.is_some() { "postcopy-active" } else { "completed" }).await?;
-    let resume = ctx
-        .dst
-        .wait_event(RESUME_TIMEOUT, |e| e.name == "RESUME")
-        .await
-        .context("the destination guest did not resume")?;
+    let resume = switch_over(ctx).await?;
     let mem = ctx.src.query_migrate().await.context("query-migrate on the source")?;
     let downtime = secs(&resume.timestamp) - secs(&stop);
     let disk = if ctx.args.strategy.by_proxies() { final_disk } else { disk_done };
@@ -549,20 +472,137 @@ async fn migrate(ctx: &mut Ctx) -> Result<Value> {
         "downtime-ms": downtime * 1000.0,
         "downtime-limit-ms": ctx.args.downtime_limit.as_secs_f64() * 1000.0,
         "disk-budget-ms": disk_budget.as_secs_f64() * 1000.0,
-        "predicted-downtime-ms": predicted_disk_ms + (memory_limit + resume_margin).as_secs_f64() * 1000.0,
+        "predicted-downtime-ms": predicted_disk_ms + (memory.limit + resume_margin).as_secs_f64() * 1000.0,
         "postcopy": false,
         "final-disk-round-ms": final_disk_seconds * 1000.0,
         "memory-stop-and-copy-ms": ((downtime - final_disk_seconds - verify_seconds) * 1000.0).max(0.0),
         "verify-disk-ms": verify_seconds * 1000.0,
         "qemu-reported-downtime-ms": mem.downtime_ms(),
         "memory-bytes": mem.ram_transferred(),
-        "memory-max-bandwidth": memory_rate,
-        "memory-paced": if auto_paced.is_some() { json!("auto") } else if memory_rate.is_some() { json!("operator") } else { Value::Null },
+        "memory-max-bandwidth": memory.rate,
+        "memory-paced": memory.paced_by(),
         "ram-postcopy": ctx.ram_switched.as_ref().map(|(why, left)| json!({ "reason": why, "remaining-bytes": left })),
         "memory-total-time-ms": mem.total_time_ms(),
         "disk": disk,
         "disk-verified": verified,
     }))
+}
+
+/// How QEMU's memory migration was set up: its share of the downtime budget and its pace.
+struct Memory {
+    /// QEMU's `downtime-limit`.
+    limit: Duration,
+    /// The link's rate as the disks' round 1 measured it.
+    link_rate: Option<f64>,
+    /// QEMU's `max-bandwidth` (None: unlimited).
+    rate: Option<u64>,
+    /// Whether row-migrate chose that pace (the operator gave no --max-bandwidth).
+    auto_paced: bool,
+}
+
+impl Memory {
+    /// What follows QEMU's own count: the resume's share, or longer on a slow link whose queue
+    /// holds the end of an unpaced stream; warns when memory and that alone exceed the budget.
+    fn resume_margin(&self, limit: Duration) -> Duration {
+        let drain = if paced_below(self.rate, self.link_rate) { Duration::ZERO } else { drain_time(self.link_rate) };
+        let margin = resume_share(limit).max(drain);
+        if self.limit + margin > limit {
+            tracing::warn!(
+                "the downtime budget ({} ms) cannot be met at this link rate ({:.1} MB/s): memory's stop-and-copy \
+                 ({} ms) and draining its stream to the destination (about {} ms) alone exceed it; the disk's whole \
+                 final round goes to the post-copy unless --postcopy never; a --max-bandwidth below the link's \
+                 rate keeps the link's queue short",
+                limit.as_millis(),
+                self.link_rate.unwrap_or(0.0) / 1e6,
+                self.limit.as_millis(),
+                margin.as_millis()
+            );
+        }
+        margin
+    }
+
+    /// The report's `memory-paced`.
+    fn paced_by(&self) -> Value {
+        match (self.auto_paced, self.rate) {
+            (true, _) => json!("auto"),
+            (false, Some(_)) => json!("operator"),
+            (false, None) => Value::Null,
+        }
+    }
+}
+
+/// Starts QEMU's memory migration: pause before switchover on the source, late block
+/// activation on the destination (both schemas were checked in the preflight), RAM post-copy
+/// where it may be used, QEMU's share of the budget and its pace (the operator's, or a tenth
+/// below a slow link).
+async fn start_memory(ctx: &mut Ctx, disk_done: &Value) -> Result<Memory> {
+    let src_caps: Vec<_> = SRC_CAPABILITIES
+        .map(|c| (c, true))
+        .into_iter()
+        .chain(ctx.args.auto_converge.then_some(("auto-converge", true)))
+        .collect();
+    ctx.src.migrate_set_capabilities(&src_caps).await?;
+    ctx.dst.migrate_set_capabilities(&DST_CAPABILITIES.map(|c| (c, true))).await?;
+    enable_ram_postcopy(ctx).await?;
+    let limit = memory_share(ctx.args.downtime_limit);
+    let link_rate = measured_link_rate(disk_done);
+    let auto_paced = ctx.args.max_bandwidth.is_none().then(|| auto_pace(link_rate, ctx.args.downtime_limit)).flatten();
+    let rate = ctx.args.max_bandwidth.or(auto_paced);
+    if let Some(pace) = auto_paced {
+        tracing::info!(
+            pace_mb_s = pace as f64 / 1e6,
+            link_mb_s = link_rate.unwrap_or_default() / 1e6,
+            "pacing QEMU's memory stream below the link (its queue would otherwise hold the stream's end past the \
+             resume's share of the downtime budget)"
+        );
+    }
+    // Unlimited unless paced (QEMU's default is 128 MiB/s; libvirt sets it unlimited too).
+    let mut params =
+        json!({ "downtime-limit": limit.as_millis() as u64, "max-bandwidth": rate.unwrap_or(u64::MAX >> 20) });
+    if ctx.args.tls_creds.is_some() {
+        params["tls-creds"] = json!(TLS_OBJECT);
+        ctx.dst
+            .migrate_set_parameters(json!({ "tls-creds": TLS_OBJECT }))
+            .await
+            .context("migrate-set-parameters tls-creds on the destination")?;
+    }
+    ctx.src.migrate_set_parameters(params).await.context("migrate-set-parameters")?;
+    ctx.dst.migrate_incoming(ctx.args.mem_uri()).await.context("migrate-incoming on the destination")?;
+    ctx.mem_started = true;
+    ctx.src.migrate(ctx.args.mem_uri()).await.context("migrate on the source")?;
+    Ok(Memory { limit, link_rate, rate, auto_paced: auto_paced.is_some() })
+}
+
+/// Every disk's final round at once (the switchover needs every commit); the destination
+/// proxies are asked once more after their commit.
+async fn final_disk_round(ctx: &mut Ctx, finish_args: MigrateFinishArgs) -> Result<Value> {
+    ctx.finish_sent = true;
+    let results = each_disk(&mut ctx.disks, |d| {
+        let finish_args = finish_args.clone();
+        async move {
+            let r = async {
+                let r = DiskMigration { source: &mut d.src_proxy }.finish(finish_args, FINISH_TIMEOUT).await?;
+                status(&mut d.dst_proxy).await.context("the destination proxy after the commit")?;
+                Ok(serde_json::to_value(r)?)
+            }
+            .await;
+            (d.name.clone(), r)
+        }
+    })
+    .await;
+    let finals = all_ok(results).context("the final disk round failed")?;
+    Ok(disks_value(finals))
+}
+
+/// `migrate-continue`: from the moment it is sent the switchover may happen, and nothing is
+/// undone. Returns the destination's RESUME event (a RAM post-copy completes later:
+/// after_switchover waits for it).
+async fn switch_over(ctx: &mut Ctx) -> Result<qmp_driver::QemuEvent> {
+    ctx.continue_sent = true;
+    pause("before-continue").await;
+    ctx.src.migrate_continue("pre-switchover").await.context("migrate-continue")?;
+    wait_migration(&mut ctx.src, if ctx.ram_switched.is_some() { "postcopy-active" } else { "completed" }).await?;
+    ctx.dst.wait_event(RESUME_TIMEOUT, |e| e.name == "RESUME").await.context("the destination guest did not resume")
 }
 
 /// After the switchover (the guest runs on the destination; nothing can be undone): waits for
