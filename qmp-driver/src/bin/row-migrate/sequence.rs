@@ -30,56 +30,10 @@ fn refused(error: anyhow::Error) -> Failure {
 }
 
 /// Runs the whole migration; a failure says how it ended (see [`exit`]).
-pub async fn run(mut args: Args) -> Result<Value, Failure> {
-    let connect = |path: &std::path::Path, flag: String, what: &'static str, peer: Peer| {
-        let path = path.to_path_buf();
-        async move {
-            Qmp::connect_to(&path, CMD, peer).await.map_err(|e| {
-                let busy = if e.is_timeout() {
-                    " (a QMP socket serves one client at a time: is another one, e.g. libvirt, connected?)"
-                } else {
-                    ""
-                };
-                anyhow::Error::new(e).context(format!("{flag} {}: cannot reach the {what}{busy}", path.display()))
-            })
-        }
-    };
-    let specs = disk_specs(&args).map_err(|e| refused(anyhow!(e)))?;
-    distinct_sockets(&args, &specs).map_err(refused)?;
-    check_args(&mut args, &specs).map_err(refused)?;
-    let src = connect(args.src_qmp(), "--src-qmp".into(), "source QEMU", Peer::Qemu).await.map_err(refused)?;
-    let dst = connect(args.dst_qmp(), "--dst-qmp".into(), "destination QEMU", Peer::Qemu).await.map_err(refused)?;
-    let count = specs.len();
-    let mut disks = Vec::new();
-    for (i, spec) in specs.into_iter().enumerate() {
-        let name = disk_name(i, count);
-        let (src_flag, dst_flag) = proxy_flags(&args, i);
-        let src_proxy = connect(&spec.src_proxy, src_flag, "source proxy", Peer::Proxy)
-            .await
-            .context(name.clone())
-            .map_err(refused)?;
-        let dst_proxy = connect(&spec.dst_proxy, dst_flag, "destination proxy", Peer::Proxy)
-            .await
-            .context(name.clone())
-            .map_err(refused)?;
-        disks.push(DiskPair { spec, src_proxy, dst_proxy, started: false, block_size: 0, name });
-    }
-    let timeout = args.timeout;
-    let mut ctx = Ctx {
-        args,
-        src,
-        dst,
-        disks,
-        started: Instant::now(),
-        mem_started: false,
-        mirror_started: false,
-        finish_sent: false,
-        continue_sent: false,
-        ram_postcopy: PostcopyArg::Never,
-        ram_switched: None,
-        block_job_change: false,
-    };
+pub async fn run(args: Args) -> Result<Value, Failure> {
+    let mut ctx = connect_all(args).await?;
     preflight(&mut ctx).await.map_err(refused)?;
+    let timeout = ctx.args.timeout;
     let outcome = tokio::select! {
         r = tokio::time::timeout(timeout, migrate(&mut ctx)) => match r {
             Ok(r) => r,
@@ -100,33 +54,91 @@ pub async fn run(mut args: Args) -> Result<Value, Failure> {
         }
         Err(e) => e,
     };
+    Err(failed(&mut ctx, error).await)
+}
+
+/// Connects to both QEMUs and every disk's two proxies, after checking the arguments; any
+/// failure is a refusal (nothing was changed).
+async fn connect_all(mut args: Args) -> Result<Ctx, Failure> {
+    let specs = disk_specs(&args).map_err(|e| refused(anyhow!(e)))?;
+    distinct_sockets(&args, &specs).map_err(refused)?;
+    check_args(&mut args, &specs).map_err(refused)?;
+    let src = connect(args.src_qmp(), "--src-qmp".into(), "source QEMU", Peer::Qemu).await.map_err(refused)?;
+    let dst = connect(args.dst_qmp(), "--dst-qmp".into(), "destination QEMU", Peer::Qemu).await.map_err(refused)?;
+    let count = specs.len();
+    let mut disks = Vec::new();
+    for (i, spec) in specs.into_iter().enumerate() {
+        let name = disk_name(i, count);
+        let (src_flag, dst_flag) = proxy_flags(&args, i);
+        let src_proxy = connect(&spec.src_proxy, src_flag, "source proxy", Peer::Proxy)
+            .await
+            .context(name.clone())
+            .map_err(refused)?;
+        let dst_proxy = connect(&spec.dst_proxy, dst_flag, "destination proxy", Peer::Proxy)
+            .await
+            .context(name.clone())
+            .map_err(refused)?;
+        disks.push(DiskPair { spec, src_proxy, dst_proxy, started: false, block_size: 0, name });
+    }
+    Ok(Ctx {
+        args,
+        src,
+        dst,
+        disks,
+        started: Instant::now(),
+        mem_started: false,
+        mirror_started: false,
+        finish_sent: false,
+        continue_sent: false,
+        ram_postcopy: PostcopyArg::Never,
+        ram_switched: None,
+        block_job_change: false,
+    })
+}
+
+/// One QMP connection (`flag` and `what` name it in errors; a timeout suggests the socket's one
+/// client is someone else, e.g. libvirt).
+async fn connect(path: &std::path::Path, flag: String, what: &str, peer: Peer) -> Result<Qmp> {
+    Qmp::connect_to(path, CMD, peer).await.map_err(|e| {
+        let busy = if e.is_timeout() {
+            " (a QMP socket serves one client at a time: is another one, e.g. libvirt, connected?)"
+        } else {
+            ""
+        };
+        anyhow::Error::new(e).context(format!("{flag} {}: cannot reach the {what}{busy}", path.display()))
+    })
+}
+
+/// The migration failed with `error`: before `migrate-continue` everything is rolled back (exit
+/// 3, or 4 if that failed too); after it nothing is undone and the failure says where the guest is.
+async fn failed(ctx: &mut Ctx, error: anyhow::Error) -> Failure {
     if ctx.continue_sent {
-        // Nothing is undone once the switchover was requested; say where the guest is.
-        let state = crate::rollback::states(&mut ctx).await;
+        let state = crate::rollback::states(ctx).await;
         let on_destination = state["destination-qemu"]["status"] == "running";
         let (code, what) = if on_destination {
             (exit::AFTER_SWITCHOVER, "after the switchover: the guest runs on the destination; nothing was undone")
         } else {
             (
                 exit::ROLLBACK_FAILED,
-                "after the switchover was requested, and the destination guest does not run: nothing was undone and the source guest was not resumed; run row-migrate --recover with the same sockets",
+                "after the switchover was requested, and the destination guest does not run: nothing was undone and \
+                 the source guest was not resumed; run row-migrate --recover with the same sockets",
             )
         };
-        return Err(Failure { code, error: error.context(what), state });
+        return Failure { code, error: error.context(what), state };
     }
-    let undone = crate::rollback::rollback(&mut ctx).await;
-    let state = crate::rollback::states(&mut ctx).await;
+    let undone = crate::rollback::rollback(ctx).await;
+    let state = crate::rollback::states(ctx).await;
     match undone {
-        Ok(()) => Err(Failure {
+        Ok(()) => Failure {
             code: exit::ROLLED_BACK,
             error: error.context("rolled back: the guest keeps running on the source with its disk"),
             state,
-        }),
-        Err(r) => Err(Failure {
+        },
+        Err(r) => Failure {
             code: exit::ROLLBACK_FAILED,
             error: error.context(format!("and the rollback failed: {r:#}")),
             state,
-        }),
+        },
     }
 }
 
