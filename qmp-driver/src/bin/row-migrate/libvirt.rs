@@ -52,30 +52,7 @@ pub fn plan(
     allow_unmoved: bool,
     dst_remote: bool,
 ) -> Result<Vec<Moved>, String> {
-    let mut moved = Vec::new();
-    let mut unmoved = Vec::new();
-    for d in disks.iter().filter(|d| d.writable) {
-        let ctl = match &d.source {
-            Source::NbdUnix(socket) => Some(socket.with_extension("ctl")).filter(|c| is_proxy(c)),
-            Source::Other(_) => None,
-        };
-        match (ctl, &d.source) {
-            (Some(ctl), Source::NbdUnix(socket)) => {
-                let name = ctl.file_name().ok_or_else(|| format!("{}: no file name", ctl.display()))?;
-                moved.push(Moved {
-                    target: d.target.clone(),
-                    socket: socket.clone(),
-                    spec: DiskSpec { src_proxy: ctl.clone(), dst_proxy: dst_dir.join(name), uri: String::new() },
-                });
-            }
-            (_, Source::NbdUnix(socket)) => unmoved.push(format!(
-                "{} (NBD on {}, no nbd-row-proxy control socket beside it)",
-                d.target,
-                socket.display()
-            )),
-            (_, Source::Other(kind)) => unmoved.push(format!("{} ({kind})", d.target)),
-        }
-    }
+    let (mut moved, unmoved) = ours(disks, is_proxy, dst_dir)?;
     if moved.is_empty() {
         return Err(format!(
             "no disk of the domain is served by nbd-row-proxy (a <disk type='network'> with protocol 'nbd' on a Unix \
@@ -90,35 +67,8 @@ pub fn plan(
             unmoved.join(", ")
         ));
     }
-    for (dev, _) in uris {
-        if !moved.iter().any(|m| &m.target == dev) {
-            let ours: Vec<&str> = moved.iter().map(|m| m.target.as_str()).collect();
-            return Err(format!(
-                "--target-uri {dev}=...: the domain has no proxy disk {dev} (it has {})",
-                ours.join(", ")
-            ));
-        }
-    }
-    let count = moved.len();
-    for m in &mut moved {
-        let given = uris.iter().find(|(dev, _)| *dev == m.target).map(|(_, u)| u.clone());
-        m.spec.uri = match (given, single_uri) {
-            (Some(u), _) => u,
-            (None, Some(u)) if count == 1 => u.to_string(),
-            (None, Some(_)) => {
-                return Err(format!(
-                "the domain has {count} proxy disks: give each its stream address with --target-uri DEV=tcp:HOST:PORT \
-                     (--disk-uri names one disk's)"
-            ))
-            }
-            (None, None) => {
-                return Err(format!(
-                    "no stream address for disk {}: give --disk-uri tcp:HOST:PORT (the destination proxy's `receive \
-                     --listen`), or --target-uri {}=tcp:HOST:PORT",
-                    m.target, m.target
-                ))
-            }
-        };
+    streams(&mut moved, single_uri, uris)?;
+    for m in &moved {
         if !dst_remote && m.spec.src_proxy == m.spec.dst_proxy {
             return Err(format!(
                 "disk {}: the destination's control socket {} is the source's; without --dst-ssh, give \
@@ -129,6 +79,78 @@ pub fn plan(
         }
     }
     Ok(moved)
+}
+
+/// The writable disks the proxies serve (their streams still to give), and the others named
+/// for the messages.
+fn ours(
+    disks: &[XmlDisk],
+    is_proxy: impl Fn(&Path) -> bool,
+    dst_dir: &Path,
+) -> Result<(Vec<Moved>, Vec<String>), String> {
+    let mut moved = Vec::new();
+    let mut unmoved = Vec::new();
+    for d in disks.iter().filter(|d| d.writable) {
+        let socket = match &d.source {
+            Source::NbdUnix(socket) => socket,
+            Source::Other(kind) => {
+                unmoved.push(format!("{} ({kind})", d.target));
+                continue;
+            }
+        };
+        let ctl = socket.with_extension("ctl");
+        if !is_proxy(&ctl) {
+            unmoved.push(format!(
+                "{} (NBD on {}, no nbd-row-proxy control socket beside it)",
+                d.target,
+                socket.display()
+            ));
+            continue;
+        }
+        let name = ctl.file_name().ok_or_else(|| format!("{}: no file name", ctl.display()))?;
+        moved.push(Moved {
+            target: d.target.clone(),
+            socket: socket.clone(),
+            spec: DiskSpec { src_proxy: ctl.clone(), dst_proxy: dst_dir.join(name), uri: String::new() },
+        });
+    }
+    Ok((moved, unmoved))
+}
+
+/// Gives each moved disk its stream address: its `--target-uri DEV=URI`, or `--disk-uri` when
+/// the domain has one proxy disk.
+fn streams(moved: &mut [Moved], single_uri: Option<&str>, uris: &[(String, String)]) -> Result<(), String> {
+    for (dev, _) in uris {
+        if !moved.iter().any(|m| &m.target == dev) {
+            let ours: Vec<&str> = moved.iter().map(|m| m.target.as_str()).collect();
+            return Err(format!(
+                "--target-uri {dev}=...: the domain has no proxy disk {dev} (it has {})",
+                ours.join(", ")
+            ));
+        }
+    }
+    let count = moved.len();
+    for m in moved.iter_mut() {
+        let given = uris.iter().find(|(dev, _)| *dev == m.target).map(|(_, u)| u.clone());
+        m.spec.uri = match (given, single_uri) {
+            (Some(u), _) => u,
+            (None, Some(u)) if count == 1 => u.to_string(),
+            (None, Some(_)) => {
+                return Err(format!(
+                    "the domain has {count} proxy disks: give each its stream address with --target-uri \
+                     DEV=tcp:HOST:PORT (--disk-uri names one disk's)"
+                ))
+            }
+            (None, None) => {
+                return Err(format!(
+                    "no stream address for disk {}: give --disk-uri tcp:HOST:PORT (the destination proxy's `receive \
+                     --listen`), or --target-uri {}=tcp:HOST:PORT",
+                    m.target, m.target
+                ))
+            }
+        };
+    }
+    Ok(())
 }
 
 /// Parses a `--target-uri` value: `DEV=URI`.
