@@ -79,21 +79,9 @@ struct Found {
 /// Brings every component to one consistent state; the report says where the guest runs.
 pub async fn recover(args: Args) -> Result<Value, Failure> {
     let fail = |e: anyhow::Error| Failure { code: exit::ROLLBACK_FAILED, error: e, state: Value::Null };
-    let specs =
-        disk_specs(&args).map_err(|e| Failure { code: exit::REFUSED, error: anyhow!(e), state: Value::Null })?;
     let mut src = reach(args.src_qmp(), "--src-qmp", Peer::Qemu).await?;
     let mut dst = reach(args.dst_qmp(), "--dst-qmp", Peer::Qemu).await?;
-    let mut found = Vec::new();
-    for (i, spec) in specs.iter().enumerate() {
-        let (flag, _) = proxy_flags(&args, i);
-        let mut proxy = reach(&spec.src_proxy, &flag, Peer::Proxy).await?;
-        let phase = match &mut proxy {
-            Some(p) => p.call::<QueryMigrate>(NoArgs {}).await.ok().map(|m| m.phase),
-            None => None,
-        };
-        let name = disk_name(i, specs.len());
-        found.push(Found { name, path: spec.src_proxy.clone(), proxy, phase });
-    }
+    let mut found = find_disks(&args).await?;
     let src_state = run_state(&mut src).await;
     let dst_state = run_state(&mut dst).await;
     let mut actions: Vec<String> = Vec::new();
@@ -124,41 +112,67 @@ pub async fn recover(args: Args) -> Result<Value, Failure> {
             ))),
         };
     }
-    // No switchover: the guest belongs on the source. Every disk first.
-    for f in &mut found {
+    undo(&args, &mut src, src_state.as_deref(), &mut found, &mut actions).await.map_err(fail)?;
+    Ok(json!({ "guest": "source", "actions": actions }))
+}
+
+/// Every disk's source proxy, as far as it answers, and its phase.
+async fn find_disks(args: &Args) -> Result<Vec<Found>, Failure> {
+    let specs = disk_specs(args).map_err(|e| Failure { code: exit::REFUSED, error: anyhow!(e), state: Value::Null })?;
+    let mut found = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let (flag, _) = proxy_flags(args, i);
+        let mut proxy = reach(&spec.src_proxy, &flag, Peer::Proxy).await?;
+        let phase = match &mut proxy {
+            Some(p) => p.call::<QueryMigrate>(NoArgs {}).await.ok().map(|m| m.phase),
+            None => None,
+        };
+        found.push(Found { name: disk_name(i, specs.len()), path: spec.src_proxy.clone(), proxy, phase });
+    }
+    Ok(found)
+}
+
+/// No switchover: the guest belongs on the source. Every disk goes back to its source proxy
+/// first, then QEMU's migration is cancelled and the source guest resumed.
+async fn undo(
+    args: &Args,
+    src: &mut Option<Qmp>,
+    src_state: Option<&str>,
+    found: &mut [Found],
+    actions: &mut Vec<String>,
+) -> Result<()> {
+    for f in found.iter_mut() {
         match (&mut f.proxy, f.phase) {
             (Some(p), Some(phase)) if phase != Phase::Idle && phase != Phase::Completed => {
                 p.call_within::<MigrateCancel>(NoArgs {}, DISK_CANCEL_TIMEOUT)
                     .await
-                    .with_context(|| format!("giving the {} back to the source proxy (migrate-cancel)", f.name))
-                    .map_err(fail)?;
+                    .with_context(|| format!("giving the {} back to the source proxy (migrate-cancel)", f.name))?;
                 actions.push(format!("migrate-cancel on the source proxy ({})", f.name));
             }
             (Some(_), _) => {}
             (None, _) => {
-                return Err(fail(anyhow!(
+                return Err(anyhow!(
                     "the source proxy of the {} does not answer at {}: restart it (it keeps refusing writes if it \
                      handed the disk over), then run --recover again",
                     f.name,
                     f.path.display()
-                )))
+                ))
             }
         }
     }
-    let Some(q) = &mut src else {
-        return Err(fail(anyhow!(
+    let Some(q) = src else {
+        return Err(anyhow!(
             "the source QEMU does not answer at {}: the guest stopped; its disks are back on the source proxies: \
              start the VM there from them",
             args.src_qmp().display()
-        )));
+        ));
     };
     let migrating = q.query_migrate().await.map(|m| !m.is_finished() && m.status != "none").unwrap_or(false);
-    if migrating || src_state.as_deref() != Some("running") {
+    if migrating || src_state != Some("running") {
         let _ = q.migrate_cancel().await;
         actions.push("migrate_cancel on the source QEMU".into());
     }
-    resume(q).await.context("resuming the guest on the source").map_err(fail)?;
-    Ok(json!({ "guest": "source", "actions": actions }))
+    resume(q).await.context("resuming the guest on the source")
 }
 
 /// After the switchover: `migrate-complete` on every source proxy that handed its disk over,
