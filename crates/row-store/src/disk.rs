@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::backend::{BlockBackend, Caps, ZeroFlags};
 use crate::image::Image;
-use crate::journal::{DiskTag, Journal};
+use crate::journal::{DiskTag, Journal, Replayed};
 use crate::merge::{self, MergeProgress};
 use crate::overlay::Overlay;
 use crate::reserved::{self, Found};
@@ -213,7 +213,7 @@ impl Disk {
         let size = image.size();
         let mark =
             reserved::read_mark(storage, reserved_path).map_err(io_err("reading the header of", reserved_path))?;
-        let Some((journal, replayed)) =
+        let Some((journal, mut replayed)) =
             Journal::open(storage, journal_path, BLOCK_SIZE as u32, size, mark, latch.clone())?
         else {
             return Ok(None);
@@ -228,7 +228,33 @@ impl Disk {
                 ),
             });
         }
-        let table = Table::recovered(replayed.mapped);
+        let table = Table::recovered(std::mem::take(&mut replayed.mapped));
+        let reserved = Self::open_reserved(storage, reserved_path, journal_path, &replayed, &table, size, latch)?;
+        tracing::info!(
+            merging = replayed.merging,
+            blocks = table.len(),
+            runs = table.runs(),
+            journal = %journal_path.display(),
+            "recovered ROW overlay"
+        );
+        let overlay =
+            Overlay::recovered(image.clone(), reserved, table, journal, replayed.merging, replayed.data_start);
+        Ok(Some(overlay))
+    }
+
+    /// The reserved file the replayed journal maps into: opened if it is the journal's pair (its
+    /// header names the same ROW session; none in the identity layout of older releases),
+    /// created if missing and nothing is mapped, refused otherwise (nothing is changed), and
+    /// checked to hold every slot the journal maps.
+    fn open_reserved(
+        storage: &dyn Storage,
+        reserved_path: &Path,
+        journal_path: &Path,
+        replayed: &Replayed,
+        table: &Table,
+        size: u64,
+        latch: &Arc<SyncLatch>,
+    ) -> Result<Image, StoreError> {
         let found = reserved::inspect(storage, reserved_path).map_err(io_err("looking at", reserved_path))?;
         let refuse = |why: String| Err(StoreError::Refused { path: reserved_path.to_owned(), why });
         let headed = replayed.data_start > 0;
@@ -276,16 +302,7 @@ impl Disk {
                 ),
             });
         }
-        tracing::info!(
-            merging = replayed.merging,
-            blocks = table.len(),
-            runs = table.runs(),
-            journal = %journal_path.display(),
-            "recovered ROW overlay"
-        );
-        let overlay =
-            Overlay::recovered(image.clone(), reserved, table, journal, replayed.merging, replayed.data_start);
-        Ok(Some(overlay))
+        Ok(reserved)
     }
 
     /// Size in bytes.
