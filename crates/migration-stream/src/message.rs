@@ -623,15 +623,7 @@ fn parse_payload(ty: u8, p: &[u8]) -> Result<Message, StreamError> {
             r.finish()?;
             Message::ServerHello { version, nonce }
         }
-        T_CLIENT_HELLO => {
-            let (version, rest) = hello_body(p)?;
-            let mut r = Reader::new(rest, "ClientHello payload has the wrong length");
-            let params = SessionParams::parse(&mut r)?;
-            let nonce = r.array()?;
-            let mac = r.array()?;
-            r.finish()?;
-            Message::ClientHello { version, params, nonce, mac }
-        }
+        T_CLIENT_HELLO => parse_client_hello(p)?,
         T_ACCEPT => Message::Accept { mac: Reader::new(p, "Accept payload").array()? },
         T_REJECT => Message::Reject { reason: text(p)? },
         T_DISCARD => Message::Discard { reason: text(p)? },
@@ -643,56 +635,17 @@ fn parse_payload(ty: u8, p: &[u8]) -> Result<Message, StreamError> {
             Message::RoundBegin { round, kind }
         }
         T_DATA => {
-            let mut r = Reader::new(p, "Data payload");
-            let offset = r.u64()?;
-            let codec = Codec::from_wire(r.u8()?).ok_or(StreamError::Malformed("unknown codec"))?;
-            let logical_len = r.u32()?;
-            let payload = r.rest();
-            if logical_len == 0 {
-                return Err(StreamError::Malformed("Data with logical_len 0"));
-            }
-            if logical_len as usize > MAX_BLOCK_LEN {
-                return Err(StreamError::Malformed("Data logical_len above MAX_BLOCK_LEN"));
-            }
-            if offset.checked_add(logical_len.into()).is_none() {
-                return Err(StreamError::Malformed("Data extends past the end of a 64-bit disk"));
-            }
-            if codec == Codec::Raw && payload.len() != logical_len as usize {
-                return Err(StreamError::Malformed("raw Data length differs from logical_len"));
-            }
-            Message::Data { offset, codec, logical_len, payload: payload.to_vec() }
+            let (offset, codec, logical_len, payload) = parse_data(p)?;
+            Message::Data { offset, codec, logical_len, payload }
         }
-        T_ZERO => {
-            let mut r = Reader::new(p, "Zero payload");
-            let offset = r.u64()?;
-            let len = r.u64()?;
-            if len == 0 {
-                return Err(StreamError::Malformed("Zero with len 0"));
-            }
-            if offset.checked_add(len).is_none() {
-                return Err(StreamError::Malformed("Zero extends past the end of a 64-bit disk"));
-            }
-            Message::Zero { offset, len }
-        }
+        T_ZERO => parse_zero(p)?,
         T_ROUND_END => Message::RoundEnd { round: Reader::new(p, "RoundEnd payload").u32()? },
         T_MISSING => Message::Missing { runs: parse_missing(p)? },
-        T_FETCH => {
-            let mut r = Reader::new(p, "Fetch payload");
-            let (id, offset, len) = (r.u64()?, r.u64()?, r.u32()?);
-            if len == 0 || len as usize > MAX_BLOCK_LEN {
-                return Err(StreamError::Malformed("Fetch length is 0 or above MAX_BLOCK_LEN"));
-            }
-            if offset.checked_add(len.into()).is_none() {
-                return Err(StreamError::Malformed("Fetch extends past the end of a 64-bit disk"));
-            }
-            Message::Fetch { id, offset, len }
-        }
+        T_FETCH => parse_fetch(p)?,
         T_FETCHED => {
             let mut r = Reader::new(p, "Fetched payload");
             let id = r.u64()?;
-            let Message::Data { offset, codec, logical_len, payload } = parse_payload(T_DATA, r.rest())? else {
-                unreachable!("a Data payload parses as Data")
-            };
+            let (offset, codec, logical_len, payload) = parse_data(r.rest())?;
             Message::Fetched { id, offset, codec, logical_len, payload }
         }
         T_PUSH_DONE => Message::PushDone,
@@ -711,6 +664,63 @@ fn parse_payload(ty: u8, p: &[u8]) -> Result<Message, StreamError> {
         _ => return Err(StreamError::UnknownType(ty)),
     };
     Ok(msg)
+}
+
+fn parse_client_hello(p: &[u8]) -> Result<Message, StreamError> {
+    let (version, rest) = hello_body(p)?;
+    let mut r = Reader::new(rest, "ClientHello payload has the wrong length");
+    let params = SessionParams::parse(&mut r)?;
+    let nonce = r.array()?;
+    let mac = r.array()?;
+    r.finish()?;
+    Ok(Message::ClientHello { version, params, nonce, mac })
+}
+
+/// A `Data` body (also the tail of `Fetched`): offset, codec, logical length, payload.
+fn parse_data(p: &[u8]) -> Result<(u64, Codec, u32, Vec<u8>), StreamError> {
+    let mut r = Reader::new(p, "Data payload");
+    let offset = r.u64()?;
+    let codec = Codec::from_wire(r.u8()?).ok_or(StreamError::Malformed("unknown codec"))?;
+    let logical_len = r.u32()?;
+    let payload = r.rest();
+    if logical_len == 0 {
+        return Err(StreamError::Malformed("Data with logical_len 0"));
+    }
+    if logical_len as usize > MAX_BLOCK_LEN {
+        return Err(StreamError::Malformed("Data logical_len above MAX_BLOCK_LEN"));
+    }
+    if offset.checked_add(logical_len.into()).is_none() {
+        return Err(StreamError::Malformed("Data extends past the end of a 64-bit disk"));
+    }
+    if codec == Codec::Raw && payload.len() != logical_len as usize {
+        return Err(StreamError::Malformed("raw Data length differs from logical_len"));
+    }
+    Ok((offset, codec, logical_len, payload.to_vec()))
+}
+
+fn parse_zero(p: &[u8]) -> Result<Message, StreamError> {
+    let mut r = Reader::new(p, "Zero payload");
+    let offset = r.u64()?;
+    let len = r.u64()?;
+    if len == 0 {
+        return Err(StreamError::Malformed("Zero with len 0"));
+    }
+    if offset.checked_add(len).is_none() {
+        return Err(StreamError::Malformed("Zero extends past the end of a 64-bit disk"));
+    }
+    Ok(Message::Zero { offset, len })
+}
+
+fn parse_fetch(p: &[u8]) -> Result<Message, StreamError> {
+    let mut r = Reader::new(p, "Fetch payload");
+    let (id, offset, len) = (r.u64()?, r.u64()?, r.u32()?);
+    if len == 0 || len as usize > MAX_BLOCK_LEN {
+        return Err(StreamError::Malformed("Fetch length is 0 or above MAX_BLOCK_LEN"));
+    }
+    if offset.checked_add(len.into()).is_none() {
+        return Err(StreamError::Malformed("Fetch extends past the end of a 64-bit disk"));
+    }
+    Ok(Message::Fetch { id, offset, len })
 }
 
 fn text(p: &[u8]) -> Result<String, StreamError> {
