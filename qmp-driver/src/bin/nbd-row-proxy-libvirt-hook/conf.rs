@@ -1,6 +1,7 @@
 //! The instances `/etc/nbd-row-proxy/NAME.conf` describes, read as systemd reads them for
 //! `nbd-row-proxy@NAME.service` (`EnvironmentFile=`): `KEY=VALUE` lines, `#`/`;` comments,
-//! optional quotes, and the unit's defaults for what a file leaves out.
+//! lines continued by a trailing backslash, optional quotes, other lines ignored, and the unit's
+//! defaults for what a file leaves out.
 
 use std::path::{Path, PathBuf};
 
@@ -39,8 +40,30 @@ fn unquote(v: &str) -> &str {
     v
 }
 
-/// Parses one `NAME.conf`; `Err` names the line that is not `KEY=VALUE`.
-pub fn parse(name: &str, file: &Path, text: &str) -> Result<Instance, String> {
+/// The logical lines of an environment file: a line ending in a backslash goes on on the next.
+fn logical_lines(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in text.lines() {
+        match line.strip_suffix('\\') {
+            Some(head) => {
+                cur.push_str(head);
+                cur.push(' ');
+            }
+            None => {
+                cur.push_str(line);
+                out.push(std::mem::take(&mut cur));
+            }
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Parses one `NAME.conf` (lines that are not `KEY=VALUE` are ignored, as systemd ignores them).
+pub fn parse(name: &str, file: &Path, text: &str) -> Instance {
     let mut inst = Instance {
         name: name.to_string(),
         file: file.to_path_buf(),
@@ -51,14 +74,12 @@ pub fn parse(name: &str, file: &Path, text: &str) -> Result<Instance, String> {
         args: Vec::new(),
         rust_log: "info".into(),
     };
-    for (n, line) in text.lines().enumerate() {
+    for line in logical_lines(text) {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
             continue;
         }
-        let Some((key, value)) = line.split_once('=') else {
-            return Err(format!("{} line {}: not KEY=VALUE: {line:?}", file.display(), n + 1));
-        };
+        let Some((key, value)) = line.split_once('=') else { continue };
         let value = unquote(value);
         match key.trim() {
             "MODE" => inst.mode = value.to_string(),
@@ -70,30 +91,38 @@ pub fn parse(name: &str, file: &Path, text: &str) -> Result<Instance, String> {
             _ => {}
         }
     }
-    Ok(inst)
+    inst
 }
 
-/// Every `*.conf` in `dir` (none if the directory does not exist). A file that cannot be read
-/// or parsed is an error: it may be the very disk the domain needs.
-pub fn read_dir(dir: &Path) -> Result<Vec<Instance>, String> {
+/// The largest conf file read.
+const CONF_MAX: u64 = 1 << 20;
+
+/// Every `*.conf` in `dir` (none if the directory does not exist), and the files that could not
+/// be read: those matter only for a disk no instance was found for (it may be theirs).
+pub fn read_dir(dir: &Path) -> (Vec<Instance>, Vec<String>) {
+    use std::io::Read;
+    let (mut out, mut unreadable) = (Vec::new(), Vec::new());
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(format!("{}: {e}", dir.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (out, unreadable),
+        Err(e) => return (out, vec![format!("{}: {e}", dir.display())]),
     };
-    let mut out = Vec::new();
-    for entry in entries {
-        let path = entry.map_err(|e| format!("{}: {e}", dir.display()))?.path();
+    for entry in entries.flatten() {
+        let path = entry.path();
         let (Some(stem), Some("conf")) =
             (path.file_stem().and_then(|s| s.to_str()), path.extension().and_then(|s| s.to_str()))
         else {
             continue;
         };
-        let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        out.push(parse(stem, &path, &text)?);
+        let mut text = String::new();
+        let read = std::fs::File::open(&path).and_then(|f| f.take(CONF_MAX).read_to_string(&mut text));
+        match read {
+            Ok(_) => out.push(parse(stem, &path, &text)),
+            Err(e) => unreadable.push(format!("{}: {e}", path.display())),
+        }
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(out)
+    (out, unreadable)
 }
 
 #[cfg(test)]
@@ -104,16 +133,18 @@ mod tests {
     fn a_conf_is_read_as_systemd_reads_it_with_the_units_defaults() {
         let text = "# comment\n; another\nIMAGE=/var/lib/libvirt/images/vm1.raw\nMODE=receive\n\
                     ARGS=\"--listen 0.0.0.0:10810  --tls-creds /etc/pki/qemu\"\n\nRUST_LOG='debug'\n";
-        let i = parse("vm1", Path::new("/etc/nbd-row-proxy/vm1.conf"), text).unwrap();
+        let i = parse("vm1", Path::new("/etc/nbd-row-proxy/vm1.conf"), text);
         assert_eq!(i.mode, "receive");
         assert_eq!(i.image.as_deref(), Some("/var/lib/libvirt/images/vm1.raw"));
         assert_eq!(i.socket, PathBuf::from("/run/nbd-row-proxy/vm1.sock"));
         assert_eq!(i.control, PathBuf::from("/run/nbd-row-proxy/vm1.ctl"));
         assert_eq!(i.args, ["--listen", "0.0.0.0:10810", "--tls-creds", "/etc/pki/qemu"]);
         assert_eq!(i.rust_log, "debug");
-        let i = parse("d", Path::new("d.conf"), "SOCKET=/srv/d.sock\nCONTROL=/srv/d.ctl\n").unwrap();
+        let i = parse("d", Path::new("d.conf"), "SOCKET=/srv/d.sock\nCONTROL=/srv/d.ctl\n");
         assert_eq!((i.mode.as_str(), i.socket.to_str(), i.image), ("serve", Some("/srv/d.sock"), None));
-        let e = parse("x", Path::new("/etc/nbd-row-proxy/x.conf"), "IMAGE=/a\nbogus\n").unwrap_err();
-        assert!(e.contains("x.conf line 2: not KEY=VALUE"), "{e}");
+        // A line that is not KEY=VALUE is ignored, and a trailing backslash continues a line.
+        let i = parse("x", Path::new("x.conf"), "IMAGE=/a\nbogus\nARGS=--listen 0.0.0.0:1 \\\n  --insecure\n");
+        assert_eq!(i.image.as_deref(), Some("/a"));
+        assert_eq!(i.args, ["--listen", "0.0.0.0:1", "--insecure"]);
     }
 }

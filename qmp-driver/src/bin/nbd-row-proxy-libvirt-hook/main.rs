@@ -87,14 +87,31 @@ async fn query(control: &Path) -> Result<StatusReply, String> {
     q.call::<QueryStatus>(NoArgs {}).await.map_err(|e| e.to_string())
 }
 
-/// Runs `systemctl start nbd-row-proxy@NAME.service` (it returns once the proxy is ready).
-fn start_systemd(i: &Instance) -> Result<(), String> {
+/// Runs `systemctl start nbd-row-proxy@NAME.service` (it returns once the proxy is ready), for
+/// at most `limit`: libvirt waits for the hook.
+async fn start_systemd(i: &Instance, limit: Duration) -> Result<(), String> {
     let unit = format!("nbd-row-proxy@{}.service", i.name);
-    let out = Command::new("systemctl")
+    let mut child = Command::new("systemctl")
         .args(["start", &unit])
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(|e| format!("cannot run systemctl: {e}"))?;
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("systemctl start {unit} did not return within {limit:?} (journalctl -u {unit})"));
+            }
+            Err(e) => return Err(format!("systemctl start {unit}: {e}")),
+        }
+    }
+    let out = child.wait_with_output().map_err(|e| format!("systemctl start {unit}: {e}"))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         return Err(format!("systemctl start {unit} failed ({}): {} (journalctl -u {unit})", out.status, err.trim()));
@@ -108,11 +125,18 @@ fn spawn(cli: &Cli, i: &Instance) -> Result<(u32, PathBuf), String> {
     use std::os::unix::process::CommandExt;
     let image = i.image.as_deref().unwrap_or_default();
     for dir in [i.socket.parent(), i.control.parent(), Some(cli.log_dir.as_path())].into_iter().flatten() {
+        if dir.exists() {
+            continue;
+        }
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o750)
             .create(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        // As the unit's RuntimeDirectory: group kvm, so QEMU run by libvirt reaches the socket.
+        if let Some(gid) = group_id("kvm") {
+            let _ = std::os::unix::fs::chown(dir, None, Some(gid));
+        }
     }
     let log_path = cli.log_dir.join(format!("{}.log", i.name));
     let log = std::fs::OpenOptions::new()
@@ -146,6 +170,15 @@ fn spawn(cli: &Cli, i: &Instance) -> Result<(u32, PathBuf), String> {
     Ok((pid, log_path))
 }
 
+/// A group's id from /etc/group.
+fn group_id(name: &str) -> Option<u32> {
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next() == Some(name)).then(|| f.nth(1)?.parse().ok()).flatten()
+    })
+}
+
 /// Whether a spawned proxy has already exited.
 fn exited(pid: u32) -> bool {
     !Path::new(&format!("/proc/{pid}")).exists()
@@ -153,11 +186,22 @@ fn exited(pid: u32) -> bool {
             .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
 }
 
-/// The last lines of a log, for a message.
+/// The last lines of a log (from its last 16 KiB), for a message.
 fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    use std::io::{Read, Seek, SeekFrom};
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(16 << 10)));
+        let mut bytes = Vec::new();
+        let _ = f.read_to_end(&mut bytes);
+        text = String::from_utf8_lossy(&bytes).into_owned();
+    }
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(3)..].join(" | ")
+    match lines.len() {
+        0 => "it wrote nothing".into(),
+        n => lines[n.saturating_sub(3)..].join(" | "),
+    }
 }
 
 /// Starts the instance behind `need` and waits until its control socket answers.
@@ -168,7 +212,8 @@ async fn start(cli: &Cli, need: &Need<'_>, i: &Instance) -> Result<StatusReply, 
         Start::Spawn => false,
         Start::Auto => Path::new("/run/systemd/system").exists(),
     };
-    let spawned = if systemd { start_systemd(i).map(|()| None)? } else { Some(spawn(cli, i)?) };
+    let spawned =
+        if systemd { start_systemd(i, cli.start_timeout).await.map(|()| None)? } else { Some(spawn(cli, i)?) };
     eprintln!(
         "nbd-row-proxy: domain {}: disk {}: started instance {} ({})",
         cli.domain,
@@ -219,10 +264,27 @@ async fn check(cli: &Cli, need: &Need<'_>) -> Result<(), String> {
 /// `migrate begin`: every disk of ours ready, or the reasons it is not.
 async fn incoming(cli: &Cli, xml: &str) -> Result<Vec<String>, Vec<String>> {
     let disks = qmp_driver::domain_xml::parse_disks(xml).map_err(|e| vec![e])?;
-    let instances = conf::read_dir(&cli.conf_dir).map_err(|e| vec![e])?;
-    let needs = needs::needs(&disks, &instances, Path::exists);
+    let sockets = needs::unix_sockets(&disks);
+    if sockets.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (instances, unreadable) = conf::read_dir(&cli.conf_dir);
+    let needs = needs::needs(&disks, &instances, same_socket, our_control);
     let mut ok = Vec::new();
     let mut errors = Vec::new();
+    // A disk none of ours serves is left to libvirt, unless a conf that could not be read may
+    // be the one that serves it.
+    if !unreadable.is_empty() {
+        for (target, socket) in &sockets {
+            if !needs.iter().any(|n| n.socket == same_socket(socket)) {
+                errors.push(format!(
+                    "disk {target} ({}): no readable instance serves it, and these could not be read: {}",
+                    socket.display(),
+                    unreadable.join("; ")
+                ));
+            }
+        }
+    }
     for need in &needs {
         match check(cli, need).await {
             Ok(()) => ok.push(format!("disk {} ({}) is armed", need.target, need.socket.display())),
@@ -234,6 +296,26 @@ async fn incoming(cli: &Cli, xml: &str) -> Result<Vec<String>, Vec<String>> {
     } else {
         Err(errors)
     }
+}
+
+/// A socket path as the host resolves it (its directory's symbolic links and `.`/`..`), so
+/// `/var/run/nbd-row-proxy/x.sock` is `/run/nbd-row-proxy/x.sock`; as given if the directory
+/// does not exist.
+fn same_socket(path: &Path) -> PathBuf {
+    match (path.parent().map(std::fs::canonicalize), path.file_name()) {
+        (Some(Ok(dir)), Some(name)) => dir.join(name),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// Whether `path` is a control socket a proxy of ours made for a disk started by hand: a
+/// socket owned by this user (root) that no one else may open (the proxy makes it 0600), not
+/// any socket the source's XML may point at.
+fn our_control(path: &Path) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket() && m.uid() == me && m.mode() & 0o077 == 0)
 }
 
 #[tokio::main(flavor = "current_thread")]

@@ -22,24 +22,41 @@ pub struct Need<'a> {
     pub instance: Option<&'a Instance>,
 }
 
+/// The sockets of the domain's writable NBD disks on Unix sockets (the disks that may be ours).
+pub fn unix_sockets(disks: &[XmlDisk]) -> Vec<(&str, &Path)> {
+    disks
+        .iter()
+        .filter(|d| d.writable)
+        .filter_map(|d| match &d.source {
+            Source::NbdUnix(socket) => Some((d.target.as_str(), socket.as_path())),
+            Source::Other(_) => None,
+        })
+        .collect()
+}
+
 /// The domain's writable disks on nbd-row-proxy: an NBD disk on a Unix socket that a configured
-/// instance serves (its `SOCKET=`), or with a control socket `X.ctl` beside `X.sock` (a proxy
-/// started by hand). Other disks are not ours and left to libvirt.
+/// instance serves (its `SOCKET=`, compared after `same`), or with a control socket `X.ctl`
+/// beside `X.sock` that `is_control` accepts (a proxy started by hand). Other disks are not ours
+/// and left to libvirt; a socket named twice is checked once.
 pub fn needs<'a>(
     disks: &[XmlDisk],
     instances: &'a [Instance],
-    control_exists: impl Fn(&Path) -> bool,
+    same: impl Fn(&Path) -> PathBuf,
+    is_control: impl Fn(&Path) -> bool,
 ) -> Vec<Need<'a>> {
-    let mut out = Vec::new();
-    for d in disks.iter().filter(|d| d.writable) {
-        let Source::NbdUnix(socket) = &d.source else { continue };
-        let instance = instances.iter().find(|i| &i.socket == socket);
+    let mut out: Vec<Need<'a>> = Vec::new();
+    for (target, socket) in unix_sockets(disks) {
+        let socket = same(socket);
+        if out.iter().any(|n| n.socket == socket) {
+            continue;
+        }
+        let instance = instances.iter().find(|i| same(&i.socket) == socket);
         let control = match instance {
             Some(i) => i.control.clone(),
             None => socket.with_extension("ctl"),
         };
-        if instance.is_some() || control_exists(&control) {
-            out.push(Need { target: d.target.clone(), socket: socket.clone(), control, instance });
+        if instance.is_some() || is_control(&control) {
+            out.push(Need { target: target.to_string(), socket, control, instance });
         }
     }
     out
@@ -103,10 +120,10 @@ mod tests {
     fn configured_and_hand_started_proxies_are_ours_and_the_rest_is_left_to_libvirt() {
         let disks = parse_disks(XML).unwrap();
         let confs = vec![
-            parse("vm1", Path::new("/etc/nbd-row-proxy/vm1.conf"), "IMAGE=/i\nMODE=receive\n").unwrap(),
-            parse("ro", Path::new("/etc/nbd-row-proxy/ro.conf"), "IMAGE=/r\n").unwrap(),
+            parse("vm1", Path::new("/etc/nbd-row-proxy/vm1.conf"), "IMAGE=/i\nMODE=receive\n"),
+            parse("ro", Path::new("/etc/nbd-row-proxy/ro.conf"), "IMAGE=/r\n"),
         ];
-        let n = needs(&disks, &confs, |c| c == Path::new("/srv/by-hand.ctl"));
+        let n = needs(&disks, &confs, Path::to_path_buf, |c| c == Path::new("/srv/by-hand.ctl"));
         assert_eq!(n.len(), 2, "{n:?}");
         assert_eq!((n[0].target.as_str(), n[0].instance.map(|i| i.name.as_str())), ("vda", Some("vm1")));
         assert_eq!(n[0].control, PathBuf::from("/run/nbd-row-proxy/vm1.ctl"));
@@ -115,8 +132,14 @@ mod tests {
         assert!(startable(&confs[0]).is_ok());
         let e = startable(&confs[1]).unwrap_err();
         assert!(e.contains("ro.conf has MODE=serve"), "{e}");
-        let e = startable(&parse("x", Path::new("x.conf"), "MODE=receive\n").unwrap()).unwrap_err();
+        let e = startable(&parse("x", Path::new("x.conf"), "MODE=receive\n")).unwrap_err();
         assert!(e.contains("sets no IMAGE="), "{e}");
+        // The same socket under another spelling is the configured one, and is checked once.
+        let twice = XML.replace("/srv/by-hand.sock", "/run/./nbd-row-proxy/vm1.sock");
+        let same = |p: &Path| PathBuf::from(p.to_str().unwrap().replace("/./", "/"));
+        let n = needs(&parse_disks(&twice).unwrap(), &confs, same, |_| false);
+        assert_eq!(n.len(), 1, "{n:?}");
+        assert_eq!(n[0].instance.map(|i| i.name.as_str()), Some("vm1"));
     }
 
     fn status(incoming: bool, phase: Option<IncomingPhase>) -> StatusReply {

@@ -182,7 +182,8 @@ pub(crate) fn virsh(connect: Option<&str>, args: &[&str]) -> Result<String> {
     if let Some(uri) = connect {
         cmd.args(["-c", uri]);
     }
-    cmd.args(args).stdin(Stdio::null());
+    // Its words are parsed (domjobinfo, domstate): untranslated.
+    cmd.args(args).env("LC_ALL", "C").stdin(Stdio::null());
     let out = cmd.output().context("cannot run virsh (apt-get install libvirt-clients)")?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);

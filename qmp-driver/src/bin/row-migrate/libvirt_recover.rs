@@ -42,15 +42,21 @@ fn running(state: Option<&str>) -> bool {
 }
 
 /// Where the domain is, once libvirt's job has ended. A destination domain still paused for
-/// an incoming migration is libvirt's leftover, not a guest.
+/// an incoming migration is libvirt's leftover, not a guest. A RAM post-copy state on either
+/// side (the guest needs both hosts, or QEMU's own recovery) is never guessed at.
 pub fn side(src: Option<&str>, dst: Option<&str>) -> Side {
+    if [src, dst].into_iter().flatten().any(|s| s.contains("post-copy")) {
+        return Side::Unclear;
+    }
     let dst_incoming = dst.is_some_and(|s| s.starts_with("paused (migrating)") || s.starts_with("paused (migration"));
     let dst_active = active(dst) && !dst_incoming;
     match (active(src), dst_active) {
         (true, false) => Side::Source,
         (false, true) => Side::Destination,
         // A source paused after the switchover (post-migrate) beside a running destination.
-        (true, true) if running(dst) && !running(src) => Side::Destination,
+        (true, true) if running(dst) && !running(src) && !src.is_some_and(|s| s.starts_with("paused")) => {
+            Side::Destination
+        }
         _ => Side::Unclear,
     }
 }
@@ -59,9 +65,25 @@ fn failed(error: anyhow::Error, state: Value) -> Failure {
     Failure { code: exit::ROLLBACK_FAILED, error, state }
 }
 
-/// `virsh domstate --reason NAME` on `uri`, or `None` if the host does not know the domain.
-fn domstate(uri: Option<&str>, name: &str) -> Option<String> {
-    virsh(uri, &["domstate", "--reason", name]).ok().map(|s| s.lines().next().unwrap_or_default().trim().to_string())
+/// `virsh domstate --reason NAME` on `uri`, `None` if the host does not know the domain; an
+/// error if that host cannot be asked (unreachable is not "not there").
+fn domstate(uri: Option<&str>, name: &str) -> anyhow::Result<Option<String>> {
+    match virsh(uri, &["domstate", "--reason", name]) {
+        Ok(s) => Ok(Some(s.lines().next().unwrap_or_default().trim().to_string())),
+        Err(e) if not_defined(&format!("{e:#}")) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// virsh's words (LC_ALL=C) for a domain the host does not know.
+fn not_defined(error: &str) -> bool {
+    error.contains("failed to get domain") || error.contains("Domain not found")
+}
+
+/// A guest paused by an I/O error (a read of a block the post-copy push had not brought yet):
+/// the only pause `--recover` undoes; any other was someone's decision.
+fn io_error_pause(state: Option<&str>) -> bool {
+    state.is_some_and(|s| s.starts_with("paused (I/O error)"))
 }
 
 /// Waits while the source's libvirt runs a job on the domain (a migration virsh still drives).
@@ -102,15 +124,28 @@ fn source_proxies(args: &Args, name: &str) -> Result<Vec<(String, PathBuf)>, Fai
         .or_else(|_| virsh(args.to.as_deref(), &["dumpxml", name]))
         .map_err(|e| failed(e.context(format!("--domain {name}: neither host defines it")), Value::Null))?;
     let disks = parse_disks(&xml).map_err(|e| failed(anyhow!("--domain {name}: {e}"), Value::Null))?;
-    Ok(disks
-        .into_iter()
-        .filter(|d| d.writable)
-        .filter_map(|d| match d.source {
-            Source::NbdUnix(socket) => Some((d.target, socket.with_extension("ctl"))),
-            Source::Other(_) => None,
-        })
-        .filter(|(_, ctl)| ctl.exists())
-        .collect())
+    let (mut ours, mut others) = (Vec::new(), Vec::new());
+    for d in disks.into_iter().filter(|d| d.writable) {
+        match d.source {
+            Source::NbdUnix(socket) if socket.with_extension("ctl").exists() => {
+                ours.push((d.target, socket.with_extension("ctl")))
+            }
+            Source::NbdUnix(socket) => others.push(format!("{} (NBD on {})", d.target, socket.display())),
+            Source::Other(kind) => others.push(format!("{} ({kind})", d.target)),
+        }
+    }
+    if !others.is_empty() && !args.allow_unmoved_drives {
+        return Err(failed(
+            anyhow!(
+                "--domain {name}: writable disks without an nbd-row-proxy control socket beside them on this host: {}; \
+                 nothing was changed (a proxy not running here: start it; on storage both hosts share: \
+                 --allow-unmoved-drives)",
+                others.join(", ")
+            ),
+            Value::Null,
+        ));
+    }
+    Ok(ours)
 }
 
 /// Brings the domain's disks to where libvirt left the domain; the report says where it runs.
@@ -129,13 +164,17 @@ pub async fn recover(args: Args) -> Result<Value, Failure> {
         actions.push("waited for libvirt's migration job to end".into());
     }
     let disks = source_proxies(&args, &name)?;
-    let src = domstate(from.as_deref(), &name);
-    let dst = domstate(Some(&to), &name);
+    let asked = |uri: Option<&str>, host: &str| {
+        domstate(uri, &name)
+            .map_err(|e| failed(e.context(format!("asking the {host}'s libvirt: nothing was changed")), Value::Null))
+    };
+    let src = asked(from.as_deref(), "source")?;
+    let dst = asked(Some(&to), "destination")?;
     let states = json!({"source": src, "destination": dst});
     match side(src.as_deref(), dst.as_deref()) {
         Side::Destination => {
             complete_all(&disks, args.timeout, &mut actions).await.map_err(|e| failed(e, states.clone()))?;
-            if dst.as_deref().is_some_and(|s| s.starts_with("paused")) {
+            if io_error_pause(dst.as_deref()) {
                 virsh(Some(&to), &["resume", &name]).map_err(|e| failed(e, states.clone()))?;
                 actions.push("resumed the domain on the destination".into());
             }
@@ -143,7 +182,7 @@ pub async fn recover(args: Args) -> Result<Value, Failure> {
         }
         Side::Source => {
             disarm_all(&disks, &mut actions).await.map_err(|e| failed(e, states.clone()))?;
-            if src.as_deref().is_some_and(|s| s.starts_with("paused")) {
+            if io_error_pause(src.as_deref()) {
                 virsh(from.as_deref(), &["resume", &name]).map_err(|e| failed(e, states.clone()))?;
                 actions.push("resumed the domain on the source".into());
             }
@@ -235,9 +274,16 @@ mod tests {
         assert_eq!(side(Some("running (unpaused)"), Some("paused (migrating)")), Side::Source);
         assert_eq!(side(None, Some("running (migrated)")), Side::Destination);
         assert_eq!(side(Some("shut off (migrated)"), Some("paused (I/O error)")), Side::Destination);
-        assert_eq!(side(Some("paused (post-copy)"), Some("running (migrated)")), Side::Destination);
+        assert_eq!(side(Some("paused (post-copy)"), Some("running (migrated)")), Side::Unclear);
+        assert_eq!(side(Some("paused (post-copy failed)"), None), Side::Unclear);
+        assert_eq!(side(Some("paused (migrating)"), Some("running (migrated)")), Side::Unclear);
+        assert_eq!(side(Some("shut off (migrated)"), Some("running (migrated)")), Side::Destination);
         assert_eq!(side(Some("running (booted)"), Some("running (migrated)")), Side::Unclear);
         assert_eq!(side(None, None), Side::Unclear);
         assert_eq!(side(Some("shut off (destroyed)"), Some("shut off (crashed)")), Side::Unclear);
+        assert!(io_error_pause(Some("paused (I/O error)")));
+        assert!(!io_error_pause(Some("paused (user)")) && !io_error_pause(Some("paused (post-copy failed)")));
+        assert!(not_defined("virsh domstate --reason x failed (exit status: 1): error: failed to get domain 'x'"));
+        assert!(!not_defined("error: failed to connect to the hypervisor"));
     }
 }
