@@ -75,6 +75,35 @@ fn domstate(uri: Option<&str>, name: &str) -> anyhow::Result<Option<String>> {
     }
 }
 
+/// How long the domain's states may take to settle once libvirt's job has ended (libvirt tears
+/// down an aborted incoming domain, or resumes the source, after it).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A state libvirt passes through, not one a domain stays in.
+fn transitional(state: Option<&str>) -> bool {
+    state.is_some_and(|s| {
+        s.starts_with("in shutdown") || ["(migrating)", "(migration)", "(starting up)"].iter().any(|r| s.contains(r))
+    })
+}
+
+/// Both hosts' `domstate --reason` once neither is in a passing state (or after
+/// [`SETTLE_TIMEOUT`], as they are then).
+async fn settled_states(from: Option<&str>, to: &str, name: &str) -> Result<(Option<String>, Option<String>), Failure> {
+    let asked = |uri: Option<&str>, host: &str| {
+        domstate(uri, name)
+            .map_err(|e| failed(e.context(format!("asking the {host}'s libvirt: nothing was changed")), Value::Null))
+    };
+    let t0 = Instant::now();
+    loop {
+        let src = asked(from, "source")?;
+        let dst = asked(Some(to), "destination")?;
+        if !(transitional(src.as_deref()) || transitional(dst.as_deref())) || t0.elapsed() > SETTLE_TIMEOUT {
+            return Ok((src, dst));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// virsh's words (LC_ALL=C) for a domain the host does not know.
 fn not_defined(error: &str) -> bool {
     error.contains("failed to get domain") || error.contains("Domain not found")
@@ -164,12 +193,7 @@ pub async fn recover(args: Args) -> Result<Value, Failure> {
         actions.push("waited for libvirt's migration job to end".into());
     }
     let disks = source_proxies(&args, &name)?;
-    let asked = |uri: Option<&str>, host: &str| {
-        domstate(uri, &name)
-            .map_err(|e| failed(e.context(format!("asking the {host}'s libvirt: nothing was changed")), Value::Null))
-    };
-    let src = asked(from.as_deref(), "source")?;
-    let dst = asked(Some(&to), "destination")?;
+    let (src, dst) = settled_states(from.as_deref(), &to, &name).await?;
     let states = json!({"source": src, "destination": dst});
     match side(src.as_deref(), dst.as_deref()) {
         Side::Destination => {
@@ -282,6 +306,8 @@ mod tests {
         assert_eq!(side(None, None), Side::Unclear);
         assert_eq!(side(Some("shut off (destroyed)"), Some("shut off (crashed)")), Side::Unclear);
         assert!(io_error_pause(Some("paused (I/O error)")));
+        assert!(transitional(Some("in shutdown (unknown)")) && transitional(Some("paused (migrating)")));
+        assert!(!transitional(Some("running (booted)")) && !transitional(None));
         assert!(!io_error_pause(Some("paused (user)")) && !io_error_pause(Some("paused (post-copy failed)")));
         assert!(not_defined("virsh domstate --reason x failed (exit status: 1): error: failed to get domain 'x'"));
         assert!(!not_defined("error: failed to connect to the hypervisor"));
