@@ -58,8 +58,8 @@ const EXIT_CODES: &str = "Exit status:
   5  failed after the switchover: the guest runs on the destination; nothing was undone
 row-migrate --recover (same sockets) brings a migration that was killed, or ended with 4 or 5, to
 one consistent state: completed if the guest runs on the destination (after waiting for a
-running post-copy push to end), otherwise undone. For a libvirt domain: --domain NAME --to URI
---recover.";
+running post-copy push to end), otherwise undone. For a libvirt domain, row-migrate --domain
+NAME --to URI --recover does the same.";
 
 const EXAMPLES: &str = "Examples:
   # Host A runs the guest (QMP at /run/a/qmp.sock) on `nbd-row-proxy serve --control /run/a/vm1.ctl`;
