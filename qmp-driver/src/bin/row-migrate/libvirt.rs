@@ -83,7 +83,7 @@ pub fn plan(
 
 /// The writable disks the proxies serve (their streams still to give), and the others named
 /// for the messages.
-fn ours(
+pub(crate) fn ours(
     disks: &[XmlDisk],
     is_proxy: impl Fn(&Path) -> bool,
     dst_dir: &Path,

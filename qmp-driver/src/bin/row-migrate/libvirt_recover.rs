@@ -9,7 +9,7 @@
 //! source's writes are plain again, and a paused source guest is resumed. Anything else is
 //! reported with the states found, never guessed at (exit 4).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
@@ -17,7 +17,7 @@ use control_api::{MigrateCancel, NoArgs, Phase};
 use serde_json::{json, Value};
 
 use crate::ctx::Failure;
-use crate::libvirt::{parse_disks, parse_jobinfo, phase, reach, virsh, Source};
+use crate::libvirt::{parse_disks, parse_jobinfo, phase, reach, virsh};
 use crate::report::{progress_done, progress_line};
 use crate::{exit, Args};
 
@@ -153,16 +153,9 @@ fn source_proxies(args: &Args, name: &str) -> Result<Vec<(String, PathBuf)>, Fai
         .or_else(|_| virsh(args.to.as_deref(), &["dumpxml", name]))
         .map_err(|e| failed(e.context(format!("--domain {name}: neither host defines it")), Value::Null))?;
     let disks = parse_disks(&xml).map_err(|e| failed(anyhow!("--domain {name}: {e}"), Value::Null))?;
-    let (mut ours, mut others) = (Vec::new(), Vec::new());
-    for d in disks.into_iter().filter(|d| d.writable) {
-        match d.source {
-            Source::NbdUnix(socket) if socket.with_extension("ctl").exists() => {
-                ours.push((d.target, socket.with_extension("ctl")))
-            }
-            Source::NbdUnix(socket) => others.push(format!("{} (NBD on {})", d.target, socket.display())),
-            Source::Other(kind) => others.push(format!("{} ({kind})", d.target)),
-        }
-    }
+    // The same classification as the migration's plan (the destination side is not needed here).
+    let (ours, others) = crate::libvirt::ours(&disks, Path::exists, Path::new(""))
+        .map_err(|e| failed(anyhow!("--domain {name}: {e}"), Value::Null))?;
     if !others.is_empty() && !args.allow_unmoved_drives {
         return Err(failed(
             anyhow!(
@@ -174,7 +167,7 @@ fn source_proxies(args: &Args, name: &str) -> Result<Vec<(String, PathBuf)>, Fai
             Value::Null,
         ));
     }
-    Ok(ours)
+    Ok(ours.into_iter().map(|m| (m.target, m.spec.src_proxy)).collect())
 }
 
 /// Brings the domain's disks to where libvirt left the domain; the report says where it runs.
