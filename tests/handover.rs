@@ -52,6 +52,11 @@ struct Pair {
 }
 
 fn pair(seed: u64) -> Pair {
+    pair_with(seed, &[])
+}
+
+/// A pair whose destination also gets `dst_args`.
+fn pair_with(seed: u64, dst_args: &[&str]) -> Pair {
     let (src_dir, dst_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let key = key_file(src_dir.path(), KEY);
     let (image, data) = source_image(src_dir.path(), seed);
@@ -59,7 +64,9 @@ fn pair(seed: u64) -> Pair {
     let dst_image = dst_dir.path().join("disk.raw");
     sparse_file(&dst_image, SIZE as u64);
     let port = free_port();
-    let dst = destination(dst_dir.path(), &dst_image, &key, port);
+    let mut args = vec!["--auth-key-file", key.to_str().unwrap()];
+    args.extend_from_slice(dst_args);
+    let dst = destination_with(dst_dir.path(), &dst_image, &args, port);
     Pair { _dirs: (src_dir, dst_dir), src, dst, port, data }
 }
 
@@ -189,6 +196,41 @@ fn an_unarmed_source_refuses_the_destination_s_claim() {
     assert_eq!(p.src.ctl().ok("migrate-finish", json!({}))["phase"], "handed-over");
     let mut want = p.data.clone();
     want[..4096].fill(0xa3);
+    assert!(read_all(&p.dst.server) == want);
+}
+
+#[test]
+fn an_armed_source_disarms_once_the_destination_s_qemu_left_without_writing() {
+    let p = pair_with(23, &["--abandoned-after", "2s"]);
+    p.start(true);
+    let mut ctl = p.src.ctl();
+    // Probes come and go (nbdinfo, qemu-img info, a manager's checks): nothing changes.
+    for _ in 0..3 {
+        read(&p.dst.server, 0, 4096);
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(ctl.ok("query-migrate", json!({}))["phase"], "ready", "a probe disarmed the source");
+    // The destination's QEMU: attached longer than any probe, it reads and leaves without
+    // writing (the manager abandoned its migration and ended it).
+    {
+        let mut qemu = RawClient::connect(&p.dst.server.socket, "", true).unwrap();
+        assert_eq!(qemu.call(request(Cmd::Read, 1, 0, 4096), &[]).unwrap().error, 0);
+        std::thread::sleep(Duration::from_secs(4));
+    }
+    let left = Instant::now();
+    wait_phase(&mut ctl, "cancelled", HANG_LIMIT);
+    assert!(left.elapsed() >= Duration::from_secs(2), "disarmed {:?} after the client left", left.elapsed());
+    assert!(p.src.server.proc.log_text().contains("abandoned the migration"), "A says why");
+    // A keeps its disk; B discarded the session and waits for a new one, which arms again.
+    assert_eq!(write(&p.src.server, 0, &[0xa5; 4096]), 0);
+    wait_for("B back to waiting", || status(&p.dst)["incoming-phase"] == "waiting");
+    wait_for("A's overlay merged back", || status(&p.src)["mode"] == "direct");
+    p.start(true);
+    assert_eq!(write(&p.dst.server, 4096, &[0xb5; 4096]), 0, "B's first write takes the new arming's disk");
+    wait_phase(&mut ctl, "completed", HANG_LIMIT);
+    let mut want = p.data.clone();
+    want[..4096].fill(0xa5);
+    want[4096..8192].fill(0xb5);
     assert!(read_all(&p.dst.server) == want);
 }
 

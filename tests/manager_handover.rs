@@ -99,16 +99,19 @@ fn manager_migrates(rig: &mut Rig) -> u64 {
 }
 
 /// After an abandoned hand-over: A's guest still writes to A's disk, which A's proxy still
-/// holds (armed, ready, writes accepted) and B never served; disarmed, A verifies every block.
+/// holds (writes accepted) and B never served; once B's QEMU has been gone for B's
+/// `--abandoned-after` (10 s), A disarms by itself, B discards the session, and A verifies
+/// every block.
 fn disk_stays_on_a(rig: &mut Rig) {
     let a = rig.a();
-    let mut ctl = ControlClient::connect(&a.ctl);
-    assert_eq!(ctl.ok("query-migrate", json!({}))["phase"], "ready");
     assert!(a.proxy_status()["writes-refused"].is_null(), "{}", a.proxy_status());
-    let b = rig.b().proxy_status();
-    assert_eq!(b["incoming-phase"], "receiving", "{b}");
-    // The operator disarms: the overlay merges back and the guest goes on.
-    ctl.ok("migrate-cancel", json!({}));
+    let mut ctl = ControlClient::connect(&a.ctl);
+    e2e::migration::wait_phase(&mut ctl, "cancelled", HANG_LIMIT);
+    let log = read_text(&rig.a().image.with_file_name("proxy.log"));
+    assert!(log.contains("abandoned the migration"), "A's proxy log:\n{log}");
+    wait_until("B discarded the session", HANG_LIMIT, || {
+        (rig.b().proxy_status()["incoming-phase"] == "waiting").then_some(())
+    });
     let text = rig.a().wait_console("WORKLOAD-VERIFY-", HANG_LIMIT);
     assert!(text.contains("WORKLOAD-VERIFY-OK"), "verification failed on A; console:\n{text}");
     wait_until("A's overlay merged back", HANG_LIMIT, || (rig.a().proxy_status()["mode"] == "direct").then_some(()));
@@ -171,6 +174,8 @@ fn a_manager_migration_aborted_before_the_switchover_leaves_the_disk_on_a() {
     let a = rig.a();
     mon(a, "migrate_cancel", json!({}));
     wait_until("A runs again", HANG_LIMIT, || (rig.a().qemu_status().as_deref() == Some("running")).then_some(()));
+    // The manager ends the destination QEMU of its failed migration.
+    rig.b().kill_qemu();
     disk_stays_on_a(&mut rig);
 }
 
@@ -256,62 +261,146 @@ fn the_source_proxy_killed_during_the_push_resumes_it_and_nothing_is_lost() {
     e2e::migration::wait_phase(&mut ctl, "completed", HANG_LIMIT);
 }
 
+/// A QEMU's events, read on its second monitor (the one `row-migrate` uses) from a thread,
+/// until [`Events::stop`].
+struct Events {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<qmp_proto::Event>>,
+}
+
+impl Events {
+    fn watch(side: &Side) -> Self {
+        let path = side.qmp.clone();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = done.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let mut client = qmp_proto::Client::connect(&path, HANG_LIMIT).await.unwrap();
+                let mut seen = Vec::new();
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    match client.next_event(Duration::from_millis(100)).await {
+                        Ok(Some(event)) => seen.push(event),
+                        Ok(None) => {}
+                        Err(_) => break,
+                    }
+                }
+                seen
+            })
+        });
+        Self { done, thread }
+    }
+
+    fn stop(self) -> Vec<qmp_proto::Event> {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+/// Seconds since the epoch of the first `name` among `events`.
+fn event_at(events: &[qmp_proto::Event], name: &str) -> f64 {
+    let e = events.iter().find(|e| e.event == name).unwrap_or_else(|| panic!("no {name} among {events:?}"));
+    e.timestamp.seconds as f64 + e.timestamp.microseconds as f64 / 1e6
+}
+
+/// The manager's migration as [`manager_migrates`], timed from outside: the source's STOP to the
+/// destination's RESUME (ms, from QEMU's event timestamps: one clock, one machine), and QEMU's
+/// own `downtime`.
+fn manager_migrates_timed(rig: &mut Rig) -> (f64, u64) {
+    let (on_a, on_b) = (Events::watch(rig.a()), Events::watch(rig.b()));
+    let counted = manager_migrates(rig);
+    wait_until("B's guest running", HANG_LIMIT, || (rig.b().qemu_status().as_deref() == Some("running")).then_some(()));
+    let (a, b) = (on_a.stop(), on_b.stop());
+    ((event_at(&b, "RESUME") - event_at(&a, "STOP")) * 1000.0, counted)
+}
+
+/// The median of `values`.
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 /// Figures, not a check: the same guest (writing 200 writes/s) migrated three ways, one after
-/// the other in this run, on an unlimited and a 100 Mbit/s link: by the manager's QMP sequence on
-/// shared storage (B's QEMU opens A's disk through A's proxy), by the same sequence with the
-/// hand-over, and by `row-migrate`. Printed: QEMU's own downtime for each, row-migrate's STOP to
-/// RESUME, and what B's first write waited for in the hand-over.
+/// the other, `FIGURES_RUNS` times (default 3), on an unlimited and a 100 Mbit/s link: by the
+/// manager's QMP sequence on shared storage (B's QEMU opens A's disk through A's proxy), by the
+/// same sequence with the hand-over, and by `row-migrate`. Printed for each run: the downtime from
+/// the source's STOP to the destination's RESUME, QEMU's own count, and what B's first write
+/// waited for in the hand-over; then the medians.
 #[test]
 #[ignore = "figures, not a check: cargo test -p e2e --test manager_handover -- --ignored --nocapture"]
 fn downtime_beside_a_shared_storage_migration() {
     let _serial = serial();
-    for link in [None, Some("100mbit")] {
-        let start = || Rig::start_on_link(Role::Receive, SECONDS, Guest::default(), &[], link);
-        let shared = {
-            let mut rig = start();
-            std::thread::sleep(Duration::from_secs(2));
-            // B's QEMU on A's disk: the plain shared-storage migration a manager makes.
-            rig.b().kill_qemu();
-            let a_nbd = rig.a().nbd.clone();
-            let b = rig.b();
-            b.nbd = a_nbd;
-            b.start_qemu(SECONDS, true);
-            let downtime = manager_migrates(&mut rig);
-            let text = rig.b().wait_console("WORKLOAD-VERIFY-", HANG_LIMIT);
-            assert!(text.contains("WORKLOAD-VERIFY-OK"), "shared storage: verification failed on B:\n{text}");
-            downtime
-        };
-        let (handover, waited) = {
-            let mut rig = start();
-            std::thread::sleep(Duration::from_secs(2));
-            arm(&mut rig);
-            let downtime = manager_migrates(&mut rig);
-            let _ = qmp(&rig.a().mon, "quit", json!({}));
-            let text = rig.b().wait_console("WORKLOAD-VERIFY-", HANG_LIMIT);
-            assert!(text.contains("WORKLOAD-VERIFY-OK"), "hand-over: verification failed on B:\n{text}");
-            let log = read_text(&rig.a().image.with_file_name("proxy.log"));
-            let waited = log
-                .lines()
-                .find(|l| l.contains("confirmed the commit"))
-                .and_then(|l| l.split("round_ms=").nth(1))
-                .unwrap_or("?")
-                .to_string();
-            (downtime, waited)
-        };
-        let driven = {
-            let mut rig = start();
-            std::thread::sleep(Duration::from_secs(2));
-            let report = rig.migrate_ok(HostId::A, HostId::B, "row", &[]);
-            let text = rig.b().wait_console("WORKLOAD-VERIFY-", HANG_LIMIT);
-            assert!(text.contains("WORKLOAD-VERIFY-OK"), "row-migrate: verification failed on B:\n{text}");
-            (report["qemu-reported-downtime-ms"].clone(), report["downtime-ms"].clone())
-        };
+    let runs: usize = std::env::var("FIGURES_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
+    let links: Vec<Option<String>> = std::env::var("FIGURES_LINKS")
+        .map(|l| l.split(',').map(|s| (s != "unlimited").then(|| s.to_string())).collect())
+        .unwrap_or_else(|_| vec![None, Some("100mbit".to_string())]);
+    for link in links {
+        let name = link.clone().unwrap_or_else(|| "unlimited".to_string());
+        let start = || Rig::start_on_link(Role::Receive, SECONDS, Guest::default(), &[], link.as_deref());
+        let (mut shared, mut handover, mut driven) = (Vec::new(), Vec::new(), Vec::new());
+        for run in 1..=runs {
+            let (ms, counted) = {
+                let mut rig = start();
+                std::thread::sleep(Duration::from_secs(2));
+                // B's QEMU on A's disk: the plain shared-storage migration a manager makes.
+                rig.b().kill_qemu();
+                let a_nbd = rig.a().nbd.clone();
+                let b = rig.b();
+                b.nbd = a_nbd;
+                b.start_qemu(SECONDS, true);
+                let timed = manager_migrates_timed(&mut rig);
+                let text = rig.b().wait_console("WORKLOAD-VERIFY-", HANG_LIMIT);
+                assert!(text.contains("WORKLOAD-VERIFY-OK"), "shared storage: verification failed on B:\n{text}");
+                timed
+            };
+            println!("FIGURES link {name} run {run}: shared storage {ms:.0} ms (QEMU counted {counted} ms)");
+            shared.push(ms);
+            let (ms, counted, waited) = {
+                let mut rig = start();
+                std::thread::sleep(Duration::from_secs(2));
+                arm(&mut rig);
+                let (ms, counted) = manager_migrates_timed(&mut rig);
+                let _ = qmp(&rig.a().mon, "quit", json!({}));
+                let text = rig.b().wait_console("WORKLOAD-VERIFY-", HANG_LIMIT);
+                assert!(text.contains("WORKLOAD-VERIFY-OK"), "hand-over: verification failed on B:\n{text}");
+                let log = read_text(&rig.a().image.with_file_name("proxy.log"));
+                let waited = log
+                    .lines()
+                    .find(|l| l.contains("confirmed the commit"))
+                    .and_then(|l| l.split("round_ms=").nth(1))
+                    .unwrap_or("?")
+                    .to_string();
+                (ms, counted, waited)
+            };
+            println!(
+                "FIGURES link {name} run {run}: hand-over {ms:.0} ms (QEMU counted {counted} ms; B's first write \
+                 waited {waited} ms)"
+            );
+            handover.push(ms);
+            let report = {
+                let mut rig = start();
+                std::thread::sleep(Duration::from_secs(2));
+                let report = rig.migrate_ok(HostId::A, HostId::B, "row", &[]);
+                let text = rig.b().wait_console("WORKLOAD-VERIFY-", HANG_LIMIT);
+                assert!(text.contains("WORKLOAD-VERIFY-OK"), "row-migrate: verification failed on B:\n{text}");
+                report
+            };
+            let ms = report["downtime-ms"].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "FIGURES link {name} run {run}: row-migrate {ms:.0} ms (QEMU counted {} ms; final disk round {:.0} ms; \
+                 memory paced at {})",
+                report["qemu-reported-downtime-ms"],
+                report["final-disk-round-ms"].as_f64().unwrap_or(f64::NAN),
+                report["memory-max-bandwidth"]
+            );
+            driven.push(ms);
+        }
+        let (s, h, d) = (median(&mut shared), median(&mut handover), median(&mut driven));
         println!(
-            "FIGURES link {}: QEMU downtime shared storage {shared} ms, hand-over {handover} ms (B's first write \
-             waited {waited} ms), row-migrate {} ms (its STOP to RESUME {} ms)",
-            link.unwrap_or("unlimited"),
-            driven.0,
-            driven.1
+            "FIGURES link {name}, medians of {runs}: shared storage {s:.0} ms, hand-over {h:.0} ms ({:+.0}), \
+             row-migrate {d:.0} ms ({:+.0})",
+            h - s,
+            d - s
         );
     }
 }

@@ -14,6 +14,7 @@ use row_store::storage::suffixed;
 
 /// How long a read on an incoming disk waits for the commit by default.
 const DEFAULT_READ_WAIT: &str = "10s";
+const DEFAULT_ABANDONED_AFTER: &str = "10s";
 
 /// Examples after `nbd-row-proxy --help`.
 const EXAMPLES: &str = "Examples:
@@ -210,6 +211,13 @@ pub struct ReceiveArgs {
     /// with `cont` once the link is back).
     #[arg(long, default_value = DEFAULT_READ_WAIT, value_parser = units::seconds, value_name = "DURATION")]
     pub read_wait: Duration,
+    /// Before the hand-over: how long no NBD client may be attached, after the destination's
+    /// QEMU (a client attached for at least 3 s) left without its guest writing, before the
+    /// migration counts as abandoned by the VM manager. The source is then told, and an armed
+    /// source disarms (the disk stays with it) and this host discards what it received. 0
+    /// turns this off (the source stays armed until migrate-cancel).
+    #[arg(long, default_value = DEFAULT_ABANDONED_AFTER, value_parser = units::seconds, value_name = "DURATION")]
+    pub abandoned_after: Duration,
     /// Create the image (a sparse file, mode 0600) with this size if it does not exist, e.g.
     /// 10GiB or 10737418240: the size of the source's disk (its query-status image-size). An
     /// existing image must have exactly this size.
@@ -314,6 +322,9 @@ pub struct Config {
     pub listen: Option<SocketAddr>,
     /// `receive`: how long a request waits for blocks still at the source.
     pub read_wait: Duration,
+    /// `receive`: how long after the destination's QEMU left an armed migration counts as
+    /// abandoned (zero: never).
+    pub abandoned_after: Duration,
     /// NBD connections served at once.
     pub max_connections: usize,
 }
@@ -446,11 +457,14 @@ fn check_network(args: &ServeArgs, receiving: bool) -> Result<(Option<SocketAddr
 impl Cli {
     /// Checks every argument; nothing is created or bound yet.
     pub fn validate(self) -> Result<Config> {
-        let (args, listen, read_wait, fenced, create) = match self.command {
+        let (args, listen, (read_wait, abandoned_after), fenced, create) = match self.command {
             Cmd::TlsCerts(_) => bail!("tls-certs is not a server"),
             Cmd::Retire(_) => bail!("retire is not a server"),
-            Cmd::Serve(a) => (a.serve, None, Duration::ZERO, a.fenced, None),
-            Cmd::Receive(r) => (r.serve, Some(address("--listen", &r.listen)?), r.read_wait, false, r.create),
+            Cmd::Serve(a) => (a.serve, None, (Duration::ZERO, Duration::ZERO), a.fenced, None),
+            Cmd::Receive(r) => {
+                let waits = (r.read_wait, r.abandoned_after);
+                (r.serve, Some(address("--listen", &r.listen)?), waits, false, r.create)
+            }
         };
         check_image(&args.image, listen.is_some(), create)?;
         let state_dir = check_paths(&args)?;
@@ -474,6 +488,7 @@ impl Cli {
             protection,
             listen,
             read_wait,
+            abandoned_after,
             max_connections: args.max_connections as usize,
         })
     }

@@ -234,6 +234,7 @@ pub async fn assemble(config: &Config, opened: Opened) -> Arc<Control> {
         postcopy: Arc::default(),
         read_wait: config.read_wait,
     });
+    proxy.postcopy.link.watch_abandonment(config.abandoned_after);
     let dest_record = match &record {
         Some(r @ Ownership::Destination { .. }) => Some(DestSession::restore(r).0),
         _ => None,

@@ -7,6 +7,7 @@
 //! - [`durable::Ownership`]: the record both persist next to the image, so a restart honours
 //!   a hand-over: a source that handed its disk over keeps refusing writes, a destination that
 //!   committed one keeps serving it and never takes a new session over it.
+//! - [`abandon`]: when a receiving destination knows its VM manager abandoned the migration.
 //! - [`residual`]: post-copy's set of blocks a destination serves but does not hold yet, and
 //!   its durable log.
 //! - [`plan`]: the round planners of the row and bitmap strategies.
@@ -17,6 +18,7 @@
 //! every input is a method returning the actions to perform (in order) or a typed refusal
 //! that leaves the state unchanged.
 
+pub mod abandon;
 pub mod dest;
 pub mod durable;
 pub mod link;
@@ -26,6 +28,7 @@ pub mod residual;
 pub mod source;
 pub mod world;
 
+pub use abandon::AbandonWatch;
 pub use dest::{DestAction, DestRefusal, DestSession};
 pub use durable::{now_rfc3339, BadRecord, DestStage, Ownership, SessionId, SourceStage};
 pub use plan::{data_blocks, take_data_blocks, BitmapPlan, RowPlan, Span, WriteLog, Written};

@@ -41,6 +41,8 @@ enum ToSource {
     Owns(SessionId),
     /// The destination's guest writes before any commit: it asks for the disk.
     Claim(SessionId),
+    /// The destination's QEMU left before any commit (the manager abandoned its migration).
+    Abandoned(SessionId),
 }
 
 #[derive(Debug)]
@@ -92,7 +94,7 @@ impl Default for World {
 }
 
 /// How many different steps a byte selects among.
-pub const STEPS: u8 = 24;
+pub const STEPS: u8 = 25;
 
 impl World {
     /// A source owning its disk and an empty destination waiting.
@@ -182,6 +184,15 @@ impl World {
                 if !self.dst.serving {
                     if let Some(id) = self.dst.machine.session() {
                         self.to_source.push_back(ToSource::Claim(id));
+                    }
+                }
+            }
+            24 => {
+                // The destination's QEMU leaves while the disk is still arriving (in any order
+                // with a claim: the source decides by its phase).
+                if !self.dst.serving && !self.dst.down {
+                    if let Some(id) = self.dst.machine.session() {
+                        self.to_source.push_back(ToSource::Abandoned(id));
                     }
                 }
             }
@@ -398,10 +409,17 @@ impl World {
         let actions = match msg {
             // Answers about another session come on a connection that is gone.
             ToSource::Accepted(id) | ToSource::Committed(id) | ToSource::Failed(id) if Some(id) != current => return,
-            ToSource::Revoked(id) | ToSource::Owns(id) | ToSource::Claim(id) if Some(id) != current => return,
+            ToSource::Revoked(id) | ToSource::Owns(id) | ToSource::Claim(id) | ToSource::Abandoned(id)
+                if Some(id) != current =>
+            {
+                return
+            }
             // An armed, ready source hands over as `migrate-finish` would; otherwise refused.
             ToSource::Claim(_) if self.src.armed && m.phase() == Phase::Ready => m.finish_claimed(),
             ToSource::Claim(_) => return,
+            // An armed, ready source disarms as `migrate-cancel` would; otherwise ignored.
+            ToSource::Abandoned(_) if self.src.armed && m.phase() == Phase::Ready => m.cancel(),
+            ToSource::Abandoned(_) => return,
             ToSource::Accepted(_) if self.src.connecting => {
                 self.src.connecting = false;
                 m.connected()
@@ -522,7 +540,8 @@ mod tests {
 
     /// Steps weighted so that random walks get through the whole protocol often.
     fn step() -> impl proptest::strategy::Strategy<Value = u8> {
-        const WEIGHTS: [u32; STEPS as usize] = [2, 8, 1, 8, 3, 3, 3, 1, 1, 1, 1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 1, 1, 2, 2];
+        const WEIGHTS: [u32; STEPS as usize] =
+            [2, 8, 1, 8, 3, 3, 3, 1, 1, 1, 1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 1, 1, 2, 2, 1];
         let choices: Vec<_> = (0..STEPS).map(|s| (WEIGHTS[s as usize], Just(s))).collect();
         prop::strategy::Union::new_weighted(choices)
     }
@@ -538,6 +557,23 @@ mod tests {
         // Not armed: the claim changes nothing.
         let w = World::run(&[0, 1, 3, 4, 23, 3]).unwrap();
         assert_eq!(w.source_phase(), Phase::Ready);
+        assert!(w.source_writable() && !w.dest_serving());
+    }
+
+    #[test]
+    fn an_armed_source_disarms_when_the_destination_s_qemu_left() {
+        // Armed and ready; the destination's QEMU leaves: the source disarms (its guest goes on
+        // with the disk) and the destination discards the session.
+        let w = World::run(&[22, 1, 3, 4, 24, 3, 1]).unwrap();
+        assert_eq!(w.source_phase(), Phase::Cancelled);
+        assert!(w.source_writable() && !w.dest_serving());
+        assert_eq!(w.dest_phase(), IncomingPhase::Waiting);
+        // A claim that came first wins: the abandonment after it changes nothing.
+        let w = World::run(&[22, 1, 3, 4, 23, 24, 3, 3, 6, 1, 3, 15]).unwrap();
+        assert_eq!(w.dest_phase(), IncomingPhase::Owner);
+        assert!(!w.source_writable());
+        // The abandonment first: the claim after it is refused, and the source keeps the disk.
+        let w = World::run(&[22, 1, 3, 4, 24, 23, 3, 3, 1]).unwrap();
         assert!(w.source_writable() && !w.dest_serving());
     }
 

@@ -53,6 +53,7 @@
 //! | 20–24 | `PushDone`, `Holds`, `Resume`, `Resumed`, `Running` | empty                   |
 //! | 25   | `Claim`       | empty: the destination's guest writes; hand the disk over        |
 //! | 26   | `ClaimRefused`| reason, UTF-8                                                    |
+//! | 27   | `Abandoned`   | reason, UTF-8: the destination's QEMU left without writing       |
 //!
 //! Session parameters (29 bytes): `session_id[16] disk_size:u64 block_size:u32 strategy:u8`
 //! (strategy 0 row, 1 bitmap; block_size never 0).

@@ -55,8 +55,9 @@ const T_RESUMED: u8 = 23;
 const T_RUNNING: u8 = 24;
 const T_CLAIM: u8 = 25;
 const T_CLAIM_REFUSED: u8 = 26;
+const T_ABANDONED: u8 = 27;
 /// The last type code.
-const T_LAST: u8 = T_CLAIM_REFUSED;
+const T_LAST: u8 = T_ABANDONED;
 
 /// How the source tracks which blocks changed between rounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -346,6 +347,13 @@ pub enum Message {
         /// Why, UTF-8, at most [`MAX_REASON_LEN`] bytes.
         reason: String,
     },
+    /// dest → source, before any commit: the destination's QEMU came and went without its guest
+    /// writing (the VM manager abandoned its migration): an armed source disarms (the disk
+    /// stays with it) and discards the session.
+    Abandoned {
+        /// What the destination saw, UTF-8, at most [`MAX_REASON_LEN`] bytes.
+        reason: String,
+    },
 }
 
 impl Message {
@@ -393,6 +401,7 @@ impl Message {
             Self::Running => "Running",
             Self::Claim => "Claim",
             Self::ClaimRefused { .. } => "ClaimRefused",
+            Self::Abandoned { .. } => "Abandoned",
         }
     }
 
@@ -424,6 +433,7 @@ impl Message {
             Self::Running => T_RUNNING,
             Self::Claim => T_CLAIM,
             Self::ClaimRefused { .. } => T_CLAIM_REFUSED,
+            Self::Abandoned { .. } => T_ABANDONED,
         }
     }
 
@@ -435,7 +445,8 @@ impl Message {
             Self::Reject { reason: s }
             | Self::Discard { reason: s }
             | Self::Error { message: s }
-            | Self::ClaimRefused { reason: s } => clip(s).len(),
+            | Self::ClaimRefused { reason: s }
+            | Self::Abandoned { reason: s } => clip(s).len(),
             Self::RoundBegin { .. } => 5,
             Self::Data { payload, .. } => DATA_HEADER_LEN + payload.len(),
             Self::Zero { .. } => 16,
@@ -491,7 +502,8 @@ impl Message {
             Self::Reject { reason: s }
             | Self::Discard { reason: s }
             | Self::Error { message: s }
-            | Self::ClaimRefused { reason: s } => {
+            | Self::ClaimRefused { reason: s }
+            | Self::Abandoned { reason: s } => {
                 out.extend_from_slice(clip(s).as_bytes());
             }
             Self::RoundBegin { round, kind } => {
@@ -580,7 +592,9 @@ fn check_len(ty: u8, len: usize) -> Result<(), StreamError> {
             ((HELLO_PREFIX_LEN..=MAX_HELLO_LEN).contains(&len), "hello payload length out of range")
         }
         T_ACCEPT => (len == 32, "Accept payload is not 32 bytes"),
-        T_REJECT | T_DISCARD | T_ERROR | T_CLAIM_REFUSED => (len <= MAX_REASON_LEN, "reason text too long"),
+        T_REJECT | T_DISCARD | T_ERROR | T_CLAIM_REFUSED | T_ABANDONED => {
+            (len <= MAX_REASON_LEN, "reason text too long")
+        }
         T_ROUND_BEGIN => (len == 5, "RoundBegin payload is not 5 bytes"),
         T_DATA => (len > DATA_HEADER_LEN, "Data payload too short"),
         T_ZERO => (len == 16, "Zero payload is not 16 bytes"),
@@ -655,6 +669,7 @@ fn parse_payload(ty: u8, p: &[u8]) -> Result<Message, StreamError> {
         T_RUNNING => Message::Running,
         T_CLAIM => Message::Claim,
         T_CLAIM_REFUSED => Message::ClaimRefused { reason: text(p)? },
+        T_ABANDONED => Message::Abandoned { reason: text(p)? },
         T_COMMIT => Message::Commit,
         T_COMMITTED => Message::Committed,
         T_DONE => Message::Done,
@@ -924,6 +939,7 @@ mod tests {
             Message::Running,
             Message::Claim,
             Message::ClaimRefused { reason: "not armed".into() },
+            Message::Abandoned { reason: "the destination's QEMU left".into() },
         ]
     }
 
@@ -1197,6 +1213,7 @@ mod tests {
             Just(Message::Commit),
             Just(Message::Committed),
             text.prop_map(|reason| Message::Discard { reason }),
+            text.prop_map(|reason| Message::Abandoned { reason }),
             Just(Message::Done),
             Just(Message::Revoke),
             Just(Message::Revoked),

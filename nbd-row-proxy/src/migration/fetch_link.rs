@@ -1,11 +1,14 @@
 //! The destination's line to the source while blocks are still there: fetches of this host's
 //! reads go out on the current session connection and their answers come back to the waiting
 //! requests; a write before the commit goes out as a `Claim`, and the source's refusal comes back.
+//! It also watches the live export's clients before the commit, and tells the source when the
+//! destination's QEMU left without writing (`Abandoned`).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use migration_session::AbandonWatch;
 use migration_stream::{Message, MAX_BLOCK_LEN};
 use row_store::BLOCK_SIZE;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -20,6 +23,8 @@ pub struct FetchLink {
     attached: Notify,
     /// The source's answer to this host's last `Claim`: `Some(reason)` once refused.
     claim_refused: watch::Sender<Option<String>>,
+    /// The live export's clients before the commit: did the destination's QEMU leave?
+    abandon: Mutex<AbandonWatch>,
 }
 
 #[derive(Debug, Default)]
@@ -76,6 +81,7 @@ impl FetchLink {
     pub fn claim(&self) -> Option<watch::Receiver<Option<String>>> {
         let mut l = self.lock();
         let (generation, tx) = l.tx.clone()?;
+        sync::lock(&self.abandon).wrote();
         if l.claimed != Some(generation) {
             self.claim_refused.send_replace(None);
             tx.send(Message::Claim).ok()?;
@@ -88,6 +94,40 @@ impl FetchLink {
     pub fn claim_refused(&self, reason: String) {
         self.lock().claimed = None;
         self.claim_refused.send_replace(Some(reason));
+    }
+
+    /// Watches for an abandoned migration (see [`AbandonWatch`]); `after` zero: never.
+    pub fn watch_abandonment(&self, after: Duration) {
+        *sync::lock(&self.abandon) = AbandonWatch::new(after);
+    }
+
+    /// A new session begins: what the clients did before it does not count.
+    pub fn new_session(&self) {
+        sync::lock(&self.abandon).renew();
+    }
+
+    /// A client of the live export entered transmission.
+    pub fn client_attached(&self) {
+        sync::lock(&self.abandon).attach();
+    }
+
+    /// A client of the live export left after `attached_for`.
+    pub fn client_detached(&self, attached_for: Duration) {
+        sync::lock(&self.abandon).detach(Instant::now(), attached_for);
+    }
+
+    /// If the destination's QEMU left without writing and no client came back in time: tells
+    /// the source (`Abandoned`), once, and returns why. Nothing while no session is up.
+    pub fn tell_if_abandoned(&self, now: Instant) -> Option<String> {
+        let l = self.lock();
+        let (_, tx) = l.tx.as_ref()?;
+        let mut watch = sync::lock(&self.abandon);
+        if !watch.abandoned(now) {
+            return None;
+        }
+        let reason = watch.reason();
+        tx.send(Message::Abandoned { reason: reason.clone() }).ok()?;
+        Some(reason)
     }
 
     /// Asks for blocks `[first, end)` (answers arrive as `Fetched` frames, id 0: no waiter).

@@ -105,6 +105,7 @@ pub async fn serve_with(
         pool: BufferPool::default(),
     };
     let session = Arc::new(session);
+    let _attached = session.export.pull.as_ref().and_then(|p| p.attach());
     tracing::info!(
         %peer,
         export = %session.export.name,

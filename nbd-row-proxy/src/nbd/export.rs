@@ -46,6 +46,31 @@ pub trait Pull: Send + Sync + std::fmt::Debug {
     /// `None`: run the request now. Otherwise a future to await first, whose `Ok(Some(data))`
     /// answers a READ with these bytes, `Ok(None)` lets the request run, and `Err` fails it.
     fn before(&self, command: Command, offset: u64, len: u64) -> Option<PullFuture>;
+
+    /// A client entered its transmission phase on this export; the connection keeps what is
+    /// returned until it ends.
+    fn attach(&self) -> Option<Attachment> {
+        None
+    }
+}
+
+/// Kept by a connection for as long as its transmission phase lasts; dropping it says the
+/// client left.
+pub struct Attachment(Option<Box<dyn FnOnce() + Send>>);
+
+impl Attachment {
+    /// An attachment that runs `on_leave` when the client leaves.
+    pub fn new(on_leave: impl FnOnce() + Send + 'static) -> Self {
+        Self(Some(Box::new(on_leave)))
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        if let Some(on_leave) = self.0.take() {
+            on_leave();
+        }
+    }
 }
 
 impl Export {

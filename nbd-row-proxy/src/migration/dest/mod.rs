@@ -44,6 +44,8 @@ type Unauthenticated = VecDeque<(u64, oneshot::Sender<()>)>;
 const UNAUTHENTICATED_TIMEOUT: Duration = Duration::from_secs(5);
 /// Authenticated connections served at once (a session, and revokes or `Done`s beside it).
 const MAX_SESSIONS: usize = 4;
+/// How often the abandonment watch is looked at (its wait is seconds long).
+const ABANDON_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// The destination's state, shared by its connections, the NBD write gate and `query-status`.
 pub struct Incoming {
@@ -192,8 +194,28 @@ impl Incoming {
         self.proxy.events.emit::<MigrationIncoming>(data);
     }
 
+    /// Tells an armed source when the VM manager abandoned its migration (the destination's
+    /// QEMU left before its guest wrote; see `AbandonWatch`), checked every second while the
+    /// disk is still arriving. The source disarms and discards the session.
+    async fn watch_abandonment(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = stopped(&mut shutdown) => return,
+                () = tokio::time::sleep(ABANDON_CHECK_EVERY) => {}
+            }
+            if self.proxy.gate.access() != Access::Incoming {
+                continue;
+            }
+            if let Some(why) = self.proxy.postcopy.link.tell_if_abandoned(Instant::now()) {
+                tracing::warn!("{why}: the migration was abandoned; the source is told (an armed one disarms)");
+                self.emit(IncomingData { reason: Some(format!("abandoned: {why}")), ..self.data() });
+            }
+        }
+    }
+
     /// Accepts migration connections until `shutdown`.
     pub async fn listen(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+        tokio::spawn(self.clone().watch_abandonment(shutdown.clone()));
         let sessions = Arc::new(Semaphore::new(MAX_SESSIONS));
         let waiting: Arc<Mutex<Unauthenticated>> = Arc::default();
         let mut next_id = 0u64;
@@ -404,6 +426,7 @@ impl Incoming {
             return Err(e);
         }
         tracing::info!(%session, %strategy, "migration session accepted");
+        self.proxy.postcopy.link.new_session();
         self.emit(IncomingData { strategy: Some(strategy), round: Some(first_round), ..self.data() });
         let result = self.frames(session, &mut reader, &mut wr).await;
         if let Err(e) = &result {

@@ -2,12 +2,12 @@
 //! writes that claim the disk, and requests that wait for a post-copy's missing blocks.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use row_store::{BlockBackend, BLOCK_SIZE};
 
 use crate::migration::residual::{blocks_of, read_local};
-use crate::nbd::export::{Pull, PullFuture};
+use crate::nbd::export::{Attachment, Pull, PullFuture};
 use crate::ownership::Access;
 use crate::proxy::Proxy;
 use nbd_proto::Command;
@@ -73,6 +73,14 @@ impl Pull for DestPull {
             }
             Ok(None)
         }))
+    }
+
+    /// Counts the live export's clients for the abandonment watch (see `FetchLink`).
+    fn attach(&self) -> Option<Attachment> {
+        let proxy = self.0.clone();
+        proxy.postcopy.link.client_attached();
+        let since = Instant::now();
+        Some(Attachment::new(move || proxy.postcopy.link.client_detached(since.elapsed())))
     }
 }
 

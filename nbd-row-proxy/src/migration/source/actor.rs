@@ -14,7 +14,7 @@ use row_store::{BlockBackend, Mode, BLOCK_SIZE};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::conn::{dest_problem, Conn};
+use super::conn::{dest_problem, Conn, DestAsk};
 use super::precopy::Plan;
 use super::{lock, BoxFuture, MigrateArgs, MigrationError, Request, Shared, KEEPALIVE_EVERY};
 use crate::migration::rounds::{RoundFigures, Rounds};
@@ -37,7 +37,7 @@ pub(super) enum Link {
     /// Post-copy: the push owns it (and reconnects), until the destination holds everything.
     Postcopy { job: JoinHandle<Result<()>>, stop: watch::Sender<bool> },
     /// Armed and ready: the update passes own it until a claim (true), a stop or a failure.
-    Armed { job: JoinHandle<(Conn, Plan, Result<bool>)>, stop: watch::Sender<bool> },
+    Armed { job: JoinHandle<(Conn, Plan, Result<Option<DestAsk>>)>, stop: watch::Sender<bool> },
 }
 
 /// One migration's settings and connection.
@@ -67,10 +67,10 @@ pub(super) enum Wake {
     PushEnded(std::result::Result<Result<()>, tokio::task::JoinError>),
     /// Nothing happened for [`KEEPALIVE_EVERY`] on an idle session.
     Quiet,
-    /// The destination's guest wants to write: it asks for the disk.
-    Claim,
-    /// The armed update passes ended: claimed (true), stopped, or failed.
-    ArmedEnded(std::result::Result<(Conn, Plan, Result<bool>), tokio::task::JoinError>),
+    /// The destination asks: its guest wants to write, or its QEMU left without writing.
+    Ask(DestAsk),
+    /// The armed update passes ended: on an ask of the destination, stopped, or failed.
+    ArmedEnded(std::result::Result<(Conn, Plan, Result<Option<DestAsk>>), tokio::task::JoinError>),
 }
 
 impl Actor {
@@ -102,7 +102,7 @@ impl Actor {
                 Wake::Request(None) => return,
                 Wake::Request(Some(req)) => self.handle(req).await,
                 Wake::PrecopyEnded(done) => self.precopy_ended(done).await,
-                Wake::Claim => self.claimed().await,
+                Wake::Ask(ask) => self.asked(ask).await,
                 Wake::ArmedEnded(done) => self.armed_ended(done).await,
                 Wake::Quiet => {
                     let mut frame = Vec::new();
@@ -138,7 +138,7 @@ impl Actor {
             Some(Link::Idle(conn, _)) => tokio::select! {
                 r = requests.recv() => Wake::Request(r),
                 Some(f) = conn.out.urgent.recv() => Wake::Urgent(f),
-                Some(()) = conn.claims.recv() => Wake::Claim,
+                Some(ask) = conn.asks.recv() => Wake::Ask(ask),
                 m = conn.from_dest.recv() => Wake::FromDest(m),
                 _ = tokio::time::sleep(KEEPALIVE_EVERY) => Wake::Quiet,
             },

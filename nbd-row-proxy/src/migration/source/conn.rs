@@ -1,5 +1,5 @@
 //! The connection of a session: paced writes out, the destination's frames in (its fetches
-//! answered from the live disk, its claims apart from its answers).
+//! answered from the live disk, its claims and abandonments apart from its answers).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,8 +26,9 @@ const FETCH_QUEUE: usize = 64;
 pub(super) struct Conn {
     pub(super) out: Out,
     pub(super) from_dest: mpsc::Receiver<Result<Message>>,
-    /// The destination's `Claim`s (its guest wants to write), apart from its answers.
-    pub(super) claims: mpsc::Receiver<()>,
+    /// What the destination asks of an armed source (`Claim`, `Abandoned`), apart from its
+    /// answers.
+    pub(super) asks: mpsc::Receiver<DestAsk>,
     /// Frames that go ahead of the rounds (fetch answers, claim refusals).
     pub(super) urgent_tx: mpsc::Sender<Vec<u8>>,
     pub(super) reader: JoinHandle<()>,
@@ -40,13 +41,13 @@ impl Conn {
         let (tx, rx) = mpsc::channel(16);
         let (fetch_tx, fetch_rx) = mpsc::channel(FETCH_QUEUE);
         let (urgent_tx, urgent) = mpsc::channel(FETCH_QUEUE);
-        let (claim_tx, claims) = mpsc::channel(1);
-        let reader = tokio::spawn(forward_frames(reader, tx, fetch_tx, claim_tx));
+        let (ask_tx, asks) = mpsc::channel(2);
+        let reader = tokio::spawn(forward_frames(reader, tx, fetch_tx, ask_tx));
         let fetcher = tokio::spawn(fetch.serve(fetch_rx, urgent_tx.clone()));
         Self {
             out: Out { writer, limit: RateLimit::new(max_bandwidth), urgent },
             from_dest: rx,
-            claims,
+            asks,
             urgent_tx,
             reader,
             fetcher,
@@ -160,7 +161,7 @@ pub(super) async fn forward_frames(
     mut reader: FrameReader<Reader>,
     tx: mpsc::Sender<Result<Message>>,
     fetches: mpsc::Sender<Fetch>,
-    claims: mpsc::Sender<()>,
+    asks: mpsc::Sender<DestAsk>,
 ) {
     loop {
         let item = match reader.next().await {
@@ -171,8 +172,12 @@ pub(super) async fn forward_frames(
                 continue;
             }
             Ok(Some(Message::Claim)) => {
-                // One pending claim is enough; the session's phase decides what it gets.
-                let _ = claims.try_send(());
+                // One pending ask of a kind is enough; the session's phase decides what it gets.
+                let _ = asks.try_send(DestAsk::Claim);
+                continue;
+            }
+            Ok(Some(Message::Abandoned { reason })) => {
+                let _ = asks.try_send(DestAsk::Abandoned(reason));
                 continue;
             }
             Ok(Some(m)) => Ok(m),
@@ -184,6 +189,15 @@ pub(super) async fn forward_frames(
             return;
         }
     }
+}
+
+/// What the destination asks of an armed source, before any commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum DestAsk {
+    /// Its guest wants to write: hand the disk over.
+    Claim,
+    /// Its QEMU came and went without its guest writing (why): disarm.
+    Abandoned(String),
 }
 
 /// What the destination said, waited for with a deadline.

@@ -12,7 +12,7 @@ use row_store::{BlockBackend, Disk, BLOCK_SIZE};
 
 use super::actor::Actor;
 use super::actor::Link;
-use super::conn::{dest_problem, Conn, Fetcher, Heard};
+use super::conn::{dest_problem, Conn, DestAsk, Fetcher, Heard};
 use super::precopy::{DiskLog, Plan};
 use super::{lock, status_of, MigrateArgs, MigrationError};
 use crate::migration::rounds::Rounds;
@@ -48,6 +48,25 @@ impl Actor {
     /// wants to write. An armed, ready session hands the disk over as `migrate-finish` with
     /// post-copy would (writes here are refused first), and completes by itself once the
     /// destination holds every block; otherwise the claim is refused.
+    /// What the destination asks of an armed source: a claim hands the disk over; an
+    /// abandonment (its QEMU left before its guest wrote) disarms a ready, armed session as
+    /// `migrate-cancel` does, and is ignored otherwise (a claim came first, or nothing is armed).
+    pub(super) async fn asked(&mut self, ask: DestAsk) {
+        let why = match ask {
+            DestAsk::Claim => return self.claimed().await,
+            DestAsk::Abandoned(why) => why,
+        };
+        let armed = self.session.as_ref().is_some_and(|s| s.args.arm);
+        if !armed || self.phase() != Phase::Ready {
+            tracing::info!(phase = %self.phase(), "the destination's QEMU left ({why}); nothing to disarm");
+            return;
+        }
+        tracing::warn!("the VM manager abandoned the migration: {why}; disarming (the disk stays here)");
+        if let Err(e) = self.cancel().await {
+            tracing::error!("disarming after the destination's QEMU left: {e}");
+        }
+    }
+
     pub(super) async fn claimed(&mut self) {
         let armed = self.session.as_ref().is_some_and(|s| s.args.arm);
         let refusal = match self.phase() {

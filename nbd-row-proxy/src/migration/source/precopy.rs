@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use super::actor::Actor;
 use super::actor::Link;
-use super::conn::{dest_problem, Conn};
+use super::conn::{dest_problem, Conn, DestAsk};
 use super::{lock, MigrateArgs, KEEPALIVE_EVERY};
 use crate::migration::rounds::{Out, Rounds, Sent};
 use crate::migration::send;
@@ -150,14 +150,14 @@ impl Actor {
     /// idle (and ready), a failure fails it.
     pub(super) async fn armed_ended(
         &mut self,
-        done: std::result::Result<(Conn, Plan, Result<bool>), tokio::task::JoinError>,
+        done: std::result::Result<(Conn, Plan, Result<Option<DestAsk>>), tokio::task::JoinError>,
     ) {
         let Some(session) = self.session.as_mut() else { return };
         match done {
-            Ok((conn, plan, Ok(claimed))) => {
+            Ok((conn, plan, Ok(ask))) => {
                 session.link = Link::Idle(conn, plan);
-                if claimed {
-                    self.claimed().await;
+                if let Some(ask) = ask {
+                    self.asked(ask).await;
                 }
             }
             Ok((mut conn, plan, Err(e))) => {
@@ -183,14 +183,19 @@ pub(super) async fn precopy(
     mut stop: watch::Receiver<bool>,
 ) -> (Conn, Plan, Result<()>) {
     let result = {
-        let Conn { out, from_dest, claims, urgent_tx, .. } = &mut conn;
+        let Conn { out, from_dest, asks, urgent_tx, .. } = &mut conn;
         let work = precopy_rounds(&disk, &rounds, &args, out, &mut plan);
         tokio::pin!(work);
         loop {
             tokio::select! {
                 r = &mut work => break r,
                 msg = from_dest.recv() => break Err(anyhow!("{}", dest_problem(msg))),
-                Some(()) = claims.recv() => {
+                Some(ask) = asks.recv() => {
+                    let DestAsk::Claim = ask else {
+                        // Not armed yet: a destination QEMU that left changes nothing.
+                        tracing::info!(?ask, "the destination's QEMU left during the pre-copy");
+                        continue;
+                    };
                     // The round in progress is not cut short: the destination's write fails and
                     // its next one asks again once the disk is ready.
                     let why = "the pre-copy is still running; the disk is armed once it is ready";
@@ -211,7 +216,8 @@ pub(super) async fn precopy(
 /// outstanding), so what a claim leaves to post-copy stays near what the guest keeps rewriting.
 /// A pass sends at most [`ARMED_PASS_MAX`] worth of data; the rest goes in the next one,
 /// [`ARMED_PASS_GAP`] later.
-/// Returns on a claim (true), on `stop` (false, between passes), or on a failure.
+/// Returns on an ask of the destination (a claim, an abandonment), on `stop` (`None`, between
+/// passes), or on a failure.
 pub(super) async fn armed_updates(
     disk: Arc<Disk>,
     rounds: Arc<Rounds>,
@@ -219,7 +225,7 @@ pub(super) async fn armed_updates(
     mut conn: Conn,
     mut plan: Plan,
     mut stop: watch::Receiver<bool>,
-) -> (Conn, Plan, Result<bool>) {
+) -> (Conn, Plan, Result<Option<DestAsk>>) {
     let rate = link::planning_rate(rounds.first_round_rate(), args.max_bandwidth.map(|b| b as f64));
     let budget_ms = args.final_budget.map_or(0.0, |b| b.as_secs_f64() * 1000.0);
     let budget_blocks = link::bytes_within(budget_ms, rate) / BLOCK_SIZE;
@@ -230,9 +236,9 @@ pub(super) async fn armed_updates(
     // After a pass cut short the next follows soon: short passes, not fewer blocks.
     let mut next_pass = ARMED_PASS_EVERY;
     let result = loop {
-        let Conn { out, from_dest, claims, .. } = &mut conn;
+        let Conn { out, from_dest, asks, .. } = &mut conn;
         let tick = tokio::select! {
-            Some(()) = claims.recv() => break Ok(true),
+            Some(ask) = asks.recv() => break Ok(Some(ask)),
             msg = from_dest.recv() => break Err(anyhow!("{}", dest_problem(msg))),
             Some(frame) = out.urgent.recv() => {
                 if let Err(e) = out.send_urgent(&frame).await {
@@ -242,7 +248,7 @@ pub(super) async fn armed_updates(
             }
             r = stop.changed() => {
                 if r.is_err() || *stop.borrow() {
-                    break Ok(false);
+                    break Ok(None);
                 }
                 false
             }
@@ -251,7 +257,7 @@ pub(super) async fn armed_updates(
         if !tick {
             continue;
         }
-        let Plan::Row(row) = &plan else { break Ok(false) };
+        let Plan::Row(row) = &plan else { break Ok(None) };
         // Each pass sends what was not written since the previous one began.
         let settled = row.settle_pass(&DiskLog(&disk), pass_start, budget_blocks);
         pass_start = disk.mark();
