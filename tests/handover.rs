@@ -234,6 +234,24 @@ fn an_armed_source_disarms_once_the_destination_s_qemu_left_without_writing() {
     assert!(read_all(&p.dst.server) == want);
 }
 
+#[test]
+fn a_destination_whose_source_is_gone_before_the_hand_over_never_serves_its_partial_copy() {
+    let mut p = pair(24);
+    p.start(true);
+    // The source writes after the pre-copy: B's image does not have this yet.
+    assert_eq!(write(&p.src.server, 0, &[0xa6; 4096]), 0);
+    assert_eq!(read(&p.dst.server, 0, 4096), vec![0xa6; 4096], "B reads through to A");
+    // The source proxy dies before B's guest wrote (the manager's migration may have resumed it
+    // on B): B's reads fail instead of returning its own, partial copy.
+    p.src.server.proc.child.kill().unwrap();
+    let _ = p.src.server.proc.child.wait();
+    wait_for("B's session over", || status(&p.dst)["incoming-phase"] == "waiting");
+    let mut c = RawClient::connect(&p.dst.server.socket, "", true).unwrap();
+    let r = c.call(request(Cmd::Read, 1, 0, 4096), &[]).unwrap();
+    assert_ne!(r.error, 0, "B served {:?} from its partial copy", &r.data[..8.min(r.data.len())]);
+    assert_eq!(write(&p.dst.server, 0, &[0xb6; 4096]), NBD_EPERM, "B's write takes nothing");
+}
+
 /// How long the destination waits for a claim to be answered.
 fn e2e_claim_wait() -> Duration {
     nbd_row_proxy::migration::dest::CLAIM_WAIT

@@ -5,6 +5,7 @@
 //! destination's QEMU left without writing (`Abandoned`).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,9 @@ pub struct FetchLink {
     claim_refused: watch::Sender<Option<String>>,
     /// The live export's clients before the commit: did the destination's QEMU leave?
     abandon: Mutex<AbandonWatch>,
+    /// The image holds part of a migration (a session began and did not commit): it is not
+    /// a disk anyone may read.
+    partial: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -101,9 +105,22 @@ impl FetchLink {
         *sync::lock(&self.abandon) = AbandonWatch::new(after);
     }
 
-    /// A new session begins: what the clients did before it does not count.
+    /// A new session begins: what the clients did before it does not count, and the image
+    /// now holds part of a migration.
     pub fn new_session(&self) {
+        self.mark_partial();
         sync::lock(&self.abandon).renew();
+    }
+
+    /// The image holds part of a migration that did not commit (from now on, or restored).
+    pub fn mark_partial(&self) {
+        self.partial.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the image holds part of a migration that did not commit: a read the source
+    /// cannot answer must fail rather than return this host's copy.
+    pub fn partial(&self) -> bool {
+        self.partial.load(Ordering::Relaxed)
     }
 
     /// A client of the live export entered transmission.

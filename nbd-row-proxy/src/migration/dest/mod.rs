@@ -73,6 +73,10 @@ impl Incoming {
         let serves = machine.phase();
         let session = machine.session();
         let postcopy = machine.postcopy();
+        if session.is_some() && matches!(serves, IncomingPhase::Waiting | IncomingPhase::Receiving) {
+            // A session began here and did not commit: the image is a partial copy.
+            proxy.postcopy.link.mark_partial();
+        }
         let me = Arc::new(Self { proxy, machine: Mutex::new(machine) });
         if !me.restore_residual(serves, session, postcopy) {
             return me;

@@ -13,7 +13,8 @@ use crate::proxy::Proxy;
 use nbd_proto::Command;
 
 /// What the requests of a destination's live export wait for: before the commit a read is
-/// answered with the source's current data (or the image's, with no session connected);
+/// answered with the source's current data (or the image's while no migration ever touched
+/// it; once one did, the image is a partial copy and a read the source cannot answer fails);
 /// during a post-copy a request waits for the missing blocks it reads or partly overwrites.
 /// Before any commit, a write asks the source for the disk (see [`claim`]).
 #[derive(Debug)]
@@ -34,6 +35,12 @@ impl Pull for DestPull {
             return Some(Box::pin(async move {
                 if let Some(data) = proxy.postcopy.link.read_now(offset, len, wait).await {
                     return Ok(Some(data));
+                }
+                if proxy.postcopy.link.partial() {
+                    // The guest may run here (a manager migrated it): never a stale block.
+                    return Err(std::io::Error::other(
+                        "the disk is still at the migration source, which does not answer; this host's copy is partial",
+                    ));
                 }
                 let disk = proxy.disk.clone();
                 tokio::task::spawn_blocking(move || read_local(&disk, offset, len))
