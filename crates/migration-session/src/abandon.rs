@@ -3,16 +3,17 @@
 //! client came back. An armed source then disarms by itself; until then it would stay armed
 //! (and pay for the overlay) until someone sent `migrate-cancel`.
 //!
-//! Probes (`nbdinfo`, `qemu-img info`, a manager's checks) attach for well under a second; a
-//! destination QEMU stays attached for the whole memory migration. So a client counts as the
-//! destination's QEMU once it stayed attached [`QEMU_ATTACHED`], and the migration counts as
+//! Probes (`nbdinfo`, `qemu-img info`) attach for tens of milliseconds; a destination QEMU stays
+//! attached from its start to the end of the memory migration (under libvirt, a job aborted as
+//! soon as memory moved still kept it attached 1.8 s). So a client counts as the destination's
+//! QEMU once it stayed attached [`QEMU_ATTACHED`], and the migration counts as
 //! abandoned once the last such client left, nothing wrote, and no client was attached for the
 //! watch's `after`. A write (a claim) ends the watch for the session: the guest runs here.
 
 use std::time::{Duration, Instant};
 
 /// How long a client must stay attached to count as the destination's QEMU.
-pub const QEMU_ATTACHED: Duration = Duration::from_secs(3);
+pub const QEMU_ATTACHED: Duration = Duration::from_millis(500);
 
 /// The watch of one incoming session's live-export clients; see the module's documentation.
 #[derive(Debug, Clone, Default)]
@@ -119,7 +120,7 @@ mod tests {
         let mut w = AbandonWatch::new(AFTER);
         for i in 0..5 {
             w.attach();
-            w.detach(t0 + Duration::from_secs(i), Duration::from_millis(200));
+            w.detach(t0 + Duration::from_secs(i), Duration::from_millis(100));
         }
         assert_eq!(w.due(), None);
         assert!(!w.abandoned(t0 + Duration::from_secs(3600)));
