@@ -36,6 +36,14 @@ impl Pull for DestPull {
                 if let Some(data) = proxy.postcopy.link.read_now(offset, len, wait).await {
                     return Ok(Some(data));
                 }
+                if proxy.gate.access() != Access::Incoming {
+                    // Committed meanwhile (a claimed hand-over ends its session at once, answers
+                    // still in flight with it): the read runs as any after the commit.
+                    return match DestPull(proxy.clone()).before(command, offset, len) {
+                        Some(wait) => wait.await,
+                        None => Ok(None),
+                    };
+                }
                 if proxy.postcopy.link.partial() {
                     // The guest may run here (a manager migrated it): never a stale block.
                     return Err(std::io::Error::other(
