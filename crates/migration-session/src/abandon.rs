@@ -81,16 +81,8 @@ impl AbandonWatch {
     pub fn reason(&self) -> String {
         format!(
             "the destination's QEMU left before its guest wrote, and no client came back within {}",
-            humanize(self.after)
+            humantime::format_duration(self.after)
         )
-    }
-}
-
-fn humanize(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{} s", d.as_secs())
-    } else {
-        format!("{} ms", d.as_millis())
     }
 }
 
