@@ -44,10 +44,12 @@ impl Actor {
         Ok(status_of(&self.shared))
     }
 
-    /// The destination asked for the disk: its guest runs there (a VM manager migrated it) and
-    /// wants to write. An armed, ready session hands the disk over as `migrate-finish` with
-    /// post-copy would (writes here are refused first), and completes by itself once the
-    /// destination holds every block; otherwise the claim is refused.
+    /// Whether the session was started armed (`migrate-start` with `arm`): the destination's
+    /// claim hands the disk over, its abandonment disarms.
+    fn armed(&self) -> bool {
+        self.session.as_ref().is_some_and(|s| s.args.arm)
+    }
+
     /// What the destination asks of an armed source: a claim hands the disk over; an
     /// abandonment (its QEMU left before its guest wrote) disarms a ready, armed session as
     /// `migrate-cancel` does, and is ignored otherwise (a claim came first, or nothing is armed).
@@ -56,7 +58,7 @@ impl Actor {
             DestAsk::Claim => return self.claimed().await,
             DestAsk::Abandoned(why) => why,
         };
-        let armed = self.session.as_ref().is_some_and(|s| s.args.arm);
+        let armed = self.armed();
         if !armed || self.phase() != Phase::Ready {
             tracing::info!(phase = %self.phase(), "the destination's QEMU left ({why}); nothing to disarm");
             return;
@@ -67,8 +69,12 @@ impl Actor {
         }
     }
 
+    /// The destination asked for the disk: its guest runs there (a VM manager migrated it) and
+    /// wants to write. An armed, ready session hands the disk over as `migrate-finish` with
+    /// post-copy would (writes here are refused first), and completes by itself once the
+    /// destination holds every block; otherwise the claim is refused.
     pub(super) async fn claimed(&mut self) {
-        let armed = self.session.as_ref().is_some_and(|s| s.args.arm);
+        let armed = self.armed();
         let refusal = match self.phase() {
             // A hand-over is under way or done: the destination's write waits for its commit.
             Phase::Finishing | Phase::HandedOver | Phase::Completed => return,
