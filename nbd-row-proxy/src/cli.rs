@@ -212,7 +212,7 @@ pub struct ReceiveArgs {
     #[arg(long, default_value = DEFAULT_READ_WAIT, value_parser = units::seconds, value_name = "DURATION")]
     pub read_wait: Duration,
     /// Before the hand-over: how long no NBD client may be attached, after the destination's
-    /// QEMU (a client attached for at least half a second) left without its guest writing,
+    /// QEMU (a client attached for at least a second) left without its guest writing,
     /// before the migration counts as abandoned by the VM manager. The source is then told: an
     /// armed source disarms (the disk stays with it) and this host discards what it received.
     /// 0 turns this off (the source stays armed until migrate-cancel).
